@@ -7,10 +7,40 @@ The Env interface and its plain blocking implementation are in
 from __future__ import annotations
 
 from .env import DIRECT_ALIGN, Env, EnvFile, PosixEnv, ThreadHandle, posix_env
+from .stacks import (
+    DEFAULT_MAX_STACKS,
+    NotOnTameStack,
+    StackKilled,
+    TameError,
+    call,
+    configure,
+    current_runtime,
+    on_tame_stack,
+    stats,
+    wait,
+)
 
-__all__ = ["DIRECT_ALIGN", "Env", "EnvFile", "PosixEnv", "ThreadHandle", "env", "posix_env"]
+__all__ = [
+    "DEFAULT_MAX_STACKS",
+    "DIRECT_ALIGN",
+    "Env",
+    "EnvFile",
+    "NotOnTameStack",
+    "PosixEnv",
+    "StackKilled",
+    "TameError",
+    "ThreadHandle",
+    "call",
+    "configure",
+    "env",
+    "on_tame_stack",
+    "posix_env",
+    "stats",
+    "wait",
+]
 
 
 def env() -> Env:
     """The Env for the caller: TameEnv on a tame stack, PosixEnv anywhere else."""
-    return posix_env
+    rt = current_runtime()
+    return posix_env if rt is None else rt.env
