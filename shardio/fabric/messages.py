@@ -1,0 +1,97 @@
+"""What crosses the fabric: a 9-byte header (kind, request id) and a pickle.
+
+The header stays outside the pickle so that a body which cannot be
+unpickled on the other side (a function the shard cannot import, an
+exception class with an unusual constructor) still fails the right call
+instead of leaving it waiting forever.
+"""
+
+from __future__ import annotations
+
+import pickle
+import struct
+import traceback
+from typing import Any
+
+from ..errors import RemoteError
+
+REQUEST = 1
+REPLY_OK = 2
+REPLY_ERROR = 3
+HEADER = struct.Struct("<BQ")
+PROTOCOL = pickle.HIGHEST_PROTOCOL
+
+_pack_header = HEADER.pack
+_dumps = pickle.dumps
+
+
+class CannotCrossError(TypeError):
+    """A function, argument or result cannot be pickled to cross to another shard."""
+
+
+def encode_request(request_id: int, func: Any, args: tuple, kwargs: dict | None,
+                   destination: str) -> bytes:
+    try:
+        return _pack_header(REQUEST, request_id) + _dumps((func, args, kwargs), PROTOCOL)
+    except Exception as error:
+        raise _explain_unpicklable(func, args, kwargs, destination, error) from error
+
+
+def encode_result(request_id: int, value: Any) -> bytes:
+    return _pack_header(REPLY_OK, request_id) + _dumps(value, PROTOCOL)
+
+
+def encode_error(request_id: int, error: BaseException, shard: int | str) -> bytes:
+    """Encode an exception with its traceback text; never raises."""
+    tb_text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    try:
+        exc_bytes = _dumps(error, PROTOCOL)
+    except Exception:
+        exc_bytes = None
+    body = (exc_bytes, type(error).__qualname__, str(error), tb_text, shard)
+    return _pack_header(REPLY_ERROR, request_id) + _dumps(body, PROTOCOL)
+
+
+def decode_error(body) -> BaseException:
+    """Rebuild a remote exception: same type and message, traceback text attached."""
+    exc_bytes, type_name, message, tb_text, shard = pickle.loads(body)
+    error: BaseException | None = None
+    if exc_bytes is not None:
+        try:
+            error = pickle.loads(exc_bytes)
+        except Exception:
+            error = None
+    if error is None:
+        error = RemoteError(f"{type_name}: {message}", type_name, tb_text)
+    error.remote_traceback = tb_text  # type: ignore[attr-defined]
+    try:
+        error.add_note(f"\nRemote traceback (shard {shard}):\n{tb_text.rstrip()}")
+    except Exception:
+        pass
+    return error
+
+
+def _explain_unpicklable(func, args, kwargs, destination, error) -> CannotCrossError:
+    """Find which piece of a call cannot be pickled and say so."""
+    pieces = [("the function", func)]
+    pieces += [(f"argument {i}", arg) for i, arg in enumerate(args)]
+    pieces += [(f"keyword argument {name!r}", value) for name, value in (kwargs or {}).items()]
+    for label, value in pieces:
+        try:
+            _dumps(value, PROTOCOL)
+        except Exception as piece_error:
+            return CannotCrossError(
+                f"cannot send {label} ({_describe(value)}) to {destination}: it cannot be "
+                f"pickled ({type(piece_error).__name__}: {piece_error}). Functions must be "
+                "importable module-level names; lambdas, local functions, sockets, locks "
+                "and open files cannot cross between shards."
+            )
+    return CannotCrossError(f"cannot send call to {destination}: {error}")
+
+
+def _describe(value: Any) -> str:
+    name = getattr(value, "__qualname__", None)
+    if name is not None:
+        return f"{type(value).__name__} {name}"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

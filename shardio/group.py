@@ -1,0 +1,286 @@
+"""ShardGroup: start a set of shards, submit work to them, stop them cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from inspect import isawaitable
+from typing import Any, Literal
+
+from .errors import GroupStateError, ShardDied, ShardStartError
+from .external import OwnerEndpoint, describe_exit
+from .fabric.mesh import Mesh
+from .launch import ShardOptions, start_process, start_thread
+from .reactor import require_reactor
+
+log = logging.getLogger("shardio.group")
+
+DEFAULT_IDLE_POLL_US = {"process": 200.0, "thread": 0.0}
+_running_groups: weakref.WeakSet[ShardGroup] = weakref.WeakSet()
+
+
+class ShardGroup:
+    """A group of shards, each a reactor; one per CPU by default.
+
+    Usable as a context manager (``with`` or ``async with``), which starts the
+    shards and stops them on the way out.  From any thread of the owning
+    process, :meth:`submit` runs a function on a shard and returns a
+    :class:`concurrent.futures.Future`; :meth:`call` awaits the same from an
+    asyncio loop.  Functions may be plain or coroutine functions.
+    """
+
+    def __init__(
+        self,
+        shards: int | None = None,
+        *,
+        backend: Literal["process", "thread"] = "process",
+        idle_poll_us: float | None = None,
+        ring_bytes: int = 1 << 20,
+        loop: Literal["auto", "uvloop", "asyncio"] = "auto",
+        pin: bool | None = None,
+        max_message_bytes: int = 256 << 20,
+        start_timeout: float = 60.0,
+        stop_timeout: float = 30.0,
+        log_level: int = logging.WARNING,
+        metrics_port: int | None = None,
+    ) -> None:
+        if shards is None:
+            shards = len(os.sched_getaffinity(0))
+        if not isinstance(shards, int) or shards < 1:
+            raise ValueError(f"shards must be a positive integer, got {shards!r}")
+        if backend not in DEFAULT_IDLE_POLL_US:
+            raise ValueError(f"backend must be 'process' or 'thread', got {backend!r}")
+        if idle_poll_us is None:
+            idle_poll_us = DEFAULT_IDLE_POLL_US[backend]
+        if idle_poll_us < 0:
+            raise ValueError(f"idle_poll_us must be >= 0, got {idle_poll_us}")
+        self.shards = shards
+        self.backend = backend
+        self.ring_bytes = ring_bytes
+        self.start_timeout = start_timeout
+        self.stop_timeout = stop_timeout
+        self.metrics_port = metrics_port
+        cpus = sorted(os.sched_getaffinity(0))
+        if pin is None:
+            pin = backend == "process" and shards <= len(cpus)
+        self.options = ShardOptions(
+            shard_count=shards, idle_poll_us=idle_poll_us, loop=loop,
+            max_message_bytes=max_message_bytes, cpus=cpus if pin else None,
+            log_level=log_level,
+        )
+        self._state = "new"
+        self._mesh: Mesh | None = None
+        self._owner: OwnerEndpoint | None = None
+        self._processes: list[Any] = []
+        self._lifelines: list[int] = []
+        self._threads: list[threading.Thread] = []
+        self._metrics_server: Any = None
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> ShardGroup:
+        """Start every shard and wait until each one answers."""
+        with self._lock:
+            if self._state != "new":
+                raise GroupStateError(f"this group was already started (state: {self._state})")
+            self._state = "starting"
+        try:
+            self._mesh = Mesh.create(self.shards + 1, self.ring_bytes)
+            self._owner = OwnerEndpoint(self._mesh, self.shards,
+                                        max_message_bytes=self.options.max_message_bytes)
+            for shard in range(self.shards):
+                if self.backend == "process":
+                    process, lifeline = start_process(shard, self._mesh, self.options)
+                    self._processes.append(process)
+                    self._lifelines.append(lifeline)
+                    self._owner.watch(process.sentinel, shard, describe_exit(process))
+                else:
+                    thread, _ = start_thread(shard, self._mesh, self.options,
+                                             self._owner.report_death)
+                    self._threads.append(thread)
+            self._await_ready()
+            self._state = "running"
+            _running_groups.add(self)
+            if self.metrics_port is not None:
+                from .metrics import serve_group_metrics
+
+                self._metrics_server = serve_group_metrics(self, self.metrics_port)
+        except BaseException:
+            self._teardown()
+            raise
+        return self
+
+    def _await_ready(self) -> None:
+        futures = [self._owner.submit(shard, _ready, (), None) for shard in range(self.shards)]
+        deadline = time.monotonic() + self.start_timeout
+        for shard, future in enumerate(futures):
+            try:
+                future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except concurrent.futures.TimeoutError:
+                raise ShardStartError(
+                    f"shard {shard} did not start within {self.start_timeout} s") from None
+            except ShardDied as died:
+                raise ShardStartError(
+                    f"shard {shard} failed to start: {died.detail}; its stderr above says why"
+                ) from None
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Drain calls in flight, stop Sharded services, join the shards, free everything.
+
+        Safe to call more than once, after a shard crash, and from an exception
+        handler; after ``timeout`` (default ``stop_timeout``) the remaining
+        shards are killed.
+        """
+        with self._lock:
+            if self._state in ("new", "stopped", "stopping"):
+                return
+            self._state = "stopping"
+        timeout = self.stop_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        try:
+            owner = self._owner
+            while owner.in_flight() and time.monotonic() < deadline:
+                time.sleep(0.002)
+            self._call_all(_stop_shard_services, deadline)
+            owner.expect_exit()
+            self._call_all(_exit_shard, deadline)
+        finally:
+            self._teardown(deadline)
+
+    def _call_all(self, func: Callable, deadline: float) -> None:
+        owner = self._owner
+        futures = [owner.submit(shard, func, (), None)
+                   for shard in range(self.shards) if not owner.is_dead(shard)]
+        for future in futures:
+            try:
+                future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except Exception as error:
+                log.warning("while stopping: %s failed: %r", func.__name__, error)
+
+    def _teardown(self, deadline: float | None = None) -> None:
+        """Release everything, killing what did not exit in time. Never raises."""
+        if deadline is None:
+            deadline = time.monotonic() + 2.0
+        if self._owner is not None:
+            self._owner.expect_exit()
+        if self._metrics_server is not None:
+            try:
+                self._metrics_server.close()
+            except Exception:
+                log.exception("closing the metrics server failed")
+        for process in self._processes:
+            process.join(timeout=max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                log.warning("shard process %s did not exit in time; killing it", process.pid)
+                process.kill()
+                process.join(timeout=5)
+            process.close()
+        for fd in self._lifelines:
+            os.close(fd)
+        for thread in self._threads:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        if self._owner is not None:
+            self._owner.close()
+        if self._mesh is not None:
+            try:
+                self._mesh.close()
+            except BufferError:
+                log.error("a shard thread did not exit; its shared memory stays mapped until "
+                          "the process exits")
+        self._processes, self._lifelines, self._threads = [], [], []
+        self._state = "stopped"
+        _running_groups.discard(self)
+
+    def __enter__(self) -> ShardGroup:
+        return self.start()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> ShardGroup:
+        await asyncio.to_thread(self.start)
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await asyncio.to_thread(self.stop)
+
+    # ------------------------------------------------------------ work
+
+    def submit(self, shard: int, func: Callable, /, *args: Any, **kwargs: Any
+               ) -> concurrent.futures.Future:
+        """Run ``func(*args, **kwargs)`` on ``shard``; thread-safe; never blocks on the shard.
+
+        A function or argument that cannot be pickled raises TypeError here.
+        """
+        if self._state != "running":
+            raise GroupStateError(f"cannot submit: the group is {self._state}")
+        return self._owner.submit(shard, func, args, kwargs or None)
+
+    async def call(self, shard: int, func: Callable, /, *args: Any, **kwargs: Any) -> Any:
+        """Await ``func(*args, **kwargs)`` on ``shard`` from the caller's own asyncio loop."""
+        return await asyncio.wrap_future(self.submit(shard, func, *args, **kwargs))
+
+    def submit_to_all(self, func: Callable, /, *args: Any, **kwargs: Any
+                      ) -> list[concurrent.futures.Future]:
+        """:meth:`submit` to every shard; the futures in shard order."""
+        return [self.submit(shard, func, *args, **kwargs) for shard in range(self.shards)]
+
+    # ------------------------------------------------------------ state
+
+    @property
+    def running(self) -> bool:
+        return self._state == "running"
+
+    @property
+    def pids(self) -> list[int]:
+        """The shard processes' pids (the process backend), in shard order."""
+        return [process.pid for process in self._processes]
+
+    def is_alive(self, shard: int) -> bool:
+        return self._state == "running" and not self._owner.is_dead(shard)
+
+    def __repr__(self) -> str:
+        return f"<ShardGroup shards={self.shards} backend={self.backend} {self._state}>"
+
+
+# ---------------------------------------------------------------- shard side
+
+
+def _ready() -> int:
+    return require_reactor().shard_id
+
+
+async def _stop_shard_services() -> None:
+    """Stop this shard's Sharded instances (last started first), then its hooks."""
+    reactor = require_reactor()
+    while reactor.services:
+        key = next(reversed(reactor.services))
+        instance = reactor.services.pop(key)
+        stop = getattr(instance, "stop", None)
+        if stop is None:
+            continue
+        try:
+            result = stop()
+            if isawaitable(result):
+                await result
+        except Exception:
+            log.exception("stopping %r on shard %d failed", instance, reactor.shard_id)
+
+
+def _exit_shard() -> None:
+    require_reactor().request_exit()
+
+
+@atexit.register
+def _stop_forgotten_groups() -> None:
+    for group in list(_running_groups):
+        log.warning("%r was still running at exit; stopping it", group)
+        group.stop(timeout=5)
