@@ -166,6 +166,8 @@ class OSDMap:
 
         Without ``pools``, one pool: id 0, "data", ``pg_num`` pgs.
         """
+        if not 1 <= shard_count <= MAX_SHARDS:
+            raise OSDMapError(f"shard_count {shard_count} out of range 1..{MAX_SHARDS}")
         pool_list = list(pools) if pools is not None else [Pool(0, "data", pg_num)]
         tables = {p.id: [(pg + p.id) % shard_count for pg in range(p.pg_num)] for p in pool_list}
         return cls(epoch, shard_count, pool_list, tables, addrs)
