@@ -19,7 +19,7 @@ from .fabric.messages import CannotCrossError
 from .group import ShardGroup
 from .reactor import current_reactor
 from .run import run
-from .sharded import Sharded, ServiceNotRunning
+from .sharded import ServiceNotRunning, Sharded
 from .submit import (
     external_submit,
     invoke_on_all,

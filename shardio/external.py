@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from .errors import MessageTooLarge, RemoteError, ShardDied
+from .errors import RemoteError, ShardDied
 from .fabric.link import Link
 from .fabric.mesh import Mesh
 from .fabric.messages import HEADER, REPLY_ERROR, REPLY_OK, decode_error, encode_request
@@ -80,12 +80,9 @@ class OwnerEndpoint:
         with self.lock:
             request_id = self._next_request_id
             self._next_request_id = request_id + 1
-        payload = encode_request(request_id, func, args, kwargs, f"shard {shard}")
-        if len(payload) > self.max_message_bytes:
-            raise MessageTooLarge(
-                f"a call to shard {shard} pickles to {len(payload)} bytes, more than "
-                f"max_message_bytes={self.max_message_bytes}")
         with self.lock:
+            payload = encode_request(request_id, func, args, kwargs, f"shard {shard}",
+                                     link.interned, self.max_message_bytes)
             if link.dead:
                 future.set_exception(ShardDied(shard))
                 return future

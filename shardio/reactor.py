@@ -27,7 +27,6 @@ from inspect import isawaitable
 from typing import Any
 
 from .errors import (
-    MessageTooLarge,
     NotInShardError,
     RemoteError,
     ShardDied,
@@ -42,6 +41,7 @@ from .fabric.messages import (
     REQUEST,
     CannotCrossError,
     decode_error,
+    decode_request,
     encode_error,
     encode_request,
     encode_result,
@@ -142,6 +142,8 @@ class Reactor:
             self.links.append(Link(peer, mesh.ring(shard_id, peer), mesh.ring(peer, shard_id),
                                    mesh.sleeping_flag(peer), mesh.doorbells[peer].fd))
         self._active_links = [link for link in self.links if link is not None]
+        self._inbound = [(link, link.inbound.get, link.inbound.take_space_waiter)
+                         for link in self._active_links]
         self._backlogged: set[Link] = set()
         self._inbox: deque[tuple[Callable, tuple]] = deque()
         self._pollers: list[Callable[[], bool]] = []
@@ -262,32 +264,18 @@ class Reactor:
     def _drain(self) -> bool:
         """Poll everything once; True if any work was found."""
         did = False
-        handle = self._handle
-        for link in self._active_links:
-            messages = link.inbound.get(BATCH)
+        for link, get, take_space_waiter in self._inbound:
+            messages = get(BATCH)
             if messages is None:
                 continue
             did = True
-            if link.inbound.take_space_waiter():
+            if take_space_waiter():
                 link.wake_peer()
             if messages:
-                stats = self.stats
-                stats.batches += 1
-                stats.batch_messages += len(messages)
-                link.received_messages += len(messages)
-                for message in messages:
-                    link.received_bytes += len(message)
-                    handle(link, message)
-        inbox = self._inbox
-        if inbox:
+                self._handle_batch(link, messages)
+        if self._inbox:
             did = True
-            while inbox:
-                func, args = inbox.popleft()
-                self.stats.inbox_items += 1
-                try:
-                    func(*args)
-                except Exception:
-                    log.exception("inbox callback %r failed on shard %d", func, self.shard_id)
+            self._run_inbox()
         if self._backlogged:
             for link in list(self._backlogged):
                 if link.flush():
@@ -299,11 +287,32 @@ class Reactor:
                 did = True
         return did
 
+    def _handle_batch(self, link: Link, messages: list) -> None:
+        stats = self.stats
+        stats.batches += 1
+        stats.batch_messages += len(messages)
+        link.received_messages += len(messages)
+        handle = self._handle
+        for message in messages:
+            link.received_bytes += len(message)
+            handle(link, message)
+
+    def _run_inbox(self) -> None:
+        inbox = self._inbox
+        while inbox:
+            func, args = inbox.popleft()
+            self.stats.inbox_items += 1
+            try:
+                func(*args)
+            except Exception:
+                log.exception("inbox callback %r failed on shard %d", func, self.shard_id)
+
     # ------------------------------------------------------------ messages
 
     def _handle(self, link: Link, message: bytes) -> None:
         kind, request_id = _unpack_header(message)
-        body = memoryview(message)[_HEADER_SIZE:]
+        # Slicing copies, which is cheaper than a memoryview for small messages.
+        body = message[_HEADER_SIZE:] if len(message) < 65536 else memoryview(message)[_HEADER_SIZE:]
         if kind == REPLY_OK:
             future = link.pending.pop(request_id, None)
             if future is not None and not future.done():
@@ -314,7 +323,7 @@ class Reactor:
                         f"the result from endpoint {link.peer} could not be unpickled: {error!r}"))
         elif kind == REQUEST:
             try:
-                func, args, kwargs = _loads(body)
+                func, args, kwargs = decode_request(body, link.functions)
             except Exception as error:
                 self._send(link, encode_error(request_id, CannotCrossError(
                     f"shard {self.shard_id} could not unpickle the call: {error!r} (is the "
@@ -387,11 +396,8 @@ class Reactor:
             return future
         request_id = self._next_request_id
         self._next_request_id = request_id + 1
-        payload = encode_request(request_id, func, args, kwargs, f"shard {shard}")
-        if len(payload) > self.max_message_bytes:
-            raise MessageTooLarge(
-                f"a call to shard {shard} pickles to {len(payload)} bytes, more than "
-                f"max_message_bytes={self.max_message_bytes}")
+        payload = encode_request(request_id, func, args, kwargs, f"shard {shard}",
+                                 link.interned, self.max_message_bytes)
         link.pending[request_id] = future
         if link.send(payload):
             self._backlogged.add(link)

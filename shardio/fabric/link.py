@@ -24,7 +24,7 @@ class Link:
     __slots__ = (
         "peer", "outbound", "inbound", "peer_sleeping", "peer_doorbell_fd", "backlog",
         "pending", "dead", "sent_messages", "sent_bytes", "received_messages",
-        "received_bytes", "producer_waits", "doorbells_rung",
+        "received_bytes", "producer_waits", "doorbells_rung", "interned", "functions",
     )
 
     def __init__(self, peer: int, outbound: Ring, inbound: Ring, peer_sleeping: Flag,
@@ -43,6 +43,8 @@ class Link:
         self.received_bytes = 0
         self.producer_waits = 0
         self.doorbells_rung = 0
+        self.interned: dict[Any, int] = {}   # functions this side sent, by number
+        self.functions: dict[int, Any] = {}  # functions the peer sent, by number
 
     def send(self, payload: bytes) -> bool:
         """Put a message on the ring (or the backlog); wake the peer if it sleeps.
