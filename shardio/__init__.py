@@ -21,6 +21,7 @@ from .reactor import current_reactor
 from .run import run
 from .sharded import ServiceNotRunning, Sharded
 from .submit import (
+    bind_thread,
     external_submit,
     invoke_on_all,
     map_reduce,
@@ -42,6 +43,7 @@ __all__ = [
     "Sharded",
     "ShardioError",
     "WrongThreadError",
+    "bind_thread",
     "current_reactor",
     "external_submit",
     "invoke_on_all",

@@ -62,6 +62,18 @@ def set_process_reactor(reactor: Any) -> None:
     _process_reactor = reactor
 
 
+def bind_thread(reactor: Any) -> None:
+    """Make external_submit() from the calling thread go to ``reactor``.
+
+    Needed only in the thread backend, where several shards share one
+    process: get the reactor with :func:`shardio.current_reactor` on the
+    shard and call this first thing in the thread you start.
+    """
+    if reactor is not None and getattr(_local, "reactor", None) is not None:
+        raise NotInShardError("bind_thread() is for threads that are not reactors")
+    _local.home_reactor = reactor
+
+
 def external_submit(func: Callable[..., Any], /, *args: Any, **kwargs: Any
                     ) -> concurrent.futures.Future:
     """From a thread of a shard that is not its reactor: run ``func`` on that reactor.
@@ -72,10 +84,12 @@ def external_submit(func: Callable[..., Any], /, *args: Any, **kwargs: Any
     the reactor.  Which reactor: the one the calling thread was started for
     (``tame.alien`` threads), else the process's own shard (process backend).
     """
-    reactor = getattr(_local, "home_reactor", None) or _process_reactor
+    reactor = (getattr(_local, "home_reactor", None) or getattr(_local, "reactor", None)
+               or _process_reactor)
     if reactor is None:
         raise NotInShardError(
             "external_submit() needs a shard to submit to: call it from a thread inside a "
-            "shard process (or an alien thread of a shard); from the process that started "
+            "shard process, from an alien thread of a shard, or (thread backend) from a "
+            "thread bound with shardio.bind_thread(reactor); from the process that started "
             f"the group use group.submit() (thread {threading.current_thread().name!r})")
     return reactor.external_submit(func, args, kwargs or None)

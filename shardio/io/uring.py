@@ -9,8 +9,12 @@ completion arrives; the reactor keeps running meanwhile.
   does the read go to io_uring. O_DIRECT reads go straight to io_uring.
 * **Writes and fsync/fdatasync** always go through io_uring.
 * **Submission** is batched: SQEs prepared during one pass of the loop are
-  submitted with one ``io_uring_enter`` (at the end of a completion pass, or
-  from a ``call_soon`` scheduled by the first SQE).
+  submitted with one ``io_uring_enter`` (from a ``call_soon`` scheduled by
+  the first SQE, or at the end of a completion pass). While a completion
+  pass resumes many stacks, every ``submit_batch`` (8) new SQEs are
+  submitted at once so the device is not left idle while Python runs
+  (measured, 4 KiB O_DIRECT random reads at QD32: 45k IOPS when the whole
+  pass was submitted at its end, 57k with batches of 8; fio: 77k).
 * **Completions** are reaped when the ring fd becomes readable (measured:
   the io_uring fd polls POLLIN as soon as a CQE is posted, under asyncio and
   uvloop alike, so ``loop.add_reader(ring_fd)`` suffices and no eventfd is
@@ -31,7 +35,8 @@ waits, which would block the reactor). Its ring handle is liburing's
 ``uring_read_async``: ``ring_fd`` at 0xc4, the SQ at 0), and its shared
 library exports liburing's ``io_uring_get_sqe``/``io_uring_submit``; the
 driver uses those on the ring pyuring created and fills the 64-byte SQE
-itself (the kernel ABI), reaping with pyuring's ``uring_peek_completion``.
+itself (the kernel ABI), and reads completions straight from the mapped CQ
+ring (a memory read when nothing is ready, instead of a 1.3 µs ctypes call).
 
 Where io_uring cannot be set up (seccomp, old kernel, no pyuring wheel) or
 ``SHARDIO_NO_URING=1`` is set, :class:`ThreadPoolDriver` runs the same
@@ -47,8 +52,10 @@ import errno
 import logging
 import mmap
 import os
+import select
 import struct
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -141,13 +148,53 @@ def _oserror(res: int, what: str) -> OSError:
     return OSError(code, f"{what}: {os.strerror(code)}")
 
 
+class _Counters:
+    """Plain-int counters (cheaper than a Counter on the hot path)."""
+
+    __slots__ = (
+        "read_cached",
+        "read_uring",
+        "read_thread",
+        "write",
+        "fsync",
+        "fdatasync",
+        "slot_waits",
+        "submit_calls",
+        "reaps",
+        "cqes",
+        "inflight_peak",
+    )
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+# Offsets in liburing's struct io_uring (x86_64, liburing 2.x as bundled by pyuring 0.3.0):
+# struct io_uring_sq sq (0x00..0x68), struct io_uring_cq cq (0x68..0xc0), flags, ring_fd.
+_CQ_KHEAD = 0x68
+_CQ_KTAIL = 0x70
+_CQ_CQES = 0x98
+_CQ_RING_MASK = 0xB0
+_CQ_RING_ENTRIES = 0xB4
+_RING_FLAGS = 0xC0
+_RING_FD = 0xC4
+_SETUP_CQE32 = 1 << 11
+_CQE = struct.Struct("<Qi")  # user_data u64, res s32 (then flags u32): 16 bytes
+
+
 class UringDriver:
-    """The io_uring driver of one event loop. Methods run on that loop's tame stacks."""
+    """The io_uring driver of one event loop. Its I/O methods run on that loop's tame stacks."""
 
     kind = "io_uring"
 
-    def __init__(self, rt: Any, entries: int = 128, max_inflight: int | None = None) -> None:
-        import pyuring  # the import itself may fail where no wheel exists
+    def __init__(
+        self, rt: Any, entries: int = 128, max_inflight: int | None = None, submit_batch: int = 8
+    ) -> None:
+        import pyuring  # the import itself fails where no wheel exists
 
         from shardio.tame.stacks import Parked
 
@@ -156,57 +203,74 @@ class UringDriver:
         self.loop = rt.loop
         self._ctx = pyuring.UringCtx(entries=entries)
         try:
-            lib = self._ctx._lib
-            self._ring = int(self._ctx._ctx)
-            self.ring_fd = self._ctx.ring_fd
-            get_sqe = lib.io_uring_get_sqe
-            get_sqe.argtypes = [ctypes.c_void_p]
-            get_sqe.restype = ctypes.c_void_p
-            submit = lib.io_uring_submit
-            submit.argtypes = [ctypes.c_void_p]
-            submit.restype = ctypes.c_int
-            peek = lib.uring_peek_completion
-            peek.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-            peek.restype = ctypes.c_int
-            self._get_sqe = get_sqe
-            self._submit = submit
-            self._peek = peek
-            self._ud = ctypes.c_uint64()
-            self._res = ctypes.c_int()
-            self._ud_ptr = ctypes.addressof(self._ud)
-            self._res_ptr = ctypes.addressof(self._res)
-            self._self_test()
+            self._bind_ring(entries)
         except BaseException:
             self._ctx.close()
             raise
-        self.max_inflight = min(max_inflight or entries, entries)
+        self.max_inflight = min(max_inflight or entries, self._cq_entries // 2)
         self._ops: dict[int, _Op] = {}
         self._next_ud = 1
         self._unsubmitted = 0
         self._flush_scheduled = False
         self._in_reap = False
+        self.submit_batch = submit_batch
         self._slot_waiters: collections.deque[Any] = collections.deque()
         self._bufs = BufferPool()
         self._scratch = bytearray(1 << 16)
         self._scratch_view = memoryview(self._scratch)
         self.closed = False
-        self.counters = collections.Counter()
+        self.counters = _Counters()
         self.loop.add_reader(self.ring_fd, self._on_readable)
         self._reactor = rt.reactor
         if self._reactor is not None:
             self._reactor.add_poller(self._poll)
 
-    def _self_test(self) -> None:
-        """Submit a NOP through the SQE path and reap it: proves the ring layout assumptions."""
-        sqe = self._get_sqe(self._ring)
+    def _bind_ring(self, entries: int) -> None:
+        """Bind liburing's exported SQE functions and map the CQ ring; verify with a NOP."""
+        lib = self._ctx._lib
+        ring = self._ring = int(self._ctx._ctx)
+        self.ring_fd = self._ctx.ring_fd
+        if ctypes.c_int.from_address(ring + _RING_FD).value != self.ring_fd:
+            raise OSError(errno.EPROTO, "unexpected struct io_uring layout (ring_fd offset)")
+        if ctypes.c_uint32.from_address(ring + _RING_FLAGS).value & _SETUP_CQE32:
+            raise OSError(errno.EPROTO, "unexpected io_uring setup (CQE32)")
+        get_sqe = lib.io_uring_get_sqe
+        get_sqe.argtypes = [ctypes.c_void_p]
+        get_sqe.restype = ctypes.c_void_p
+        submit = lib.io_uring_submit
+        submit.argtypes = [ctypes.c_void_p]
+        submit.restype = ctypes.c_int
+        self._get_sqe = get_sqe
+        self._submit = submit
+        u64 = ctypes.c_uint64
+        self._khead = ctypes.c_uint32.from_address(u64.from_address(ring + _CQ_KHEAD).value)
+        self._ktail = ctypes.c_uint32.from_address(u64.from_address(ring + _CQ_KTAIL).value)
+        self._cq_mask = ctypes.c_uint32.from_address(ring + _CQ_RING_MASK).value
+        self._cq_entries = ctypes.c_uint32.from_address(ring + _CQ_RING_ENTRIES).value
+        if self._cq_entries < entries or self._cq_mask != self._cq_entries - 1:
+            raise OSError(errno.EPROTO, "unexpected struct io_uring layout (CQ ring)")
+        cqes = u64.from_address(ring + _CQ_CQES).value
+        self._cqes = memoryview((ctypes.c_char * (16 * self._cq_entries)).from_address(cqes)).cast(
+            "B"
+        )
+        # self-test: a NOP through our SQE path, reaped from our view of the CQ ring
+        sqe = get_sqe(ring)
         if not sqe:
             raise OSError(errno.EBUSY, "io_uring self-test: no free SQE")
         ctypes.memmove(sqe, _SQE.pack(_OP_NOP, 0, 0, -1, 0, 0, 0, 0, 0xFEED, 0, 0, 0, 0, 0), 64)
-        if self._submit(self._ring) != 1:
+        if submit(ring) != 1:
             raise OSError(errno.EIO, "io_uring self-test: NOP not submitted")
-        ud, res = self._ctx.wait_completion()
+        poller = select.poll()
+        poller.register(self.ring_fd, select.POLLIN)
+        if not poller.poll(2000):
+            raise OSError(errno.ETIMEDOUT, "io_uring self-test: ring fd never became readable")
+        head = self._khead.value
+        if self._ktail.value - head != 1:
+            raise OSError(errno.EPROTO, "io_uring self-test: CQ ring view is wrong")
+        ud, res = _CQE.unpack_from(self._cqes, (head & self._cq_mask) << 4)
+        self._khead.value = head + 1
         if ud != 0xFEED or res != 0:
-            raise OSError(errno.EIO, f"io_uring self-test: unexpected CQE ({ud:#x}, {res})")
+            raise OSError(errno.EPROTO, f"io_uring self-test: unexpected CQE ({ud:#x}, {res})")
 
     # -- public operations (on a tame stack) ------------------------------------
     def read(self, fd: int, n: int, offset: int, direct: bool = False) -> bytes:
@@ -215,17 +279,17 @@ class UringDriver:
             return b""
         if direct:
             return self._read_uring(fd, n, offset)
-        view = self._scratch_view[:n] if n <= len(self._scratch) else memoryview(bytearray(n))
+        view = self._scratch_view[:n] if n <= 65536 else memoryview(bytearray(n))
         try:
             got = os.preadv(fd, [view], offset, _RWF_NOWAIT)
         except BlockingIOError:
             got = 0
         if got == n:
-            self.counters["read_cached"] += 1
+            self.counters.read_cached += 1
             return view.tobytes()
         head = view[:got].tobytes()
         if got and offset + got >= os.fstat(fd).st_size:
-            self.counters["read_cached"] += 1
+            self.counters.read_cached += 1
             return head  # end of file
         rest = self._read_uring(fd, n - got, offset + got)
         return head + rest if head else rest
@@ -246,13 +310,16 @@ class UringDriver:
             if res == 0:
                 raise OSError(errno.EIO, "pwrite through io_uring wrote 0 bytes")
             done += res
-        self.counters["write"] += 1
+        self.counters.write += 1
         return total
 
     def fsync(self, fd: int, datasync: bool = False) -> None:
         """fsync (or fdatasync) through io_uring."""
         self._submit_op(_OP_FSYNC, fd, 0, None, 0, _FSYNC_DATASYNC if datasync else 0, "fsync")
-        self.counters["fdatasync" if datasync else "fsync"] += 1
+        if datasync:
+            self.counters.fdatasync += 1
+        else:
+            self.counters.fsync += 1
 
     # -- internals --------------------------------------------------------------
     def _read_uring(self, fd: int, n: int, offset: int) -> bytes:
@@ -263,8 +330,8 @@ class UringDriver:
             res = self._submit_op(_OP_READ, fd, offset, buf, chunk, 0, "pread")
             data = buf[0][:res]
             self._bufs.put(buf)
-            self.counters["read_uring"] += 1
-            if not data:
+            self.counters.read_uring += 1
+            if not res:
                 break
             chunks.append(data)
             n -= res
@@ -272,6 +339,28 @@ class UringDriver:
             if res < chunk and offset >= os.fstat(fd).st_size:
                 break
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _wait_for_slot(self, what: str) -> None:
+        self.counters.slot_waits += 1
+        first = False
+        while len(self._ops) >= self.max_inflight or (self._slot_waiters and not first):
+            w = self._Parked()
+            if first:
+                self._slot_waiters.appendleft(w)  # woken but beaten to the slot: keep our place
+            else:
+                self._slot_waiters.append(w)
+            try:
+                w.park()  # woken in FIFO order as slots free up
+            except BaseException:
+                try:
+                    self._slot_waiters.remove(w)
+                except ValueError:  # already woken: pass the slot on
+                    if self._slot_waiters:
+                        self._slot_waiters.popleft().wake_soon()
+                raise
+            first = True
+            if self.closed:
+                raise OSError(errno.EBADF, f"{what}: the io_uring driver is closed")
 
     def _submit_op(
         self, opcode: int, fd: int, offset: int, buf: Any, n: int, op_flags: int, what: str
@@ -286,27 +375,9 @@ class UringDriver:
         try:
             if self.closed:
                 raise OSError(errno.EBADF, f"{what}: the io_uring driver is closed")
-            if len(self._ops) >= self.max_inflight or self._slot_waiters:
-                self.counters["slot_waits"] += 1
-                first = False
-                while len(self._ops) >= self.max_inflight or (self._slot_waiters and not first):
-                    w = self._Parked()
-                    if first:
-                        self._slot_waiters.appendleft(w)  # woken too early: keep our place
-                    else:
-                        self._slot_waiters.append(w)
-                    try:
-                        w.park()  # woken in FIFO order as slots free up
-                    except BaseException:
-                        try:
-                            self._slot_waiters.remove(w)
-                        except ValueError:  # already woken: pass the slot on
-                            if self._slot_waiters:
-                                self._slot_waiters.popleft().wake_soon()
-                        raise
-                    first = True
-                    if self.closed:
-                        raise OSError(errno.EBADF, f"{what}: the io_uring driver is closed")
+            if self._slot_waiters or len(self._ops) >= self.max_inflight:
+                self._wait_for_slot(what)
+            p = self._Parked()
             sqe = self._get_sqe(self._ring)
             if not sqe:
                 self._flush()
@@ -317,7 +388,6 @@ class UringDriver:
             if buf is not None:
                 self._bufs.put(buf)
             raise
-        p = self._Parked()
         ud = self._next_ud
         self._next_ud = ud + 1
         ctypes.memmove(
@@ -327,10 +397,11 @@ class UringDriver:
             ),
             64,
         )
-        self._ops[ud] = _Op(p, buf)
+        ops = self._ops
+        ops[ud] = _Op(p, buf)
         self._unsubmitted += 1
-        if len(self._ops) > self.counters["inflight_peak"]:
-            self.counters["inflight_peak"] = len(self._ops)
+        if len(ops) > self.counters.inflight_peak:
+            self.counters.inflight_peak = len(ops)
         if not self._in_reap and not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
@@ -345,24 +416,28 @@ class UringDriver:
         self._flush_scheduled = False
         if self._unsubmitted and not self.closed:
             ret = self._submit(self._ring)
-            self.counters["submit_calls"] += 1
+            self.counters.submit_calls += 1
             if ret < 0:
                 log.error("io_uring_submit failed: %s", os.strerror(-ret))
                 return
             self._unsubmitted = max(0, self._unsubmitted - ret)
 
     def _reap(self) -> int:
-        """Collect every available CQE and resume its stack; return how many."""
-        peek = self._peek
-        ring, udp, resp = self._ring, self._ud_ptr, self._res_ptr
-        ud_obj, res_obj = self._ud, self._res
-        done = []
-        while peek(ring, udp, resp) > 0:
-            done.append((ud_obj.value, res_obj.value))
-        if not done:
+        """Collect every posted CQE, resume the stacks waiting for them; return how many."""
+        khead = self._khead
+        head = khead.value
+        tail = self._ktail.value
+        if head == tail:
             return 0
-        self.counters["reaps"] += 1
-        self.counters["cqes"] += len(done)
+        cqes, mask, unpack = self._cqes, self._cq_mask, _CQE.unpack_from
+        done = []
+        while head != tail:
+            done.append(unpack(cqes, (head & mask) << 4))
+            head = (head + 1) & 0xFFFFFFFF
+        khead.value = head  # the CQ slots are free again (x86-64: stores are ordered)
+        c = self.counters
+        c.reaps += 1
+        c.cqes += len(done)
         ops = self._ops
         self._in_reap = True
         try:
@@ -372,12 +447,14 @@ class UringDriver:
                     continue
                 if op.parked.armed:
                     op.parked.wake(res)
+                    if self._unsubmitted >= self.submit_batch:
+                        self._flush()  # keep the device busy while we resume the rest
                 elif op.buf is not None:
-                    self._bufs.put(op.buf)  # the waiter was cancelled; the kernel is done
+                    self._bufs.put(op.buf)  # its waiter was cancelled; the kernel is done with it
         finally:
             self._in_reap = False
-        free = self.max_inflight - len(ops)
         waiters = self._slot_waiters
+        free = self.max_inflight - len(ops)
         while free > 0 and waiters:
             waiters.popleft().wake_soon()
             free -= 1
@@ -390,12 +467,14 @@ class UringDriver:
             self._reap()
 
     def _poll(self) -> bool:
-        if not self._ops or self.closed:
+        """Reactor poller: reap without an epoll round while ops are in flight."""
+        if not self._ops or self.closed or self._khead.value == self._ktail.value:
             return False
         return self._reap() > 0
 
     def stats(self) -> dict[str, int]:
-        d = dict(self.counters)
+        """Counters plus current occupancy; ``fallback`` is 0 (io_uring in use)."""
+        d = self.counters.as_dict()
         d.update(inflight=len(self._ops), max_inflight=self.max_inflight, fallback=0)
         return d
 
@@ -416,22 +495,27 @@ class UringDriver:
         if self._unsubmitted:
             self._submit(self._ring)
         # The kernel may still write into buffers of ops in flight: wait for them.
-        deadline = 200
-        while self._ops and deadline:
-            while self._peek(self._ring, self._ud_ptr, self._res_ptr) > 0:
-                self._ops.pop(self._ud.value, None)
-            if self._ops:
-                deadline -= 1
-                threading.Event().wait(0.01)
+        for _ in range(500):
+            head, tail = self._khead.value, self._ktail.value
+            while head != tail:
+                ud, _res = _CQE.unpack_from(self._cqes, (head & self._cq_mask) << 4)
+                self._ops.pop(ud, None)
+                head = (head + 1) & 0xFFFFFFFF
+            self._khead.value = head
+            if not self._ops:
+                break
+            time.sleep(0.01)
         if self._ops:
             log.error(
                 "io_uring driver closed with %d ops still in the kernel; leaking their buffers",
                 len(self._ops),
             )
             _leaked.extend(self._ops.values())
-        for p in self._slot_waiters:
-            p.wake_soon()
+        self._ops.clear()
+        for w in self._slot_waiters:
+            w.wake_soon()
         self._slot_waiters.clear()
+        self._cqes.release()
         self._ctx.close()
         self._bufs.close()
 
@@ -452,7 +536,7 @@ class ThreadPoolDriver:
         self.loop = rt.loop
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shardio-file-io")
         self.closed = False
-        self.counters = collections.Counter()
+        self.counters = _Counters()
         self._scratch = bytearray(1 << 16)
         self._scratch_view = memoryview(self._scratch)
 
@@ -479,23 +563,27 @@ class ThreadPoolDriver:
             except (BlockingIOError, OSError):
                 got = -1
             if got == n or (got >= 0 and offset + got >= os.fstat(fd).st_size):
-                self.counters["read_cached"] += 1
+                self.counters.read_cached += 1
                 return view[:got].tobytes()
-        self.counters["read_thread"] += 1
+        self.counters.read_thread += 1
         return self._run(_blocking_read, fd, n, offset, direct)  # type: ignore[no-any-return]
 
     def write(
         self, fd: int, data: bytes | bytearray | memoryview, offset: int, direct: bool = False
     ) -> int:
-        self.counters["write"] += 1
+        self.counters.write += 1
         return self._run(_blocking_write, fd, bytes(data), offset, direct)  # type: ignore[no-any-return]
 
     def fsync(self, fd: int, datasync: bool = False) -> None:
-        self.counters["fdatasync" if datasync else "fsync"] += 1
+        if datasync:
+            self.counters.fdatasync += 1
+        else:
+            self.counters.fsync += 1
         self._run(os.fdatasync if datasync else os.fsync, fd)
 
     def stats(self) -> dict[str, int]:
-        d = dict(self.counters)
+        """Counters; ``fallback`` is 1 (thread pool in use)."""
+        d = self.counters.as_dict()
         d.update(fallback=1)
         return d
 

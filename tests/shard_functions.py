@@ -1,0 +1,194 @@
+"""Functions the tests submit to shards (shards import them by module name)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import zlib
+
+import shardio
+
+
+def identify(tag=None):
+    return shardio.this_shard(), os.getpid(), threading.current_thread().name, tag
+
+
+def add(a, b=0):
+    return a + b
+
+
+async def async_add(a, b=0):
+    await asyncio.sleep(0.001)
+    return a + b
+
+
+class CustomError(Exception):
+    pass
+
+
+class TwoArgError(Exception):
+    """An exception whose constructor does not round-trip through pickle."""
+
+    def __init__(self, code, text):
+        super().__init__(f"{code}: {text}")
+        self.code = code
+
+
+def fail(kind: str):
+    if kind == "custom":
+        raise CustomError("custom failure on purpose")
+    if kind == "two-arg":
+        raise TwoArgError(42, "odd constructor")
+    if kind == "key":
+        raise KeyError("missing-key")
+    raise ValueError(f"unknown kind {kind}")
+
+
+async def hop_to(shard, func, *args):
+    return await shardio.submit_to(shard, func, *args)
+
+
+async def submit_to_all_and_collect(tag):
+    return await shardio.invoke_on_all(identify, tag)
+
+
+async def sum_of_shard_numbers():
+    return await shardio.map_reduce(shardio.this_shard, lambda_free_add, 100)
+
+
+def lambda_free_add(acc, value):
+    return acc + value
+
+
+def unpicklable_result():
+    return threading.Lock()
+
+
+async def local_call_without_pickling():
+    lock = threading.Lock()  # cannot be pickled: proves the local path does not pickle
+    return await shardio.submit_to(shardio.this_shard(), holds_lock, lock)
+
+
+def holds_lock(lock):
+    return type(lock).__name__
+
+
+async def send_unpicklable_to(shard):
+    try:
+        shardio.submit_to(shard, holds_lock, threading.Lock())
+    except TypeError as error:
+        return str(error)
+    return "no error"
+
+
+def echo_bytes(data):
+    return len(data), zlib.crc32(data), bytes(data[-16:])
+
+
+async def big_roundtrip(shard, size):
+    data = os.urandom(size)
+    length, crc, tail = await shardio.submit_to(shard, echo_bytes, data)
+    return length == size and crc == zlib.crc32(data) and tail == data[-16:]
+
+
+class Counter:
+    stopped: list = []
+
+    def __init__(self, start=0):
+        self.value = start
+        self.shard = shardio.this_shard()
+
+    def incr(self, by=1):
+        self.value += by
+        return self.value
+
+    async def slow_value(self):
+        await asyncio.sleep(0.001)
+        return self.value
+
+    def reset(self):
+        self.value = 0
+
+    def stop(self):
+        Counter.stopped.append(self.shard)
+
+
+async def sharded_counter_scenario():
+    svc = shardio.Sharded(Counter, 10)
+    await svc.start()
+    assert svc.local().value == 10
+    await svc.invoke_on(1 % shardio.shard_count(), "incr", 5)
+    total = await svc.map_reduce("slow_value", lambda_free_add, 0)
+    per_shard = await svc.invoke_on_all("incr", 1)
+    # the handle itself can cross to another shard
+    remote_local = await shardio.submit_to(shardio.shard_count() - 1, read_local, svc)
+    await svc.invoke_on_all("reset")
+    after_reset = await svc.map_reduce("slow_value", lambda_free_add, 0)
+    await svc.stop()
+    try:
+        svc.local()
+    except shardio.ServiceNotRunning:
+        stopped_ok = True
+    else:
+        stopped_ok = False
+    return total, per_shard, remote_local, after_reset, stopped_ok
+
+
+def read_local(svc):
+    return svc.local().value
+
+
+async def start_counter_and_leave_running():
+    svc = shardio.Sharded(Counter, 1)
+    await svc.start()
+    return True
+
+
+def stopped_counters():
+    return list(Counter.stopped)
+
+
+def external_submit_from_thread(n, bind):
+    """On a shard: start a plain thread that uses external_submit n times."""
+    results = []
+    reactor = shardio.current_reactor()
+
+    def worker():
+        if bind:
+            shardio.bind_thread(reactor)
+        futures = [shardio.external_submit(add, i, 1) for i in range(n)]
+        results.extend(f.result(timeout=10) for f in futures)
+        futures = [shardio.external_submit(async_add, i, 2) for i in range(n)]
+        results.extend(f.result(timeout=10) for f in futures)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    return _join_later(thread, results)
+
+
+async def _join_later(thread, results):
+    while thread.is_alive():
+        await asyncio.sleep(0.001)
+    return results
+
+
+def external_submit_on_reactor_thread():
+    try:
+        shardio.external_submit(add, 1, 2)
+    except shardio.WrongThreadError as error:
+        return str(error)
+    return "no error"
+
+
+async def sleep_then(value, seconds):
+    await asyncio.sleep(seconds)
+    return value
+
+
+def pid():
+    return os.getpid()
+
+
+def block_forever():
+    threading.Event().wait()
