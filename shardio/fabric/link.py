@@ -64,8 +64,10 @@ class Link:
             return False
         self.backlog.append([payload, reached])
         self.producer_waits += 1
-        self.outbound.request_space()
-        return True
+        # flush() marks us as waiting for space and retries if space appeared
+        # in the meantime; returning without that retry could wait forever.
+        self.flush()
+        return bool(self.backlog)
 
     def flush(self) -> bool:
         """Move backlog into the ring as space allows; True if anything moved."""
