@@ -68,7 +68,9 @@ fsync outside the lock, covering every record appended before it started;
 the others wait on a condition and are acknowledged together. A change
 becomes visible to readers when it is durable, in log order. If fsync fails
 the store turns read-only (``StoreFailed``): after a failed fsync the kernel
-may have dropped the dirty pages, so nothing after it can be promised.
+may have dropped the dirty pages, so nothing after it can be promised. A
+change that raised StoreFailed was not acknowledged; its record may or may
+not be found after a restart (the outcome of a failed write is unknown).
 
 With ``sync=False`` a change is visible and acknowledged once written to the
 page cache; it survives a crash of the process but not of the machine, until
@@ -400,7 +402,9 @@ class ObjectStore:
 
     def _open(self) -> None:
         env = self.env
-        env.makedirs(self.path, exist_ok=True)
+        if not env.isdir(self.path):
+            env.makedirs(self.path, exist_ok=True)
+            env.fsync_dir(os.path.dirname(os.path.abspath(self.path)))
         ids = sorted(
             int(n[len(_SEG_PREFIX) : -len(_SEG_SUFFIX)])
             for n in env.listdir(self.path)
@@ -757,6 +761,8 @@ class ObjectStore:
     def put(self, name: str | bytes, data: bytes | bytearray | memoryview) -> ObjectStat:
         """Replace the object with ``data`` (creating it); return its new stat."""
         key = _key(name)
+        if not isinstance(data, bytes | bytearray):
+            data = memoryview(data).cast("B")
         n = len(data)
         if n > MAX_EXTENT or n > self.max_object_size:
             raise ObjectTooLarge(
@@ -769,6 +775,8 @@ class ObjectStore:
     ) -> ObjectStat:
         """Write ``data`` at ``offset`` (creating or extending the object); return its stat."""
         key = _key(name)
+        if not isinstance(data, bytes | bytearray):
+            data = memoryview(data).cast("B")
         n = len(data)
         if offset < 0:
             raise InvalidArgument(f"negative write offset {offset}")
@@ -797,12 +805,12 @@ class ObjectStore:
         hdr_len = FIXED_SIZE + len(key) + len(crcs) + 4
         with self._lock:
             self._check_writable()
+            if self._tail + hdr_len + length > self.segment_size and self._tail > 0:
+                self._roll()  # may wait (releasing the lock): read the state after it
             staged = self._staged.get(key)
             old = staged.obj if staged is not None else self._objects.get(key)
             if kind == KIND_DELETE and old is None:
                 raise ObjectNotFound(f"object {key!r} does not exist")
-            if self._tail + hdr_len + length > self.segment_size and self._tail > 0:
-                self._roll()
             seg = self._active
             assert seg is not None
             seq = self._next_seq
