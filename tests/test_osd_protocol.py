@@ -242,8 +242,9 @@ def test_fatal_error_poisons_decoder() -> None:
         dec.feed(a + b"GARBAGE-GARBAGE-GARBAGE" + a)
     assert [f.tid for f in info.value.frames] == [1]
     assert dec.buffered == 0
-    with pytest.raises(p.BadMagic):
+    with pytest.raises(p.BadMagic) as again:
         dec.feed(a)
+    assert again.value.frames == []  # frames are handed out once
 
 
 def test_garbage_detected_after_four_bytes() -> None:

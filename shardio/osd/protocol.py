@@ -103,6 +103,7 @@ _KNOWN_FLAGS = FLAG_REPLY | FLAG_MORE
 
 #: fields up to and including body_crc; header_crc follows
 _HDR = struct.Struct("<IBBHQiIHHQQII")
+_HDR_FULL = struct.Struct("<IBBHQiIHHQQIII")  # with header_crc, for decoding in one call
 _U32 = struct.Struct("<I")
 HEADER_SIZE = _HDR.size + _U32.size  # 56
 _HDR_BODY = _HDR.size  # 52: bytes covered by header_crc
@@ -269,6 +270,9 @@ class Frame(NamedTuple):
         return bool(self.flags & FLAG_REPLY)
 
 
+_new_frame = tuple.__new__  # builds a Frame without NamedTuple's Python-level __new__
+
+
 def _as_bytes(name: str | bytes) -> bytes:
     return name.encode() if isinstance(name, str) else bytes(name)
 
@@ -401,10 +405,11 @@ def _parse_one(
         length,
         plen,
         body_crc,
-    ) = _HDR.unpack_from(mv, pos)
+        header_crc,
+    ) = _HDR_FULL.unpack_from(mv, pos)
     if magic != MAGIC:
         raise BadMagic("bad frame magic: the peer does not speak this protocol or is out of sync")
-    if _crc32(mv[pos : pos + _HDR_BODY]) != _U32.unpack_from(mv, pos + _HDR_BODY)[0]:
+    if _crc32(mv[pos : pos + _HDR_BODY]) != header_crc:
         raise BadHeaderChecksum("frame header checksum mismatch: corrupted in transit")
     if version != VERSION:
         raise UnsupportedVersion(
@@ -438,7 +443,7 @@ def _parse_one(
         raise err
     name = bytes(mv[body : body + nlen]) if nlen else b""
     payload = bytes(mv[body + nlen : stop]) if plen else b""
-    return Frame(op, flags, tid, status, pool, offset, length, name, payload), stop
+    return _new_frame(Frame, (op, flags, tid, status, pool, offset, length, name, payload)), stop
 
 
 def decode_frame(
@@ -494,6 +499,7 @@ class FrameDecoder:
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         """Add data from the stream; return the frames it completes, in order."""
         if self._error is not None:
+            self._error.frames = []  # its frames were handed out when it was first raised
             raise self._error
         buf = self._buf
         # Parse straight from data when nothing is pending (the common case:
