@@ -65,14 +65,23 @@ Sockets (``socket.socket``'s API; on a ``TameEnv`` connect/accept/recv/send yiel
 from __future__ import annotations
 
 import abc
+import asyncio
+import collections
+import errno
 import mmap
 import os
 import queue
+import select as _select
 import socket as _socket
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
+
+from greenlet import getcurrent
+
+from . import stacks
+from .stacks import NotOnTameStack, Parked, Runtime, TameGreenlet
 
 __all__ = [
     "DIRECT_ALIGN",
@@ -80,6 +89,9 @@ __all__ = [
     "EnvFile",
     "PosixEnv",
     "PosixFile",
+    "TameEnv",
+    "TameFile",
+    "TameSocket",
     "ThreadHandle",
     "parse_mode",
     "posix_env",
@@ -639,3 +651,898 @@ class PosixEnv(Env):
 
 #: The process-wide PosixEnv (it has no state).
 posix_env = PosixEnv()
+
+
+# ---------------------------------------------------------------------------
+# TameEnv: the same interface, yielding to the reactor on a tame stack.
+# ---------------------------------------------------------------------------
+
+
+def _stack_runtime() -> Runtime | None:
+    """The runtime of the tame stack running the caller, else None."""
+    g = getcurrent()
+    return g.rt if type(g) is TameGreenlet else None
+
+
+class TameFile(PosixFile):
+    """A file of the TameEnv.
+
+    On a tame stack, reads go through ``preadv2(RWF_NOWAIT)`` then io_uring,
+    and writes/fsync through io_uring, using the driver of the loop running
+    the caller's stack. Anywhere else (plain threads, the reactor's own
+    coroutines) the calls are PosixFile's plain blocking ones. The file
+    position is the kernel's, as with PosixFile. open/close/truncate/fstat
+    are short metadata calls made inline.
+    """
+
+    def pread(self, n: int, offset: int) -> bytes:
+        rt = _stack_runtime()
+        if rt is None:
+            return super().pread(n, offset)
+        fd = self._check(read=True)
+        if self.direct:
+            check_direct(n, offset)
+        return rt.uring.read(fd, n, offset, self.direct)  # type: ignore[no-any-return]
+
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> int:
+        rt = _stack_runtime()
+        if rt is None:
+            return super().pwrite(data, offset)
+        fd = self._check(write=True)
+        if self.direct:
+            check_direct(memoryview(data).nbytes, offset)
+        return rt.uring.write(fd, data, offset, self.direct)  # type: ignore[no-any-return]
+
+    def read(self, n: int = -1) -> bytes:
+        if _stack_runtime() is None:
+            return super().read(n)
+        fd = self._check(read=True)
+        pos = os.lseek(fd, 0, os.SEEK_CUR)
+        if n < 0:
+            n = max(0, os.fstat(fd).st_size - pos)
+            if self.direct:
+                n = (n + DIRECT_ALIGN - 1) // DIRECT_ALIGN * DIRECT_ALIGN
+        data = self.pread(n, pos)
+        os.lseek(fd, pos + len(data), os.SEEK_SET)
+        return data
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        if _stack_runtime() is None:
+            return super().write(data)
+        fd = self._check(write=True)
+        if self._append:
+            n = self.pwrite(data, os.fstat(fd).st_size)  # O_APPEND: the kernel appends
+            os.lseek(fd, 0, os.SEEK_END)
+            return n
+        pos = os.lseek(fd, 0, os.SEEK_CUR)
+        n = self.pwrite(data, pos)
+        os.lseek(fd, pos + n, os.SEEK_SET)
+        return n
+
+    def fsync(self) -> None:
+        rt = _stack_runtime()
+        if rt is None:
+            return super().fsync()
+        rt.uring.fsync(self._check(), False)
+
+    def fdatasync(self) -> None:
+        rt = _stack_runtime()
+        if rt is None:
+            return super().fdatasync()
+        rt.uring.fsync(self._check(), True)
+
+
+class _Waiter:
+    __slots__ = ("p", "granted")
+
+    def __init__(self, p: Parked) -> None:
+        self.p = p
+        self.granted = False
+
+
+class _TameSync:
+    """Base of the greenlet-aware primitives: FIFO waiters, owner-reactor checks."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self._rt = rt
+        self._waiters: collections.deque[_Waiter] = collections.deque()
+
+    def _check(self) -> None:
+        if threading.get_ident() != self._rt.thread_id:
+            self._rt.check_thread(f"tame {type(self).__name__.removeprefix('Tame')}")
+
+    def _block(
+        self, timeout: float | None, what: str, q: collections.deque[_Waiter] | None = None
+    ) -> bool:
+        """Park the calling stack in q until granted (True) or timeout seconds pass (False)."""
+        g = getcurrent()
+        if type(g) is not TameGreenlet or g.rt is not self._rt:
+            where = (
+                "a tame stack of another reactor"
+                if type(g) is TameGreenlet
+                else "outside a tame stack"
+            )
+            raise NotOnTameStack(
+                f"{what} would block, and it was called {where}: only code running on a tame stack "
+                "of the reactor that owns this object may wait on it (run it with `await tame.call(...)`)"
+            )
+        if timeout is not None and timeout <= 0:
+            return False
+        if q is None:
+            q = self._waiters
+        w = _Waiter(Parked())
+        q.append(w)
+        timer = None if timeout is None else self._rt.loop.call_later(timeout, w.p.wake)
+        try:
+            w.p.park()
+        except BaseException:
+            if w.granted:
+                self._lost_grant(q)
+            else:
+                _discard(q, w)
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+        if not w.granted:
+            _discard(q, w)
+        return w.granted
+
+    @staticmethod
+    def _grant(q: collections.deque[_Waiter]) -> _Waiter | None:
+        """Wake the oldest waiter of q as granted; return it (None if q is empty)."""
+        while q:
+            w = q.popleft()
+            if w.p.armed:
+                w.granted = True
+                w.p.wake_soon()
+                return w
+        return None
+
+    def _lost_grant(self, q: collections.deque[_Waiter]) -> None:
+        """A granted waiter died (cancelled) before using its grant: pass it on."""
+        self._grant(q)
+
+
+def _discard(q: collections.deque[_Waiter], w: _Waiter) -> None:
+    try:
+        q.remove(w)
+    except ValueError:
+        pass
+
+
+class TameLock(_TameSync):
+    """threading.Lock for tame stacks: FIFO hand-off, waiting yields to the reactor."""
+
+    def __init__(self, rt: Runtime) -> None:
+        super().__init__(rt)
+        self._locked = False
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        self._check()
+        if not blocking and timeout != -1:
+            raise ValueError("can't specify a timeout for a non-blocking call")
+        if not self._locked and not self._waiters:
+            self._locked = True
+            return True
+        if not blocking:
+            return False
+        return self._block(None if timeout < 0 else timeout, "Lock.acquire")
+
+    def release(self) -> None:
+        self._check()
+        if not self._locked:
+            raise RuntimeError("release unlocked lock")
+        if self._grant(self._waiters) is None:
+            self._locked = False
+
+    def locked(self) -> bool:
+        return self._locked
+
+    _lost_grant = lambda self, q: self.release()  # noqa: E731 - the grant was the lock itself
+
+    __enter__ = acquire
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    # Condition support
+    def _is_owned(self) -> bool:
+        return self._locked
+
+    def _release_save(self) -> None:
+        self.release()
+
+    def _acquire_restore(self, state: None) -> None:
+        self.acquire()
+
+    def __repr__(self) -> str:
+        return (
+            f"<tame Lock {'locked' if self._locked else 'unlocked'} waiters={len(self._waiters)}>"
+        )
+
+
+class TameRLock(_TameSync):
+    """threading.RLock for tame stacks; the owner is the tame stack (greenlet)."""
+
+    def __init__(self, rt: Runtime) -> None:
+        super().__init__(rt)
+        self._owner: Any = None
+        self._count = 0
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        self._check()
+        if not blocking and timeout != -1:
+            raise ValueError("can't specify a timeout for a non-blocking call")
+        me = getcurrent()
+        if self._owner is me:
+            self._count += 1
+            return True
+        if self._owner is None and not self._waiters:
+            self._owner, self._count = me, 1
+            return True
+        if not blocking:
+            return False
+        return self._block(None if timeout < 0 else timeout, "RLock.acquire")
+
+    def release(self) -> None:
+        self._check()
+        if self._owner is not getcurrent():
+            raise RuntimeError("cannot release un-acquired lock")
+        self._count -= 1
+        if not self._count:
+            self._hand_off()
+
+    def _hand_off(self) -> None:
+        w = self._grant(self._waiters)
+        if w is None:
+            self._owner = None
+        else:
+            self._owner, self._count = w.p.g, 1
+
+    def _grant(self, q: collections.deque[_Waiter]) -> _Waiter | None:  # type: ignore[override]
+        while q:
+            w = q.popleft()
+            g = w.p.g
+            if g is not None:
+                w.granted = True
+                w.p.wake_soon()
+                self._owner, self._count = g, 1
+                return w
+        return None
+
+    def _lost_grant(self, q: collections.deque[_Waiter]) -> None:
+        self._hand_off()
+
+    __enter__ = acquire
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def _is_owned(self) -> bool:
+        return self._owner is getcurrent()
+
+    def _release_save(self) -> tuple[int, Any]:
+        state = (self._count, self._owner)
+        self._count = 0
+        self._hand_off()
+        return state
+
+    def _acquire_restore(self, state: tuple[int, Any]) -> None:
+        self.acquire()
+        self._count = state[0]
+
+    def __repr__(self) -> str:
+        return (
+            f"<tame RLock owner={self._owner!r} count={self._count} waiters={len(self._waiters)}>"
+        )
+
+
+class TameCondition(_TameSync):
+    """threading.Condition for tame stacks (over a tame Lock or RLock)."""
+
+    def __init__(self, rt: Runtime, lock: TameLock | TameRLock | None = None) -> None:
+        super().__init__(rt)
+        if lock is None:
+            lock = TameRLock(rt)
+        elif not isinstance(lock, TameLock | TameRLock):
+            raise TypeError(
+                f"a tame Condition needs a tame lock (env.Lock() or env.RLock()), not {lock!r}: "
+                "waiting on a real threading lock would block the whole reactor"
+            )
+        self._lock = lock
+        self.acquire = lock.acquire
+        self.release = lock.release
+
+    def __enter__(self) -> bool:
+        return self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self._check()
+        if not self._lock._is_owned():
+            raise RuntimeError("cannot wait on un-acquired lock")
+        state = self._lock._release_save()
+        try:
+            return self._block(timeout, "Condition.wait")
+        finally:
+            self._lock._acquire_restore(state)  # type: ignore[arg-type]
+
+    def wait_for(self, predicate: Callable[[], Any], timeout: float | None = None) -> Any:
+        endtime = None
+        waittime = timeout
+        result = predicate()
+        while not result:
+            if waittime is not None:
+                if endtime is None:
+                    endtime = time.monotonic() + waittime
+                else:
+                    waittime = endtime - time.monotonic()
+                    if waittime <= 0:
+                        break
+            self.wait(waittime)
+            result = predicate()
+        return result
+
+    def notify(self, n: int = 1) -> None:
+        self._check()
+        if not self._lock._is_owned():
+            raise RuntimeError("cannot notify on un-acquired lock")
+        for _ in range(n):
+            if self._grant(self._waiters) is None:
+                break
+
+    def notify_all(self) -> None:
+        self.notify(len(self._waiters))
+
+
+class TameEvent(_TameSync):
+    """threading.Event for tame stacks."""
+
+    def __init__(self, rt: Runtime) -> None:
+        super().__init__(rt)
+        self._flag = False
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def set(self) -> None:
+        self._check()
+        self._flag = True
+        while self._grant(self._waiters) is not None:
+            pass
+
+    def clear(self) -> None:
+        self._check()
+        self._flag = False
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self._check()
+        if self._flag:
+            return True
+        return self._block(timeout, "Event.wait") or self._flag
+
+    def _lost_grant(self, q: collections.deque[_Waiter]) -> None:
+        pass  # every waiter was woken anyway
+
+
+class TameSemaphore(_TameSync):
+    """threading.Semaphore for tame stacks (FIFO: a release hands the unit to the oldest waiter)."""
+
+    def __init__(self, rt: Runtime, value: int = 1) -> None:
+        super().__init__(rt)
+        if value < 0:
+            raise ValueError("semaphore initial value must be >= 0")
+        self._value = value
+
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        self._check()
+        if not blocking and timeout is not None:
+            raise ValueError("can't specify timeout for non-blocking acquire")
+        if self._value > 0 and not self._waiters:
+            self._value -= 1
+            return True
+        if not blocking:
+            return False
+        return self._block(timeout, "Semaphore.acquire")
+
+    def release(self, n: int = 1) -> None:
+        self._check()
+        if n < 1:
+            raise ValueError("n must be one or more")
+        for _ in range(n):
+            if self._grant(self._waiters) is None:
+                self._value += 1
+
+    def _lost_grant(self, q: collections.deque[_Waiter]) -> None:
+        self.release()
+
+    __enter__ = acquire
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class TameBoundedSemaphore(TameSemaphore):
+    """threading.BoundedSemaphore for tame stacks."""
+
+    def __init__(self, rt: Runtime, value: int = 1) -> None:
+        super().__init__(rt, value)
+        self._initial = value
+
+    def release(self, n: int = 1) -> None:
+        self._check()
+        if n < 1:
+            raise ValueError("n must be one or more")
+        if self._value + n > self._initial:
+            raise ValueError("Semaphore released too many times")
+        super().release(n)
+
+
+class TameQueue(_TameSync):
+    """queue.Queue for tame stacks (raises queue.Empty / queue.Full)."""
+
+    def __init__(self, rt: Runtime, maxsize: int = 0) -> None:
+        super().__init__(rt)
+        self.maxsize = maxsize
+        self._items: collections.deque[Any] = collections.deque()
+        self._getters: collections.deque[_Waiter] = collections.deque()
+        self._putters: collections.deque[_Waiter] = collections.deque()
+        self._joiners: collections.deque[_Waiter] = collections.deque()
+        self.unfinished_tasks = 0
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def full(self) -> bool:
+        return 0 < self.maxsize <= len(self._items)
+
+    def _wait_while(
+        self,
+        cond: Callable[[], bool],
+        q: collections.deque[_Waiter],
+        block: bool,
+        timeout: float | None,
+        what: str,
+        exc: type[Exception],
+    ) -> None:
+        if not cond():
+            return
+        if not block:
+            raise exc
+        if timeout is not None and timeout < 0:
+            raise ValueError("'timeout' must be a non-negative number")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while cond():
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise exc
+            self._block(remaining, what, q)
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        self._check()
+        self._wait_while(self.full, self._putters, block, timeout, "Queue.put", queue.Full)
+        self._items.append(item)
+        self.unfinished_tasks += 1
+        self._grant(self._getters)
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        self._check()
+        self._wait_while(self.empty, self._getters, block, timeout, "Queue.get", queue.Empty)
+        item = self._items.popleft()
+        self._grant(self._putters)
+        return item
+
+    def put_nowait(self, item: Any) -> None:
+        self.put(item, block=False)
+
+    def get_nowait(self) -> Any:
+        return self.get(block=False)
+
+    def task_done(self) -> None:
+        self._check()
+        if self.unfinished_tasks <= 0:
+            raise ValueError("task_done() called too many times")
+        self.unfinished_tasks -= 1
+        if not self.unfinished_tasks:
+            while self._grant(self._joiners) is not None:
+                pass
+
+    def join(self) -> None:
+        self._check()
+        while self.unfinished_tasks:
+            self._block(None, "Queue.join", self._joiners)
+
+
+class TameThreadHandle(ThreadHandle):
+    """A 'thread' of the TameEnv: a tame call running as a task of the same reactor."""
+
+    _counter = 0
+
+    def __init__(
+        self,
+        rt: Runtime,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        name: str | None,
+    ) -> None:
+        rt.check_thread("TameEnv.start_thread")
+        TameThreadHandle._counter += 1
+        self.name = name or f"tame-thread-{TameThreadHandle._counter}"
+        self._rt = rt
+        self._task = rt.loop.create_task(stacks.call(func, *args, **kwargs), name=self.name)
+
+    def join(self, timeout: float | None = None) -> None:
+        task = self._task
+        if task.done():
+            return
+        self._rt.check_thread("a tame thread handle")
+        g = getcurrent()
+        if type(g) is not TameGreenlet or g.rt is not self._rt:
+            raise NotOnTameStack(
+                "join() on a running tame thread would block the reactor; call it from a tame stack "
+                "of the same reactor, or await the thread's task from async code"
+            )
+        p = Parked()
+
+        def done(_t: Any) -> None:
+            p.wake()
+
+        task.add_done_callback(done)
+        timer = None if timeout is None else self._rt.loop.call_later(max(0.0, timeout), p.wake)
+        try:
+            p.park()
+        finally:
+            task.remove_done_callback(done)
+            if timer is not None:
+                timer.cancel()
+
+    def is_alive(self) -> bool:
+        return not self._task.done()
+
+    def result(self, timeout: float | None = None) -> Any:
+        self.join(timeout)
+        if not self._task.done():
+            raise TimeoutError(f"tame thread {self.name!r} still running after {timeout} s")
+        return self._task.result()
+
+    @property
+    def task(self) -> asyncio.Task[Any]:
+        """The asyncio task running the thread (await it from async code)."""
+        return self._task
+
+    def __repr__(self) -> str:
+        return f"<TameThreadHandle {self.name!r} alive={self.is_alive()}>"
+
+
+def _is_ip_literal(host: Any) -> bool:
+    if not isinstance(host, str):
+        return False
+    for family in (_socket.AF_INET, _socket.AF_INET6):
+        try:
+            _socket.inet_pton(family, host.split("%", 1)[0])
+            return True
+        except (OSError, ValueError):
+            pass
+    return False
+
+
+def tame_getaddrinfo(
+    host: Any, port: Any, family: int = 0, type: int = 0, proto: int = 0, flags: int = 0
+) -> list[Any]:  # noqa: A002
+    """socket.getaddrinfo; on a tame stack the lookup runs off the reactor (loop.getaddrinfo)."""
+    rt = _stack_runtime()
+    if rt is None or host is None or _is_ip_literal(host):
+        return _socket.getaddrinfo(host, port, family, type, proto, flags)
+    return stacks.wait(
+        rt.loop.getaddrinfo(host, port, family=family, type=type, proto=proto, flags=flags)
+    )  # type: ignore[no-any-return]
+
+
+_SENTINEL: Any = object()
+
+
+class TameSocket:
+    """A socket whose blocking calls yield to the reactor on a tame stack.
+
+    Wraps a non-blocking ``socket.socket``; recv/recv_into/recvfrom/send/
+    sendall/sendto/connect/accept wait with ``loop.add_reader``/``add_writer``
+    on a tame stack and with ``select`` elsewhere, honouring settimeout().
+    Every other attribute is the wrapped socket's.
+    """
+
+    def __init__(self, sock: _socket.socket) -> None:
+        self._sock = sock
+        self._timeout: float | None = sock.gettimeout()
+        sock.setblocking(False)
+
+    @classmethod
+    def create(
+        cls,
+        family: int = _socket.AF_INET,
+        type: int = _socket.SOCK_STREAM,
+        proto: int = 0,
+        fileno: int | None = None,
+    ) -> TameSocket:  # noqa: A002
+        return cls(_socket.socket(family, type, proto, fileno))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+    def settimeout(self, timeout: float | None) -> None:
+        if timeout is not None and timeout < 0:
+            raise ValueError("Timeout value out of range")
+        self._timeout = timeout
+
+    def gettimeout(self) -> float | None:
+        return self._timeout
+
+    def setblocking(self, flag: bool) -> None:
+        self._timeout = None if flag else 0.0
+
+    def getblocking(self) -> bool:
+        return self._timeout != 0.0
+
+    def _wait(self, write: bool) -> None:
+        fd = self._sock.fileno()
+        if fd < 0:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        rt = _stack_runtime()
+        if rt is None:
+            r, w, _ = _select.select(
+                [] if write else [fd], [fd] if write else [], [], self._timeout
+            )
+            if not (r or w):
+                raise TimeoutError("timed out")
+            return
+        loop = rt.loop
+        p = Parked()
+        if write:
+            loop.add_writer(fd, p.wake, True)
+        else:
+            loop.add_reader(fd, p.wake, True)
+        timer = None if self._timeout is None else loop.call_later(self._timeout, p.wake, False)
+        try:
+            ok = p.park()
+        finally:
+            if write:
+                loop.remove_writer(fd)
+            else:
+                loop.remove_reader(fd)
+            if timer is not None:
+                timer.cancel()
+        if not ok:
+            raise TimeoutError("timed out")
+
+    def _io(self, write: bool, fn: Callable[..., Any], *args: Any) -> Any:
+        while True:
+            try:
+                return fn(*args)
+            except (BlockingIOError, InterruptedError):
+                if self._timeout == 0.0:
+                    raise
+            self._wait(write)
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        return self._io(False, self._sock.recv, bufsize, flags)  # type: ignore[no-any-return]
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        return self._io(False, self._sock.recv_into, buffer, nbytes, flags)  # type: ignore[no-any-return]
+
+    def recvfrom(self, bufsize: int, flags: int = 0) -> tuple[bytes, Any]:
+        return self._io(False, self._sock.recvfrom, bufsize, flags)  # type: ignore[no-any-return]
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        return self._io(True, self._sock.send, data, flags)  # type: ignore[no-any-return]
+
+    def sendto(self, data: Any, *args: Any) -> int:
+        return self._io(True, self._sock.sendto, data, *args)  # type: ignore[no-any-return]
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            sent = self.send(view, flags)
+            view = view[sent:]
+
+    def connect(self, address: Any) -> None:
+        err = self.connect_ex(address)
+        if err:
+            raise OSError(err, os.strerror(err))
+
+    def connect_ex(self, address: Any) -> int:
+        if (
+            isinstance(address, tuple)
+            and self._sock.family in (_socket.AF_INET, _socket.AF_INET6)
+            and not _is_ip_literal(address[0])
+        ):
+            infos = tame_getaddrinfo(address[0], address[1], self._sock.family, self._sock.type)
+            address = infos[0][4]
+        err = self._sock.connect_ex(address)
+        if err in (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
+            if self._timeout == 0.0:
+                return err
+            self._wait(True)
+            err = self._sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_ERROR)
+        return err
+
+    def accept(self) -> tuple[TameSocket, Any]:
+        conn, addr = self._io(False, self._sock.accept)
+        tconn = TameSocket(conn)
+        tconn._timeout = self._timeout if self._timeout != 0.0 else None
+        return tconn, addr
+
+    def makefile(
+        self,
+        mode: str = "r",
+        buffering: int | None = None,
+        *,
+        encoding: str | None = None,
+        errors: str | None = None,
+        newline: str | None = None,
+    ) -> Any:
+        """socket.makefile over this tame socket (e.g. for http.client)."""
+        import io as _io
+
+        if not set(mode) <= {"r", "w", "b"}:
+            raise ValueError(f"invalid mode {mode!r} (only r, w, b allowed)")
+        writing, reading, binary = "w" in mode, "r" in mode or "w" not in mode, "b" in mode
+        rawmode = ("r" if reading else "") + ("w" if writing else "")
+        raw = _socket.SocketIO(self, rawmode)  # type: ignore[arg-type]
+        if buffering is None:
+            buffering = -1
+        if buffering < 0:
+            buffering = _io.DEFAULT_BUFFER_SIZE
+        if buffering == 0:
+            if not binary:
+                raise ValueError("unbuffered streams must be binary")
+            return raw
+        buffer: Any
+        if reading and writing:
+            buffer = _io.BufferedRWPair(raw, raw, buffering)
+        elif reading:
+            buffer = _io.BufferedReader(raw, buffering)
+        else:
+            buffer = _io.BufferedWriter(raw, buffering)
+        if binary:
+            return buffer
+        text = _io.TextIOWrapper(buffer, encoding, errors, newline)
+        text.mode = mode  # type: ignore[misc]
+        return text
+
+    def _decref_socketios(self) -> None:  # called by socket.SocketIO.close
+        pass
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def detach(self) -> int:
+        return self._sock.detach()
+
+    def __enter__(self) -> TameSocket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<TameSocket {self._sock!r}>"
+
+
+def tame_create_connection(
+    address: tuple[str, int],
+    timeout: Any = _SENTINEL,
+    source_address: Any = None,
+    *,
+    all_errors: bool = False,
+) -> TameSocket:
+    """socket.create_connection returning a TameSocket (yields on a tame stack)."""
+    host, port = address[0], address[1]
+    errors: list[OSError] = []
+    for family, type_, proto, _canon, sa in tame_getaddrinfo(host, port, 0, _socket.SOCK_STREAM):
+        sock = None
+        try:
+            sock = TameSocket.create(family, type_, proto)
+            if timeout is not _SENTINEL:
+                sock.settimeout(timeout)
+            if source_address:
+                sock.bind(source_address)
+            sock.connect(sa)
+            return sock
+        except OSError as exc:
+            errors.append(exc)
+            if sock is not None:
+                sock.close()
+    if not errors:
+        raise OSError(f"getaddrinfo returned an empty list for {host!r}")
+    if all_errors:
+        raise ExceptionGroup("create_connection failed", errors)
+    raise errors[0]
+
+
+class TameEnv(Env):
+    """The Env of one reactor's tame stacks. See the module docstring.
+
+    Files, sleep and sockets yield when called on a tame stack (any
+    reactor's: they use the loop running the caller) and are plain blocking
+    calls anywhere else. Locks, conditions, events, semaphores and queues
+    belong to this Env's reactor: using them from another thread raises
+    ``WrongThreadError``, and waiting on them outside a tame stack of that
+    reactor raises ``NotOnTameStack`` (non-waiting calls such as release,
+    set, put_nowait work from the reactor's coroutines too).
+    """
+
+    name = "tame"
+
+    def __init__(self, rt: Runtime) -> None:
+        self.runtime = rt
+
+    def open(
+        self, path: str | os.PathLike[str], mode: str = "rb", *, direct: bool = False
+    ) -> TameFile:
+        return TameFile(path, mode, direct=direct)
+
+    def _fsync_fd(self, fd: int) -> None:
+        rt = _stack_runtime()
+        if rt is None:
+            os.fsync(fd)
+        else:
+            rt.uring.fsync(fd, False)
+
+    def sleep(self, seconds: float) -> None:
+        rt = _stack_runtime()
+        if rt is None:
+            time.sleep(seconds)
+            return
+        p = Parked()
+        loop = rt.loop
+        handle = loop.call_later(seconds, p.wake) if seconds > 0 else loop.call_soon(p.wake)
+        try:
+            p.park()
+        except BaseException:
+            handle.cancel()
+            raise
+
+    def Lock(self) -> TameLock:  # noqa: N802
+        return TameLock(self.runtime)
+
+    def RLock(self) -> TameRLock:  # noqa: N802
+        return TameRLock(self.runtime)
+
+    def Condition(self, lock: Any = None) -> TameCondition:  # noqa: N802
+        return TameCondition(self.runtime, lock)
+
+    def Event(self) -> TameEvent:  # noqa: N802
+        return TameEvent(self.runtime)
+
+    def Semaphore(self, value: int = 1) -> TameSemaphore:  # noqa: N802
+        return TameSemaphore(self.runtime, value)
+
+    def BoundedSemaphore(self, value: int = 1) -> TameBoundedSemaphore:  # noqa: N802
+        return TameBoundedSemaphore(self.runtime, value)
+
+    def Queue(self, maxsize: int = 0) -> TameQueue:  # noqa: N802
+        return TameQueue(self.runtime, maxsize)
+
+    def start_thread(
+        self, func: Callable[..., Any], *args: Any, name: str | None = None, **kwargs: Any
+    ) -> TameThreadHandle:
+        return TameThreadHandle(self.runtime, func, args, kwargs, name)
+
+    def socket(
+        self, family: int = _socket.AF_INET, type: int = _socket.SOCK_STREAM, proto: int = 0
+    ) -> TameSocket:  # noqa: A002
+        return TameSocket.create(family, type, proto)
+
+    def create_connection(
+        self, address: tuple[str, int], timeout: float | None = None
+    ) -> TameSocket:
+        return tame_create_connection(address, timeout)
+
+    def __repr__(self) -> str:
+        return f"<TameEnv of {self.runtime!r}>"
