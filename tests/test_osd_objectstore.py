@@ -589,7 +589,7 @@ def test_sync_false_visible_at_once_durable_on_close(world: World, tmp_path: Any
 
 
 class _FailingFile:
-    """Wraps an Env file; fsync raises EIO once the shared switch is on."""
+    """Wraps an Env file; fsync/fdatasync raise EIO once the shared switch is on."""
 
     def __init__(self, f: Any, switch: dict[str, bool]) -> None:
         self._f = f
@@ -599,6 +599,11 @@ class _FailingFile:
         if self._switch["fail"]:
             raise OSError(errno.EIO, "injected fsync failure")
         self._f.fsync()
+
+    def fdatasync(self) -> None:
+        if self._switch["fail"]:
+            raise OSError(errno.EIO, "injected fdatasync failure")
+        self._f.fdatasync()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._f, name)
@@ -619,7 +624,7 @@ def test_fsync_failure_turns_store_read_only(tmp_path: Any) -> None:
     s = ObjectStore(str(tmp_path), env)
     s.put("a", b"durable")
     env.switch["fail"] = True
-    with pytest.raises(StoreFailed, match="fsync failed") as info:
+    with pytest.raises(StoreFailed, match="sync failed") as info:
         s.put("b", b"not acknowledged")
     assert info.value.errno == errno.EIO
     assert not s.exists("b")  # never made visible

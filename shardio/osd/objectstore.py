@@ -61,8 +61,10 @@ Durability (fsync policy)
 -------------------------
 
 With ``sync=True`` (the default) a write, put or delete returns only after
-its record is written *and* fsynced: an acknowledged change survives a crash
-or power loss. Concurrent writers are group-committed: records are appended
+its record is written *and* fsynced (``fdatasync``: it also persists the file
+size, which is all the metadata a read needs; new segment files are made
+durable with an fsync of the directory): an acknowledged change survives a
+crash or power loss. Concurrent writers are group-committed: records are appended
 under the store lock (one ``pwrite`` each), and one writer at a time runs the
 fsync outside the lock, covering every record appended before it started;
 the others wait on a condition and are acknowledged together. A change
@@ -257,7 +259,11 @@ class ObjectStat(NamedTuple):
 
 @dataclass
 class StoreStats:
-    """Counters of one store (plain ints, read by the metrics layer)."""
+    """Counters of one store (plain ints, read by the metrics layer).
+
+    Write counters change under the store lock; read counters are bumped
+    without it, so under concurrent OS threads they may undercount slightly.
+    """
 
     objects: int = 0
     live_bytes: int = 0  #: sum of object sizes
@@ -365,6 +371,12 @@ class ObjectStore:
     ``pg_of`` maps an object name (bytes) to its placement group, enabling
     ``list(pg)``; without it ``list()`` lists every object. Opening scans the
     segments and rebuilds the index (blocking, through ``env``).
+
+    ``env`` defaults to ``tame.env()``. With a TameEnv the store belongs to
+    that reactor: call it from tame stacks (``await tame.call(store.read,
+    name)``); its locks refuse other threads with WrongThreadError. One
+    process at a time may open a directory (not enforced: the Env has no
+    file locks yet).
     """
 
     def __init__(
@@ -384,7 +396,7 @@ class ObjectStore:
             env = tame.env()
         self.env = env
         self.path = os.fspath(path)
-        self.sync_writes = sync
+        self._sync = sync
         self.segment_size = segment_size
         self.max_object_size = max_object_size
         self.max_read = max_read
@@ -858,7 +870,7 @@ class ObjectStore:
             st.write_bytes += length
             st.log_bytes += hdr_len + length
             obj = _apply(old, rec)
-            if not self.sync_writes:
+            if not self._sync:
                 self._install(key, obj)
             else:
                 pend = _Pending(key, rec, obj)
@@ -901,7 +913,7 @@ class ObjectStore:
         self._lock.release()
         err: BaseException | None = None
         try:
-            seg.f.fsync()
+            seg.f.fdatasync()
         except BaseException as exc:
             err = exc
         finally:
@@ -941,7 +953,7 @@ class ObjectStore:
         seg = self._active
         assert seg is not None and not self._syncing
         try:
-            seg.f.fsync()
+            seg.f.fdatasync()
         except BaseException as exc:
             self._failed = exc
             self._cond.notify_all()
@@ -979,6 +991,11 @@ class ObjectStore:
                 for seg in self._segments:
                     seg.f.close()
                 self._cond.notify_all()
+
+    @property
+    def sync_writes(self) -> bool:
+        """True if writes are acknowledged only once fsynced (the ``sync`` option)."""
+        return self._sync
 
     @property
     def closed(self) -> bool:
