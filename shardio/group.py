@@ -50,6 +50,7 @@ class ShardGroup:
         stop_timeout: float = 30.0,
         log_level: int = logging.WARNING,
         metrics_port: int | None = None,
+        stall_threshold_ms: float | None = 25.0,
     ) -> None:
         if shards is None:
             shards = len(os.sched_getaffinity(0))
@@ -73,7 +74,7 @@ class ShardGroup:
         self.options = ShardOptions(
             shard_count=shards, idle_poll_us=idle_poll_us, loop=loop,
             max_message_bytes=max_message_bytes, cpus=cpus if pin else None,
-            log_level=log_level,
+            log_level=log_level, stall_threshold_ms=stall_threshold_ms,
         )
         self._state = "new"
         self._mesh: Mesh | None = None
@@ -202,8 +203,10 @@ class ShardGroup:
     def __enter__(self) -> ShardGroup:
         return self.start()
 
-    def __exit__(self, *exc_info: Any) -> None:
-        self.stop()
+    def __exit__(self, exc_type: Any, *exc_info: Any) -> None:
+        # On Ctrl-C, drain briefly: the user wants out, not a 30-second wait.
+        interrupted = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
+        self.stop(timeout=min(self.stop_timeout, 5.0) if interrupted else None)
 
     async def __aenter__(self) -> ShardGroup:
         await asyncio.to_thread(self.start)

@@ -39,12 +39,14 @@ class ShardOptions:
     max_message_bytes: int = 256 << 20
     cpus: list[int] | None = None
     log_level: int = logging.WARNING
+    stall_threshold_ms: float | None = 25.0
     extras: dict[str, Any] = field(default_factory=dict)
 
 
 def make_reactor(shard: int, mesh: Mesh, options: ShardOptions) -> Reactor:
     return Reactor(shard, options.shard_count, mesh, idle_poll_us=options.idle_poll_us,
-                   loop=options.loop, max_message_bytes=options.max_message_bytes)
+                   loop=options.loop, max_message_bytes=options.max_message_bytes,
+                   stall_threshold_ms=options.stall_threshold_ms)
 
 
 # ---------------------------------------------------------------- processes

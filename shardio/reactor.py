@@ -120,7 +120,8 @@ class Reactor:
 
     def __init__(self, shard_id: int, shard_count: int, mesh: Mesh, *,
                  idle_poll_us: float, loop: str = "auto",
-                 max_message_bytes: int = 256 << 20) -> None:
+                 max_message_bytes: int = 256 << 20,
+                 stall_threshold_ms: float | None = 25.0) -> None:
         self.shard_id = shard_id
         self.shard_count = shard_count
         self.owner_endpoint = mesh.layout.endpoints - 1
@@ -128,6 +129,8 @@ class Reactor:
         self.loop_kind = loop
         self.idle_poll_seconds = idle_poll_us / 1e6
         self.max_message_bytes = max_message_bytes
+        self.stall_threshold_ms = stall_threshold_ms
+        self.stall_detector: Any = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread_id = 0
         self.stats = ReactorStats()
@@ -166,6 +169,11 @@ class Reactor:
         asyncio.set_event_loop(loop)
         _local.reactor = self
         self.sleeping.clear()
+        if self.stall_threshold_ms:
+            from .stall import StallDetector
+
+            self.stall_detector = StallDetector(self, self.stall_threshold_ms / 1000.0)
+            self.stall_detector.start()
         try:
             self._exit = loop.create_future()
             loop.add_reader(self.doorbell.fd, self._on_doorbell)
@@ -175,6 +183,8 @@ class Reactor:
             self._cancel_remaining_tasks()
             self._flush_all()
         finally:
+            if self.stall_detector is not None:
+                self.stall_detector.stop()
             try:
                 loop.remove_reader(self.doorbell.fd)
             except Exception:

@@ -74,13 +74,17 @@ def _describe(fds: set[int]) -> str:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _multiprocessing_resource_tracker():
-    """Spawned processes make multiprocessing start its resource tracker: one helper
-    process per parent, started once and gone with the parent.  Start it before any
-    leak baseline so that it is not counted as a shard left behind."""
+def _process_wide_singletons():
+    """Create the once-per-process things before any leak baseline, so that they are
+    not counted as left behind: multiprocessing's resource tracker (spawned processes
+    start it: one helper per parent, gone with the parent) and libuv's signal pipe."""
     from multiprocessing import resource_tracker
 
     resource_tracker.ensure_running()
+    # libuv makes one process-wide pipe (its signal lock) with the first uvloop loop.
+    from shardio.reactor import new_event_loop
+
+    new_event_loop().close()
 
 
 @pytest.fixture

@@ -192,3 +192,65 @@ def pid():
 
 def block_forever():
     threading.Event().wait()
+
+
+async def load_until_dead(target: int, window: int = 32) -> dict:
+    """Keep ``window`` calls in flight to ``target`` until they fail; report when."""
+    import time
+
+    completed = 0
+    in_flight = {shardio.submit_to(target, add, i) for i in range(window)}
+    while True:
+        done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+        for future in done:
+            error = future.exception()
+            if error is not None:
+                failed_at = time.monotonic()
+                for other in in_flight:  # the rest must fail as well, not hang
+                    try:
+                        await asyncio.wait_for(other, 1.0)
+                    except shardio.ShardDied:
+                        pass
+                start = time.monotonic()
+                try:
+                    await shardio.submit_to(target, add, 1)
+                    later = "no error"
+                except shardio.ShardDied as later_error:
+                    later = repr(later_error)
+                return {"failed_at": failed_at, "error": repr(error), "completed": completed,
+                        "later": later, "later_took": time.monotonic() - start}
+            completed += 1
+            in_flight.add(shardio.submit_to(target, add, completed))
+
+
+def say(text):
+    import logging
+    import sys
+
+    print(text)
+    print("and on stderr", file=sys.stderr)
+    logging.getLogger("tests.log").warning("a log record")
+    return True
+
+
+async def stall_in_coroutine(seconds):
+    import time
+
+    time.sleep(seconds)  # deliberately blocks the reactor
+    return shardio.current_reactor().stats.stalls
+
+
+def stall_count():
+    return shardio.current_reactor().stats.stalls
+
+
+async def many_short_tasks(count):
+    async def short(i):
+        await asyncio.sleep(0)
+        return sum(range(200))
+
+    done = 0
+    for start in range(0, count, 500):
+        await asyncio.gather(*(short(i) for i in range(start, start + 500)))
+        done += 500
+    return done
