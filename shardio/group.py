@@ -43,7 +43,8 @@ class ShardGroup:
         backend: Literal["process", "thread"] = "process",
         idle_poll_us: float | None = None,
         ring_bytes: int = 1 << 20,
-        loop: Literal["auto", "uvloop", "asyncio"] = "auto",
+        loop: Literal["auto", "uvloop", "asyncio"] | Callable[[], asyncio.AbstractEventLoop]
+        = "auto",
         pin: bool | None = None,
         max_message_bytes: int = 256 << 20,
         start_timeout: float = 60.0,
@@ -60,6 +61,8 @@ class ShardGroup:
             raise ValueError(f"backend must be 'process' or 'thread', got {backend!r}")
         if idle_poll_us is None:
             idle_poll_us = DEFAULT_IDLE_POLL_US[backend]
+        if not callable(loop) and loop not in ("auto", "uvloop", "asyncio"):
+            raise ValueError(f"loop must be 'auto', 'uvloop', 'asyncio' or a factory, got {loop!r}")
         if idle_poll_us < 0:
             raise ValueError(f"idle_poll_us must be >= 0, got {idle_poll_us}")
         self.shards = shards

@@ -35,7 +35,7 @@ class ShardOptions:
 
     shard_count: int
     idle_poll_us: float
-    loop: str = "auto"
+    loop: Any = "auto"  # a name, or a picklable loop factory
     max_message_bytes: int = 256 << 20
     cpus: list[int] | None = None
     log_level: int = logging.WARNING

@@ -100,8 +100,14 @@ class ReactorStats:
         self.stalls = 0
 
 
-def new_event_loop(kind: str = "auto") -> asyncio.AbstractEventLoop:
-    """A fresh loop: uvloop when installed (``"auto"``), or as named."""
+def new_event_loop(kind: str | Callable[[], asyncio.AbstractEventLoop] = "auto"
+                   ) -> asyncio.AbstractEventLoop:
+    """A fresh loop: uvloop when installed (``"auto"``), as named, or from a factory.
+
+    A factory must be picklable (a module-level function) for process shards.
+    """
+    if callable(kind):
+        return kind()
     if kind in ("auto", "uvloop"):
         try:
             import uvloop
@@ -119,7 +125,7 @@ class Reactor:
     """One shard: its loop, its side of the fabric, its local services."""
 
     def __init__(self, shard_id: int, shard_count: int, mesh: Mesh, *,
-                 idle_poll_us: float, loop: str = "auto",
+                 idle_poll_us: float, loop: str | Callable = "auto",
                  max_message_bytes: int = 256 << 20,
                  stall_threshold_ms: float | None = 25.0) -> None:
         self.shard_id = shard_id
@@ -131,6 +137,8 @@ class Reactor:
         self.max_message_bytes = max_message_bytes
         self.stall_threshold_ms = stall_threshold_ms
         self.stall_detector: Any = None
+        self.interceptor: Any = None
+        """When set (shardio.testing), sees every outgoing cross-shard call first."""
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread_id = 0
         self.stats = ReactorStats()
@@ -399,6 +407,13 @@ class Reactor:
             return self._run_local(func, args, kwargs)
         if not 0 <= shard < self.shard_count:
             raise ValueError(f"no shard {shard}: this group has shards 0..{self.shard_count - 1}")
+        if self.interceptor is not None:
+            return self.interceptor.submit(self, shard, func, args, kwargs)
+        return self.send_call(shard, func, args, kwargs)
+
+    def send_call(self, shard: int, func: Callable, args: tuple, kwargs: dict | None
+                  ) -> asyncio.Future:
+        """Put a call on the ring to another shard (no interception)."""
         link = self.links[shard]
         future = self.loop.create_future()
         if link.dead:
