@@ -1495,15 +1495,19 @@ class TameEnv(Env):
             rt.uring.fsync(fd, False)
 
     def sleep(self, seconds: float) -> None:
-        rt = _stack_runtime()
-        if rt is None:
+        g = getcurrent()
+        if type(g) is not TameGreenlet:
             time.sleep(seconds)
             return
-        p = Parked()
-        loop = rt.loop
-        handle = loop.call_later(seconds, p.wake) if seconds > 0 else loop.call_soon(p.wake)
+        rt = g.rt
+        # The timer handle is the wake-up token: cancelled on any early exit
+        # (cancellation), so it can only fire while this stack sleeps here.
+        if seconds > 0:
+            handle = rt.loop.call_later(seconds, g.switch)
+        else:
+            handle = rt.loop.call_soon(g.switch)
         try:
-            p.park()
+            rt.hub.switch(stacks._BLOCKED)
         except BaseException:
             handle.cancel()
             raise

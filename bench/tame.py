@@ -1,0 +1,353 @@
+"""Tame stacks benchmark: one run, one table.
+
+    python bench/tame.py [--dir DIR] [--size-mb 512] [--seconds 3]
+
+Rows:
+  * per-op overhead of a blocking call: a tame stack (TameEnv.sleep(0): park,
+    loop iteration, resume) vs ``await asyncio.to_thread(noop)`` vs gevent
+    (monkey-patched ``time.sleep(0)`` in a greenlet; run in a subprocess,
+    since monkey-patching is global), on asyncio and uvloop;
+  * a cached 4 KiB read through TameEnv (``f.pread``) vs ``os.pread``;
+  * cold 4 KiB random reads (O_DIRECT) at queue depth 32 through TameEnv
+    (32 tame stacks) vs sequential ``os.preadv`` vs fio (io_uring, iodepth
+    32, direct=1) on the same file, plus buffered cold reads (file evicted
+    with posix_fadvise DONTNEED before the run) through TameEnv at QD32.
+
+Targets (issue 3): tame op >= 20x cheaper than to_thread; cached tame read
+<= 3 us; cold QD32 through TameEnv >= 50% of fio's IOPS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import mmap
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import uvloop
+
+from shardio import tame
+from shardio.tame import stacks
+
+LOOPS: dict[str, Callable[[Coroutine[Any, Any, Any]], Any]] = {
+    "asyncio": asyncio.run,
+    "uvloop": uvloop.run,
+}
+
+
+def noop() -> None:
+    return None
+
+
+# -- per-op overhead --------------------------------------------------------------
+
+
+async def tame_blocking_op_us(n: int = 50_000) -> float:
+    def work() -> float:
+        env = tame.env()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            env.sleep(0)
+        return (time.perf_counter() - t0) / n * 1e6
+
+    await tame.call(work)  # warm-up
+    return await tame.call(work)
+
+
+async def tame_call_us(n: int = 50_000) -> float:
+    await tame.call(noop)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        await tame.call(noop)
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+async def to_thread_us(n: int = 3_000) -> float:
+    await asyncio.to_thread(noop)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        await asyncio.to_thread(noop)
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+GEVENT_SNIPPET = """
+from gevent import monkey; monkey.patch_all()
+import time, gevent
+n = 50000
+def work():
+    t0 = time.perf_counter()
+    for _ in range(n):
+        time.sleep(0)
+    return (time.perf_counter() - t0) / n * 1e6
+g = gevent.spawn(work); g.join(); print(g.value)
+"""
+
+
+def gevent_us() -> float | None:
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", GEVENT_SNIPPET],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return None
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+# -- cached read --------------------------------------------------------------------
+
+
+def os_pread_us(path: str, n: int = 200_000) -> float:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.pread(fd, 4096, 0)
+        t0 = time.perf_counter()
+        for i in range(n):
+            os.pread(fd, 4096, (i & 255) * 4096)
+        return (time.perf_counter() - t0) / n * 1e6
+    finally:
+        os.close(fd)
+
+
+async def tame_cached_read_us(path: str, n: int = 200_000) -> float:
+    def work() -> float:
+        with tame.env().open(path, "rb") as f:
+            for i in range(256):
+                f.pread(4096, i * 4096)
+            t0 = time.perf_counter()
+            for i in range(n):
+                f.pread(4096, (i & 255) * 4096)
+            return (time.perf_counter() - t0) / n * 1e6
+
+    return await tame.call(work)
+
+
+# -- cold random reads ----------------------------------------------------------------
+
+
+def offsets(size: int, count: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(size // 4096) * 4096 for _ in range(count)]
+
+
+async def tame_qd_iops(
+    path: str, size: int, seconds: float, qd: int, direct: bool
+) -> tuple[float, dict[str, int]]:
+    evict(path)
+    offs = iter(offsets(size, 10_000_000, 7))
+    deadline = time.perf_counter() + seconds
+    done = 0
+
+    def worker() -> None:
+        nonlocal done
+        with tame.env().open(path, "rb", direct=direct) as f:
+            while time.perf_counter() < deadline:
+                f.pread(4096, next(offs))
+                done += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(tame.call(worker) for _ in range(qd)))
+    elapsed = time.perf_counter() - t0
+    return done / elapsed, stacks.runtime().uring.stats()
+
+
+def sequential_direct_iops(path: str, size: int, seconds: float) -> float:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    buf = mmap.mmap(-1, 4096)
+    done = 0
+    try:
+        offs = offsets(size, 1_000_000, 11)
+        t0 = time.perf_counter()
+        deadline = t0 + seconds
+        while time.perf_counter() < deadline:
+            os.preadv(fd, [buf], offs[done])
+            done += 1
+        return done / (time.perf_counter() - t0)
+    finally:
+        os.close(fd)
+        buf.close()
+
+
+def fio_iops(path: str, size: int, seconds: float) -> float | None:
+    if shutil.which("fio") is None:
+        return None
+    cmd = [
+        "fio",
+        "--name=qd32",
+        f"--filename={path}",
+        "--rw=randread",
+        "--bs=4k",
+        "--iodepth=32",
+        "--ioengine=io_uring",
+        "--direct=1",
+        f"--runtime={seconds}",
+        "--time_based",
+        f"--size={size}",
+        "--invalidate=1",
+        "--output-format=json",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=True)
+    return float(json.loads(out.stdout)["jobs"][0]["read"]["iops"])
+
+
+def evict(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def make_file(path: str, size: int) -> None:
+    if os.path.exists(path) and os.path.getsize(path) == size:
+        return
+    with open(path, "wb") as f:
+        chunk = os.urandom(1 << 20)
+        for _ in range(size >> 20):
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def fs_type(path: str) -> str:
+    path = os.path.realpath(path)
+    best, kind = "", "?"
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            mnt, typ = line.split()[1:3]
+            if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                best, kind = mnt, typ
+    return kind
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--dir", default="/var/tmp", help="directory on a real disk (not tmpfs) for the data file"
+    )
+    ap.add_argument("--size-mb", type=int, default=512)
+    ap.add_argument("--seconds", type=float, default=3.0, help="duration of each cold-read run")
+    args = ap.parse_args()
+    size = args.size_mb << 20
+    workdir = tempfile.mkdtemp(prefix="shardio-bench-tame-", dir=args.dir)
+    path = os.path.join(workdir, "data")
+    rows: list[tuple[str, str, str, str]] = []
+    try:
+        make_file(path, size)
+        # 1. per-op overhead
+        per_op: dict[str, dict[str, float]] = {}
+        for name, runner in LOOPS.items():
+            per_op[name] = {
+                "tame": runner(tame_blocking_op_us()),
+                "call": runner(tame_call_us()),
+                "thread": runner(to_thread_us()),
+            }
+        gev = gevent_us()
+        for name in LOOPS:
+            d = per_op[name]
+            ratio = d["thread"] / d["tame"]
+            rows.append(
+                (
+                    f"blocking op on a tame stack ({name})",
+                    f"{d['tame']:.2f} us",
+                    f"{ratio:.0f}x cheaper than to_thread",
+                    "PASS" if ratio >= 20 else "FAIL (>= 20x)",
+                )
+            )
+            rows.append((f"asyncio.to_thread(noop) ({name})", f"{d['thread']:.1f} us", "", ""))
+            rows.append((f"tame.call(noop), no blocking ({name})", f"{d['call']:.2f} us", "", ""))
+        rows.append(
+            (
+                "gevent, monkey-patched time.sleep(0)",
+                "not installed (pip install gevent)" if gev is None else f"{gev:.2f} us",
+                "",
+                "",
+            )
+        )
+        # 2. cached read
+        pread = os_pread_us(path)
+        for name, runner in LOOPS.items():
+            t = runner(tame_cached_read_us(path))
+            rows.append(
+                (
+                    f"cached 4 KiB read, TameEnv f.pread ({name})",
+                    f"{t:.2f} us",
+                    f"os.pread {pread:.2f} us",
+                    "PASS" if t <= 3.0 else "FAIL (<= 3 us)",
+                )
+            )
+        # 3. cold random reads
+        fio = fio_iops(path, size, args.seconds)
+        seq = sequential_direct_iops(path, size, args.seconds)
+        for name, runner in LOOPS.items():
+            iops, st = runner(tame_qd_iops(path, size, args.seconds, 32, True))
+            if fio is None:
+                verdict = "fio not installed (apt-get install fio)"
+            else:
+                verdict = "PASS" if iops >= 0.5 * fio else "FAIL (>= 50% of fio)"
+            share = "" if fio is None else f"{iops / fio:.0%} of fio"
+            rows.append(
+                (
+                    f"cold 4 KiB random read, O_DIRECT, QD32, TameEnv ({name})",
+                    f"{iops / 1000:.1f}k IOPS",
+                    share,
+                    verdict,
+                )
+            )
+        for name, runner in LOOPS.items():
+            iops, st = runner(tame_qd_iops(path, size, args.seconds, 32, False))
+            rows.append(
+                (
+                    f"cold 4 KiB random read, buffered, QD32, TameEnv ({name})",
+                    f"{iops / 1000:.1f}k IOPS",
+                    f"{st['read_cold_probed']} cold-probed, {st['read_cached']} cached",
+                    "",
+                )
+            )
+        rows.append(
+            (
+                "cold 4 KiB random read, O_DIRECT, sequential os.preadv (QD1)",
+                f"{seq / 1000:.1f}k IOPS",
+                "",
+                "",
+            )
+        )
+        rows.append(
+            (
+                "cold 4 KiB random read, O_DIRECT, fio io_uring QD32",
+                "fio not installed (apt-get install fio)"
+                if fio is None
+                else f"{fio / 1000:.1f}k IOPS",
+                "",
+                "",
+            )
+        )
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(
+        f"shardio tame benchmark: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, kernel {os.uname().release}, data file {args.size_mb} MiB on {args.dir} ({fs_type(args.dir)})"
+    )
+    print()
+    print("| what | result | compared | target |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+
+
+if __name__ == "__main__":
+    main()
