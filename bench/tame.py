@@ -313,7 +313,7 @@ def main() -> None:
             iops, st = runner(tame_qd_iops(path, size, args.seconds, 32, False))
             rows.append(
                 (
-                    f"cold 4 KiB random read, buffered, QD32, TameEnv ({name})",
+                    f"4 KiB random read, buffered, evicted before the run, QD32, TameEnv ({name})",
                     f"{iops / 1000:.1f}k IOPS",
                     f"{st['read_cold_probed']} cold-probed, {st['read_cached']} cached",
                     "",

@@ -249,3 +249,14 @@ def test_runtime_needs_a_running_loop() -> None:
 
 async def _configure_zero() -> None:
     tame.configure(max_stacks=0)
+
+
+def test_warm_up_creates_driver_and_stacks(run: Runner) -> None:
+    async def main() -> None:
+        rt = tame.warm_up(stacks=8)
+        assert rt._uring is not None and len(rt.free) == 8
+        assert tame.stats()["stacks"] == 8
+        assert await tame.call(lambda: 5) == 5
+        assert tame.stats()["stacks_created"] == 8
+
+    run(main)

@@ -98,6 +98,7 @@ from .stacks import (
     on_tame_stack,
     stats,
     wait,
+    warm_up,
 )
 
 __all__ = [
@@ -127,6 +128,7 @@ __all__ = [
     "tame_open",
     "unpatch",
     "wait",
+    "warm_up",
 ]
 
 
