@@ -1,0 +1,264 @@
+"""Per-shard metrics: scraped over real HTTP while real groups work.
+
+Shards import this module by name to run the functions below; it imports
+nothing heavy at the top (no pytest) so that costs them little.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+import urllib.error
+import urllib.request
+
+import shard_functions as sf
+
+import shardio
+from shardio import metrics
+
+# ---------------------------------------------------------------- helpers
+
+
+class Scrape:
+    """One parsed exposition: ``scrape(name, **labels)`` is the sample with exactly those labels."""
+
+    def __init__(self, text: str) -> None:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        self.text = text
+        self.families = list(text_string_to_metric_families(text))
+        self.samples = {(s.name, frozenset(s.labels.items())): s.value
+                        for family in self.families for s in family.samples}
+
+    def __call__(self, name: str, **labels) -> float:
+        return self.samples[(name, frozenset((k, str(v)) for k, v in labels.items()))]
+
+    def assert_valid(self) -> None:
+        names = [family.name for family in self.families]
+        assert len(names) == len(set(names)), "a family's samples were split"
+        assert self.text.count("# TYPE ") == len(names)
+        assert self.text.count("# HELP ") == len(names)
+        for family in self.families:
+            assert family.documentation, f"{family.name} has no help text"
+            for sample in family.samples:
+                assert "shard" in sample.labels, f"{sample} has no shard label"
+                assert not sample.name.endswith("_created"), sample
+
+
+def scrape(url: str) -> Scrape:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain")
+        result = Scrape(response.read().decode())
+    result.assert_valid()
+    return result
+
+
+def assert_refused(url: str) -> None:
+    try:
+        urllib.request.urlopen(url, timeout=2).close()
+    except urllib.error.URLError as error:
+        assert isinstance(error.reason, ConnectionRefusedError), error
+    else:
+        raise AssertionError(f"{url} still answers")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def delta(before: Scrape, after: Scrape, name: str, **labels) -> float:
+    return after(name, **labels) - before(name, **labels)
+
+
+# ---------------------------------------------------------------- shard side
+
+
+def declare_custom_series() -> bool:
+    """On a shard: custom series through the API, amounts that depend on the shard."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    m = metrics.shard_registry()
+    me = shardio.this_shard()
+    widgets = m.counter("test_widgets", "Widgets made, by kind.", ["kind"])
+    assert m.counter("test_widgets_total", "Widgets made, by kind.", ["kind"]) is widgets
+    widgets.labels(kind="a").inc(me + 1)
+    m.gauge("test_temperature_celsius", "A gauge.").set(20 + me)
+    latency = m.histogram("test_latency_seconds", "A histogram.", ["op"]).labels(op="read")
+    for seconds in (30e-6, 2e-3, 2e-3):
+        latency.observe(seconds)
+
+    def pull() -> list:
+        return [GaugeMetricFamily("test_pulled", "Computed at scrape time.", value=100 + me)]
+
+    def broken() -> list:
+        raise RuntimeError("a collector that fails must cost only its own series")
+
+    m.register_collector(pull)
+    m.register_collector(broken)
+    return True
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_counters_follow_the_work_and_the_endpoint_closes_at_stop(backend, leak_check):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/metrics"
+    n = 40
+    with shardio.ShardGroup(2, backend=backend, metrics_port=port) as group:
+        before = scrape(url)
+        for i in range(n):  # n calls from outside to shard 0, each one submit_to(1) from there
+            assert group.submit(0, sf.hop_to, 1, sf.add, i, 1).result(timeout=10) == i + 1
+        after = scrape(url)
+
+        for name in ("shardio_fabric_sent_messages_total",
+                     "shardio_fabric_received_messages_total"):
+            assert delta(before, after, name, shard=0, peer=1) == n
+            assert delta(before, after, name, shard=1, peer=0) == n  # the replies
+        # The bytes one side sent are the bytes the other side received.
+        for a, b in ((0, 1), (1, 0)):
+            assert delta(before, after, "shardio_fabric_sent_bytes_total", shard=a, peer=b) == \
+                delta(before, after, "shardio_fabric_received_bytes_total", shard=b, peer=a) > 0
+        # The second scrape's own call is one more request on each shard.
+        assert delta(before, after, "shardio_reactor_requests_total", shard=0) == n + 1
+        assert delta(before, after, "shardio_reactor_requests_total", shard=1) == n + 1
+        assert delta(before, after, "shardio_reactor_tasks_started_total", shard=0) == n
+        assert delta(before, after, "shardio_fabric_received_messages_total",
+                     shard=0, peer="outside") == n + 1
+        assert delta(before, after, "shardio_fabric_sent_messages_total",
+                     shard="outside", peer=0) == n + 1
+        assert delta(before, after, "shardio_external_submissions_total",
+                     shard="outside") == n + 2
+        for shard in (0, 1):
+            received = sum(delta(before, after, "shardio_fabric_received_messages_total",
+                                 shard=shard, peer=peer) for peer in (1 - shard, "outside"))
+            assert delta(before, after, "shardio_reactor_batch_messages_total",
+                         shard=shard) == received
+            assert 1 <= delta(before, after, "shardio_reactor_batches_total",
+                              shard=shard) <= received
+            assert delta(before, after, "shardio_reactor_polls_total", shard=shard) > 0
+            assert after("shardio_shard_up", shard=shard) == 1
+            assert after("shardio_fabric_peer_up", shard=shard, peer=1 - shard) == 1
+            assert after("shardio_fabric_ring_used_bytes", shard=shard, peer="outside") >= 0
+            assert after("shardio_fabric_ring_capacity_bytes", shard=shard) == group.ring_bytes
+            assert after("shardio_reactor_busy_seconds_total", shard=shard) > 0
+            assert after("shardio_reactor_stalls_total", shard=shard) >= 0
+        assert after("shardio_external_in_flight", shard="outside") == 0
+
+        # /metrics?name[]=... restricts the output to those families.
+        only = scrape(url + "?name[]=shardio_shard_up")
+        assert {family.name for family in only.families} == {"shardio_shard_up"}
+    assert_refused(url)
+
+
+def test_external_submissions_on_a_shard_and_from_outside(backend):
+    with shardio.ShardGroup(2, backend=backend) as group, \
+            metrics.serve_group_metrics(group, 0) as server:
+        before = scrape(server.url)
+        n = 25
+        futures = [group.submit(1, sf.add, i) for i in range(n)]
+        assert [f.result(timeout=10) for f in futures] == [i for i in range(n)]
+        # 2n external_submit calls from a plain thread started on shard 1
+        results = group.submit(1, sf.external_submit_from_thread, n,
+                               backend == "thread").result(timeout=10)
+        assert len(results) == 2 * n
+        after = scrape(server.url)
+    assert delta(before, after, "shardio_external_submissions_total", shard="outside") == \
+        n + 1 + 2
+    assert delta(before, after, "shardio_external_submissions_total", shard=1) == 2 * n
+    assert delta(before, after, "shardio_reactor_inbox_items_total", shard=1) >= 2 * n
+    assert delta(before, after, "shardio_external_submissions_total", shard=0) == 0
+    assert after("shardio_reactor_inbox_length", shard=1) >= 0
+
+
+def test_custom_series_carry_the_right_shard_label(backend, leak_check):
+    with shardio.ShardGroup(2, backend=backend) as group, \
+            metrics.serve_group_metrics(group, 0) as server:
+        assert all(f.result(timeout=10) for f in group.submit_to_all(declare_custom_series))
+        got = scrape(server.url)
+    for shard in (0, 1):
+        assert got("test_widgets_total", shard=shard, kind="a") == shard + 1
+        assert got("test_temperature_celsius", shard=shard) == 20 + shard
+        assert got("test_pulled", shard=shard) == 100 + shard
+        assert got("test_latency_seconds_count", shard=shard, op="read") == 3
+        assert got("test_latency_seconds_bucket", shard=shard, op="read", le="2.5e-05") == 0
+        assert got("test_latency_seconds_bucket", shard=shard, op="read", le="5e-05") == 1
+        assert got("test_latency_seconds_bucket", shard=shard, op="read", le="+Inf") == 3
+        assert got("shardio_shard_up", shard=shard) == 1  # the broken collector cost nothing else
+    types = {family.name: family.type for family in got.families}
+    assert types["test_widgets"] == "counter" and types["test_latency_seconds"] == "histogram"
+
+
+def test_a_killed_shard_is_down_and_the_scrape_stays_fast(leak_check):
+    group = shardio.ShardGroup(2, backend="process").start()
+    server = metrics.serve_group_metrics(group, 0)
+    try:
+        assert scrape(server.url)("shardio_shard_up", shard=1) == 1
+        os.kill(group.pids[1], signal.SIGKILL)
+        started = time.monotonic()
+        got = scrape(server.url)
+        assert time.monotonic() - started < 2.0
+        assert got("shardio_shard_up", shard=1) == 0
+        assert got("shardio_shard_up", shard=0) == 1
+        assert ("shardio_reactor_polls_total", frozenset({("shard", "1")})) not in got.samples
+        # Once the death is known, the scrape does not even ask shard 1, and shard 0 knows.
+        deadline = time.monotonic() + 5
+        while True:
+            started = time.monotonic()
+            got = scrape(server.url)
+            took = time.monotonic() - started
+            if got("shardio_fabric_peer_up", shard=0, peer=1) == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert took < 0.5
+        assert got("shardio_shard_up", shard=1) == 0
+        assert got("shardio_fabric_peer_up", shard=0, peer=1) == 0
+        assert got("shardio_fabric_peer_up", shard="outside", peer=1) == 0
+    finally:
+        group.stop()
+        server.close()
+    assert_refused(server.url)
+
+
+def test_a_shard_that_does_not_answer_in_time_shows_down(backend):
+    with shardio.ShardGroup(2, backend=backend) as group:
+        stall = group.submit(1, sf.stall_in_coroutine, 1.0)  # blocks shard 1's reactor
+        time.sleep(0.05)
+        started = time.monotonic()
+        snapshot = metrics.collect(group, timeout=0.3)
+        assert time.monotonic() - started < 0.8
+        assert snapshot.up == {0: True, 1: False}
+        assert snapshot.value("shardio_shard_up", shard=1) == 0
+        assert snapshot.value("shardio_reactor_polls_total", shard=0) > 0
+        assert 'shardio_shard_up{shard="1"} 0.0' in snapshot.text()
+        stall.result(timeout=10)
+        snapshot = metrics.collect(group)
+        assert snapshot.up == {0: True, 1: True}
+        assert snapshot.value("shardio_reactor_stalls_total", shard=1) >= 1
+        assert snapshot.value("shardio_fabric_sent_messages_total", shard="outside") > 0
+
+
+def test_declaring_series():
+    import pytest
+
+    m = metrics.ShardMetrics(3)
+    counter = m.counter("test_ops_total", "Ops.", ["op"])
+    assert m.counter("test_ops", "Ops.", ["op"]) is counter
+    assert m.histogram("test_seconds", "Latency.") is m.histogram("test_seconds", "Latency.")
+    with pytest.raises(metrics.MetricsError, match="already declared"):
+        m.gauge("test_ops", "Ops.", ["op"])
+    with pytest.raises(metrics.MetricsError, match="already declared"):
+        m.counter("test_ops", "Ops.", ["kind"])
+    with pytest.raises(metrics.MetricsError, match="already declared"):
+        m.histogram("test_seconds", "Latency.", buckets=(1.0, 2.0))
+    with pytest.raises(metrics.MetricsError, match="'shard' label"):
+        m.counter("test_other", "Other.", ["shard"])
+    with pytest.raises(metrics.MetricsError, match="built-in"):
+        m.counter("shardio_reactor_polls_total", "Polls.")
+    with pytest.raises(shardio.NotInShardError):
+        metrics.shard_registry()
