@@ -26,6 +26,7 @@ import mmap
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -242,6 +243,9 @@ def main() -> None:
     )
     ap.add_argument("--size-mb", type=int, default=512)
     ap.add_argument("--seconds", type=float, default=3.0, help="duration of each cold-read run")
+    ap.add_argument(
+        "--rounds", type=int, default=5, help="alternating rounds for the per-op rows (medians)"
+    )
     args = ap.parse_args()
     size = args.size_mb << 20
     workdir = tempfile.mkdtemp(prefix="shardio-bench-tame-", dir=args.dir)
@@ -250,13 +254,20 @@ def main() -> None:
     try:
         make_file(path, size)
         # 1. per-op overhead
+        # Alternate the measurements and keep medians: the machine is shared, and
+        # load that comes and goes would otherwise favour whichever ran in a quiet moment.
         per_op: dict[str, dict[str, float]] = {}
         for name, runner in LOOPS.items():
-            per_op[name] = {
-                "tame": runner(tame_blocking_op_us()),
-                "call": runner(tame_call_us()),
-                "thread": runner(to_thread_us()),
-            }
+
+            async def rounds() -> dict[str, float]:
+                samples: dict[str, list[float]] = {"tame": [], "call": [], "thread": []}
+                for _ in range(args.rounds):
+                    samples["tame"].append(await tame_blocking_op_us(20_000))
+                    samples["thread"].append(await to_thread_us(1_000))
+                    samples["call"].append(await tame_call_us(20_000))
+                return {k: statistics.median(v) for k, v in samples.items()}
+
+            per_op[name] = runner(rounds())
         gev = gevent_us()
         for name in LOOPS:
             d = per_op[name]
@@ -280,9 +291,15 @@ def main() -> None:
             )
         )
         # 2. cached read
-        pread = os_pread_us(path)
+        pread = statistics.median(os_pread_us(path, 50_000) for _ in range(args.rounds))
         for name, runner in LOOPS.items():
-            t = runner(tame_cached_read_us(path))
+
+            async def cached_rounds() -> float:
+                return statistics.median(
+                    [await tame_cached_read_us(path, 50_000) for _ in range(args.rounds)]
+                )
+
+            t = runner(cached_rounds())
             rows.append(
                 (
                     f"cached 4 KiB read, TameEnv f.pread ({name})",
@@ -342,6 +359,7 @@ def main() -> None:
     print(
         f"shardio tame benchmark: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, kernel {os.uname().release}, data file {args.size_mb} MiB on {args.dir} ({fs_type(args.dir)})"
     )
+    print(f"(per-op and cached-read rows: medians of {args.rounds} alternating rounds)")
     print()
     print("| what | result | compared | target |")
     print("|---|---|---|---|")
