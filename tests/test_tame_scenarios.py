@@ -761,8 +761,12 @@ async def scenario_alien_sqlite3(tmp: str) -> dict[str, Any]:
         assert pool._post == reactor.call_threadsafe  # the shard's MPSC inbox
 
     def setup() -> None:
-        with sqlite3.connect(path) as con:
-            con.execute("create table kv (k integer primary key, v text)")
+        con = sqlite3.connect(path)
+        try:
+            with con:
+                con.execute("create table kv (k integer primary key, v text)")
+        finally:
+            con.close()
 
     def insert(i: int) -> str:
         con = sqlite3.connect(path, timeout=30)
@@ -785,7 +789,18 @@ async def scenario_alien_sqlite3(tmp: str) -> dict[str, Any]:
             con.close()
 
     def bad_sql() -> None:
-        sqlite3.connect(":memory:").execute("select * from no_such_table")
+        con = sqlite3.connect(":memory:")
+        try:
+            con.execute("select * from no_such_table")
+        finally:
+            con.close()
+
+    def count_rows() -> list[Any]:
+        con = sqlite3.connect(path)
+        try:
+            return con.execute("select count(*), max(k) from kv").fetchall()
+        finally:
+            con.close()
 
     await tame.alien(setup)
     names = await asyncio.gather(*(tame.alien(insert, i) for i in range(20)))
@@ -811,12 +826,7 @@ async def scenario_alien_sqlite3(tmp: str) -> dict[str, Any]:
         await tame.alien(bad_sql)
 
     def from_a_tame_stack() -> list[Any]:
-        rows = tame.wait(
-            tame.alien(
-                lambda: sqlite3.connect(path).execute("select count(*), max(k) from kv").fetchall()
-            )
-        )
-        return rows  # type: ignore[no-any-return]
+        return tame.wait(tame.alien(count_rows))
 
     assert await tame.call(from_a_tame_stack) == [(20, 19)]
     return {"slow_query_s": slow, "ticks_meanwhile": ticks}
