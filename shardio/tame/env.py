@@ -60,6 +60,26 @@ Sockets (``socket.socket``'s API; on a ``TameEnv`` connect/accept/recv/send yiel
 
 ``PosixEnv`` is the plain blocking implementation over ``os``, ``threading``,
 ``queue`` and ``socket``: the baseline ``TameEnv`` is measured against.
+
+``TameEnv`` (``tame.env()`` on a tame stack) implements the same interface
+by yielding to the reactor:
+
+* files: reads try ``preadv2(RWF_NOWAIT)`` and go to io_uring when the data
+  is not cached; writes, fsync and fdatasync go through io_uring (the
+  driver of the loop running the calling stack, ``shardio.io.uring``);
+  open/close/truncate/stat and the filesystem helpers are short metadata
+  calls made inline (fsync_dir goes through io_uring);
+* sleep: a loop timer; sockets (``TameSocket``): add_reader/add_writer;
+* Lock/RLock/Condition/Event/Semaphore/BoundedSemaphore/Queue: greenlet-aware
+  and FIFO, owned by the Env's reactor: from another thread they raise
+  ``WrongThreadError``; a wait outside a tame stack of that reactor raises
+  ``NotOnTameStack`` (non-waiting calls work from its coroutines too);
+* start_thread: another tame call on the same reactor (it holds a pooled
+  stack while it runs); ``join`` on a tame stack parks it.
+
+Called anywhere other than a tame stack (a plain thread, a coroutine), the
+TameEnv's file, sleep and socket operations are the plain blocking ones,
+so an object built with a TameEnv still works, blocking, off the reactor.
 """
 
 from __future__ import annotations
