@@ -1,0 +1,25 @@
+"""Testing support: one virtual clock across shards, message interception, a pytest plugin.
+
+* :mod:`shardio.testing.clock` -- :class:`Clock` (pause, advance, settle,
+  resume) over the :class:`VirtualTime` that :func:`virtual_group` shards run on;
+* :mod:`shardio.testing.intercept` -- ``with intercept(group) as net:`` to drop,
+  delay, expect and inject the calls shards make to each other;
+* :mod:`shardio.testing.plugin` -- the pytest plugin: fixtures ``shard_group``,
+  ``shardio_run``, ``shardio_clock``, with leak checks.
+"""
+
+from .clock import Clock, ClockError, VirtualTime, VirtualTimeLoop, virtual_group
+from .intercept import Match, Message, Net, NoMatchingMessage, intercept
+
+__all__ = [
+    "Clock",
+    "ClockError",
+    "Match",
+    "Message",
+    "Net",
+    "NoMatchingMessage",
+    "VirtualTime",
+    "VirtualTimeLoop",
+    "intercept",
+    "virtual_group",
+]

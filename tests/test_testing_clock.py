@@ -1,0 +1,211 @@
+"""The virtual clock: one paused time for every shard, on both backends."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+import shardio
+from shardio import tame
+from shardio.testing import Clock, ClockError, virtual_group
+
+
+@pytest.fixture(scope="module", params=["process", "thread"])
+def group(request):
+    with virtual_group(2, backend=request.param) as group:
+        for shard in range(group.shards):  # process shards import this module once, here
+            group.submit(shard, loop_time).result(timeout=30)
+        yield group
+    group.options.loop.close()
+
+
+@pytest.fixture
+def clock(group):
+    clock = Clock(group, timeout=5.0)
+    clock.pause()
+    yield clock
+    clock.resume()
+
+
+# ---------------------------------------------------------------- shard functions
+
+
+async def nap(seconds, value=None):
+    await asyncio.sleep(seconds)
+    return value
+
+
+def loop_time():
+    return asyncio.get_running_loop().time()
+
+
+async def wait_for_nothing(timeout):
+    start = asyncio.get_running_loop().time()
+    try:
+        await asyncio.wait_for(asyncio.get_running_loop().create_future(), timeout)
+    except TimeoutError:
+        return asyncio.get_running_loop().time() - start
+    return None
+
+
+async def timeout_block(seconds):
+    try:
+        async with asyncio.timeout(seconds):
+            await asyncio.sleep(seconds * 10)
+    except TimeoutError:
+        return "timed out"
+
+
+def tame_sleeper(seconds):
+    tame.env().sleep(seconds)
+    return "woke"
+
+
+async def tame_sleep(seconds):
+    return await tame.call(tame_sleeper, seconds)
+
+
+_log: list = []
+
+
+def record(item):
+    _log.append(item)
+
+
+def take_log():
+    items = list(_log)
+    _log.clear()
+    return items
+
+
+async def relay_after(seconds, shard, item):
+    """Sleep, then hop to ``shard``, which sleeps half as long, then records."""
+    await asyncio.sleep(seconds)
+    await shardio.submit_to(shard, record_after, seconds / 2, item)
+
+
+async def record_after(seconds, item):
+    await asyncio.sleep(seconds)
+    record(item)
+
+
+async def spin_forever():
+    while True:
+        await asyncio.sleep(0)
+
+
+async def in_shard_clock(peer):
+    clock = Clock(timeout=5.0)
+    clock.pause()
+    start = clock.time()
+    nap_there = asyncio.ensure_future(shardio.submit_to(peer, nap, 120, "peer"))
+    nap_here = asyncio.ensure_future(nap(60, "here"))
+    await clock.settle_async()
+    assert not nap_there.done() and not nap_here.done()
+    clock.advance(60)
+    assert await nap_here == "here"
+    clock.advance(60)
+    assert await nap_there == "peer"
+    await clock.settle_async()
+    elapsed = clock.time() - start
+    clock.resume()
+    return elapsed
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_an_hour_of_sleep_passes_in_an_instant(group, clock):
+    start = time.monotonic()
+    naps = [group.submit(shard, nap, 3600, shard) for shard in range(group.shards)]
+    clock.settle()  # every shard now sleeps in its selector, an hour ahead
+    assert not any(future.done() for future in naps)
+    clock.advance(3599)
+    clock.settle()
+    assert not any(future.done() for future in naps)
+    clock.advance(1)
+    assert [future.result(timeout=1) for future in naps] == [0, 1]
+    assert time.monotonic() - start < 1.0
+
+
+def test_time_stands_still_while_paused_and_goes_on_from_there(group, clock):
+    before = group.submit(0, loop_time).result(timeout=5)
+    time.sleep(0.05)
+    assert group.submit(1, loop_time).result(timeout=5) == before == clock.time()
+    clock.advance(10)
+    assert group.submit(1, loop_time).result(timeout=5) == pytest.approx(before + 10)
+    clock.resume()
+    time.sleep(0.02)
+    after = group.submit(0, loop_time).result(timeout=5)
+    assert before + 10.02 <= after < before + 10.5
+
+
+def test_wait_for_and_timeout_expire_without_real_waiting(group, clock):
+    start = time.monotonic()
+    waiting = group.submit(0, wait_for_nothing, 30)
+    blocked = group.submit(1, timeout_block, 5)
+    clock.settle()
+    clock.advance(29)
+    clock.settle()
+    assert not waiting.done()
+    assert blocked.result(timeout=1) == "timed out"
+    clock.advance(1)
+    assert waiting.result(timeout=1) == pytest.approx(30)
+    assert time.monotonic() - start < 1.0
+
+
+def test_tame_env_sleep_follows_the_virtual_clock(group, clock):
+    sleeping = group.submit(1, tame_sleep, 600)
+    clock.settle()
+    assert not sleeping.done()
+    clock.advance(600)
+    assert sleeping.result(timeout=1) == "woke"
+
+
+def test_settle_waits_for_work_across_shards(group, clock):
+    relay = group.submit(0, relay_after, 10, 1, "relayed")
+    clock.settle()  # the call reached its sleep: advancing now moves its timer
+    clock.advance(10)  # shard 0 wakes and hops to shard 1, which sleeps 5 more
+    clock.settle()
+    assert group.submit(1, take_log).result(timeout=5) == []
+    clock.advance(5)
+    clock.settle()  # without waiting on relay: settle alone saw the record through
+    assert group.submit(1, take_log).result(timeout=5) == ["relayed"]
+    assert relay.result(timeout=1) is None
+
+
+def test_settle_gives_up_on_shards_that_never_rest(group):
+    clock = Clock(group, timeout=0.3)
+    clock.pause()
+    spinning = group.submit(1, spin_forever)
+    try:
+        with pytest.raises(ClockError, match="shard 1 has ready callbacks"):
+            clock.settle()
+    finally:
+        spinning.cancel()
+        group.submit(1, cancel_spinners).result(timeout=5)
+        clock.resume()
+
+
+def cancel_spinners():
+    for task in asyncio.all_tasks():
+        if task.get_coro().__name__ == "spin_forever":
+            task.cancel()
+
+
+def test_the_clock_works_from_inside_a_shard(group):
+    start = time.monotonic()
+    assert group.submit(0, in_shard_clock, 1).result(timeout=5) == pytest.approx(120)
+    assert time.monotonic() - start < 1.0
+
+
+def test_clock_needs_a_virtual_time_group():
+    with shardio.ShardGroup(1, backend="thread") as plain, pytest.raises(
+            ClockError, match="virtual_group"):
+        Clock(plain)
+    virtual_time = virtual_group(1).options.loop
+    with pytest.raises(ValueError, match="forward"):
+        virtual_time.advance(-1)
+    virtual_time.close()
