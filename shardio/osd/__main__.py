@@ -1,0 +1,395 @@
+"""``python -m shardio.osd``: run, load, query and benchmark the OSD.
+
+    python -m shardio.osd demo                       # start, load, verify, measure, stop
+    python -m shardio.osd serve --shards 2 --data /srv/osd --port 6800
+    python -m shardio.osd load  --addr 127.0.0.1:6800 --objects 10000 --size 4096
+    python -m shardio.osd get   --addr 127.0.0.1:6800 obj-00000042 > obj.bin
+    python -m shardio.osd bench --addr 127.0.0.1:6800 --objects 10000 --seconds 10
+    python -m shardio.osd bench --addr 127.0.0.1:6800 --objects 10000 --rate 5000
+
+``serve --port P`` listens on the shared port P (SO_REUSEPORT, every
+shard) and on P+1+S for shard S (``--shard-base-port`` to move them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["main"]
+
+DEFAULT_PORT = 6800
+
+
+def _addr(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "127.0.0.1", text
+    try:
+        p = int(port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a host:port address: {text!r}") from None
+    if not 0 < p < 65536:
+        raise argparse.ArgumentTypeError(f"port out of range in {text!r}")
+    return host.strip("[]") or "127.0.0.1", p
+
+
+def _positive(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+        return v
+
+    return parse
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def _run(coro: Any) -> Any:
+    loop = _new_loop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.close()
+
+
+# -- commands ---------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .messenger import Limits
+    from .server import OSDServer
+
+    limits = Limits(max_inflight=args.max_inflight, max_connections=args.max_connections)
+    osd = OSDServer(
+        args.data,
+        shards=args.shards,
+        host=args.host,
+        port=args.port,
+        shard_base_port=args.shard_base_port,
+        backend=args.backend,
+        pg_num=args.pg_num,
+        sync=not args.no_sync,
+        limits=limits,
+        metrics_port=args.metrics_port,
+        log_level=getattr(logging, args.log_level),
+    )
+    stop = False
+
+    def on_signal(signum: int, frame: Any) -> None:
+        nonlocal stop
+        stop = True
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        osd.start()
+        assert osd.address is not None and osd.osdmap is not None
+        shards = ", ".join(f"{h}:{p}" for h, p in osd.osdmap.addrs)
+        print(
+            f"shardio OSD serving {args.data}: shared port {osd.address[0]}:{osd.address[1]}, "
+            f"shard ports {shards}; {osd.pg_num} pgs, {args.backend} backend"
+            + (f"; metrics on :{args.metrics_port}/metrics" if args.metrics_port else ""),
+            flush=True,
+        )
+        print("Ctrl-C (or SIGTERM) stops it.", flush=True)
+        down: set[int] = set()
+        while not stop:
+            time.sleep(0.2)
+            for s in range(args.shards):
+                if s not in down and not osd.is_alive(s):
+                    down.add(s)
+                    print(
+                        f"shard {s} died: its pgs answer ESHUTDOWN through the other shards; "
+                        "restart the OSD to bring it back",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+            if len(down) == args.shards:
+                print("every shard died; stopping", file=sys.stderr)
+                return 1
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        osd.stop()
+    print("stopped", flush=True)
+    return 0
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    from .client import AsyncClient
+    from .loadgen import load, object_names, verify
+
+    async def body() -> int:
+        names = object_names(args.objects, args.prefix)
+        async with await AsyncClient.connect(*args.addr, timeout=args.timeout) as c:
+            r = await load(c, names, args.size, concurrency=args.concurrency)
+            print(
+                f"loaded {r.objects} objects of {args.size} B ({r.bytes / 2**20:.1f} MiB) in "
+                f"{r.seconds:.2f} s: {r.rate:.0f} PUT/s"
+            )
+            if args.verify:
+                v = await verify(c, names, args.size, concurrency=args.concurrency)
+                print(f"verified {v.objects - len(v.mismatches) + v.errors}/{len(names)} objects")
+                if v.mismatches:
+                    print(f"MISMATCH on {len(v.mismatches)} objects, e.g. {v.mismatches[:5]}")
+                    return 1
+        return 0
+
+    return int(_run(body()))
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    from .client import Client
+
+    with Client(*args.addr, timeout=args.timeout) as c:
+        if args.offset or args.length:
+            data = c.read(args.name, args.offset, args.length)
+        else:
+            data = c.get(args.name)
+    if args.output and args.output != "-":
+        with open(args.output, "wb") as f:
+            f.write(data)
+        print(f"{len(data)} bytes written to {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    return 0
+
+
+def cmd_put(args: argparse.Namespace) -> int:
+    from .client import Client
+
+    if args.file == "-":
+        data = sys.stdin.buffer.read()
+    else:
+        with open(args.file, "rb") as f:
+            data = f.read()
+    with Client(*args.addr, timeout=args.timeout) as c:
+        size = c.put(args.name, data)
+    print(f"{args.name}: {size} bytes stored")
+    return 0
+
+
+def cmd_stat(args: argparse.Namespace) -> int:
+    from .client import Client
+
+    with Client(*args.addr, timeout=args.timeout) as c:
+        st = c.stat(args.name)
+        assert c.osdmap is not None
+        pg, shard = c.osdmap.locate(args.name)
+    print(f"{args.name}: size {st.size}, version {st.version}, pg {pg}, shard {shard}")
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from .client import Client
+
+    with Client(*args.addr, timeout=args.timeout) as c:
+        names = c.list_pg(args.pg) if args.pg is not None else c.list()
+    out = sys.stdout
+    for n in names:
+        out.write(n.decode(errors="backslashreplace") + "\n")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .client import AsyncClient
+    from .loadgen import BenchResult, closed_loop, format_table, object_names, open_loop
+
+    names = object_names(args.objects, args.prefix)
+
+    async def body() -> list[BenchResult]:
+        async with await AsyncClient.connect(*args.addr, route=args.route, timeout=args.timeout) as c:
+            results = []
+            if args.rate is None or args.closed:
+                results.append(
+                    await closed_loop(
+                        c, names, seconds=args.seconds, concurrency=args.concurrency,
+                        length=args.length, label=f"{args.route}, closed loop ({args.concurrency})",
+                    )
+                )
+            if args.rate is not None:
+                results.append(
+                    await open_loop(
+                        c, names, seconds=args.seconds, rate=args.rate, length=args.length,
+                        label=f"{args.route}, open loop at {args.rate:.0f}/s",
+                    )
+                )
+            return results
+
+    results = _run(body())
+    print(
+        f"{args.length} B reads of random objects among {args.objects} "
+        f"({args.prefix}00000000..), {args.seconds} s per run"
+    )
+    print(format_table(results))
+    for r in results:
+        if r.service:
+            svc = sorted(r.service)
+            print(
+                f"{r.label}: latency measured from the intended send time; from the actual "
+                f"send p50 {svc[len(svc) // 2] * 1e3:.2f} ms"
+            )
+        if r.errors:
+            print(f"{r.label}: {r.errors} errors, first: {r.first_error}")
+    return 1 if any(r.errors for r in results) else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    def out(line: str) -> None:
+        print(line, flush=True)
+
+    return run_demo(
+        shards=args.shards,
+        objects=args.objects,
+        seconds=args.seconds,
+        size=args.size,
+        backend=args.backend,
+        data_dir=args.data,
+        concurrency=args.concurrency,
+        out=out,
+    )
+
+
+# -- parser -----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m shardio.osd",
+        description="The shardio OSD: a sharded object storage daemon prototype.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def client_opts(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--addr", type=_addr, default=("127.0.0.1", DEFAULT_PORT),
+            help=f"the OSD's address, host:port (default 127.0.0.1:{DEFAULT_PORT})",
+        )
+        sp.add_argument("--timeout", type=_positive(float), default=10.0,
+                        help="per-request timeout in seconds (default 10)")
+
+    s = sub.add_parser("serve", help="run an OSD until Ctrl-C")
+    s.add_argument("--shards", type=_positive(int), default=len(os.sched_getaffinity(0)),
+                   help="shards (default: one per CPU)")
+    s.add_argument("--data", required=True, help="data directory (created if missing)")
+    s.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=DEFAULT_PORT,
+                   help=f"shared SO_REUSEPORT port (default {DEFAULT_PORT}; 0 picks one)")
+    s.add_argument("--shard-base-port", type=int, default=None,
+                   help="shard S listens on this + S (default: port + 1)")
+    s.add_argument("--metrics-port", type=int, default=None, help="serve /metrics on this port")
+    s.add_argument("--backend", choices=("process", "thread"), default="process")
+    s.add_argument("--pg-num", type=_positive(int), default=64,
+                   help="placement groups of a new data dir (default 64)")
+    s.add_argument("--no-sync", action="store_true",
+                   help="acknowledge writes before fsync (faster bulk loads; not crash-safe)")
+    s.add_argument("--max-inflight", type=_positive(int), default=64,
+                   help="requests in flight per connection (default 64)")
+    s.add_argument("--max-connections", type=_positive(int), default=1024,
+                   help="connections per shard (default 1024)")
+    s.add_argument("--log-level", default="WARNING",
+                   choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("load", help="PUT generated, verifiable objects")
+    client_opts(s)
+    s.add_argument("--objects", type=_positive(int), default=10000)
+    s.add_argument("--size", type=_positive(int), default=4096, help="bytes per object")
+    s.add_argument("--prefix", default="obj-", help="object name prefix (default obj-)")
+    s.add_argument("--concurrency", type=_positive(int), default=64)
+    s.add_argument("--verify", action="store_true", help="read everything back and compare")
+    s.set_defaults(func=cmd_load)
+
+    s = sub.add_parser("get", help="read an object to stdout (or -o FILE)")
+    client_opts(s)
+    s.add_argument("name")
+    s.add_argument("--offset", type=int, default=0)
+    s.add_argument("--length", type=int, default=0, help="bytes (default: to the end)")
+    s.add_argument("-o", "--output", help="write to this file instead of stdout")
+    s.set_defaults(func=cmd_get)
+
+    s = sub.add_parser("put", help="store a file (or stdin) as an object")
+    client_opts(s)
+    s.add_argument("name")
+    s.add_argument("file", nargs="?", default="-", help="file to store (default: stdin)")
+    s.set_defaults(func=cmd_put)
+
+    s = sub.add_parser("stat", help="size, version and placement of an object")
+    client_opts(s)
+    s.add_argument("name")
+    s.set_defaults(func=cmd_stat)
+
+    s = sub.add_parser("ls", help="list object names (all, or one pg)")
+    client_opts(s)
+    s.add_argument("--pg", type=int, default=None)
+    s.set_defaults(func=cmd_ls)
+
+    s = sub.add_parser("bench", help="read benchmark over objects made by `load`")
+    client_opts(s)
+    s.add_argument("--objects", type=_positive(int), default=10000,
+                   help="working set: names obj-00000000.. as `load` made them")
+    s.add_argument("--prefix", default="obj-")
+    s.add_argument("--seconds", type=_positive(float), default=10.0)
+    s.add_argument("--length", type=_positive(int), default=4096, help="bytes per read")
+    s.add_argument("--concurrency", type=_positive(int), default=16,
+                   help="closed loop: reads in flight (default 16)")
+    s.add_argument("--rate", type=_positive(float), default=None,
+                   help="open loop at this many reads/s (latency from intended send time)")
+    s.add_argument("--closed", action="store_true", help="with --rate: run the closed loop too")
+    s.add_argument("--route", choices=("direct", "shared"), default="direct",
+                   help="direct: to the owning shard; shared: via the shared port (hops)")
+    s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("demo", help="start an OSD, load, verify, measure, stop (< 1 min)")
+    s.add_argument("--shards", type=_positive(int), default=2)
+    s.add_argument("--objects", type=_positive(int), default=3000)
+    s.add_argument("--seconds", type=_positive(float), default=6.0,
+                   help="total length of the latency runs (default 6)")
+    s.add_argument("--size", type=_positive(int), default=4096, help="bytes per object")
+    s.add_argument("--concurrency", type=_positive(int), default=16)
+    s.add_argument("--backend", choices=("process", "thread"), default="process")
+    s.add_argument("--data", default=None,
+                   help="use (and keep) this data directory instead of a temporary one")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m shardio.osd`` and the ``shardio-osd`` script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from shardio.errors import ShardioError
+
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ShardioError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

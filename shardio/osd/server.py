@@ -1,0 +1,569 @@
+"""The OSD: on every shard an object store and a messenger; one controller outside.
+
+``OSDServer`` (in the process that owns the shard group) starts the shards,
+has each one open its object store on a tame stack (``DIR/shard-S``, the
+store for the placement groups that shard owns) and bind its listeners,
+builds the OSD map with every shard's endpoint, installs it everywhere and
+only then starts serving::
+
+    with OSDServer("/srv/osd", shards=2, port=6800) as osd:
+        print(osd.address, osd.osdmap.addrs)
+        ...
+
+On each shard a ``ShardNode`` is the OSD service: it executes requests for
+the pgs it owns (``execute``: every store call is ``await tame.call(store.op,
+...)``, so the store's blocking code runs on a tame stack and its file I/O
+goes through io_uring), forwards the others to their owner (``forward``:
+``submit_to``, the cross-shard hop) and counts everything in ``OSDStats``.
+
+Data directory: ``DIR/osd.json`` records the shard count and ``pg_num`` the
+directory was created with (placement depends on both, so a restart with
+another shard count is refused rather than silently losing objects), and
+``DIR/shard-S/`` holds shard S's log-structured store. Writes are
+acknowledged only once fsynced (``sync=True``, the default; see
+``objectstore``), so an acknowledged write survives a crash of its shard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from shardio import tame
+from shardio.errors import ShardDied, ShardioError
+from shardio.group import ShardGroup
+from shardio.reactor import require_reactor
+from shardio.submit import submit_to
+
+from .messenger import Limits, OSDConnection, Result, listen
+from .objectstore import ObjectStore, StoreError
+from .osdmap import OSDMap, object_hash
+from .protocol import FLAG_MORE, Op, Status, pack_names, pack_stat
+from .stats import OSDStats, merge
+
+__all__ = [
+    "OSDConfig",
+    "OSDConfigError",
+    "OSDServer",
+    "OSDStartError",
+    "ShardNode",
+    "node",
+]
+
+log = logging.getLogger("shardio.osd.server")
+
+_NODE_KEY = ("shardio.osd", "node")
+_META = "osd.json"
+#: Imported on a helper thread of each shard before the OSD starts there, so the
+#: imports (~130 ms, pyuring alone ~70 ms) do not block the reactor and trip its
+#: stall detector. exec is used because a module object cannot cross back.
+_PRELOAD = "import shardio.osd.server, shardio.io.uring, pyuring"
+_META_FORMAT = 1
+
+_READ = int(Op.READ)
+_STAT = int(Op.STAT)
+_WRITE = int(Op.WRITE)
+_PUT = int(Op.PUT)
+_DELETE = int(Op.DELETE)
+_LIST = int(Op.LIST)
+
+
+class OSDConfigError(ShardioError, ValueError):
+    """The OSD cannot start with these settings (see the message for the fix)."""
+
+
+class OSDStartError(ShardioError):
+    """A shard failed to open its store or bind its ports."""
+
+
+@dataclass(frozen=True)
+class OSDConfig:
+    """What every shard needs to run its part of the OSD (pickled to the shards)."""
+
+    data_dir: str
+    host: str = "127.0.0.1"
+    pg_num: int = 64
+    sync: bool = True
+    limits: Limits = field(default_factory=Limits)
+    stop_grace: float = 5.0  #: seconds a stopping shard waits for requests in flight
+
+    def store_dir(self, shard: int) -> str:
+        return os.path.join(self.data_dir, f"shard-{shard}")
+
+
+class _PgOf:
+    """name -> pg for the store's per-pg listing (the OSD map's placement)."""
+
+    __slots__ = ("pg_num",)
+
+    def __init__(self, pg_num: int) -> None:
+        self.pg_num = pg_num
+
+    def __call__(self, key: bytes) -> int:
+        return object_hash(key) % self.pg_num
+
+
+# ---------------------------------------------------------------------------
+# the per-shard service
+# ---------------------------------------------------------------------------
+
+
+class ShardNode:
+    """One shard's OSD service: its store, its listeners, its connections, its counters."""
+
+    def __init__(self, config: OSDConfig, shard_id: int) -> None:
+        self.config = config
+        self.shard_id = shard_id
+        self.limits = config.limits
+        self.stats = OSDStats()
+        self.connections: set[OSDConnection] = set()
+        self.store: ObjectStore | None = None
+        self.osdmap: OSDMap = OSDMap.build(require_reactor().shard_count, pg_num=config.pg_num)
+        self.map_payload = self.osdmap.encode()
+        self.servers: list[asyncio.AbstractServer] = []
+        self.port = 0
+        self.shared_port = 0
+        self.active = 0  # store operations running now (requests from any shard)
+        self._idle: asyncio.Event | None = None
+        self._stopped = False
+
+    # -- lifecycle (driven by OSDServer through the group) -------------------------
+
+    async def open(self, port: int) -> int:
+        """Open the store (on a tame stack) and bind this shard's own port; return it."""
+        self._idle = asyncio.Event()
+        self._idle.set()
+        cfg = self.config
+        self.store = await tame.call(
+            ObjectStore,
+            cfg.store_dir(self.shard_id),
+            pg_of=_PgOf(cfg.pg_num),
+            sync=cfg.sync,
+            max_read=cfg.limits.max_read,
+        )
+        server, self.port = await listen(
+            self, cfg.host, port, reuse_port=False, backlog=cfg.limits.listen_backlog
+        )
+        self.servers.append(server)
+        return self.port
+
+    async def bind_shared(self, port: int) -> int:
+        """Join the SO_REUSEPORT group on ``port`` (0: pick one); return the port."""
+        server, self.shared_port = await listen(
+            self, self.config.host, port, reuse_port=True, backlog=self.config.limits.listen_backlog
+        )
+        self.servers.append(server)
+        return self.shared_port
+
+    async def start(self, osdmap: OSDMap) -> None:
+        """Install the map (with every shard's endpoint) and start accepting."""
+        self.osdmap = osdmap
+        self.map_payload = osdmap.encode()
+        for server in self.servers:
+            await server.start_serving()  # type: ignore[attr-defined]
+
+    async def stop(self) -> None:
+        """Stop accepting, drop connections, let store ops finish (bounded), close the store."""
+        if self._stopped:
+            return
+        self._stopped = True
+        for server in self.servers:
+            server.close()
+        for conn in list(self.connections):
+            conn.abort()
+        if self._idle is not None and self.active:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), self.config.stop_grace)
+        store, self.store = self.store, None
+        if store is not None:
+            try:
+                await tame.call(store.close)
+            except Exception:
+                log.exception("closing the object store of shard %d failed", self.shard_id)
+
+    # -- requests --------------------------------------------------------------------
+
+    async def execute(
+        self, op: int, name: bytes, offset: int, length: int, payload: bytes, pool: int
+    ) -> Result:
+        """Run one request on this shard's store; every failure becomes an errno status."""
+        store = self.store
+        if store is None:
+            return Status.ESHUTDOWN, b"", 0, 0
+        self.active += 1
+        if self.active == 1 and self._idle is not None:
+            self._idle.clear()
+        try:
+            if op == _READ:
+                data = await tame.call(store.read, name, offset, length if length else -1)
+                self.stats.read_bytes += len(data)
+                return 0, data, 0, 0
+            if op == _STAT:
+                st = await tame.call(store.stat, name)
+                return 0, pack_stat(st.size, st.version), 0, 0
+            if op == _PUT:
+                st = await tame.call(store.put, name, payload)
+                self.stats.written_bytes += len(payload)
+                return 0, b"", st.size, 0
+            if op == _WRITE:
+                st = await tame.call(store.write, name, payload, offset)
+                self.stats.written_bytes += len(payload)
+                return 0, b"", st.size, 0
+            if op == _DELETE:
+                await tame.call(store.delete, name)
+                return 0, b"", 0, 0
+            if op == _LIST:
+                limit = self.limits.max_list
+                if 0 < length < limit:
+                    limit = length
+                names = await tame.call(
+                    store.list, offset, start_after=payload or None, limit=limit + 1
+                )
+                more = len(names) > limit
+                del names[limit:]
+                return 0, pack_names(names), 0, FLAG_MORE if more else 0
+            return Status.EOPNOTSUPP, b"", 0, 0
+        except StoreError as exc:
+            return exc.errno, b"", 0, 0
+        except OSError as exc:
+            log.error("shard %d: %s of %r failed: %s", self.shard_id, Op(op).name, name, exc)
+            return exc.errno or errno.EIO, b"", 0, 0
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("shard %d: %s of %r failed", self.shard_id, Op(op).name, name)
+            return Status.EIO, b"", 0, 0
+        finally:
+            self.active -= 1
+            if self.active == 0 and self._idle is not None:
+                self._idle.set()
+
+    def forward(
+        self, shard: int, op: int, name: bytes, offset: int, length: int, payload: bytes,
+        pool: int,
+    ) -> asyncio.Future[Result]:
+        """Send a request to the shard that owns its pg (the cross-shard hop)."""
+        self.stats.hops_out += 1
+        try:
+            return submit_to(shard, _remote_execute, op, name, offset, length, payload, pool)
+        except Exception as exc:  # a dead link, an oversized message: fail this request only
+            fut: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+            fut.set_exception(exc)
+            return fut
+
+    # -- observation -----------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """This shard's counters: OSD, object store, tame runtime and file I/O driver."""
+        snap = self.stats.snapshot()
+        snap["shard"] = self.shard_id
+        snap["connections_open"] = len(self.connections)
+        if self.store is not None:
+            snap["store"] = asdict(self.store.stats)
+        try:
+            from shardio.tame.stacks import runtime
+
+            rt = runtime()
+            snap["tame"] = rt.stats.as_dict()
+            snap["io"] = rt.uring.stats()
+            snap["io"]["driver"] = rt.uring.kind
+        except Exception as exc:  # stats must never fail a caller
+            snap["io_error"] = repr(exc)
+        return snap
+
+
+async def _remote_execute(
+    op: int, name: bytes, offset: int, length: int, payload: bytes, pool: int
+) -> Result:
+    """The owning shard's side of a hop."""
+    n = node()
+    n.stats.hops_in += 1
+    return await n.execute(op, name, offset, length, payload, pool)
+
+
+def node() -> ShardNode:
+    """This shard's OSD service; raises OSDStartError if the OSD does not run here."""
+    try:
+        return require_reactor().services[_NODE_KEY]  # type: ignore[no-any-return]
+    except KeyError:
+        raise OSDStartError(
+            f"no OSD runs on shard {require_reactor().shard_id}; start it with OSDServer"
+        ) from None
+
+
+# shard-side steps, submitted by OSDServer ---------------------------------------------
+
+
+async def _shard_open(config: OSDConfig, port: int) -> int:
+    reactor = require_reactor()
+    n = ShardNode(config, reactor.shard_id)
+    try:
+        bound = await n.open(port)
+    except BaseException:
+        await n.stop()
+        raise
+    reactor.services[_NODE_KEY] = n  # stopped with the group's services
+    return bound
+
+
+async def _shard_bind_shared(port: int) -> int:
+    return await node().bind_shared(port)
+
+
+async def _shard_start(osdmap: OSDMap) -> None:
+    await node().start(osdmap)
+
+
+def _shard_snapshot() -> dict[str, Any]:
+    return node().snapshot()
+
+
+def _shard_pid() -> int:
+    return os.getpid()
+
+
+# ---------------------------------------------------------------------------
+# the controller
+# ---------------------------------------------------------------------------
+
+
+def _check_meta(data_dir: str, shards: int, pg_num: int) -> int:
+    """Create or check DIR/osd.json; return the pg_num to use."""
+    os.makedirs(data_dir, exist_ok=True)
+    path = os.path.join(data_dir, _META)
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        meta = None
+    except (OSError, ValueError) as exc:
+        raise OSDConfigError(f"{path} is unreadable ({exc}); is {data_dir!r} an OSD data dir?")
+    if meta is None:
+        if any(name.startswith("shard-") for name in os.listdir(data_dir)):
+            raise OSDConfigError(
+                f"{data_dir!r} holds shard directories but no {_META}: refusing to guess its "
+                "shard count and pg_num"
+            )
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"format": _META_FORMAT, "shards": shards, "pg_num": pg_num}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dfd = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        return pg_num
+    if meta.get("format") != _META_FORMAT:
+        raise OSDConfigError(f"{path}: unsupported format {meta.get('format')!r}")
+    if meta.get("shards") != shards:
+        raise OSDConfigError(
+            f"{data_dir!r} was created with {meta.get('shards')} shards; objects are placed by "
+            f"shard count, so start it with --shards {meta.get('shards')} (not {shards})"
+        )
+    return int(meta["pg_num"])
+
+
+class OSDServer:
+    """Start, observe and stop an OSD: a ShardGroup whose shards each run a ``ShardNode``.
+
+    ``port`` is the shared (SO_REUSEPORT) port every shard listens on; shard
+    S also listens on ``shard_base_port + S`` (default ``port + 1 + S``).
+    Port 0 picks free ports (the shared one, and one per shard). The
+    bound addresses are ``address`` and ``osdmap.addrs`` once started.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str],
+        *,
+        shards: int = 2,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        shard_base_port: int | None = None,
+        backend: Literal["process", "thread"] = "process",
+        pg_num: int = 64,
+        sync: bool = True,
+        limits: Limits | None = None,
+        metrics_port: int | None = None,
+        start_timeout: float = 60.0,
+        stop_timeout: float = 30.0,
+        log_level: int = logging.WARNING,
+    ) -> None:
+        if shards < 1:
+            raise OSDConfigError(f"shards must be >= 1, got {shards}")
+        if not 0 <= port < 65536:
+            raise OSDConfigError(f"port {port} out of range")
+        if shard_base_port is None:
+            shard_base_port = port + 1 if port else 0
+        if shard_base_port and shard_base_port + shards > 65536:
+            raise OSDConfigError(f"shard ports {shard_base_port}+{shards} exceed 65535")
+        if shard_base_port and port and port in range(shard_base_port, shard_base_port + shards):
+            raise OSDConfigError(f"the shared port {port} collides with the shard ports")
+        self.data_dir = os.path.abspath(os.fspath(data_dir))
+        self.shards = shards
+        self.host = host
+        self.port = port
+        self.shard_base_port = shard_base_port
+        self.backend = backend
+        self.pg_num = pg_num
+        self.sync = sync
+        self.limits = limits or Limits()
+        self.metrics_port = metrics_port
+        self.start_timeout = start_timeout
+        self.stop_timeout = stop_timeout
+        self.log_level = log_level
+        self.group: ShardGroup | None = None
+        self.osdmap: OSDMap | None = None
+        self.address: tuple[str, int] | None = None
+        self.shard_pids: list[int] = []
+
+    def start(self) -> OSDServer:
+        """Start the shards, open the stores, bind, install the map, serve. Idempotent-unsafe."""
+        if self.group is not None:
+            raise OSDConfigError("this OSDServer was already started")
+        pg_num = _check_meta(self.data_dir, self.shards, self.pg_num)
+        self.pg_num = pg_num
+        config = OSDConfig(self.data_dir, self.host, pg_num, self.sync, self.limits)
+        group = ShardGroup(
+            self.shards,
+            backend=self.backend,
+            metrics_port=self.metrics_port,
+            start_timeout=self.start_timeout,
+            stop_timeout=self.stop_timeout,
+            log_level=self.log_level,
+        )
+        self.group = group
+        try:
+            group.start()
+            deadline = time.monotonic() + self.start_timeout
+            self._all(
+                [group.submit(s, asyncio.to_thread, exec, _PRELOAD) for s in range(self.shards)],
+                deadline,
+                "import the OSD modules",
+            )
+            ports = self._all(
+                [
+                    group.submit(s, _shard_open, config, self._shard_port(s))
+                    for s in range(self.shards)
+                ],
+                deadline,
+                "open its store and bind its port",
+            )
+            shared = self._all(
+                [group.submit(0, _shard_bind_shared, self.port)], deadline, "bind the shared port"
+            )[0]
+            self._all(
+                [group.submit(s, _shard_bind_shared, shared) for s in range(1, self.shards)],
+                deadline,
+                "bind the shared port",
+            )
+            osdmap = OSDMap.build(
+                self.shards, pg_num=pg_num, addrs=[(self.host, p) for p in ports]
+            )
+            self._all(
+                [group.submit(s, _shard_start, osdmap) for s in range(self.shards)],
+                deadline,
+                "start serving",
+            )
+            self.shard_pids = self._all(
+                [group.submit(s, _shard_pid) for s in range(self.shards)], deadline, "answer"
+            )
+        except BaseException:
+            self.group = None
+            group.stop(timeout=5.0)
+            raise
+        self.osdmap = osdmap
+        self.address = (self.host, shared)
+        return self
+
+    def _shard_port(self, shard: int) -> int:
+        return self.shard_base_port + shard if self.shard_base_port else 0
+
+    @staticmethod
+    def _all(futures: list[Any], deadline: float, what: str) -> list[Any]:
+        out = []
+        for shard, fut in enumerate(futures):
+            try:
+                out.append(fut.result(timeout=max(0.0, deadline - time.monotonic())))
+            except TimeoutError:
+                raise OSDStartError(f"a shard did not {what} in time") from None
+            except OSError as exc:
+                raise OSDStartError(f"shard {shard} could not {what}: {exc}") from exc
+            except ShardDied as exc:
+                raise OSDStartError(f"shard {shard} died while trying to {what}: {exc}") from exc
+        return out
+
+    def stats(self, timeout: float = 5.0) -> list[dict[str, Any] | None]:
+        """Each shard's counters (None for a shard that is down or does not answer)."""
+        group = self._running()
+        futures = [
+            group.submit(s, _shard_snapshot) if group.is_alive(s) else None
+            for s in range(self.shards)
+        ]
+        deadline = time.monotonic() + timeout
+        out: list[dict[str, Any] | None] = []
+        for fut in futures:
+            if fut is None:
+                out.append(None)
+                continue
+            try:
+                out.append(fut.result(timeout=max(0.0, deadline - time.monotonic())))
+            except Exception:
+                out.append(None)
+        return out
+
+    def total_stats(self, timeout: float = 5.0) -> dict[str, Any]:
+        """The counters of all live shards, summed."""
+        return merge(s for s in self.stats(timeout) if s is not None)
+
+    def kill_shard(self, shard: int, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to a shard process (fault injection; process backend only)."""
+        if self.backend != "process":
+            raise OSDConfigError("kill_shard needs the process backend")
+        os.kill(self.shard_pids[shard], sig)
+
+    def is_alive(self, shard: int) -> bool:
+        return self.group is not None and self.group.is_alive(shard)
+
+    def _running(self) -> ShardGroup:
+        if self.group is None:
+            raise OSDConfigError("the OSD is not running; call start() first")
+        return self.group
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop serving, close the stores (everything acknowledged is durable), stop the shards."""
+        group, self.group = self.group, None
+        if group is not None:
+            group.stop(timeout)
+
+    def __enter__(self) -> OSDServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "running" if self.group is not None else "stopped"
+        return f"<OSDServer {self.data_dir!r} shards={self.shards} {state} at {self.address}>"
+
+
+@contextlib.contextmanager
+def running_osd(data_dir: str | os.PathLike[str], **kwargs: Any) -> Iterator[OSDServer]:
+    """``with running_osd(dir, shards=2) as osd:`` -- an OSDServer started and stopped."""
+    osd = OSDServer(data_dir, **kwargs).start()
+    try:
+        yield osd
+    finally:
+        osd.stop()

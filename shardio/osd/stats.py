@@ -1,0 +1,173 @@
+"""Per-shard OSD counters: plain ints and fixed-bucket histograms.
+
+One ``OSDStats`` lives on every shard; the messenger and the shard's OSD
+service bump it on the hot path (attribute and dict increments only), and
+``snapshot()`` turns it into plain data that crosses the fabric and is summed
+over shards with ``merge()``. The names follow Prometheus conventions, so a
+metrics layer can export them as they are: counters end in ``_total``,
+sizes in ``_bytes``, latency histograms are in seconds with cumulative
+``le`` buckets.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from .protocol import Op, Status
+
+__all__ = ["LATENCY_BUCKETS", "Histogram", "OSDStats", "merge", "op_name", "status_name"]
+
+#: Upper bounds (seconds) of the latency buckets; the last bucket is +Inf.
+LATENCY_BUCKETS: tuple[float, ...] = (
+    25e-6, 50e-6, 100e-6, 250e-6, 500e-6,
+    1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3,
+    1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+
+_OP_NAMES = {int(op): op.name.lower() for op in Op}
+_STATUS_NAMES = {int(s): s.name for s in Status}
+
+
+def op_name(op: int) -> str:
+    """'read', 'stat', ... or 'op<N>' for an unknown code."""
+    return _OP_NAMES.get(op, f"op{op}")
+
+
+def status_name(status: int) -> str:
+    """'OK', 'ENOENT', ... or 'E<N>' for an errno outside ``Status``."""
+    return _STATUS_NAMES.get(status, f"E{status}")
+
+
+class Histogram:
+    """Counts of observations per bucket (not cumulative), their sum and count."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """[(le, observations <= le)], ending with (inf, count): Prometheus' buckets."""
+        out = []
+        total = 0
+        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            total += n
+            out.append((bound, total))
+        return out
+
+    def quantile(self, q: float) -> float:
+        """An upper bound for the q-quantile (the bucket bound it falls in)."""
+        total = self.count
+        if not total:
+            return 0.0
+        rank = q * total
+        seen = 0
+        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            seen += n
+            if seen >= rank:
+                return bound
+        return float("inf")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bounds": list(self.bounds), "counts": list(self.counts), "sum": self.sum}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Histogram:
+        h = cls(tuple(d["bounds"]))
+        h.counts = list(d["counts"])
+        h.sum = float(d["sum"])
+        return h
+
+
+class OSDStats:
+    """The counters of one shard's OSD (messenger + service)."""
+
+    __slots__ = (
+        "ops", "latency", "bytes_received", "bytes_sent", "read_bytes", "written_bytes",
+        "hops_out", "hops_in", "connections_accepted", "connections_open",
+        "connections_refused", "frame_errors", "protocol_closes", "inflight_pauses",
+        "write_pauses", "replies_dropped",
+    )  # fmt: skip
+
+    def __init__(self) -> None:
+        self.ops: dict[tuple[int, int], int] = {}  #: (op, status) -> count
+        self.latency: dict[int, Histogram] = {}  #: op -> service time on this shard
+        self.bytes_received = 0  #: request bytes read from sockets
+        self.bytes_sent = 0  #: reply bytes written to sockets
+        self.read_bytes = 0  #: object bytes returned by READ
+        self.written_bytes = 0  #: object bytes stored by PUT/WRITE
+        self.hops_out = 0  #: requests this shard forwarded to the owning shard
+        self.hops_in = 0  #: requests this shard served for another shard
+        self.connections_accepted = 0
+        self.connections_open = 0
+        self.connections_refused = 0  #: over the connection limit
+        self.frame_errors: dict[str, int] = {}  #: FrameError class name -> count
+        self.protocol_closes = 0  #: connections closed for a fatal frame error
+        self.inflight_pauses = 0  #: reading paused: too many requests/bytes in flight
+        self.write_pauses = 0  #: reading paused: the peer does not read its replies
+        self.replies_dropped = 0  #: replies for connections closed meanwhile
+
+    def op_done(self, op: int, status: int, seconds: float) -> None:
+        key = (op, status)
+        ops = self.ops
+        ops[key] = ops.get(key, 0) + 1
+        h = self.latency.get(op)
+        if h is None:
+            h = self.latency[op] = Histogram()
+        h.observe(seconds)
+
+    def frame_error(self, kind: str) -> None:
+        self.frame_errors[kind] = self.frame_errors.get(kind, 0) + 1
+
+    def snapshot(self) -> dict[str, Any]:
+        """Plain, picklable data: counters by name, ops and latency keyed by names."""
+        out: dict[str, Any] = {
+            name: getattr(self, name)
+            for name in self.__slots__
+            if name not in ("ops", "latency", "frame_errors")
+        }
+        out["ops"] = {f"{op_name(op)}/{status_name(st)}": n for (op, st), n in self.ops.items()}
+        out["latency"] = {op_name(op): h.to_dict() for op, h in self.latency.items()}
+        out["frame_errors"] = dict(self.frame_errors)
+        return out
+
+
+def merge(snapshots: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Sum ``snapshot()`` dicts of several shards (extra int fields are summed too)."""
+    total: dict[str, Any] = {}
+    for snap in snapshots:
+        for key, value in snap.items():
+            if key == "shard":
+                continue
+            if key == "latency":
+                hists = total.setdefault("latency", {})
+                for op, hd in value.items():
+                    h = Histogram.from_dict(hd)
+                    if op in hists:
+                        acc = hists[op]
+                        acc["counts"] = [a + b for a, b in zip(acc["counts"], h.counts, strict=True)]
+                        acc["sum"] += h.sum
+                    else:
+                        hists[op] = h.to_dict()
+            elif isinstance(value, dict):
+                acc_d = total.setdefault(key, {})
+                for k, v in value.items():
+                    if isinstance(v, int | float) and not isinstance(v, bool):
+                        acc_d[k] = acc_d.get(k, 0) + v
+                    else:
+                        acc_d.setdefault(k, v)  # a label such as the I/O driver's kind
+            elif isinstance(value, int | float) and not isinstance(value, bool):
+                total[key] = total.get(key, 0) + value
+    return total
