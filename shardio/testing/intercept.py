@@ -209,7 +209,8 @@ class Net:
                             for shard in sorted(self._shards)]
                 for removal in removals:
                     for rule_id, message in _wait(removal, deadline, "removing rules").items():
-                        _set(self._firsts[rule_id], message)
+                        if message is not None:
+                            _set(self._firsts[rule_id], message)
         finally:
             for first in self._firsts.values():
                 _set(first, NoMatchingMessage(
