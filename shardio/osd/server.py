@@ -48,7 +48,7 @@ from .messenger import Limits, OSDConnection, Result, listen
 from .objectstore import ObjectStore, StoreError
 from .osdmap import OSDMap, object_hash
 from .protocol import FLAG_MORE, Op, Status, pack_names, pack_stat
-from .stats import OSDStats, merge
+from .stats import OSDStats, merge, prometheus_families
 
 __all__ = [
     "OSDConfig",
@@ -66,7 +66,9 @@ _META = "osd.json"
 #: Imported on a helper thread of each shard before the OSD starts there, so the
 #: imports (~130 ms, pyuring alone ~70 ms) do not block the reactor and trip its
 #: stall detector. exec is used because a module object cannot cross back.
-_PRELOAD = "import shardio.osd.server, shardio.io.uring, pyuring"
+_PRELOAD = (
+    "import shardio.osd.server, shardio.io.uring, pyuring, shardio.metrics, prometheus_client"
+)
 _META_FORMAT = 1
 
 _READ = int(Op.READ)
@@ -154,7 +156,19 @@ class ShardNode:
             self, cfg.host, port, reuse_port=False, backlog=cfg.limits.listen_backlog
         )
         self.servers.append(server)
+        self._register_metrics()
         return self.port
+
+    def _register_metrics(self) -> None:
+        """Expose the counters through the shard's metrics registry (read at scrape time)."""
+        try:
+            from shardio.metrics import shard_registry
+        except ImportError:  # no metrics layer: snapshot() still has everything
+            return
+        shard_registry().register_collector(self._metric_families)
+
+    def _metric_families(self) -> list[Any]:
+        return prometheus_families(self.snapshot())
 
     async def bind_shared(self, port: int) -> int:
         """Join the SO_REUSEPORT group on ``port`` (0: pick one); return the port."""
@@ -176,6 +190,12 @@ class ShardNode:
         if self._stopped:
             return
         self._stopped = True
+        try:
+            from shardio.metrics import shard_registry
+
+            shard_registry().unregister_collector(self._metric_families)
+        except ImportError:
+            pass
         for server in self.servers:
             server.close()
         for conn in list(self.connections):
@@ -267,6 +287,7 @@ class ShardNode:
         snap = self.stats.snapshot()
         snap["shard"] = self.shard_id
         snap["connections_open"] = len(self.connections)
+        snap["reactor_stalls"] = require_reactor().stats.stalls
         if self.store is not None:
             snap["store"] = asdict(self.store.stats)
         try:
@@ -400,6 +421,7 @@ class OSDServer:
         start_timeout: float = 60.0,
         stop_timeout: float = 30.0,
         log_level: int = logging.WARNING,
+        stall_threshold_ms: float | None = 25.0,
     ) -> None:
         if shards < 1:
             raise OSDConfigError(f"shards must be >= 1, got {shards}")
@@ -424,6 +446,7 @@ class OSDServer:
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
         self.log_level = log_level
+        self.stall_threshold_ms = stall_threshold_ms
         self.group: ShardGroup | None = None
         self.osdmap: OSDMap | None = None
         self.address: tuple[str, int] | None = None
@@ -443,6 +466,7 @@ class OSDServer:
             start_timeout=self.start_timeout,
             stop_timeout=self.stop_timeout,
             log_level=self.log_level,
+            stall_threshold_ms=self.stall_threshold_ms,
         )
         self.group = group
         try:

@@ -19,11 +19,10 @@ from .protocol import Op, Status
 
 __all__ = ["LATENCY_BUCKETS", "Histogram", "OSDStats", "merge", "op_name", "status_name"]
 
-#: Upper bounds (seconds) of the latency buckets; the last bucket is +Inf.
+#: Upper bounds (seconds) of the latency buckets (shardio.metrics' own); then +Inf.
 LATENCY_BUCKETS: tuple[float, ...] = (
-    25e-6, 50e-6, 100e-6, 250e-6, 500e-6,
-    1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3,
-    1.0, 2.5, 5.0, 10.0,
+    10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 
 _OP_NAMES = {int(op): op.name.lower() for op in Op}
@@ -171,3 +170,102 @@ def merge(snapshots: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
             elif isinstance(value, int | float) and not isinstance(value, bool):
                 total[key] = total.get(key, 0) + value
     return total
+
+
+def prometheus_families(snap: Mapping[str, Any]) -> list[Any]:
+    """One shard's ``ShardNode.snapshot()`` as prometheus_client metric families.
+
+    Registered as a pull-style collector on the shard's metrics registry, so
+    the hot path only bumps plain ints; the ``shard`` label is added by
+    ``shardio.metrics`` when the samples are gathered.
+    """
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+    )
+    from prometheus_client.utils import floatToGoString
+
+    out: list[Any] = []
+
+    def counter(name: str, help: str, value: float) -> None:
+        out.append(CounterMetricFamily(name, help, value=value))
+
+    def gauge(name: str, help: str, value: float) -> None:
+        out.append(GaugeMetricFamily(name, help, value=value))
+
+    ops = CounterMetricFamily(
+        "shardio_osd_ops", "OSD requests answered by this shard, by op and reply status.",
+        labels=["op", "status"],
+    )
+    for key, n in sorted(snap.get("ops", {}).items()):
+        op, _, status = key.partition("/")
+        ops.add_metric([op, status], n)
+    out.append(ops)
+    lat = HistogramMetricFamily(
+        "shardio_osd_op_latency_seconds",
+        "Time from decoding a request to queueing its reply, on the accepting shard "
+        "(cross-shard hop included).",
+        labels=["op"],
+    )
+    for op, hd in sorted(snap.get("latency", {}).items()):
+        h = Histogram.from_dict(hd)
+        buckets = [(floatToGoString(le), n) for le, n in h.cumulative()]
+        lat.add_metric([op], buckets, h.sum)
+    out.append(lat)
+    hops = CounterMetricFamily(
+        "shardio_osd_hops",
+        "Cross-shard hops: requests forwarded to their pg's shard (out) or served for "
+        "another shard (in).",
+        labels=["direction"],
+    )
+    hops.add_metric(["out"], snap.get("hops_out", 0))
+    hops.add_metric(["in"], snap.get("hops_in", 0))
+    out.append(hops)
+    counter("shardio_osd_received_bytes", "Request bytes read from client sockets.",
+            snap.get("bytes_received", 0))
+    counter("shardio_osd_sent_bytes", "Reply bytes written to client sockets.",
+            snap.get("bytes_sent", 0))
+    counter("shardio_osd_read_bytes", "Object bytes returned by READ on this shard's store.",
+            snap.get("read_bytes", 0))
+    counter("shardio_osd_written_bytes", "Object bytes stored by PUT/WRITE on this shard's store.",
+            snap.get("written_bytes", 0))
+    counter("shardio_osd_connections_accepted", "Client connections accepted.",
+            snap.get("connections_accepted", 0))
+    counter("shardio_osd_connections_refused", "Connections closed at once: over the limit.",
+            snap.get("connections_refused", 0))
+    gauge("shardio_osd_connections", "Client connections open now.", snap.get("connections_open", 0))
+    errors = CounterMetricFamily(
+        "shardio_osd_frame_errors", "Bad request frames, by kind (protocol error class).",
+        labels=["kind"],
+    )
+    for kind, n in sorted(snap.get("frame_errors", {}).items()):
+        errors.add_metric([kind], n)
+    out.append(errors)
+    counter("shardio_osd_protocol_closes", "Connections closed for a fatal frame error.",
+            snap.get("protocol_closes", 0))
+    pauses = CounterMetricFamily(
+        "shardio_osd_backpressure_pauses",
+        "Times a connection stopped reading: too much in flight, or replies not read.",
+        labels=["reason"],
+    )
+    pauses.add_metric(["inflight"], snap.get("inflight_pauses", 0))
+    pauses.add_metric(["write_buffer"], snap.get("write_pauses", 0))
+    out.append(pauses)
+    counter("shardio_osd_replies_dropped", "Replies not sent: their connection had closed.",
+            snap.get("replies_dropped", 0))
+    store = snap.get("store")
+    if store:
+        gauge("shardio_osd_store_objects", "Objects in this shard's store.", store["objects"])
+        gauge("shardio_osd_store_live_bytes", "Sum of the object sizes.", store["live_bytes"])
+        gauge("shardio_osd_store_log_bytes", "Bytes in the store's segment files.",
+              store["log_bytes"])
+        gauge("shardio_osd_store_segments", "Segment files.", store["segments"])
+        counter("shardio_osd_store_fsyncs", "fsync/fdatasync calls of the store.", store["fsyncs"])
+        counter("shardio_osd_store_commit_batches",
+                "Group commits (one fsync acknowledging one or more writes).",
+                store["commit_batches"])
+        counter("shardio_osd_store_corrupt_reads",
+                "Reads refused with EIO: a checksum or identity check failed.",
+                store["corrupt_reads"])
+    return out
