@@ -84,6 +84,33 @@ def received_from(peer):
     return shardio.current_reactor().links[peer].received_messages
 
 
+class Counter:
+    def __init__(self):
+        self.value = 0
+
+    def bump(self, by=1):
+        self.value += by
+        return self.value
+
+    def read(self):
+        return self.value
+
+
+async def start_counter():
+    return await shardio.Sharded(Counter).start()
+
+
+async def stop_counter(counter):
+    await counter.stop()
+
+
+async def invoke_with_timeout(counter, shard, timeout, method, *args):
+    try:
+        return await asyncio.wait_for(counter.invoke_on(shard, method, *args), timeout)
+    except TimeoutError:
+        return "timed out"
+
+
 # ---------------------------------------------------------------- tests
 
 
@@ -168,6 +195,22 @@ def test_inject_a_spoofed_call_after_dropping_the_real_one(group, clock):
         clock.settle()
         clock.advance(10)
     assert group.submit(1, take_log).result(timeout=5) == [(1, ("registered", "spoofed"))]
+
+
+def test_match_a_method_of_a_sharded_service(group, clock):
+    counter = group.submit(0, start_counter).result(timeout=5)
+    try:
+        with intercept(group) as net:
+            lost = net.drop(0, 2, net.match(method="bump", args=(5,)))
+            bumped = group.submit(0, invoke_with_timeout, counter, 2, 10, "bump", 5)
+            assert lost.result(timeout=5).args[1:3] == ("bump", (5,))
+            clock.settle()
+            clock.advance(10)
+            assert bumped.result(timeout=5) == "timed out"
+            assert group.submit(0, invoke_with_timeout, counter, 2, 10, "bump", 1).result(5) == 1
+            assert group.submit(0, invoke_with_timeout, counter, 2, 10, "read").result(5) == 1
+    finally:
+        group.submit(0, stop_counter, counter).result(timeout=5)
 
 
 def test_rules_check_their_shards(group):

@@ -233,7 +233,9 @@ class Clock:
         Returns once every shard has run a loop iteration at the new time (from
         inside a shard: at once, the wake-ups are on their way).  Timers it made
         due have been moved to the ready queue, not necessarily run: use
-        :meth:`settle` for that.
+        :meth:`settle` for that.  Only timers that exist move: a call still on
+        its way to a shard starts its timer from the new time, so after
+        starting work, :meth:`settle` before advancing (as with libprocess).
         """
         self.virtual_time.advance(seconds)
         self._wake_all()

@@ -32,7 +32,8 @@ matches on each source shard.  Rules are checked in the order they were
 made: every matching expect sees the call, the first matching drop or delay
 takes it.
 
-``match`` is None (every call), ``net.match(func=..., args=...)``, or any
+``match`` is None (every call), ``net.match(func=..., args=...)``,
+``net.match(method="name")`` (a method of a ``Sharded`` service), or any
 picklable predicate ``match(func, args, kwargs) -> bool`` (a module-level
 function: it runs on the source shard, maybe in another process).
 
@@ -58,6 +59,7 @@ from typing import Any, Literal
 from ..errors import ShardioError
 from ..group import ShardGroup
 from ..reactor import Reactor, require_reactor
+from ..sharded import _invoke as _sharded_invoke  # Sharded calls: (key, method, args, kw)
 
 __all__ = ["Match", "Message", "Net", "NoMatchingMessage", "intercept"]
 
@@ -85,12 +87,22 @@ class Message:
 
 @dataclass(frozen=True)
 class Match:
-    """Matches calls to ``func`` (by equality) whose positional args start with ``args``."""
+    """Matches calls to ``func`` (by equality) whose positional args start with ``args``.
+
+    ``method`` matches calls to that method of a :class:`~shardio.Sharded`
+    service (``svc.invoke_on(shard, "method", ...)``); ``args`` then applies
+    to the method's arguments.
+    """
 
     func: Callable | None = None
     args: tuple | None = None
+    method: str | None = None
 
     def __call__(self, func: Callable, args: tuple, kwargs: dict) -> bool:
+        if self.method is not None:
+            if func is not _sharded_invoke or args[1] != self.method:
+                return False
+            args = args[2]
         if self.func is not None and func != self.func:
             return False
         return self.args is None or tuple(args[:len(self.args)]) == tuple(self.args)
