@@ -170,6 +170,19 @@ def test_leaving_the_block_sends_what_is_delayed_and_removes_the_rules(group, cl
     assert group.submit(2, take_log).result(timeout=5) == [(2, "held")]
 
 
+def test_blocks_nest_and_each_removes_only_its_own_rules(group, clock):
+    with intercept(group) as outer:
+        seen = outer.expect(0, 1)
+        with intercept(group) as inner:
+            inner.drop(0, 1, inner.match(func=ping))
+            lost = group.submit(0, call_with_timeout, 1, 5, ping, 1)
+            clock.settle()
+            clock.advance(5)
+            assert lost.result(timeout=5) == "timed out"
+        assert group.submit(0, call_with_timeout, 1, 5, ping, 2).result(5) == ("pong", 2)
+        assert seen.result(timeout=5).args == (1,)  # the earlier rule saw it before the drop
+
+
 def test_expect_is_the_first_matching_call_and_lets_it_through(group):
     with intercept(group) as net:
         first_even = net.expect(None, 1, is_even_item)

@@ -48,7 +48,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -129,6 +128,7 @@ class _Rule:
 
 
 _tokens = itertools.count(1)
+_rule_ids = itertools.count(1)  # unique across interceptions: shards key their state by it
 
 
 class Net:
@@ -140,10 +140,8 @@ class Net:
         self.group = group
         self.timeout = timeout
         self._token = next(_tokens)
-        self._rule_ids = itertools.count(1)
         self._shards: set[int] = set()
         self._firsts: dict[int, concurrent.futures.Future] = {}
-        self._lock = threading.Lock()
         self._closed = False
 
     def __enter__(self) -> Net:
@@ -189,7 +187,7 @@ class Net:
         if src is not None and src == dst:
             raise ValueError(f"shard {src} does not send calls to itself through the fabric")
         sources = range(self.group.shards) if src is None else [self._check_shard(src)]
-        rule = _Rule(self._token, next(self._rule_ids), action, dst, match, seconds, count)
+        rule = _Rule(self._token, next(_rule_ids), action, dst, match, seconds, count)
         first: concurrent.futures.Future[Message] = concurrent.futures.Future()
         self._firsts[rule.rule_id] = first
         deadline = time.monotonic() + self.timeout
@@ -198,7 +196,7 @@ class Net:
                 continue
             _wait(self.group.submit(shard, _install, rule), deadline, "installing a rule")
             self._shards.add(shard)
-            self.group.submit(shard, _watch, rule.token, rule.rule_id).add_done_callback(
+            self.group.submit(shard, _watch, rule.rule_id).add_done_callback(
                 partial(_settle_first, first))
         return first
 
@@ -366,7 +364,7 @@ def _install(rule: _Rule) -> None:
     net.rules.append(rule)
 
 
-async def _watch(token: int, rule_id: int) -> Message | None:
+async def _watch(rule_id: int) -> Message | None:
     """Answers the owner with the first call the rule matched on this shard."""
     net = require_reactor().interceptor
     first = net.firsts.get(rule_id) if isinstance(net, ShardNet) else None
