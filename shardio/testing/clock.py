@@ -71,21 +71,26 @@ class VirtualTime:
     collection) releases the memfd once the group has stopped.
     """
 
-    def __init__(self, _fd: int | None = None) -> None:
-        owner = _fd is None
-        fd = os.memfd_create("shardio-clock", os.MFD_CLOEXEC) if owner else _fd
+    def __init__(self) -> None:
+        fd = os.memfd_create("shardio-clock", os.MFD_CLOEXEC)
         try:
-            if owner:
-                os.ftruncate(fd, mmap.PAGESIZE)
-            self._map = mmap.mmap(fd, mmap.PAGESIZE, mmap.MAP_SHARED,
-                                  mmap.PROT_READ | mmap.PROT_WRITE)
+            os.ftruncate(fd, mmap.PAGESIZE)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._map_fd(fd)
+
+    def _map_fd(self, fd: int) -> None:
+        try:
+            segment = mmap.mmap(fd, mmap.PAGESIZE, mmap.MAP_SHARED,
+                                mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
             raise
         self._fd = fd
-        self._state = memoryview(self._map).cast("q")
+        self._state = memoryview(segment).cast("q")  # aligned 8-byte loads and stores
         self._lock = threading.Lock()
-        self._finalizer = weakref.finalize(self, _release, fd, self._state, self._map)
+        self._finalizer = weakref.finalize(self, _release, fd, self._state, segment)
 
     def __call__(self) -> VirtualTimeLoop:
         return VirtualTimeLoop(self)
@@ -104,7 +109,9 @@ class VirtualTime:
 
     def _read(self) -> tuple[int, int]:
         state = self._state
-        while True:  # seqlock: retry while a write is in progress or happened meanwhile
+        # A seqlock: retry while a write is in progress or happened meanwhile.  It needs
+        # loads kept in order and stores kept in order, which x86-64 guarantees.
+        while True:
             seq = state[_SEQ]
             paused, value = state[_PAUSED], state[_VALUE]
             if not seq & 1 and state[_SEQ] == seq:
@@ -152,7 +159,10 @@ class VirtualTime:
 
 
 def _attach(handle: FdHandle) -> VirtualTime:
-    return VirtualTime(handle.detach())
+    """In a spawned shard process: map the memfd the owner created."""
+    virtual_time = VirtualTime.__new__(VirtualTime)
+    virtual_time._map_fd(handle.detach())
+    return virtual_time
 
 
 def _release(fd: int, state: memoryview, segment: mmap.mmap) -> None:
@@ -260,7 +270,9 @@ class Clock:
         ``timeout`` seconds of shards that keep working (a periodic timer on a
         running clock, a busy loop).
         """
-        group = self._owner_group("settle()")
+        if self.group is None:
+            raise ClockError("settle() from inside a shard: use `await clock.settle_async()`")
+        group = self.group
         deadline = time.monotonic() + self.timeout
         while True:
             reports = [self._result(group.submit(shard, _probe), "settle()")
@@ -290,11 +302,6 @@ class Clock:
                                  f"{_describe(ordered)}")
 
     # ------------------------------------------------------------ internals
-
-    def _owner_group(self, what: str) -> ShardGroup:
-        if self.group is None:
-            raise ClockError(f"{what} from inside a shard: use `await clock.settle_async()`")
-        return self.group
 
     def _result(self, future: concurrent.futures.Future, what: str,
                 deadline: float | None = None) -> Any:
