@@ -189,15 +189,26 @@ class _AsyncConn(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        try:
-            frames = self.decoder.feed(data)
-        except FrameError as exc:
-            for frame in exc.frames:
+        while True:
+            try:
+                frames = self.decoder.feed(data)
+            except FrameError as exc:
+                for frame in exc.frames:
+                    self._deliver(frame)
+                error = OSDProtocolError(f"{self.label}: bad reply from the server: {exc}")
+                if exc.fatal:
+                    self._fail(error)
+                    return
+                # The bad frame was skipped whole (e.g. the reply to an op this side does
+                # not know): fail that request only and keep the connection.
+                fut = self.pending.pop(exc.tid, None) if exc.tid is not None else None
+                if fut is not None and not fut.done():
+                    fut.set_exception(error)
+                data = b""
+                continue
+            for frame in frames:
                 self._deliver(frame)
-            self._fail(OSDProtocolError(f"{self.label}: bad reply from the server: {exc}"))
             return
-        for frame in frames:
-            self._deliver(frame)
 
     def _deliver(self, frame: Frame) -> None:
         fut = self.pending.pop(frame.tid, None)
@@ -523,6 +534,7 @@ class _SyncConn:
             raise OSDConnectionError(f"{self.label}: connection closed")
         want = set(tids)
         got: dict[int, Frame] = {}
+        bad: dict[int, FrameError] = {}
         view = memoryview(data)
         pos = 0
         sel = self.selector
@@ -550,14 +562,24 @@ class _SyncConn:
                         continue
                     if not chunk:
                         raise OSDConnectionError(f"{self.label}: connection closed by the server")
-                    try:
-                        frames = self.decoder.feed(chunk)
-                    except FrameError as exc:
-                        raise OSDProtocolError(f"{self.label}: bad reply: {exc}") from exc
-                    for frame in frames:
-                        if frame.tid in want:
-                            want.discard(frame.tid)
-                            got[frame.tid] = frame
+                    while True:
+                        try:
+                            frames = self.decoder.feed(chunk)
+                        except FrameError as exc:
+                            if exc.fatal or exc.tid not in want:
+                                raise OSDProtocolError(f"{self.label}: bad reply: {exc}") from exc
+                            frames = exc.frames  # a skipped reply: fail that request only
+                            want.discard(exc.tid)
+                            bad[exc.tid] = exc
+                            chunk = b""
+                        else:
+                            chunk = None
+                        for frame in frames:
+                            if frame.tid in want:
+                                want.discard(frame.tid)
+                                got[frame.tid] = frame
+                        if chunk is None:
+                            break
         except OSError as exc:
             self.close()
             if isinstance(exc, OSDClientError):
@@ -566,6 +588,9 @@ class _SyncConn:
         except BaseException:
             self.close()
             raise
+        if bad:
+            tid, exc = next(iter(bad.items()))
+            raise OSDProtocolError(f"{self.label}: the reply to tid {tid} is invalid: {exc}")
         return got
 
     def close(self) -> None:
