@@ -17,7 +17,7 @@ Reactor (``shard`` label): ``shardio_reactor_polls_total``, ``_idle_spins_total`
 ``_busy_seconds_total`` (wall time minus sleep), ``_cpu_seconds_total`` (the
 reactor thread's CPU time), ``_requests_total``, ``_tasks_started_total``,
 ``_inbox_items_total``, ``_inbox_length``, ``_batches_total``,
-``_batch_messages_total``, ``_stalls_total``, ``_longest_stall_seconds``.
+``_batch_messages_total``, ``_stalls_total``.
 
 Fabric (``shard`` and ``peer`` labels; the owner is ``"outside"``):
 ``shardio_fabric_sent_messages_total``, ``_sent_bytes_total``,
@@ -39,11 +39,11 @@ Adding series from shard code (on the reactor thread)::
     m = shard_registry()                  # this shard's registry, made on first use
     ops = m.counter("shardio_osd_ops", "OSD operations by type and status.",
                     ["op", "status"])
-    read_ok = ops.labels(op="read", status="ok")   # once: labels() is a dict lookup
-    read_ok.inc()                                  # per op: ~0.3 us
+    read_ok = ops.labels(op="read", status="ok")   # once: labels() costs ~3 us
+    read_ok.inc()                                  # per op: ~0.6 us
     latency = m.histogram("shardio_osd_op_latency_seconds", "Time to serve an op.",
                           ["op"]).labels(op="read")
-    latency.observe(seconds)
+    latency.observe(seconds)                       # ~2 us
 
     def tame_series():                    # pull-style: called on the reactor at scrape time
         from prometheus_client.core import GaugeMetricFamily
@@ -160,7 +160,7 @@ _LINK_COUNTERS = (
 _BUILTIN_NAMES = frozenset(
     [name for name, _, _ in _REACTOR_COUNTERS + _LINK_COUNTERS]
     + ["shardio_reactor_busy_seconds", "shardio_reactor_cpu_seconds",
-       "shardio_reactor_inbox_length", "shardio_reactor_longest_stall_seconds",
+       "shardio_reactor_inbox_length",
        "shardio_fabric_ring_used_bytes", "shardio_fabric_ring_capacity_bytes",
        "shardio_fabric_backlog_messages", "shardio_fabric_pending_calls",
        "shardio_fabric_peer_up", "shardio_external_in_flight", "shardio_shard_up"])
@@ -233,10 +233,6 @@ def _reactor_series(out: _Families, reactor: Reactor) -> None:
     out.counter("shardio_reactor_busy_seconds", "Wall time since the reactor started, minus its sleep.", busy, shard=shard)
     out.counter("shardio_reactor_cpu_seconds", "CPU time of the reactor thread.", time.thread_time(), shard=shard)
     out.gauge("shardio_reactor_inbox_length", "Callbacks waiting in the MPSC inbox.", len(reactor._inbox), shard=shard)
-    detector = reactor.stall_detector
-    if detector is not None:
-        out.gauge("shardio_reactor_longest_stall_seconds", "The longest stall seen so far.", detector.longest,
-                  shard=shard)
     links = [link for link in reactor.links if link is not None]
     out.gauge("shardio_fabric_ring_capacity_bytes", "Size of each ring's data area.",
               links[0].outbound.capacity, shard=shard)
