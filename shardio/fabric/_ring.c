@@ -273,6 +273,7 @@ Ring_get(Ring *self, PyObject *arg)
         uint64_t advance = RECORD_HEADER + align8(rlen);
         if (rflags & FLAG_PAD) {
             head += advance;
+            atomic_store_explicit(head_ptr(self), head, memory_order_release);
             continue;
         }
         if (advance > self->capacity - idx || advance > tail - head) {
