@@ -76,8 +76,8 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .errors import ShardioError
-from .reactor import require_reactor
+from .errors import ShardDied, ShardioError, WrongThreadError
+from .reactor import current_reactor, require_reactor
 
 if TYPE_CHECKING:
     from prometheus_client import Counter, Gauge, Histogram, Metric
@@ -214,14 +214,15 @@ def _link_series(out: _Families, link: Link, shard: str, peer: str, *,
         if attribute == "received_bytes" and not received_bytes:
             continue
         out.counter(name, help, getattr(link, attribute), shard=shard, peer=peer)
-    out.gauge("shardio_fabric_ring_used_bytes", "Bytes waiting in the ring from this shard to the peer (a snapshot).", link.outbound.used(),
-              shard=shard, peer=peer)
-    out.gauge("shardio_fabric_backlog_messages", "Messages to the peer waiting for ring space.", len(link.backlog),
-              shard=shard, peer=peer)
-    out.gauge("shardio_fabric_pending_calls", "Calls to the peer waiting for their result.", len(link.pending),
-              shard=shard, peer=peer)
-    out.gauge("shardio_fabric_peer_up", "1 while the peer is alive, 0 once it is known dead.", 0 if link.dead else 1,
-              shard=shard, peer=peer)
+    out.gauge("shardio_fabric_ring_used_bytes",
+              "Bytes waiting in the ring from this shard to the peer (a snapshot).",
+              link.outbound.used(), shard=shard, peer=peer)
+    out.gauge("shardio_fabric_backlog_messages", "Messages to the peer waiting for ring space.",
+              len(link.backlog), shard=shard, peer=peer)
+    out.gauge("shardio_fabric_pending_calls", "Calls to the peer waiting for their result.",
+              len(link.pending), shard=shard, peer=peer)
+    out.gauge("shardio_fabric_peer_up", "1 while the peer is alive, 0 once it is known dead.",
+              0 if link.dead else 1, shard=shard, peer=peer)
 
 
 def _reactor_series(out: _Families, reactor: Reactor) -> None:
@@ -229,10 +230,14 @@ def _reactor_series(out: _Families, reactor: Reactor) -> None:
     shard = str(reactor.shard_id)
     for name, attribute, help in _REACTOR_COUNTERS:
         out.counter(name, help, getattr(stats, attribute), shard=shard)
-    busy = max(0.0, time.monotonic() - stats.started_at - stats.sleep_seconds)
-    out.counter("shardio_reactor_busy_seconds", "Wall time since the reactor started, minus its sleep.", busy, shard=shard)
-    out.counter("shardio_reactor_cpu_seconds", "CPU time of the reactor thread.", time.thread_time(), shard=shard)
-    out.gauge("shardio_reactor_inbox_length", "Callbacks waiting in the MPSC inbox.", len(reactor._inbox), shard=shard)
+    out.counter("shardio_reactor_busy_seconds",
+                "Wall time since the reactor started, minus its sleep.",
+                max(0.0, time.monotonic() - stats.started_at - stats.sleep_seconds), shard=shard)
+    # The gatherer runs on the reactor thread, so this is that thread's CPU time.
+    out.counter("shardio_reactor_cpu_seconds", "CPU time of the reactor thread.",
+                time.thread_time(), shard=shard)
+    out.gauge("shardio_reactor_inbox_length", "Callbacks waiting in the MPSC inbox.",
+              len(reactor._inbox), shard=shard)
     links = [link for link in reactor.links if link is not None]
     out.gauge("shardio_fabric_ring_capacity_bytes", "Size of each ring's data area.",
               links[0].outbound.capacity, shard=shard)
@@ -413,33 +418,15 @@ def collect(group: ShardGroup, timeout: float = DEFAULT_TIMEOUT) -> Snapshot:
     """
     from prometheus_client import Metric
 
-    futures: dict[int, concurrent.futures.Future] = {}
-    for shard in range(group.shards):
-        if group.is_alive(shard):
-            try:
-                futures[shard] = group.submit(shard, _shard_families)
-            except ShardioError:
-                pass  # died or stopping meanwhile: it shows as down
-    done, late = concurrent.futures.wait(futures.values(), timeout)
-    up: dict[int, bool] = {}
-    sources: list[list[Family]] = []
-    for shard in range(group.shards):
-        future = futures.get(shard)
-        if future in done and future.exception() is None:
-            sources.append(future.result())
-            up[shard] = True
-        else:
-            up[shard] = False
-            if future in late:
-                future.cancel()
-                log.warning("shard %d did not answer the metrics scrape within %.3g s",
-                            shard, timeout)
-            elif future is not None and not isinstance(future.exception(), ShardioError):
-                log.error("gathering the metrics of shard %d failed: %r", shard,
-                          future.exception())
+    if current_reactor() is not None:
+        raise WrongThreadError("metrics.collect() waits for every shard: call it from a thread "
+                               "of the group's owner, not from a reactor")
+    up, sources = _gather(group, timeout)
     head, tail = _Families(), _Families()
-    for shard, ok in up.items():
-        head.gauge("shardio_shard_up", "1 when the shard answered the scrape in time, 0 when it did not or is dead.", 1 if ok else 0, shard=str(shard))
+    for shard, answered in up.items():
+        head.gauge("shardio_shard_up",
+                   "1 when the shard answered the scrape in time, 0 when it did not or is dead.",
+                   1 if answered else 0, shard=str(shard))
     _owner_series(tail, group)
     merged: dict[str, Metric] = {}
     for families in [head.wire(), *sources, tail.wire()]:
@@ -454,6 +441,38 @@ def collect(group: ShardGroup, timeout: float = DEFAULT_TIMEOUT) -> Snapshot:
             for sample, labels, value in samples:
                 metric.add_sample(sample, labels, value)
     return Snapshot(list(merged.values()), up)
+
+
+def _gather(group: ShardGroup, timeout: float) -> tuple[dict[int, bool], list[list[Family]]]:
+    """Ask every live shard at once; which answered in time, and their families."""
+    futures: dict[int, concurrent.futures.Future] = {}
+    for shard in range(group.shards):
+        if group.is_alive(shard):
+            try:
+                futures[shard] = group.submit(shard, _shard_families)
+            except ShardioError:
+                pass  # died or stopping meanwhile: it shows as down
+    done, _ = concurrent.futures.wait(futures.values(), timeout)
+    up: dict[int, bool] = {}
+    sources: list[list[Family]] = []
+    for shard in range(group.shards):
+        future = futures.get(shard)
+        if future is None:
+            up[shard] = False
+        elif future not in done:
+            up[shard] = False
+            future.cancel()
+            log.warning("shard %d did not answer the metrics scrape within %.3g s",
+                        shard, timeout)
+        elif future.exception() is not None:
+            up[shard] = False
+            if not isinstance(future.exception(), ShardDied):
+                log.error("gathering the metrics of shard %d failed: %r", shard,
+                          future.exception())
+        else:
+            up[shard] = True
+            sources.append(future.result())
+    return up, sources
 
 
 def _owner_series(out: _Families, group: ShardGroup) -> None:
