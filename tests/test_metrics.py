@@ -6,9 +6,11 @@ nothing heavy at the top (no pytest) so that costs them little.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -154,6 +156,40 @@ def test_counters_follow_the_work_and_the_endpoint_closes_at_stop(backend, leak_
         only = scrape(url + "?name[]=shardio_shard_up")
         assert {family.name for family in only.families} == {"shardio_shard_up"}
     assert_refused(url)
+
+
+def test_scrapes_while_the_group_works(backend, leak_check):
+    """Concurrent scrapes during cross-shard load: each valid, every counter monotonic."""
+    with shardio.ShardGroup(2, backend=backend) as group, \
+            metrics.serve_group_metrics(group, 0) as server:
+        stop = threading.Event()
+
+        def load() -> None:
+            while not stop.is_set():
+                futures = [group.submit(i % 2, sf.hop_to, 1 - i % 2, sf.add, i) for i in range(32)]
+                for future in futures:
+                    future.result(timeout=10)
+
+        def scraper(out: list) -> None:
+            out.extend(scrape(server.url) for _ in range(8))
+
+        loader = threading.Thread(target=load)
+        loader.start()
+        results: list[list[Scrape]] = [[] for _ in range(3)]
+        scrapers = [threading.Thread(target=scraper, args=(out,)) for out in results]
+        for thread in scrapers:
+            thread.start()
+        for thread in scrapers:
+            thread.join(timeout=30)
+        stop.set()
+        loader.join(timeout=30)
+    for series in results:
+        assert len(series) == 8
+        for earlier, later in itertools.pairwise(series):
+            for (name, labels), value in earlier.samples.items():
+                if name.endswith("_total"):
+                    assert later.samples[(name, labels)] >= value, (name, labels)
+        assert series[-1]("shardio_fabric_sent_messages_total", shard=0, peer=1) > 0
 
 
 def test_external_submissions_on_a_shard_and_from_outside(backend):
