@@ -66,6 +66,16 @@ def test_clock_fixture(shard_group, shardio_clock):
 @pytest.mark.shardio(backend=["process", "thread"], clock=True)
 def test_run(shardio_run):
     assert shardio_run(main, 1, 3600) == ("slept", 0)
+
+
+async def forever():
+    await shardio.submit_to(1, asyncio.sleep, 3600)
+
+
+@pytest.mark.shardio(backend=["process", "thread"], timeout=0.3)
+def test_run_timeout(shardio_run):
+    with pytest.raises(TimeoutError, match="forever did not finish on shard 0 within 0.3 s"):
+        shardio_run(forever)
 '''
 
 LEAKS = '''
@@ -109,7 +119,7 @@ def test_clean_process_group(shard_group):
 def test_fixtures_and_options(pytester):
     pytester.makepyfile(test_fixtures=FIXTURES)
     result = pytester.runpytest_subprocess(*PLUGIN, "-p", "no:cacheprovider", "-v")
-    result.assert_outcomes(passed=9)
+    result.assert_outcomes(passed=11)
     result.stdout.fnmatch_lines(["*test_every_backend?process? PASSED*",
                                  "*test_every_backend?thread? PASSED*"])
 

@@ -17,7 +17,8 @@ Configure them with the ``shardio`` marker (defaults shown)::
 ``backend`` may be a list, ``backend=["process", "thread"]``, which runs the
 test once per backend.  ``clock=True`` makes the groups run on a
 :class:`~shardio.testing.VirtualTime` (``Clock()`` works inside ``shardio_run``'s
-main).  ``timeout`` bounds ``shardio_run``.  The same options can be given
+main).  ``timeout`` bounds ``shardio_run`` in real seconds: past it, the
+shards' tasks are cancelled and it raises ``TimeoutError``.  The same options can be given
 by indirect parametrization of ``shardio_options``::
 
     @pytest.mark.parametrize("shardio_options", [{"shards": 1}, {"shards": 3}], indirect=True)
@@ -32,6 +33,7 @@ signal pipe) are created before the first snapshot.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -77,12 +79,12 @@ def shardio_options(request: pytest.FixtureRequest) -> dict[str, Any]:
     marker = request.node.get_closest_marker("shardio")
     if marker is not None:
         if marker.args:
-            raise pytest.UsageError("@pytest.mark.shardio takes keyword arguments only")
+            pytest.fail("@pytest.mark.shardio takes keyword arguments only", pytrace=False)
         options.update(marker.kwargs)
     options.update(getattr(request, "param", None) or {})
     if isinstance(options["backend"], (list, tuple)):
-        raise pytest.UsageError("backend=[...] parametrizes tests that use shardio_options, "
-                                "shard_group or shardio_run")
+        pytest.fail("backend=[...] parametrizes tests that use shardio_options, shard_group "
+                    "or shardio_run", pytrace=False)
     return options
 
 
@@ -107,8 +109,7 @@ def shard_group(request: pytest.FixtureRequest, shardio_options: dict[str, Any],
     clock = shardio_options["clock"] or "shardio_clock" in request.fixturenames
     group = make_group(shardio_options, clock=clock)
     try:
-        with group:
-            yield group
+        yield group.start()
     finally:
         close_group(group)
 
@@ -128,12 +129,22 @@ def shardio_run(shardio_options: dict[str, Any], shardio_leak_check: LeakCheck |
 
     def run(main: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         group = make_group(shardio_options, clock=shardio_options["clock"])
+        timeout = shardio_options["timeout"]
+        future = None
         try:
-            with group:
-                return group.submit(0, main, *args, **kwargs).result(
-                    timeout=shardio_options["timeout"])
+            future = group.start().submit(0, main, *args, **kwargs)
+            return future.result(timeout=timeout)
+        except TimeoutError:
+            if future is None or future.done():
+                raise
+            # Cancel it (and whatever it started) so that stopping does not wait for it.
+            for shard in range(group.shards):
+                group.submit(shard, _cancel_tasks)
+            raise TimeoutError(f"{getattr(main, '__qualname__', main)} did not finish on "
+                               f"shard 0 within {timeout} s (the shardio marker's timeout)"
+                               ) from None
         finally:
-            close_group(group)
+            close_group(group, stop_timeout=None if future is None or future.done() else 5.0)
 
     return run
 
@@ -146,8 +157,14 @@ def make_group(options: dict[str, Any], *, clock: bool) -> ShardGroup:
     return ShardGroup(options["shards"], **group_options)
 
 
-def close_group(group: ShardGroup) -> None:
-    group.stop()
+async def _cancel_tasks() -> None:
+    for task in asyncio.all_tasks():
+        if task is not asyncio.current_task():
+            task.cancel()
+
+
+def close_group(group: ShardGroup, stop_timeout: float | None = None) -> None:
+    group.stop(timeout=stop_timeout)
     if isinstance(group.options.loop, VirtualTime):
         group.options.loop.close()
 
