@@ -23,8 +23,7 @@ from typing import Any
 
 from .fabric.handles import FdHandle
 from .fabric.mesh import Mesh
-from .reactor import Reactor, current_reactor
-from .submit import set_process_reactor
+from .reactor import Reactor, home_reactor, set_process_reactor
 
 EXIT_PARENT_DIED = 70
 
@@ -172,7 +171,7 @@ def install_log_record_factory() -> None:
 
     def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = previous(*args, **kwargs)
-        reactor = current_reactor()
+        reactor = home_reactor()
         record.shard = reactor.shard_id if reactor is not None else "-"
         return record
 

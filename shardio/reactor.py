@@ -65,6 +65,22 @@ def current_reactor() -> Reactor | None:
     return getattr(_local, "reactor", None)
 
 
+_process_reactor: Reactor | None = None
+
+
+def set_process_reactor(reactor: Reactor | None) -> None:
+    """Make ``reactor`` the home of every thread of this (shard) process."""
+    global _process_reactor
+    _process_reactor = reactor
+
+
+def home_reactor() -> Reactor | None:
+    """The shard the calling thread works for: its own reactor, the one it was bound
+    to (``bind_thread``, alien and watchdog threads), or its process's shard."""
+    return (getattr(_local, "reactor", None) or getattr(_local, "home_reactor", None)
+            or _process_reactor)
+
+
 def require_reactor() -> Reactor:
     reactor = getattr(_local, "reactor", None)
     if reactor is None:

@@ -64,6 +64,9 @@ class StallDetector:
         self._timer = self.reactor.loop.call_later(self.period, self._beat)
 
     def _watch(self) -> None:
+        from .reactor import _local
+
+        _local.home_reactor = self.reactor  # so its log records name the shard
         stalled_since = 0.0
         while not self._stop.wait(self.period):
             beat = self._last_beat

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from .errors import NotInShardError
-from .reactor import _local, require_reactor
+from .reactor import _local, home_reactor, require_reactor
 
 T = TypeVar("T")
 
@@ -53,15 +53,6 @@ async def map_reduce(func: Callable[..., Any], reducer: Callable[[T, Any], T], i
     return functools.reduce(reducer, await invoke_on_all(func, *args, **kwargs), initial)
 
 
-_process_reactor: Any = None
-
-
-def set_process_reactor(reactor: Any) -> None:
-    """Make ``reactor`` the target of external_submit() from this process's threads."""
-    global _process_reactor
-    _process_reactor = reactor
-
-
 def bind_thread(reactor: Any) -> None:
     """Make external_submit() from the calling thread go to ``reactor``.
 
@@ -84,8 +75,7 @@ def external_submit(func: Callable[..., Any], /, *args: Any, **kwargs: Any
     the reactor.  Which reactor: the one the calling thread was started for
     (``tame.alien`` threads), else the process's own shard (process backend).
     """
-    reactor = (getattr(_local, "home_reactor", None) or getattr(_local, "reactor", None)
-               or _process_reactor)
+    reactor = home_reactor()
     if reactor is None:
         raise NotInShardError(
             "external_submit() needs a shard to submit to: call it from a thread inside a "

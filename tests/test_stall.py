@@ -27,6 +27,7 @@ def test_a_blocking_sleep_in_a_coroutine_is_reported_with_its_stack():
     """)
     assert out.strip() == "1"  # counted by the watchdog while the call was still blocked
     assert "reactor stalled for" in err and "ms on shard 1" in err
+    assert "shard 1 WARNING shardio.stall" in err  # the record names its shard
     assert "in stall_in_coroutine" in err and "time.sleep(seconds)" in err
 
 
@@ -42,9 +43,11 @@ def test_thread_backend_and_the_stall_counter():
 
 
 def test_many_short_tasks_are_not_a_stall():
+    # 100 ms, not 25: on a loaded 2-CPU machine, being descheduled for 25 ms happens,
+    # and it is indistinguishable from a stall.  The tasks themselves take microseconds.
     out, err = _run("""
         import shardio, shard_functions as sf
-        with shardio.ShardGroup(1, stall_threshold_ms=25) as group:
+        with shardio.ShardGroup(1, stall_threshold_ms=100) as group:
             print(group.submit(0, sf.many_short_tasks, 20000).result())
             print(group.submit(0, sf.stall_count).result())
     """)

@@ -1,0 +1,221 @@
+"""Cross-shard call latency and throughput, against what Python offers instead.
+
+One run prints one table: round-trip latency (p50, p99) of a no-op call and
+pipelined throughput, for
+
+  * shardio ``submit_to`` between two process shards (both polling),
+  * shardio ``group.submit`` from a thread outside the shards,
+  * ``multiprocessing.Pipe`` and ``multiprocessing.Queue`` to an echo process,
+  * ``asyncio.to_thread`` on asyncio and on uvloop,
+
+all measured in the same run on the same machine, so the ratios mean
+something even on a noisy machine.
+
+    python bench/xshard.py [--calls 20000] [--pipelined 100000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+
+import uvloop
+
+import shardio
+
+
+def noop(value):
+    return value
+
+
+def percentiles(samples_ns: list[int]) -> tuple[float, float]:
+    samples_ns.sort()
+    return (samples_ns[len(samples_ns) // 2] / 1e3,
+            samples_ns[int(len(samples_ns) * 0.99)] / 1e3)
+
+
+# ------------------------------------------------------------------ shardio
+
+
+async def submit_to_latency(calls: int) -> list[int]:
+    submit_to = shardio.submit_to
+    for i in range(2000):
+        await submit_to(1, noop, i)
+    samples = []
+    clock = time.perf_counter_ns
+    for i in range(calls):
+        start = clock()
+        await submit_to(1, noop, i)
+        samples.append(clock() - start)
+    return samples
+
+
+async def submit_to_throughput(calls: int, window: int = 1000) -> float:
+    submit_to = shardio.submit_to
+    start = time.perf_counter()
+    for base in range(0, calls, window):
+        await asyncio.gather(*[submit_to(1, noop, i) for i in range(base, base + window)])
+    return calls / (time.perf_counter() - start)
+
+
+def measure_shardio(calls: int, pipelined: int) -> dict[str, tuple]:
+    # idle_poll_us: keep both shards polling between the measured calls.
+    with shardio.ShardGroup(2, idle_poll_us=5000) as group:
+        samples = group.submit(0, submit_to_latency, calls).result()
+        throughput = statistics.median(
+            group.submit(0, submit_to_throughput, pipelined).result() for _ in range(3))
+        shard_to_shard = (*percentiles(samples), throughput)
+
+        for i in range(1000):
+            group.submit(1, noop, i).result()
+        samples = []
+        for i in range(calls // 2):
+            start = time.perf_counter_ns()
+            group.submit(1, noop, i).result()
+            samples.append(time.perf_counter_ns() - start)
+        start = time.perf_counter()
+        window = 1000
+        for base in range(0, pipelined, window):
+            futures = [group.submit(1, noop, i) for i in range(base, base + window)]
+            for future in futures:
+                future.result()
+        outside = (*percentiles(samples), pipelined / (time.perf_counter() - start))
+    return {"shardio submit_to (shard 0 -> shard 1)": shard_to_shard,
+            "shardio group.submit (thread outside -> shard)": outside}
+
+
+# ------------------------------------------------------------------ multiprocessing
+
+
+def pipe_echo(connection) -> None:
+    while True:
+        value = connection.recv()
+        if value is None:
+            return
+        connection.send(value)
+
+
+def queue_echo(requests, replies) -> None:
+    while True:
+        value = requests.get()
+        if value is None:
+            return
+        replies.put(value)
+
+
+def measure_pipe(calls: int, pipelined: int) -> tuple:
+    context = multiprocessing.get_context("spawn")
+    here, there = context.Pipe()
+    echo = context.Process(target=pipe_echo, args=(there,))
+    echo.start()
+    for i in range(1000):
+        here.send(i)
+        here.recv()
+    samples = []
+    for i in range(calls):
+        start = time.perf_counter_ns()
+        here.send(i)
+        here.recv()
+        samples.append(time.perf_counter_ns() - start)
+    window = 100  # stays within the pipe's buffer, so neither side blocks on write
+    start = time.perf_counter()
+    for base in range(0, pipelined, window):
+        for i in range(window):
+            here.send(base + i)
+        for _ in range(window):
+            here.recv()
+    throughput = pipelined / (time.perf_counter() - start)
+    here.send(None)
+    echo.join()
+    return (*percentiles(samples), throughput)
+
+
+def measure_queue(calls: int, pipelined: int) -> tuple:
+    context = multiprocessing.get_context("spawn")
+    requests, replies = context.Queue(), context.Queue()
+    echo = context.Process(target=queue_echo, args=(requests, replies))
+    echo.start()
+    for i in range(1000):
+        requests.put(i)
+        replies.get()
+    samples = []
+    for i in range(calls // 2):
+        start = time.perf_counter_ns()
+        requests.put(i)
+        replies.get()
+        samples.append(time.perf_counter_ns() - start)
+    window = 1000
+    start = time.perf_counter()
+    for base in range(0, pipelined, window):
+        for i in range(window):
+            requests.put(base + i)
+        for _ in range(window):
+            replies.get()
+    throughput = pipelined / (time.perf_counter() - start)
+    requests.put(None)
+    echo.join()
+    return (*percentiles(samples), throughput)
+
+
+# ------------------------------------------------------------------ to_thread
+
+
+def measure_to_thread(loop_factory, calls: int, pipelined: int) -> tuple:
+    async def run() -> tuple:
+        for i in range(500):
+            await asyncio.to_thread(noop, i)
+        samples = []
+        for i in range(calls // 4):
+            start = time.perf_counter_ns()
+            await asyncio.to_thread(noop, i)
+            samples.append(time.perf_counter_ns() - start)
+        window = 1000
+        start = time.perf_counter()
+        for base in range(0, pipelined // 4, window):
+            await asyncio.gather(*[asyncio.to_thread(noop, i) for i in range(base, base + window)])
+        return (*percentiles(samples), pipelined // 4 / (time.perf_counter() - start))
+
+    loop = loop_factory()
+    try:
+        return loop.run_until_complete(run())
+    finally:
+        loop.close()
+
+
+# ------------------------------------------------------------------ table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="cross-shard call benchmark")
+    parser.add_argument("--calls", type=int, default=20000, help="round trips for latency")
+    parser.add_argument("--pipelined", type=int, default=100000, help="calls for throughput")
+    options = parser.parse_args()
+    rows = measure_shardio(options.calls, options.pipelined)
+    rows["multiprocessing.Pipe (echo process)"] = measure_pipe(options.calls, options.pipelined)
+    rows["multiprocessing.Queue (echo process)"] = measure_queue(options.calls,
+                                                                 options.pipelined)
+    rows["asyncio.to_thread (asyncio loop)"] = measure_to_thread(
+        asyncio.new_event_loop, options.calls, options.pipelined)
+    rows["asyncio.to_thread (uvloop)"] = measure_to_thread(
+        uvloop.new_event_loop, options.calls, options.pipelined)
+
+    base_p50 = rows["shardio submit_to (shard 0 -> shard 1)"][0]
+    base_rate = rows["shardio submit_to (shard 0 -> shard 1)"][2]
+    print(f"cross-shard no-op calls; python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
+          f"{options.calls} round trips, {options.pipelined} pipelined")
+    header = (f"| {'what':48} | {'p50 us':>8} | {'p99 us':>8} | {'pipelined calls/s':>17} "
+              f"| {'p50 vs submit_to':>16} | {'rate vs submit_to':>17} |")
+    print(header)
+    print("|" + "|".join("-" * (len(cell)) for cell in header.split("|")[1:-1]) + "|")
+    for name, (p50, p99, rate) in rows.items():
+        print(f"| {name:48} | {p50:8.1f} | {p99:8.1f} | {rate:17,.0f} "
+              f"| {p50 / base_p50:15.1f}x | {base_rate / rate:16.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
