@@ -203,20 +203,26 @@ def test_pipelined_replies_come_back_out_of_order(osd: OSDServer) -> None:
 
 
 def test_many_requests_in_flight_on_one_connection(osd: OSDServer) -> None:
-    """More requests than max_inflight: the server pauses reading, then answers all."""
+    """More requests than max_inflight: the server pauses reading, then answers all.
+
+    Reads that hop to the other shard stay in flight until the reply crosses
+    back (a cached read on the owning shard would complete at once).
+    """
+    assert osd.osdmap is not None
+    (name,) = names_on(osd, 1, 1, "pipe")
+    data = b"0123456789" * 100
     with Client(*osd.address) as c:
-        c.put("pipe-obj", b"0123456789" * 100)
-    pauses = osd.total_stats()["inflight_pauses"]
+        c.put(name, data)
+    pauses = osd.stats()[0]["inflight_pauses"]
     n = 2000
-    with RawConn(osd.address) as raw:
+    with RawConn(osd.osdmap.addr_of(0)) as raw:
         raw.send(b"".join(
-            encode_request(Op.READ, tid, "pipe-obj", offset=tid % 900, length=100)
+            encode_request(Op.READ, tid, name, offset=tid % 900, length=100)
             for tid in range(1, n + 1)
         ))
         got = by_tid(raw.recv_frames(n))
-    data = b"0123456789" * 100
     assert all(got[t].payload == data[t % 900 : t % 900 + 100] for t in range(1, n + 1))
-    assert osd.total_stats()["inflight_pauses"] > pauses
+    assert osd.stats()[0]["inflight_pauses"] > pauses
 
 
 def test_slow_reader_does_not_grow_server_memory(osd: OSDServer) -> None:

@@ -36,6 +36,7 @@ import os
 import selectors
 import socket
 import time
+from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal, NamedTuple
 
@@ -184,6 +185,11 @@ class _AsyncConn(asyncio.Protocol):
         self.error: Exception | None = None
         self.loop = asyncio.get_running_loop()
         self._writable: asyncio.Future[None] | None = None
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self._deadlines: deque[tuple[float, int, int, bytes]] = deque()
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._sweep_every = 1.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -241,11 +247,16 @@ class _AsyncConn(asyncio.Protocol):
                 fut.set_exception(error)
         w, self._writable = self._writable, None
         if w is not None and not w.done():
-            w.set_exception(error)
+            w.set_result(None)  # the writer wakes up and finds the connection closed
+        self._out.clear()
+        self._deadlines.clear()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         if self.transport is not None:
             self.transport.abort()
 
-    async def request(
+    def send(
         self,
         op: int,
         name: bytes,
@@ -254,30 +265,66 @@ class _AsyncConn(asyncio.Protocol):
         offset: int,
         length: int,
         timeout: float,
-    ) -> Frame:
+    ) -> asyncio.Future[Frame]:
+        """Queue one request; the future gets its reply frame (or the error).
+
+        Requests queued during one pass of the loop leave in one write. The
+        timeout is enforced by a sweep every ``timeout / 8`` (at least 10 ms).
+        """
         if self.closed:
             raise self.error or OSDConnectionError(f"{self.label}: connection closed")
-        if self._writable is not None:
-            await self._writable  # the server is not taking our requests as fast
         tid = self.next_tid
         self.next_tid = tid + 1
         data = encode_request(op, tid, name, payload, pool=pool, offset=offset, length=length)
         fut: asyncio.Future[Frame] = self.loop.create_future()
         self.pending[tid] = fut
-        assert self.transport is not None
-        self.transport.write(data)
-        timer = self.loop.call_later(timeout, self._expire, tid, op, name, timeout)
-        try:
-            return await fut
-        finally:
-            timer.cancel()
+        self._deadlines.append((self.loop.time() + timeout, tid, op, name))
+        if self._sweeper is None:
+            self._sweep_every = max(0.01, timeout / 8)
+            self._sweeper = self.loop.call_later(self._sweep_every, self._sweep)
+        self._out.append(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+        return fut
 
-    def _expire(self, tid: int, op: int, name: bytes, timeout: float) -> None:
-        fut = self.pending.pop(tid, None)
-        if fut is not None and not fut.done():
-            fut.set_exception(
-                OSDTimeout(f"{self.label}: no reply to {_op_name(op)} {name!r} in {timeout} s")
-            )
+    async def wait_writable(self) -> None:
+        """Return once the transport takes more data (the server reads our requests)."""
+        while self._writable is not None:
+            await self._writable
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out = self._out
+        if not out:
+            return
+        if self.closed or self.transport is None:
+            out.clear()
+            return
+        if len(out) == 1:
+            self.transport.write(out[0])
+        else:
+            self.transport.writelines(out)
+        out.clear()
+
+    def _sweep(self) -> None:
+        """Fail requests past their deadline; drop bookkeeping of answered ones."""
+        self._sweeper = None
+        now = self.loop.time()
+        deadlines = self._deadlines
+        pending = self.pending
+        while deadlines:
+            deadline, tid, op, name = deadlines[0]
+            if tid in pending and deadline > now:
+                break
+            deadlines.popleft()
+            fut = pending.pop(tid, None) if deadline <= now else None
+            if fut is not None and not fut.done():
+                fut.set_exception(
+                    OSDTimeout(f"{self.label}: no reply to {_op_name(op)} {name!r} in time")
+                )
+        if deadlines and not self.closed:
+            self._sweeper = self.loop.call_later(self._sweep_every, self._sweep)
 
     def close(self) -> None:
         if not self.closed:
@@ -392,10 +439,12 @@ class AsyncClient:
                 self.osdmap, self.route, bname, pool, pg
             )
             try:
-                conn = await self._connection(where)
-                reply = await conn.request(
-                    op, bname, payload, pool, offset, length, self.timeout
-                )
+                conn = self._conns.get(where)
+                if conn is None or conn.closed:
+                    conn = await self._connection(where)
+                if conn._writable is not None:
+                    await conn.wait_writable()  # the server is not taking requests as fast
+                reply = await conn.send(op, bname, payload, pool, offset, length, self.timeout)
             except OSDConnectionError:
                 if attempt + 1 >= attempts:
                     raise

@@ -44,7 +44,7 @@ from shardio.group import ShardGroup
 from shardio.reactor import require_reactor
 from shardio.submit import submit_to
 
-from .messenger import Limits, OSDConnection, Result, listen
+from .messenger import Limits, OSDConnection, Result, listen, run_eagerly
 from .objectstore import ObjectStore, StoreError
 from .osdmap import OSDMap, object_hash
 from .protocol import FLAG_MORE, Op, Status, pack_names, pack_stat
@@ -302,13 +302,35 @@ class ShardNode:
         return snap
 
 
-async def _remote_execute(
+def _remote_execute(
     op: int, name: bytes, offset: int, length: int, payload: bytes, pool: int
-) -> Result:
-    """The owning shard's side of a hop."""
+) -> Result | asyncio.Future[Result]:
+    """The owning shard's side of a hop: the result at once if the op did not block.
+
+    Returning a plain value (not a coroutine) spares the reactor a Task per
+    hop; an op that blocks hands back a future the reactor replies from.
+    """
     n = node()
     n.stats.hops_in += 1
-    return await n.execute(op, name, offset, length, payload, pool)
+    outcome: list[Any] = []
+    fut: asyncio.Future[Result] | None = None
+
+    def done(result: Any, error: BaseException | None) -> None:
+        if fut is None:
+            outcome.append((result, error))
+        elif error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
+
+    run_eagerly(n.execute(op, name, offset, length, payload, pool), done)
+    if outcome:
+        result, error = outcome[0]
+        if error is not None:
+            raise error
+        return result  # type: ignore[no-any-return]
+    fut = asyncio.get_running_loop().create_future()
+    return fut
 
 
 def node() -> ShardNode:
