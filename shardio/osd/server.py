@@ -56,6 +56,7 @@ __all__ = [
     "OSDServer",
     "OSDStartError",
     "ShardNode",
+    "apply_op",
     "node",
 ]
 
@@ -112,6 +113,46 @@ class _PgOf:
 
     def __call__(self, key: bytes) -> int:
         return object_hash(key) % self.pg_num
+
+
+def apply_op(
+    store: ObjectStore, op: int, name: bytes, offset: int, length: int, payload: bytes,
+    max_list: int,
+) -> Result:
+    """One request against a store, as plain blocking code; failures become errno statuses.
+
+    Shards run it on a tame stack (``await tame.call(apply_op, ...)``); the
+    thread-pool baseline in ``bench/peers`` runs the very same function in
+    its threads.
+    """
+    try:
+        if op == _READ:
+            return 0, store.read(name, offset, length if length else -1), 0, 0
+        if op == _STAT:
+            st = store.stat(name)
+            return 0, pack_stat(st.size, st.version), 0, 0
+        if op == _PUT:
+            return 0, b"", store.put(name, payload).size, 0
+        if op == _WRITE:
+            return 0, b"", store.write(name, payload, offset).size, 0
+        if op == _DELETE:
+            store.delete(name)
+            return 0, b"", 0, 0
+        if op == _LIST:
+            limit = length if 0 < length < max_list else max_list
+            names = store.list(offset, start_after=payload or None, limit=limit + 1)
+            more = len(names) > limit
+            del names[limit:]
+            return 0, pack_names(names), 0, FLAG_MORE if more else 0
+        return Status.EOPNOTSUPP, b"", 0, 0
+    except StoreError as exc:
+        return exc.errno, b"", 0, 0
+    except OSError as exc:
+        log.error("%s of %r failed: %s", Op(op).name, name, exc)
+        return exc.errno or errno.EIO, b"", 0, 0
+    except Exception:  # a bug must cost one request, not the shard
+        log.exception("%s of %r failed", Op(op).name, name)
+        return Status.EIO, b"", 0, 0
 
 
 # ---------------------------------------------------------------------------
@@ -215,7 +256,7 @@ class ShardNode:
     async def execute(
         self, op: int, name: bytes, offset: int, length: int, payload: bytes, pool: int
     ) -> Result:
-        """Run one request on this shard's store; every failure becomes an errno status."""
+        """Run one request on this shard's store, on a tame stack."""
         store = self.store
         if store is None:
             return Status.ESHUTDOWN, b"", 0, 0
@@ -223,49 +264,19 @@ class ShardNode:
         if self.active == 1 and self._idle is not None:
             self._idle.clear()
         try:
-            if op == _READ:
-                data = await tame.call(store.read, name, offset, length if length else -1)
-                self.stats.read_bytes += len(data)
-                return 0, data, 0, 0
-            if op == _STAT:
-                st = await tame.call(store.stat, name)
-                return 0, pack_stat(st.size, st.version), 0, 0
-            if op == _PUT:
-                st = await tame.call(store.put, name, payload)
-                self.stats.written_bytes += len(payload)
-                return 0, b"", st.size, 0
-            if op == _WRITE:
-                st = await tame.call(store.write, name, payload, offset)
-                self.stats.written_bytes += len(payload)
-                return 0, b"", st.size, 0
-            if op == _DELETE:
-                await tame.call(store.delete, name)
-                return 0, b"", 0, 0
-            if op == _LIST:
-                limit = self.limits.max_list
-                if 0 < length < limit:
-                    limit = length
-                names = await tame.call(
-                    store.list, offset, start_after=payload or None, limit=limit + 1
-                )
-                more = len(names) > limit
-                del names[limit:]
-                return 0, pack_names(names), 0, FLAG_MORE if more else 0
-            return Status.EOPNOTSUPP, b"", 0, 0
-        except StoreError as exc:
-            return exc.errno, b"", 0, 0
-        except OSError as exc:
-            log.error("shard %d: %s of %r failed: %s", self.shard_id, Op(op).name, name, exc)
-            return exc.errno or errno.EIO, b"", 0, 0
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("shard %d: %s of %r failed", self.shard_id, Op(op).name, name)
-            return Status.EIO, b"", 0, 0
+            result = await tame.call(
+                apply_op, store, op, name, offset, length, payload, self.limits.max_list
+            )
         finally:
             self.active -= 1
             if self.active == 0 and self._idle is not None:
                 self._idle.set()
+        if not result[0]:
+            if op == _READ:
+                self.stats.read_bytes += len(result[1])
+            elif op in (_PUT, _WRITE):
+                self.stats.written_bytes += len(payload)
+        return result
 
     def forward(
         self, shard: int, op: int, name: bytes, offset: int, length: int, payload: bytes,
