@@ -365,7 +365,7 @@ def tame_os_read(fd: int, n: int) -> bytes:
     rt = _rt()
     if _seekable_regular(fd):
         pos = os.lseek(fd, 0, os.SEEK_CUR)
-        data: bytes = rt.uring.read(fd, n, pos)
+        data: bytes = rt.uring.read(fd, n, pos, _is_direct(fd))
         os.lseek(fd, pos + len(data), os.SEEK_SET)
         return data
     if not _ready_now(fd, False):
@@ -381,7 +381,7 @@ def tame_os_write(fd: int, data: Any) -> int:
             os.lseek(fd, 0, os.SEEK_END)
             return n
         pos = os.lseek(fd, 0, os.SEEK_CUR)
-        n = rt.uring.write(fd, data, pos)
+        n = rt.uring.write(fd, data, pos, _is_direct(fd))
         os.lseek(fd, pos + n, os.SEEK_SET)
         return n
     if not _ready_now(fd, True):
@@ -395,12 +395,18 @@ def _fd_appends(fd: int) -> bool:
     return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND)
 
 
+def _is_direct(fd: int) -> bool:
+    import fcntl
+
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+
+
 def tame_os_pread(fd: int, n: int, offset: int) -> bytes:
-    return _rt().uring.read(fd, n, offset)  # type: ignore[no-any-return]
+    return _rt().uring.read(fd, n, offset, _is_direct(fd))  # type: ignore[no-any-return]
 
 
 def tame_os_pwrite(fd: int, data: Any, offset: int) -> int:
-    return _rt().uring.write(fd, data, offset)  # type: ignore[no-any-return]
+    return _rt().uring.write(fd, data, offset, _is_direct(fd))  # type: ignore[no-any-return]
 
 
 def tame_os_fsync(fd: Any) -> None:
