@@ -161,6 +161,7 @@ class OwnerEndpoint:
             if link.inbound.take_space_waiter():
                 link.wake_peer()
             link.received_messages += len(messages)
+            link.received_bytes += sum(map(len, messages))
             for message in messages:
                 self._complete(link, message)
         for link in self.links:

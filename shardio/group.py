@@ -246,6 +246,11 @@ class ShardGroup:
         return self._state == "running"
 
     @property
+    def metrics_url(self) -> str | None:
+        """Where the group's /metrics is served (``metrics_port=0`` picks a free port)."""
+        return self._metrics_server.url if self._metrics_server is not None else None
+
+    @property
     def pids(self) -> list[int]:
         """The shard processes' pids (the process backend), in shard order."""
         return [process.pid for process in self._processes]

@@ -208,11 +208,8 @@ class _Families:
         return [(name, *family) for name, family in self.by_name.items()]
 
 
-def _link_series(out: _Families, link: Link, shard: str, peer: str, *,
-                 received_bytes: bool = True) -> None:
+def _link_series(out: _Families, link: Link, shard: str, peer: str) -> None:
     for name, attribute, help in _LINK_COUNTERS:
-        if attribute == "received_bytes" and not received_bytes:
-            continue
         out.counter(name, help, getattr(link, attribute), shard=shard, peer=peer)
     out.gauge("shardio_fabric_ring_used_bytes",
               "Bytes waiting in the ring from this shard to the peer (a snapshot).",
@@ -237,7 +234,11 @@ def _reactor_series(out: _Families, reactor: Reactor) -> None:
     out.counter("shardio_reactor_cpu_seconds", "CPU time of the reactor thread.",
                 time.thread_time(), shard=shard)
     out.gauge("shardio_reactor_inbox_length", "Callbacks waiting in the MPSC inbox.",
-              len(reactor._inbox), shard=shard)
+              reactor.inbox_length(), shard=shard)
+    if reactor.stall_detector is not None:
+        out.gauge("shardio_reactor_longest_stall_seconds",
+                  "The longest stall that has ended, from its last heartbeat to the next.",
+                  reactor.stall_detector.longest, shard=shard)
     links = [link for link in reactor.links if link is not None]
     out.gauge("shardio_fabric_ring_capacity_bytes", "Size of each ring's data area.",
               links[0].outbound.capacity, shard=shard)
@@ -486,8 +487,7 @@ def _owner_series(out: _Families, group: ShardGroup) -> None:
               owner.in_flight(), shard=OUTSIDE)
     try:
         for link in owner.links:
-            # The owner's receiver does not count received bytes: no series rather than zeros.
-            _link_series(out, link, OUTSIDE, str(link.peer), received_bytes=False)
+            _link_series(out, link, OUTSIDE, str(link.peer))
     except ValueError:
         pass  # the group is closing its rings under us
 

@@ -49,8 +49,10 @@ from .fabric.messages import (
 
 log = logging.getLogger("shardio.reactor")
 
-BATCH = 256
-"""Messages taken from one inbound ring per poll."""
+BATCH = 64
+"""Messages taken from one inbound ring per poll.  They run back to back, so the
+batch bounds how long other work waits behind a burst of calls (64 calls of 30 us
+are 2 ms); the per-poll cost it amortizes is about a microsecond."""
 
 _local = threading.local()
 _loads = pickle.loads
@@ -518,6 +520,10 @@ class Reactor:
         link.backlog.clear()
         self._backlogged.discard(link)
         link.inbound.reset_consumer()
+
+    def inbox_length(self) -> int:
+        """Callbacks waiting in the MPSC inbox (a snapshot, from any thread)."""
+        return len(self._inbox)
 
     def pending_calls(self) -> int:
         return sum(len(link.pending) for link in self._active_links)

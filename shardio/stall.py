@@ -73,6 +73,7 @@ class StallDetector:
             lag = time.monotonic() - beat
             if lag <= self.threshold:
                 if stalled_since:
+                    self.longest = max(self.longest, beat - stalled_since)
                     self.logger.info("reactor on shard %d ran again after a %.0f ms stall",
                                      self.reactor.shard_id, (beat - stalled_since) * 1e3)
                     stalled_since = 0.0
@@ -85,7 +86,6 @@ class StallDetector:
     def _report(self, lag: float) -> None:
         self.stalls += 1
         self.reactor.stats.stalls += 1
-        self.longest = max(self.longest, lag)
         now = time.monotonic()
         self._report_times = [t for t in self._report_times if now - t < 60.0]
         if len(self._report_times) >= self.reports_per_minute:
