@@ -67,6 +67,8 @@ __all__ = [
     "ObjectNotFound",
     "ObjectStat",
     "ShardUnavailable",
+    "status_error",
+    "wait_for_osd",
 ]
 
 #: get() reads an object in pieces of this size (a short piece means the end).
@@ -485,6 +487,7 @@ class AsyncClient:
             offset += READ_CHUNK
 
     async def stat(self, name: str | bytes, *, pool: int = 0) -> ObjectStat:
+        """Size and version of an object."""
         return ObjectStat(*unpack_stat((await self.request(Op.STAT, name, pool=pool)).payload))
 
     async def put(
@@ -501,6 +504,7 @@ class AsyncClient:
         return (await self.request(Op.WRITE, name, data, pool=pool, offset=offset)).length
 
     async def delete(self, name: str | bytes, *, pool: int = 0) -> None:
+        """Delete an object (ObjectNotFound if there is none)."""
         await self.request(Op.DELETE, name, pool=pool)
 
     async def list_pg(self, pg: int, *, pool: int = 0, page: int = 1000) -> list[bytes]:
@@ -730,15 +734,18 @@ class Client:
         raise AssertionError("unreachable")
 
     def refresh_map(self) -> OSDMap:
+        """Fetch the OSD map from the bootstrap address."""
         epoch = self.osdmap.epoch if self.osdmap is not None else 0
         reply = self.request(Op.GET_MAP, offset=epoch, target=-1)
         self.osdmap = OSDMap.decode(reply.payload)
         return self.osdmap
 
     def read(self, name: str | bytes, offset: int = 0, length: int = 0, *, pool: int = 0) -> bytes:
+        """Bytes [offset, offset + length) of an object (0: to its end); short at its end."""
         return self.request(Op.READ, name, pool=pool, offset=offset, length=length).payload
 
     def get(self, name: str | bytes, *, pool: int = 0) -> bytes:
+        """The whole object, read in ``READ_CHUNK`` pieces."""
         parts = []
         offset = 0
         while True:
@@ -749,21 +756,26 @@ class Client:
             offset += READ_CHUNK
 
     def stat(self, name: str | bytes, *, pool: int = 0) -> ObjectStat:
+        """Size and version of an object."""
         return ObjectStat(*unpack_stat(self.request(Op.STAT, name, pool=pool).payload))
 
     def put(self, name: str | bytes, data: bytes | bytearray | memoryview, *, pool: int = 0) -> int:
+        """Replace the object with data; return its size once durable on the OSD."""
         return self.request(Op.PUT, name, data, pool=pool).length
 
     def write(
         self, name: str | bytes, data: bytes | bytearray | memoryview, offset: int = 0,
         *, pool: int = 0,
     ) -> int:
+        """Write data at offset (creating/extending the object); return the object's size."""
         return self.request(Op.WRITE, name, data, pool=pool, offset=offset).length
 
     def delete(self, name: str | bytes, *, pool: int = 0) -> None:
+        """Delete an object (ObjectNotFound if there is none)."""
         self.request(Op.DELETE, name, pool=pool)
 
     def list_pg(self, pg: int, *, pool: int = 0, page: int = 1000) -> list[bytes]:
+        """Every object name in one placement group (paged with FLAG_MORE)."""
         names: list[bytes] = []
         after = b""
         while True:
@@ -775,11 +787,13 @@ class Client:
             after = got[-1]
 
     def list(self, *, pool: int = 0) -> list[bytes]:
+        """Every object name in the pool, sorted."""
         assert self.osdmap is not None
         pg_num = self.osdmap.pools[pool].pg_num
         return sorted(n for pg in range(pg_num) for n in self.list_pg(pg, pool=pool))
 
     def ping(self, payload: bytes = b"", *, shard: int | None = None) -> bytes:
+        """Round trip to a shard (default: the bootstrap address); returns the echo."""
         return self.request(Op.PING, b"", payload, target=-1 if shard is None else shard).payload
 
     def read_many(
@@ -809,6 +823,7 @@ class Client:
         return out
 
     def close(self) -> None:
+        """Close every connection."""
         for conn in self._conns.values():
             conn.close()
         self._conns.clear()

@@ -58,6 +58,7 @@ __all__ = [
     "ShardNode",
     "apply_op",
     "node",
+    "running_osd",
 ]
 
 log = logging.getLogger("shardio.osd.server")
