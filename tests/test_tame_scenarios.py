@@ -439,7 +439,7 @@ async def scenario_errors_nesting_threads() -> None:
         results = []
 
         def child(i: int) -> int:
-            env.sleep(0.001 * (5 - i))
+            env.sleep(0.02 * (5 - i))  # far apart: the order must not depend on load
             results.append(i)
             return i * i
 
@@ -692,14 +692,36 @@ def dbm_plain(path: str, ops: list[tuple[str, bytes, bytes]]) -> dict[bytes, byt
 async def scenario_dbm_dumb(tmp: str) -> dict[str, Any]:
     """dbm.dumb tamed with tame.patched: 200 concurrent calls on one database while a
     1 ms timer ticks; the timer never stalls long; the result equals a plain run."""
-    import dbm.dumb
 
     ops = dbm_operations()
-    path = os.path.join(tmp, "tamed")
     written: dict[bytes, set[bytes]] = {}
     for kind, key, value in ops:
         if kind == "w":
             written.setdefault(key, set()).add(value)
+    loop = asyncio.get_running_loop()
+    plain = await loop.run_in_executor(None, dbm_plain, os.path.join(tmp, "plain"), ops)
+    await tame.call(lambda: stacks.runtime().uring)  # one-time ring setup is not I/O
+    stalls = []
+    for attempt in range(3):
+        # The machine is shared: a sample can catch the OS preempting the whole
+        # process. A tame bug stalls every attempt; preemption does not.
+        result = await _dbm_run(os.path.join(tmp, f"tamed-{attempt}"), ops, written)
+        assert result["tamed"] == plain
+        stalls.append(result["max_stall_ms"])
+        if result["max_stall_ms"] < 10:
+            break
+    # A stall is the reactor failing to run its 1 ms timer on time. Measured on a quiet
+    # machine: 1-2 ms at worst (all 200 calls start in one loop iteration); seastar's
+    # default blocked-reactor threshold is 25 ms.
+    assert min(stalls) < 10, f"timer stalled {stalls} ms"
+    return {"elapsed_s": result["elapsed_s"], "max_stall_ms": stalls, "ticks": result["ticks"]}
+
+
+async def _dbm_run(
+    path: str, ops: list[tuple[str, bytes, bytes]], written: dict[bytes, set[bytes]]
+) -> dict[str, Any]:
+    import dbm.dumb
+
     loop = asyncio.get_running_loop()
     gaps: list[float] = []
     stop = False
@@ -723,7 +745,6 @@ async def scenario_dbm_dumb(tmp: str) -> dict[str, Any]:
             else:
                 read_values.append((key, db.get(key)))
 
-        await tame.call(lambda: stacks.runtime().uring)  # one-time ring setup is not I/O
         tick = loop.create_task(ticker())
         await asyncio.sleep(0.005)
         t0 = time.perf_counter()
@@ -735,19 +756,17 @@ async def scenario_dbm_dumb(tmp: str) -> dict[str, Any]:
         await tame.call(db.close)
         driver = await tame.call(lambda: stacks.runtime().uring.stats())
     assert not tame.is_patched(dbm.dumb) and dbm.dumb._io is __import__("io")
-    plain = await loop.run_in_executor(None, dbm_plain, os.path.join(tmp, "plain"), ops)
-    assert tamed == plain
     assert len(read_values) == sum(1 for o in ops if o[0] == "r")
     for key, value in read_values:  # readers saw whole values, never a torn one
         assert value is None or value in written[key], (key, value[:40] if value else value)
     assert driver["write"] > 0 and driver["read_cached"] + driver["read_uring"] > 0
-    max_stall = max(gaps) - 0.001
-    # A stall is the reactor failing to run its 1 ms timer on time. Measured here:
-    # 1-2 ms at worst (all 200 calls start in one loop iteration); seastar's default
-    # blocked-reactor threshold is 25 ms.
-    assert max_stall < 0.010, f"timer stalled {max_stall * 1e3:.1f} ms"
     assert len(gaps) >= 5
-    return {"elapsed_s": elapsed, "max_stall_ms": max_stall * 1e3, "ticks": len(gaps)}
+    return {
+        "tamed": tamed,
+        "elapsed_s": elapsed,
+        "max_stall_ms": (max(gaps) - 0.001) * 1e3,
+        "ticks": len(gaps),
+    }
 
 
 async def scenario_alien_sqlite3(tmp: str) -> dict[str, Any]:
