@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import os
+import threading
 import traceback
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -260,3 +262,22 @@ def test_warm_up_creates_driver_and_stacks(run: Runner) -> None:
         assert tame.stats()["stacks_created"] == 8
 
     run(main)
+
+
+def test_runtime_closes_with_the_loop(run: Runner) -> None:
+    """asyncio.run/uvloop.run shut the loop's async generators down: the runtime closes
+    with them (ring fd, idle stacks, alien threads), so repeated runs leak nothing."""
+    from shardio.tame import stacks
+
+    async def main() -> None:
+        await tame.call(lambda: stacks.runtime().uring)
+        await tame.alien(lambda: None)
+
+    run(main)  # warm-up: one-time fds of the loop implementation itself
+    fds = len(os.listdir("/proc/self/fd"))
+    threads = threading.active_count()
+    for _ in range(10):
+        run(main)
+    assert len(os.listdir("/proc/self/fd")) == fds
+    assert threading.active_count() == threads
+    assert not stacks._runtimes

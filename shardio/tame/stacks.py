@@ -237,8 +237,27 @@ class Runtime:
         self._env: Any = None
         self._uring: Any = None
         self._alien: Any = None
+        self._sentinel: Any = None
         if self.reactor is not None:
             self.reactor.add_shutdown_hook(self.close)
+        else:
+            self._close_at_loop_shutdown()
+
+    def _close_at_loop_shutdown(self) -> None:
+        """Close with the loop: asyncio.run / uvloop.run call loop.shutdown_asyncgens()
+        before closing the loop, which finalizes this suspended async generator."""
+
+        async def sentinel() -> Any:
+            try:
+                yield
+            finally:
+                self.close()
+
+        agen = sentinel()
+        try:
+            agen.asend(None).send(None)  # first iteration: the loop's asyncgen hooks see it
+        except StopIteration:
+            self._sentinel = agen  # the loop keeps only a weak reference
 
     # -- pool ------------------------------------------------------------------
     def _new_stack(self) -> TameGreenlet:
@@ -320,6 +339,7 @@ class Runtime:
         if self.closed:
             return
         self.closed = True
+        self._sentinel = None
         _runtimes.pop(self.loop, None)
         if getattr(_tls, "rt", None) is self:
             _tls.rt = None
@@ -370,10 +390,18 @@ def runtime(loop: asyncio.AbstractEventLoop | None = None) -> Runtime:
         return rt
     rt = _runtimes.get(loop)
     if rt is None or rt.closed:
+        _close_stale_runtimes()
         rt = Runtime(loop, _configured.get(loop, DEFAULT_MAX_STACKS))
         _runtimes[loop] = rt
     _tls.rt = rt
     return rt
+
+
+def _close_stale_runtimes() -> None:
+    """Close the runtimes of loops that were closed without shutting them down."""
+    for loop, rt in list(_runtimes.items()):
+        if loop.is_closed() and threading.get_ident() == rt.thread_id:
+            rt.close()
 
 
 def configure(*, max_stacks: int) -> None:
