@@ -1274,7 +1274,9 @@ class TameSocket:
     Wraps a non-blocking ``socket.socket``; recv/recv_into/recvfrom/send/
     sendall/sendto/connect/accept wait with ``loop.add_reader``/``add_writer``
     on a tame stack and with ``select`` elsewhere, honouring settimeout().
-    Every other attribute is the wrapped socket's.
+    Every other attribute is the wrapped socket's. One socket should be read
+    (or written) by one stack at a time: the loop keeps one reader and one
+    writer callback per fd.
     """
 
     def __init__(self, sock: _socket.socket) -> None:
