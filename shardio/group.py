@@ -29,6 +29,10 @@ _running_groups: weakref.WeakSet[ShardGroup] = weakref.WeakSet()
 class ShardGroup:
     """A group of shards, each a reactor; one per CPU by default.
 
+    ``warm_up_tame=True`` imports :mod:`shardio.tame` and sets up each shard's
+    io_uring ring before the shard reports ready (~100 ms per shard), so that
+    the first tame call does not stall the reactor for it.
+
     Usable as a context manager (``with`` or ``async with``), which starts the
     shards and stops them on the way out.  From any thread of the owning
     process, :meth:`submit` runs a function on a shard and returns a
@@ -52,6 +56,7 @@ class ShardGroup:
         log_level: int = logging.WARNING,
         metrics_port: int | None = None,
         stall_threshold_ms: float | None = 25.0,
+        warm_up_tame: bool = False,
     ) -> None:
         if shards is None:
             shards = len(os.sched_getaffinity(0))
@@ -78,6 +83,7 @@ class ShardGroup:
             shard_count=shards, idle_poll_us=idle_poll_us, loop=loop,
             max_message_bytes=max_message_bytes, cpus=cpus if pin else None,
             log_level=log_level, stall_threshold_ms=stall_threshold_ms,
+            warm_up_tame=warm_up_tame,
         )
         self._state = "new"
         self._mesh: Mesh | None = None

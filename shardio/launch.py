@@ -39,13 +39,15 @@ class ShardOptions:
     cpus: list[int] | None = None
     log_level: int = logging.WARNING
     stall_threshold_ms: float | None = 25.0
+    warm_up_tame: bool = False
     extras: dict[str, Any] = field(default_factory=dict)
 
 
 def make_reactor(shard: int, mesh: Mesh, options: ShardOptions) -> Reactor:
     return Reactor(shard, options.shard_count, mesh, idle_poll_us=options.idle_poll_us,
                    loop=options.loop, max_message_bytes=options.max_message_bytes,
-                   stall_threshold_ms=options.stall_threshold_ms)
+                   stall_threshold_ms=options.stall_threshold_ms,
+                   warm_up_tame=options.warm_up_tame)
 
 
 # ---------------------------------------------------------------- processes

@@ -70,6 +70,7 @@ import concurrent.futures
 import functools
 import logging
 import socket
+import sys
 import threading
 import time
 import weakref
@@ -235,6 +236,7 @@ def _reactor_series(out: _Families, reactor: Reactor) -> None:
                 time.thread_time(), shard=shard)
     out.gauge("shardio_reactor_inbox_length", "Callbacks waiting in the MPSC inbox.",
               reactor.inbox_length(), shard=shard)
+    _tame_series(out, reactor, shard)
     if reactor.stall_detector is not None:
         out.gauge("shardio_reactor_longest_stall_seconds",
                   "The longest stall that has ended, from its last heartbeat to the next.",
@@ -245,6 +247,58 @@ def _reactor_series(out: _Families, reactor: Reactor) -> None:
     for link in links:
         peer = OUTSIDE if link.peer == reactor.owner_endpoint else str(link.peer)
         _link_series(out, link, shard, peer)
+
+
+_TAME_COUNTERS = (
+    ("shardio_tame_calls", "calls", "tame.call()s run on a tame stack."),
+    ("shardio_tame_blocked_calls", "blocked_calls",
+     "tame calls that blocked (yielded to the reactor) at least once."),
+    ("shardio_tame_stacks_created", "stacks_created", "Greenlet stacks created for the pool."),
+    ("shardio_tame_stack_waits", "stack_waits", "tame calls that waited for a free stack."),
+    ("shardio_tame_cancellations", "cancellations", "tame calls cancelled while blocked."),
+    ("shardio_tame_waits", "waits", "Blocking operations (tame.wait) made on tame stacks."),
+)
+_URING_COUNTERS = (
+    ("read_cached", "Reads served from the page cache by preadv2(RWF_NOWAIT)."),
+    ("read_uring", "Reads that went through io_uring."),
+    ("read_cold_probed", "Reads sent straight to io_uring after a cache probe said cold."),
+    ("read_thread", "Reads done by the thread-pool fallback."),
+    ("write", "Writes submitted."),
+    ("fsync", "fsyncs submitted."),
+    ("fdatasync", "fdatasyncs submitted."),
+    ("slot_waits", "Operations that waited for a free queue slot (queue depth bound)."),
+    ("submit_calls", "io_uring_submit calls."),
+    ("cqes", "Completions reaped."),
+)
+
+
+def _tame_series(out: _Families, reactor: Reactor, shard: str) -> None:
+    """Tame stacks and file I/O, if this shard has a tame runtime (never creates one)."""
+    stacks = sys.modules.get("shardio.tame.stacks")
+    if stacks is None:
+        return
+    runtime = stacks._runtimes.get(reactor.loop)
+    if runtime is None:
+        return
+    for name, attribute, help in _TAME_COUNTERS:
+        out.counter(name, help, getattr(runtime.stats, attribute), shard=shard)
+    out.gauge("shardio_tame_stacks", "Greenlet stacks in the pool (busy and free).",
+              runtime.n_stacks, shard=shard)
+    out.gauge("shardio_tame_stacks_free", "Pooled stacks ready for a call.",
+              len(runtime.free), shard=shard)
+    out.gauge("shardio_tame_stacks_waiting", "tame calls waiting for a stack.",
+              len(runtime.waiters), shard=shard)
+    driver = runtime._uring
+    if driver is None:
+        return
+    io = driver.stats()
+    for key, help in _URING_COUNTERS:
+        if key in io:
+            out.counter(f"shardio_file_{key}", help, io[key], shard=shard)
+    out.gauge("shardio_file_inflight", "File operations in flight in io_uring.",
+              io.get("inflight", 0), shard=shard)
+    out.gauge("shardio_file_fallback", "1 when file I/O uses the thread-pool fallback.",
+              io["fallback"], shard=shard)
 
 
 def _shard_families() -> list[Family]:

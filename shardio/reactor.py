@@ -145,7 +145,8 @@ class Reactor:
     def __init__(self, shard_id: int, shard_count: int, mesh: Mesh, *,
                  idle_poll_us: float, loop: str | Callable = "auto",
                  max_message_bytes: int = 256 << 20,
-                 stall_threshold_ms: float | None = 25.0) -> None:
+                 stall_threshold_ms: float | None = 25.0,
+                 warm_up_tame: bool = False) -> None:
         self.shard_id = shard_id
         self.shard_count = shard_count
         self.owner_endpoint = mesh.layout.endpoints - 1
@@ -154,6 +155,7 @@ class Reactor:
         self.idle_poll_seconds = idle_poll_us / 1e6
         self.max_message_bytes = max_message_bytes
         self.stall_threshold_ms = stall_threshold_ms
+        self.warm_up_tame = warm_up_tame
         self.stall_detector: Any = None
         self.interceptor: Any = None
         """When set (shardio.testing), sees every outgoing cross-shard call first."""
@@ -202,6 +204,8 @@ class Reactor:
             self.stall_detector.start()
         try:
             self._exit = loop.create_future()
+            if self.warm_up_tame:
+                loop.run_until_complete(_warm_up_tame())
             loop.add_reader(self.doorbell.fd, self._on_doorbell)
             loop.call_soon(self._poll)
             loop.run_until_complete(self._exit)
@@ -527,6 +531,13 @@ class Reactor:
 
     def pending_calls(self) -> int:
         return sum(len(link.pending) for link in self._active_links)
+
+
+async def _warm_up_tame() -> None:
+    """Pay for tame's imports and io_uring set-up before the shard reports ready."""
+    from . import tame
+
+    tame.warm_up()
 
 
 def assert_reactor_thread(owner: Reactor, what: str) -> None:

@@ -304,3 +304,25 @@ def test_declaring_series():
         m.counter("shardio_reactor_polls_total", "Polls.")
     with pytest.raises(shardio.NotInShardError):
         metrics.shard_registry()
+
+
+async def _read_a_file_on_a_tame_stack(path: str) -> int:
+    from shardio import tame
+
+    def read() -> int:
+        with tame.env().open(path, "rb") as f:
+            return len(f.pread(4096, 0))
+
+    return await tame.call(read)
+
+
+def test_tame_and_file_io_series(tmp_path):
+    path = tmp_path / "data"
+    path.write_bytes(b"x" * 8192)
+    with shardio.ShardGroup(1, backend="thread", warm_up_tame=True) as group:
+        assert group.submit(0, _read_a_file_on_a_tame_stack, str(path)).result(timeout=10) == 4096
+        snapshot = shardio.metrics.collect(group)
+        assert snapshot.value("shardio_tame_calls_total", shard=0) == 1
+        assert snapshot.value("shardio_file_read_cached_total", shard=0) + snapshot.value(
+            "shardio_file_read_uring_total", shard=0) == 1
+        assert snapshot.value("shardio_file_fallback", shard=0) == 0
