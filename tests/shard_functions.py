@@ -254,3 +254,7 @@ async def many_short_tasks(count):
         await asyncio.gather(*(short(i) for i in range(start, start + 500)))
         done += 500
     return done
+
+
+def affinity():
+    return sorted(os.sched_getaffinity(0))

@@ -171,3 +171,39 @@ def test_shard_output_carries_its_number():
     assert "[shard 1] hello from a shard" in out
     assert "[shard 1] and on stderr" in err
     assert "shard 1 WARNING tests.log: a log record" in err
+
+
+def test_process_shards_are_pinned_when_there_are_enough_cpus(leak_check):
+    cpus = sorted(os.sched_getaffinity(0))
+    shards = min(2, len(cpus))
+    with shardio.ShardGroup(shards) as group:
+        pinned = [group.submit(i, sf.affinity).result(timeout=10) for i in range(shards)]
+    assert pinned == [[cpu] for cpu in cpus[:shards]]
+    with shardio.ShardGroup(len(cpus) + 1) as group:  # more shards than CPUs: no pinning
+        assert group.submit(0, sf.affinity).result(timeout=10) == cpus
+
+
+def test_start_from_a_parent_running_threads_and_a_loop(leak_check):
+    """Spawn (not fork) makes this safe: a lock held by another thread and a running
+    event loop in the parent do not leak into the shards."""
+    import asyncio
+
+    held = threading.Lock()
+    held.acquire()  # a forked child would inherit this lock locked
+    stop = threading.Event()
+    spinner = threading.Thread(target=lambda: [None for _ in iter(lambda: stop.is_set(), True)])
+    spinner.start()
+
+    async def main():
+        group = shardio.ShardGroup(2).start()  # deliberately synchronous, inside the loop
+        try:
+            return await asyncio.gather(*(group.call(i, sf.add, i, b=1) for i in range(2)))
+        finally:
+            group.stop()
+
+    try:
+        assert asyncio.run(main()) == [1, 2]
+    finally:
+        stop.set()
+        spinner.join()
+        held.release()
