@@ -14,7 +14,6 @@ shard) and on P+1+S for shard S (``--shard-base-port`` to move them).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import signal
@@ -54,20 +53,14 @@ def _positive(kind: type) -> Any:
     return parse
 
 
-def _new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
-
-
 def _run(coro: Any) -> Any:
-    loop = _new_loop()
-    try:
-        return loop.run_until_complete(coro)
-    finally:
-        loop.close()
+    from .demo import run_in_new_loop
+
+    return run_in_new_loop(coro)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 # -- commands ---------------------------------------------------------------------------
@@ -379,6 +372,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m shardio.osd`` and the ``shardio-osd`` script."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.func is not cmd_serve:  # serve handles SIGTERM itself; the others clean up as on ^C
+        signal.signal(signal.SIGTERM, _interrupt)
     from shardio.errors import ShardioError
 
     try:

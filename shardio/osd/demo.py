@@ -12,22 +12,26 @@ latency run, prints a table, and stops cleanly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import glob
 import logging
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 from .client import AsyncClient
 from .loadgen import BenchResult, closed_loop, format_table, load, object_names, open_loop, verify
 from .server import OSDServer
 
-__all__ = ["evict_page_cache", "fs_type", "run_demo"]
+__all__ = ["evict_page_cache", "fs_type", "new_loop", "run_demo", "run_in_new_loop"]
+
+T = TypeVar("T")
 
 
 def fs_type(path: str) -> str:
@@ -78,12 +82,54 @@ def _io_counts(osd: OSDServer) -> tuple[int, int]:
     return int(io.get("read_cached", 0)), int(io.get("read_uring", 0) + io.get("read_thread", 0))
 
 
-def _new_loop() -> asyncio.AbstractEventLoop:
+def new_loop() -> asyncio.AbstractEventLoop:
+    """A uvloop loop when uvloop is installed, else asyncio's."""
     try:
         import uvloop
     except ImportError:
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
+
+
+def run_in_new_loop(coro: Coroutine[Any, Any, T]) -> T:
+    """Run coro to completion in a fresh loop; Ctrl-C (or SIGTERM) cancels it cleanly.
+
+    The signals cancel the task, so its ``finally`` blocks (closing clients)
+    run while the loop still works, and KeyboardInterrupt is raised after.
+    (A KeyboardInterrupt raised by Python's default handler inside a
+    protocol callback would be taken by uvloop for a transport error.)
+    """
+    loop = new_loop()
+    task = loop.create_task(coro)
+    interrupted = False
+
+    def interrupt() -> None:
+        nonlocal interrupted
+        interrupted = True
+        task.cancel()
+
+    handled = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, interrupt)
+            handled.append(sig)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass  # not the main thread: leave the signals alone
+    try:
+        return loop.run_until_complete(task)
+    except asyncio.CancelledError:
+        if interrupted:
+            raise KeyboardInterrupt from None
+        raise
+    except BaseException:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            loop.run_until_complete(task)
+        raise
+    finally:
+        for sig in handled:
+            loop.remove_signal_handler(sig)
+        loop.close()
 
 
 def run_demo(
@@ -127,13 +173,9 @@ def run_demo(
                 f"{osd.address[0]}:{osd.address[1]} (SO_REUSEPORT), shard ports {shard_ports}; "
                 f"{osd.osdmap.pools[0].pg_num} pgs"
             )
-            loop = _new_loop()
-            try:
-                ok = loop.run_until_complete(
-                    _demo_body(osd, data_dir, kind, objects, seconds, size, concurrency, out)
-                )
-            finally:
-                loop.close()
+            ok = run_in_new_loop(
+                _demo_body(osd, data_dir, kind, objects, seconds, size, concurrency, out)
+            )
         finally:
             t_stop = time.perf_counter()
             osd.stop()
@@ -236,7 +278,7 @@ async def _demo_body(
         out(
             f"cross-shard hops in the shared-port run: {run_hops} of {shared_ops} reads; "
             f"file reads: {cached1 - cached0} page-cache hits (preadv2 RWF_NOWAIT), "
-            f"{uring1 - uring0} through io_uring"
+            f"{uring1 - uring0} through {via}"
         )
         open_r = results[2]
         if open_r.service:
