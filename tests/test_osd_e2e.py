@@ -201,3 +201,29 @@ def test_cli_demo_runs_clean(tmp_path) -> None:  # noqa: ANN001
     assert time.monotonic() - t0 < 60
     assert not [p for p in os.listdir("/tmp") if p.startswith("shardio-osd-demo-")
                 and os.path.getmtime(os.path.join("/tmp", p)) >= t0 - 1]
+
+
+def test_cli_demo_ctrl_c_stops_cleanly() -> None:
+    """Ctrl-C in the middle of the demo: the OSD stops, the temp dir goes, exit code 130."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shardio.osd", "demo", "--objects", "300", "--seconds", "60"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        first = proc.stdout.readline()  # type: ignore[union-attr]
+        m = re.search(r"data in (\S+)", first)
+        assert m, first
+        data_dir = m.group(1)
+        for line in proc.stdout:  # type: ignore[union-attr]
+            if "verified" in line:
+                break
+        time.sleep(0.5)  # inside the latency runs
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, (out, err)
+    assert "stopped cleanly" in out and "interrupted" in err
+    assert not os.path.exists(data_dir)
