@@ -487,7 +487,7 @@ class OSDServer:
         self.shard_pids: list[int] = []
 
     def start(self) -> OSDServer:
-        """Start the shards, open the stores, bind, install the map, serve. Idempotent-unsafe."""
+        """Start the shards, open the stores, bind, install the map, serve (call once)."""
         if self.group is not None:
             raise OSDConfigError("this OSDServer was already started")
         pg_num = _check_meta(self.data_dir, self.shards, self.pg_num)
