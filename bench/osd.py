@@ -131,9 +131,17 @@ class ThreadPool(System):
     def __init__(self, data: str, threads: int) -> None:
         self.name = f"asyncio + {threads}-thread pool (PosixEnv)"
         self.proc = subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "peers", "asyncio_threadpool.py"),
-             "--data", data, "--threads", str(threads), "--no-sync"],
-            stdout=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                os.path.join(HERE, "peers", "asyncio_threadpool.py"),
+                "--data",
+                data,
+                "--threads",
+                str(threads),
+                "--no-sync",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
         )
         line = self.proc.stdout.readline()  # type: ignore[union-attr]
         if not line.startswith("listening on "):
@@ -158,7 +166,7 @@ async def run_system(sysm: System, data: str, args: argparse.Namespace) -> list[
         # read everything once: warms the page cache and checks the data
         bad = 0
         for i in range(0, len(names), 256):
-            part = names[i:i + 256]
+            part = names[i : i + 256]
             got = await asyncio.gather(*(c.read(n, 0, SIZE) for n in part))
             bad += sum(g != content(n, SIZE) for n, g in zip(part, got, strict=True))
         if bad:
@@ -177,27 +185,39 @@ async def run_system(sysm: System, data: str, args: argparse.Namespace) -> list[
             per_op = (cpu1 - cpu0) / res.ops * 1e6 if res.ops else 0.0
             rows.append(Row(sysm.name, cache, label, res, per_op, missed))
             p = res.percentiles()
-            print(f"  {cache:8} {label:22} {res.throughput:8.0f}/s p50 {p[0.5] * 1e3:.2f} "
-                  f"p99 {p[0.99] * 1e3:.2f} ms, errors {res.errors}", flush=True)
+            print(
+                f"  {cache:8} {label:22} {res.throughput:8.0f}/s p50 {p[0.5] * 1e3:.2f} "
+                f"p99 {p[0.99] * 1e3:.2f} ms, errors {res.errors}",
+                flush=True,
+            )
 
-        await measured("cached", f"closed, {args.concurrency} in flight",
-                       closed_loop(c, names, seconds=args.seconds, concurrency=args.concurrency,
-                                   length=SIZE))
+        await measured(
+            "cached",
+            f"closed, {args.concurrency} in flight",
+            closed_loop(c, names, seconds=args.seconds, concurrency=args.concurrency, length=SIZE),
+        )
         for rate in args.rates:
-            await measured("cached", f"open, {rate:.0f}/s",
-                           open_loop(c, names, seconds=args.seconds, rate=rate, length=SIZE))
+            await measured(
+                "cached",
+                f"open, {rate:.0f}/s",
+                open_loop(c, names, seconds=args.seconds, rate=rate, length=SIZE),
+            )
         if args.uncached:
             ev = Evictor(data)
             ev.start()
             try:
                 await measured(
-                    "uncached", f"closed, {args.concurrency} in flight",
-                    closed_loop(c, names, seconds=args.seconds, concurrency=args.concurrency,
-                                length=SIZE))
+                    "uncached",
+                    f"closed, {args.concurrency} in flight",
+                    closed_loop(
+                        c, names, seconds=args.seconds, concurrency=args.concurrency, length=SIZE
+                    ),
+                )
                 await measured(
-                    "uncached", f"closed, {args.deep} in flight",
-                    closed_loop(c, names, seconds=args.seconds, concurrency=args.deep,
-                                length=SIZE))
+                    "uncached",
+                    f"closed, {args.deep} in flight",
+                    closed_loop(c, names, seconds=args.seconds, concurrency=args.deep, length=SIZE),
+                )
             finally:
                 ev.stop.set()
                 ev.join()
@@ -205,8 +225,10 @@ async def run_system(sysm: System, data: str, args: argparse.Namespace) -> list[
 
 
 def format_rows(rows: list[Row]) -> str:
-    head = ("| system | cache | load | reads/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms "
-            "| errors | missed cache | srv CPU µs/read |")
+    head = (
+        "| system | cache | load | reads/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms "
+        "| errors | missed cache | srv CPU µs/read |"
+    )
     lines = [head, "|" + "---|" * 12]
     for r in rows:
         p = r.result.percentiles()
@@ -220,14 +242,18 @@ def format_rows(rows: list[Row]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default=None,
-                   help="parent directory for the stores (default: a temp dir in /var/tmp)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="parent directory for the stores (default: a temp dir in /var/tmp)",
+    )
     p.add_argument("--objects", type=int, default=20000)
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--deep", type=int, default=64, help="uncached: a second, deeper closed loop")
-    p.add_argument("--rates", default="1000,3000",
-                   help="open-loop rates, comma separated (reads/s)")
+    p.add_argument(
+        "--rates", default="1000,3000", help="open-loop rates, comma separated (reads/s)"
+    )
     p.add_argument("--threads", type=int, default=8, help="threads of the thread-pool server")
     p.add_argument("--systems", default="shardio2,shardio1,threadpool8,threadpool32")
     p.add_argument("--no-uncached", dest="uncached", action="store_false")
@@ -237,12 +263,18 @@ def main(argv: list[str] | None = None) -> int:
     parent = args.data or tempfile.mkdtemp(prefix="shardio-osd-bench-", dir="/var/tmp")
     kind = fs_type(parent)
     if args.uncached and kind in ("tmpfs", "ramfs"):
-        print(f"{parent} is on {kind}: the page cache is the storage there; uncached runs "
-              "skipped (use --data on a real disk)", file=sys.stderr)
+        print(
+            f"{parent} is on {kind}: the page cache is the storage there; uncached runs "
+            "skipped (use --data on a real disk)",
+            file=sys.stderr,
+        )
         args.uncached = False
     ncpu = len(os.sched_getaffinity(0))
-    print(f"data under {parent} ({kind}); {ncpu} CPUs; load average "
-          f"{os.getloadavg()[0]:.1f} at start", flush=True)
+    print(
+        f"data under {parent} ({kind}); {ncpu} CPUs; load average "
+        f"{os.getloadavg()[0]:.1f} at start",
+        flush=True,
+    )
     rows: list[Row] = []
     loads: list[float] = []
     notes: list[str] = []
@@ -250,9 +282,9 @@ def main(argv: list[str] | None = None) -> int:
         data = tempfile.mkdtemp(prefix=f"{key}-", dir=parent)
         sysm: System
         if key.startswith("shardio"):
-            sysm = Shardio(data, int(key[len("shardio"):] or 2))
+            sysm = Shardio(data, int(key[len("shardio") :] or 2))
         elif key.startswith("threadpool"):
-            sysm = ThreadPool(data, int(key[len("threadpool"):] or args.threads))
+            sysm = ThreadPool(data, int(key[len("threadpool") :] or args.threads))
         else:
             raise SystemExit(f"unknown system {key!r}")
         print(f"{sysm.name}:", flush=True)
@@ -266,20 +298,35 @@ def main(argv: list[str] | None = None) -> int:
             sysm.stop()
         loads.append(os.getloadavg()[0])
     print()
-    print(f"4 KiB reads of random objects among {args.objects}; {args.seconds:g} s per run; "
-          f"{ncpu} CPUs shared by the servers and the load generator; load average during "
-          f"the runs {min(loads):.1f}-{max(loads):.1f}")
+    print(
+        f"4 KiB reads of random objects among {args.objects}; {args.seconds:g} s per run; "
+        f"{ncpu} CPUs shared by the servers and the load generator; load average during "
+        f"the runs {min(loads):.1f}-{max(loads):.1f}"
+    )
     print(format_rows(rows))
     for note in notes:
         print(note)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([{
-                "system": r.system, "cache": r.cache, "load": r.load,
-                "throughput": r.result.throughput, "errors": r.result.errors,
-                "percentiles_ms": {str(q): v * 1e3 for q, v in r.result.percentiles().items()},
-                "missed_cache": r.missed, "server_cpu_us_per_read": r.server_cpu_us,
-            } for r in rows], f, indent=1)
+            json.dump(
+                [
+                    {
+                        "system": r.system,
+                        "cache": r.cache,
+                        "load": r.load,
+                        "throughput": r.result.throughput,
+                        "errors": r.result.errors,
+                        "percentiles_ms": {
+                            str(q): v * 1e3 for q, v in r.result.percentiles().items()
+                        },
+                        "missed_cache": r.missed,
+                        "server_cpu_us_per_read": r.server_cpu_us,
+                    }
+                    for r in rows
+                ],
+                f,
+                indent=1,
+            )
     if not args.data:
         shutil.rmtree(parent, ignore_errors=True)
     return 0

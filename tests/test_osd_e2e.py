@@ -52,8 +52,9 @@ def test_many_clients_every_byte_verified_both_routes(osd: OSDServer) -> None:
             for i in range(CLIENTS)
         ]
         try:
-            owned = [[f"e2e-c{i}-{j:04d}" for j in range(OBJECTS_PER_CLIENT)]
-                     for i in range(CLIENTS)]
+            owned = [
+                [f"e2e-c{i}-{j:04d}" for j in range(OBJECTS_PER_CLIENT)] for i in range(CLIENTS)
+            ]
 
             async def write_all(c: AsyncClient, names: list[str]) -> None:
                 for name in names:
@@ -66,8 +67,12 @@ def test_many_clients_every_byte_verified_both_routes(osd: OSDServer) -> None:
             big = content("e2e-big", big_size)
             pieces = list(range(0, big_size, 300_000))
             random.Random(7).shuffle(pieces)
-            await asyncio.gather(*(clients[k % CLIENTS].write(
-                "e2e-big", big[off:off + 300_000], off) for k, off in enumerate(pieces)))
+            await asyncio.gather(
+                *(
+                    clients[k % CLIENTS].write("e2e-big", big[off : off + 300_000], off)
+                    for k, off in enumerate(pieces)
+                )
+            )
 
             hops0 = osd.total_stats()["hops_out"]
             checked = 0
@@ -111,8 +116,10 @@ def test_many_clients_every_byte_verified_both_routes(osd: OSDServer) -> None:
         except Exception as exc:  # noqa: BLE001
             errors.append(f"{route}: {exc!r}")
 
-    threads = [threading.Thread(target=blocking_reader, args=(r, k))
-               for k, r in enumerate(["direct", "shared"] * 3)]
+    threads = [
+        threading.Thread(target=blocking_reader, args=(r, k))
+        for k, r in enumerate(["direct", "shared"] * 3)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -126,16 +133,31 @@ def test_many_clients_every_byte_verified_both_routes(osd: OSDServer) -> None:
 def cli(*args: str, timeout: float = 60, input: bytes | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "shardio.osd", *args],
-        capture_output=True, timeout=timeout, input=input, check=False,
+        capture_output=True,
+        timeout=timeout,
+        input=input,
+        check=False,
     )
 
 
 def test_cli_serve_load_get_put_stat_ls_bench(tmp_path) -> None:  # noqa: ANN001
     data = tmp_path / "data"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shardio.osd", "serve", "--shards", "2", "--data", str(data),
-         "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "shardio.osd",
+            "serve",
+            "--shards",
+            "2",
+            "--data",
+            str(data),
+            "--port",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         line = proc.stdout.readline()  # type: ignore[union-attr]
@@ -164,14 +186,27 @@ def test_cli_serve_load_get_put_stat_ls_bench(tmp_path) -> None:  # noqa: ANN001
         listed = r.stdout.decode().split()
         assert len(listed) == 301 and "greeting" in listed
 
-        r = cli("bench", "--addr", addr, "--objects", "300", "--seconds", "1",
-                "--rate", "500", "--closed", "--length", "5000")
+        r = cli(
+            "bench",
+            "--addr",
+            addr,
+            "--objects",
+            "300",
+            "--seconds",
+            "1",
+            "--rate",
+            "500",
+            "--closed",
+            "--length",
+            "5000",
+        )
         assert r.returncode == 0, r.stdout + r.stderr
         out = r.stdout.decode()
         assert "closed loop" in out and "open loop at 500/s" in out and "p99.9" in out
 
-        r = cli("bench", "--addr", addr, "--objects", "300", "--seconds", "0.5",
-                "--route", "shared")
+        r = cli(
+            "bench", "--addr", addr, "--objects", "300", "--seconds", "0.5", "--route", "shared"
+        )
         assert r.returncode == 0, r.stdout + r.stderr
     finally:
         proc.send_signal(signal.SIGINT)
@@ -199,15 +234,20 @@ def test_cli_demo_runs_clean(tmp_path) -> None:  # noqa: ANN001
     assert "p99.9" in out and "cross-shard hops" in out
     assert "stopped cleanly" in out
     assert time.monotonic() - t0 < 60
-    assert not [p for p in os.listdir("/tmp") if p.startswith("shardio-osd-demo-")
-                and os.path.getmtime(os.path.join("/tmp", p)) >= t0 - 1]
+    assert not [
+        p
+        for p in os.listdir("/tmp")
+        if p.startswith("shardio-osd-demo-") and os.path.getmtime(os.path.join("/tmp", p)) >= t0 - 1
+    ]
 
 
 def test_cli_demo_ctrl_c_stops_cleanly() -> None:
     """Ctrl-C in the middle of the demo: the OSD stops, the temp dir goes, exit code 130."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "shardio.osd", "demo", "--objects", "300", "--seconds", "60"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         first = proc.stdout.readline()  # type: ignore[union-attr]

@@ -94,14 +94,14 @@ def test_kill_9_of_a_shard_under_load_then_restart(tmp_path) -> None:  # noqa: A
                 await asyncio.gather(*(direct.put(n, content(n, SIZE)) for n in preload))
                 for n in preload:
                     load.acked[n] = SIZE
-                tasks = [
-                    asyncio.ensure_future(load.writer(direct, f"d{k}")) for k in range(4)
-                ] + [
-                    asyncio.ensure_future(load.writer(shared, f"s{k}")) for k in range(2)
-                ] + [
-                    asyncio.ensure_future(load.reader(direct, preload)),
-                    asyncio.ensure_future(load.reader(shared, preload[::-1])),
-                ]
+                tasks = (
+                    [asyncio.ensure_future(load.writer(direct, f"d{k}")) for k in range(4)]
+                    + [asyncio.ensure_future(load.writer(shared, f"s{k}")) for k in range(2)]
+                    + [
+                        asyncio.ensure_future(load.reader(direct, preload)),
+                        asyncio.ensure_future(load.reader(shared, preload[::-1])),
+                    ]
+                )
                 await asyncio.sleep(0.8)
                 killed_at = time.monotonic()
                 osd.kill_shard(1)  # SIGKILL
@@ -146,8 +146,11 @@ def test_kill_9_of_a_shard_under_load_then_restart(tmp_path) -> None:  # noqa: A
             async with await AsyncClient.connect(*again.address) as c:
                 names = sorted(load.acked)
                 got = await asyncio.gather(*(c.get(n) for n in names), return_exceptions=True)
-                return [n for n, g in zip(names, got, strict=True)
-                        if isinstance(g, BaseException) or g != content(n, SIZE)]
+                return [
+                    n
+                    for n, g in zip(names, got, strict=True)
+                    if isinstance(g, BaseException) or g != content(n, SIZE)
+                ]
 
         bad = asyncio.run(check())
     assert not bad, f"{len(bad)} acknowledged writes lost or corrupt, e.g. {bad[:5]}"

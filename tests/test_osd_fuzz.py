@@ -70,8 +70,9 @@ def craft(
     nlen = len(name) if nlen is None else nlen
     plen = len(payload) if plen is None else plen
     bcrc = (zlib.crc32(payload, zlib.crc32(name)) + body_crc_delta) & 0xFFFFFFFF
-    hdr = _HDR.pack(magic, version, op, flags, tid, 0, pool, nlen, reserved, offset, length,
-                    plen, bcrc)
+    hdr = _HDR.pack(
+        magic, version, op, flags, tid, 0, pool, nlen, reserved, offset, length, plen, bcrc
+    )
     return hdr + _U32.pack((zlib.crc32(hdr) + header_crc_delta) & 0xFFFFFFFF) + name + payload
 
 
@@ -187,8 +188,9 @@ def half_closed_valid(rnd: random.Random, tid: int) -> Case:
     """Valid requests, then shutdown(SHUT_WR): every one is answered, then the server closes."""
     n = rnd.randrange(1, 6)
     names = [f"fz-{rnd.randrange(OBJECTS):05d}" for _ in range(n)]
-    data = b"".join(encode_request(Op.READ, tid + i, nm, length=OBJ_SIZE)
-                    for i, nm in enumerate(names))
+    data = b"".join(
+        encode_request(Op.READ, tid + i, nm, length=OBJ_SIZE) for i, nm in enumerate(names)
+    )
     return Case(data, {tid + i: Status.OK for i in range(n)}, close=True, half_close=True)
 
 
@@ -345,6 +347,8 @@ def test_fuzz_bad_frames_while_serving(osd: OSDServer) -> None:
     stats = osd.total_stats()
     assert sum(stats["frame_errors"].values()) >= malformed
     assert stats["connections_open"] <= 4  # only the verifier's
-    print(f"{malformed} malformed frames in {len(cases)} connections, {elapsed:.1f} s; "
-          f"verifier read {verifier.reads}; RSS growth {grown} KiB; "
-          f"frame errors {stats['frame_errors']}")
+    print(
+        f"{malformed} malformed frames in {len(cases)} connections, {elapsed:.1f} s; "
+        f"verifier read {verifier.reads}; RSS growth {grown} KiB; "
+        f"frame errors {stats['frame_errors']}"
+    )

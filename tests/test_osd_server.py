@@ -87,8 +87,11 @@ def test_put_get_stat_delete_roundtrip(osd: OSDServer) -> None:
 
 def test_missing_object_is_enoent(osd: OSDServer) -> None:
     with Client(*osd.address) as c:
-        for call in (lambda: c.read("no-such"), lambda: c.stat("no-such"),
-                     lambda: c.delete("no-such")):
+        for call in (
+            lambda: c.read("no-such"),
+            lambda: c.stat("no-such"),
+            lambda: c.delete("no-such"),
+        ):
             with pytest.raises(ObjectNotFound) as info:
                 call()
             assert info.value.status == Status.ENOENT == 2
@@ -216,10 +219,12 @@ def test_many_requests_in_flight_on_one_connection(osd: OSDServer) -> None:
     pauses = osd.stats()[0]["inflight_pauses"]
     n = 2000
     with RawConn(osd.osdmap.addr_of(0)) as raw:
-        raw.send(b"".join(
-            encode_request(Op.READ, tid, name, offset=tid % 900, length=100)
-            for tid in range(1, n + 1)
-        ))
+        raw.send(
+            b"".join(
+                encode_request(Op.READ, tid, name, offset=tid % 900, length=100)
+                for tid in range(1, n + 1)
+            )
+        )
         got = by_tid(raw.recv_frames(n))
     assert all(got[t].payload == data[t % 900 : t % 900 + 100] for t in range(1, n + 1))
     assert osd.stats()[0]["inflight_pauses"] > pauses
@@ -239,8 +244,9 @@ def test_slow_reader_does_not_grow_server_memory(osd: OSDServer) -> None:
     n = 400  # 400 MiB of replies if the server buffered them all
     with RawConn(addr, timeout=30) as raw:
         raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-        req = b"".join(encode_request(Op.READ, t, "slow-reader", length=1 << 20)
-                       for t in range(1, n + 1))
+        req = b"".join(
+            encode_request(Op.READ, t, "slow-reader", length=1 << 20) for t in range(1, n + 1)
+        )
         raw.sock.settimeout(5)
         sent = 0
         try:
@@ -268,8 +274,7 @@ def test_slow_reader_does_not_grow_server_memory(osd: OSDServer) -> None:
 
 
 def test_connection_limit_closes_extra_connections(tmp_path) -> None:  # noqa: ANN001
-    with OSDServer(tmp_path, shards=1, backend="thread",
-                   limits=Limits(max_connections=3)) as small:
+    with OSDServer(tmp_path, shards=1, backend="thread", limits=Limits(max_connections=3)) as small:
         conns = [RawConn(small.address) for _ in range(3)]
         try:
             for i, conn in enumerate(conns):
@@ -320,23 +325,32 @@ def test_metrics_endpoint_has_the_osd_series(osd: OSDServer) -> None:
     text = urllib.request.urlopen(url, timeout=10).read().decode()
     families = {f.name: f for f in text_string_to_metric_families(text)}
     assert "shardio_osd_ops" in families
-    reads = [s for s in families["shardio_osd_ops"].samples
-             if s.labels["op"] == "read" and s.labels["status"] == "OK"]
+    reads = [
+        s
+        for s in families["shardio_osd_ops"].samples
+        if s.labels["op"] == "read" and s.labels["status"] == "OK"
+    ]
     assert reads and sum(s.value for s in reads) >= 1
     assert {s.labels["shard"] for s in families["shardio_osd_connections_accepted"].samples} == {
-        "0", "1"}
+        "0",
+        "1",
+    }
     assert "shardio_osd_op_latency_seconds" in families
     assert "shardio_osd_hops" in families
 
 
 def test_thread_backend_serves_both_routes(tmp_path) -> None:  # noqa: ANN001
     with OSDServer(tmp_path, shards=2, backend="thread") as t:
+
         async def body() -> None:
-            async with await AsyncClient.connect(*t.address) as d, \
-                    await AsyncClient.connect(*t.address, route="shared") as s:
+            async with (
+                await AsyncClient.connect(*t.address) as d,
+                await AsyncClient.connect(*t.address, route="shared") as s,
+            ):
                 await asyncio.gather(*(d.put(f"t{i}", bytes([i]) * 100) for i in range(100)))
                 assert await asyncio.gather(*(s.get(f"t{i}") for i in range(100))) == [
-                    bytes([i]) * 100 for i in range(100)]
+                    bytes([i]) * 100 for i in range(100)
+                ]
                 st = await s.stat("t5")
                 assert st.size == 100
                 reply = await s.request(Op.STAT, "t5")

@@ -42,7 +42,10 @@ class ThreadPoolNode:
     shard_id = 0
 
     def __init__(
-        self, store: ObjectStore, pool: concurrent.futures.ThreadPoolExecutor, pg_num: int,
+        self,
+        store: ObjectStore,
+        pool: concurrent.futures.ThreadPoolExecutor,
+        pg_num: int,
         limits: Limits,
     ) -> None:
         self.store = store
@@ -62,7 +65,14 @@ class ThreadPoolNode:
     ) -> Result:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            self.pool, apply_op, self.store, op, name, offset, length, payload,
+            self.pool,
+            apply_op,
+            self.store,
+            op,
+            name,
+            offset,
+            length,
+            payload,
             self.limits.max_list,
         )
 
@@ -78,7 +88,9 @@ async def serve(data: str, host: str, port: int, threads: int, pg_num: int, sync
     store = await loop.run_in_executor(
         pool,
         lambda: ObjectStore(
-            os.path.join(data, "shard-0"), posix_env, pg_of=lambda k: object_hash(k) % pg_num,
+            os.path.join(data, "shard-0"),
+            posix_env,
+            pg_of=lambda k: object_hash(k) % pg_num,
             sync=sync,
         ),
     )
@@ -107,8 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pg-num", type=int, default=64)
     p.add_argument("--no-sync", action="store_true")
     args = p.parse_args(argv)
-    uvloop.run(serve(args.data, args.host, args.port, args.threads, args.pg_num,
-                     not args.no_sync))
+    uvloop.run(serve(args.data, args.host, args.port, args.threads, args.pg_num, not args.no_sync))
     return 0
 
 

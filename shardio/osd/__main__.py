@@ -209,19 +209,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     names = object_names(args.objects, args.prefix)
 
     async def body() -> list[BenchResult]:
-        async with await AsyncClient.connect(*args.addr, route=args.route, timeout=args.timeout) as c:
+        async with await AsyncClient.connect(
+            *args.addr, route=args.route, timeout=args.timeout
+        ) as c:
             results = []
             if args.rate is None or args.closed:
                 results.append(
                     await closed_loop(
-                        c, names, seconds=args.seconds, concurrency=args.concurrency,
-                        length=args.length, label=f"{args.route}, closed loop ({args.concurrency})",
+                        c,
+                        names,
+                        seconds=args.seconds,
+                        concurrency=args.concurrency,
+                        length=args.length,
+                        label=f"{args.route}, closed loop ({args.concurrency})",
                     )
                 )
             if args.rate is not None:
                 results.append(
                     await open_loop(
-                        c, names, seconds=args.seconds, rate=args.rate, length=args.length,
+                        c,
+                        names,
+                        seconds=args.seconds,
+                        rate=args.rate,
+                        length=args.length,
                         label=f"{args.route}, open loop at {args.rate:.0f}/s",
                     )
                 )
@@ -276,33 +286,65 @@ def build_parser() -> argparse.ArgumentParser:
 
     def client_opts(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(
-            "--addr", type=_addr, default=("127.0.0.1", DEFAULT_PORT),
+            "--addr",
+            type=_addr,
+            default=("127.0.0.1", DEFAULT_PORT),
             help=f"the OSD's address, host:port (default 127.0.0.1:{DEFAULT_PORT})",
         )
-        sp.add_argument("--timeout", type=_positive(float), default=10.0,
-                        help="per-request timeout in seconds (default 10)")
+        sp.add_argument(
+            "--timeout",
+            type=_positive(float),
+            default=10.0,
+            help="per-request timeout in seconds (default 10)",
+        )
 
     s = sub.add_parser("serve", help="run an OSD until Ctrl-C")
-    s.add_argument("--shards", type=_positive(int), default=len(os.sched_getaffinity(0)),
-                   help="shards (default: one per CPU)")
+    s.add_argument(
+        "--shards",
+        type=_positive(int),
+        default=len(os.sched_getaffinity(0)),
+        help="shards (default: one per CPU)",
+    )
     s.add_argument("--data", required=True, help="data directory (created if missing)")
     s.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
-    s.add_argument("--port", type=int, default=DEFAULT_PORT,
-                   help=f"shared SO_REUSEPORT port (default {DEFAULT_PORT}; 0 picks one)")
-    s.add_argument("--shard-base-port", type=int, default=None,
-                   help="shard S listens on this + S (default: port + 1)")
+    s.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help=f"shared SO_REUSEPORT port (default {DEFAULT_PORT}; 0 picks one)",
+    )
+    s.add_argument(
+        "--shard-base-port",
+        type=int,
+        default=None,
+        help="shard S listens on this + S (default: port + 1)",
+    )
     s.add_argument("--metrics-port", type=int, default=None, help="serve /metrics on this port")
     s.add_argument("--backend", choices=("process", "thread"), default="process")
-    s.add_argument("--pg-num", type=_positive(int), default=64,
-                   help="placement groups of a new data dir (default 64)")
-    s.add_argument("--no-sync", action="store_true",
-                   help="acknowledge writes before fsync (faster bulk loads; not crash-safe)")
-    s.add_argument("--max-inflight", type=_positive(int), default=64,
-                   help="requests in flight per connection (default 64)")
-    s.add_argument("--max-connections", type=_positive(int), default=1024,
-                   help="connections per shard (default 1024)")
-    s.add_argument("--log-level", default="WARNING",
-                   choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    s.add_argument(
+        "--pg-num",
+        type=_positive(int),
+        default=64,
+        help="placement groups of a new data dir (default 64)",
+    )
+    s.add_argument(
+        "--no-sync",
+        action="store_true",
+        help="acknowledge writes before fsync (faster bulk loads; not crash-safe)",
+    )
+    s.add_argument(
+        "--max-inflight",
+        type=_positive(int),
+        default=64,
+        help="requests in flight per connection (default 64)",
+    )
+    s.add_argument(
+        "--max-connections",
+        type=_positive(int),
+        default=1024,
+        help="connections per shard (default 1024)",
+    )
+    s.add_argument("--log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("load", help="PUT generated, verifiable objects")
@@ -340,30 +382,51 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("bench", help="read benchmark over objects made by `load`")
     client_opts(s)
-    s.add_argument("--objects", type=_positive(int), default=10000,
-                   help="working set: names obj-00000000.. as `load` made them")
+    s.add_argument(
+        "--objects",
+        type=_positive(int),
+        default=10000,
+        help="working set: names obj-00000000.. as `load` made them",
+    )
     s.add_argument("--prefix", default="obj-")
     s.add_argument("--seconds", type=_positive(float), default=10.0)
     s.add_argument("--length", type=_positive(int), default=4096, help="bytes per read")
-    s.add_argument("--concurrency", type=_positive(int), default=16,
-                   help="closed loop: reads in flight (default 16)")
-    s.add_argument("--rate", type=_positive(float), default=None,
-                   help="open loop at this many reads/s (latency from intended send time)")
+    s.add_argument(
+        "--concurrency",
+        type=_positive(int),
+        default=16,
+        help="closed loop: reads in flight (default 16)",
+    )
+    s.add_argument(
+        "--rate",
+        type=_positive(float),
+        default=None,
+        help="open loop at this many reads/s (latency from intended send time)",
+    )
     s.add_argument("--closed", action="store_true", help="with --rate: run the closed loop too")
-    s.add_argument("--route", choices=("direct", "shared"), default="direct",
-                   help="direct: to the owning shard; shared: via the shared port (hops)")
+    s.add_argument(
+        "--route",
+        choices=("direct", "shared"),
+        default="direct",
+        help="direct: to the owning shard; shared: via the shared port (hops)",
+    )
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("demo", help="start an OSD, load, verify, measure, stop (< 1 min)")
     s.add_argument("--shards", type=_positive(int), default=2)
     s.add_argument("--objects", type=_positive(int), default=3000)
-    s.add_argument("--seconds", type=_positive(float), default=6.0,
-                   help="total length of the latency runs (default 6)")
+    s.add_argument(
+        "--seconds",
+        type=_positive(float),
+        default=6.0,
+        help="total length of the latency runs (default 6)",
+    )
     s.add_argument("--size", type=_positive(int), default=4096, help="bytes per object")
     s.add_argument("--concurrency", type=_positive(int), default=16)
     s.add_argument("--backend", choices=("process", "thread"), default="process")
-    s.add_argument("--data", default=None,
-                   help="use (and keep) this data directory instead of a temporary one")
+    s.add_argument(
+        "--data", default=None, help="use (and keep) this data directory instead of a temporary one"
+    )
     s.set_defaults(func=cmd_demo)
     return p
 

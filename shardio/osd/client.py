@@ -437,8 +437,8 @@ class AsyncClient:
         bname = _name(name)
         attempts = 1 + (self.retries if op in _IDEMPOTENT else 0)
         for attempt in range(attempts):
-            where = target if target is not None else _target(
-                self.osdmap, self.route, bname, pool, pg
+            where = (
+                target if target is not None else _target(self.osdmap, self.route, bname, pool, pg)
             )
             try:
                 conn = self._conns.get(where)
@@ -497,8 +497,12 @@ class AsyncClient:
         return (await self.request(Op.PUT, name, data, pool=pool)).length
 
     async def write(
-        self, name: str | bytes, data: bytes | bytearray | memoryview, offset: int = 0,
-        *, pool: int = 0,
+        self,
+        name: str | bytes,
+        data: bytes | bytearray | memoryview,
+        offset: int = 0,
+        *,
+        pool: int = 0,
     ) -> int:
         """Write data at offset (creating/extending the object); return the object's size."""
         return (await self.request(Op.WRITE, name, data, pool=pool, offset=offset)).length
@@ -512,7 +516,9 @@ class AsyncClient:
         names: list[bytes] = []
         after = b""
         while True:
-            reply = await self.request(Op.LIST, b"", after, pool=pool, offset=pg, length=page, pg=pg)
+            reply = await self.request(
+                Op.LIST, b"", after, pool=pool, offset=pg, length=page, pg=pg
+            )
             got = unpack_names(reply.payload)
             names.extend(got)
             if not reply.flags & FLAG_MORE or not got:
@@ -712,14 +718,15 @@ class Client:
         bname = _name(name)
         attempts = 1 + (self.retries if op in _IDEMPOTENT else 0)
         for attempt in range(attempts):
-            where = target if target is not None else _target(
-                self.osdmap, self.route, bname, pool, pg
+            where = (
+                target if target is not None else _target(self.osdmap, self.route, bname, pool, pg)
             )
             try:
                 conn = self._connection(where)
                 (tid,) = conn.tids(1)
-                data = encode_request(op, tid, bname, payload, pool=pool, offset=offset,
-                                      length=length)
+                data = encode_request(
+                    op, tid, bname, payload, pool=pool, offset=offset, length=length
+                )
                 reply = conn.exchange(data, (tid,), self.timeout)[tid]
             except OSDConnectionError:
                 if attempt + 1 >= attempts:
@@ -764,8 +771,12 @@ class Client:
         return self.request(Op.PUT, name, data, pool=pool).length
 
     def write(
-        self, name: str | bytes, data: bytes | bytearray | memoryview, offset: int = 0,
-        *, pool: int = 0,
+        self,
+        name: str | bytes,
+        data: bytes | bytearray | memoryview,
+        offset: int = 0,
+        *,
+        pool: int = 0,
     ) -> int:
         """Write data at offset (creating/extending the object); return the object's size."""
         return self.request(Op.WRITE, name, data, pool=pool, offset=offset).length

@@ -161,7 +161,9 @@ def run_demo(
         # Shard logs at ERROR only: on a busy machine the stall detector's reports (with
         # stacks) would bury the demo's output; the stalls are counted and shown instead.
         osd = OSDServer(
-            data_dir, shards=shards, backend=backend,  # type: ignore[arg-type]
+            data_dir,
+            shards=shards,
+            backend=backend,  # type: ignore[arg-type]
             log_level=logging.ERROR,
         )
         osd.start()
@@ -224,7 +226,9 @@ async def _demo_body(
         if v.mismatches or vs.mismatches:
             ok = False
             bad = (v.mismatches + vs.mismatches)[:5]
-            out(f"  MISMATCH or error on {len(v.mismatches) + len(vs.mismatches)} reads, e.g. {bad}")
+            out(
+                f"  MISMATCH or error on {len(v.mismatches) + len(vs.mismatches)} reads, e.g. {bad}"
+            )
         cached0, uring0 = _io_counts(osd)
         evicted = evict_page_cache(data_dir)
         shuffled = list(names)
@@ -250,22 +254,34 @@ async def _demo_body(
         results: list[BenchResult] = []
         results.append(
             await closed_loop(
-                direct, names, seconds=slice_s, concurrency=concurrency,
-                length=size, label=f"direct to owning shard, closed loop ({concurrency})",
+                direct,
+                names,
+                seconds=slice_s,
+                concurrency=concurrency,
+                length=size,
+                label=f"direct to owning shard, closed loop ({concurrency})",
             )
         )
         hops0 = osd.total_stats().get("hops_out", 0)
         results.append(
             await closed_loop(
-                shared, names, seconds=slice_s, concurrency=concurrency,
-                length=size, label=f"shared port (hops), closed loop ({concurrency})",
+                shared,
+                names,
+                seconds=slice_s,
+                concurrency=concurrency,
+                length=size,
+                label=f"shared port (hops), closed loop ({concurrency})",
             )
         )
         run_hops = osd.total_stats().get("hops_out", 0) - hops0
         rate = max(100.0, round(results[0].throughput * 0.5, -2))
         results.append(
             await open_loop(
-                direct, names, seconds=slice_s, rate=rate, length=size,
+                direct,
+                names,
+                seconds=slice_s,
+                rate=rate,
+                length=size,
                 label=f"direct, open loop at {rate:.0f}/s (50%)",
             )
         )
@@ -292,9 +308,9 @@ async def _demo_body(
         if errors:
             ok = False
             out(f"  {errors} read errors during the latency runs: {results[0].first_error}")
-        srv_ops = sum(
-            n for k, n in stats1.get("ops", {}).items() if k.startswith("read/")
-        ) - sum(n for k, n in stats0.get("ops", {}).items() if k.startswith("read/"))
+        srv_ops = sum(n for k, n in stats1.get("ops", {}).items() if k.startswith("read/")) - sum(
+            n for k, n in stats0.get("ops", {}).items() if k.startswith("read/")
+        )
         stalls = [s.get("reactor_stalls", 0) if s else "down" for s in osd.stats()]
         load1 = os.getloadavg()[0]
         out(

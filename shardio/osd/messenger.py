@@ -134,7 +134,13 @@ class Node(Protocol):
         ...
 
     def forward(
-        self, shard: int, op: int, name: bytes, offset: int, length: int, payload: bytes,
+        self,
+        shard: int,
+        op: int,
+        name: bytes,
+        offset: int,
+        length: int,
+        payload: bytes,
         pool: int,
     ) -> asyncio.Future[Result]:
         """Run a request on the shard that owns its pg (the cross-shard hop)."""
@@ -330,7 +336,12 @@ class OSDConnection(asyncio.Protocol):
             fut.add_done_callback(partial(_future_outcome, done))
 
     def _finished(
-        self, op: int, tid: int, charge: int, started: float, result: Any,
+        self,
+        op: int,
+        tid: int,
+        charge: int,
+        started: float,
+        result: Any,
         error: BaseException | None,
     ) -> None:
         self.inflight -= 1

@@ -117,7 +117,12 @@ class _PgOf:
 
 
 def apply_op(
-    store: ObjectStore, op: int, name: bytes, offset: int, length: int, payload: bytes,
+    store: ObjectStore,
+    op: int,
+    name: bytes,
+    offset: int,
+    length: int,
+    payload: bytes,
     max_list: int,
 ) -> Result:
     """One request against a store, as plain blocking code; failures become errno statuses.
@@ -280,7 +285,13 @@ class ShardNode:
         return result
 
     def forward(
-        self, shard: int, op: int, name: bytes, offset: int, length: int, payload: bytes,
+        self,
+        shard: int,
+        op: int,
+        name: bytes,
+        offset: int,
+        length: int,
+        payload: bytes,
         pool: int,
     ) -> asyncio.Future[Result]:
         """Send a request to the shard that owns its pg (the cross-shard hop)."""
@@ -527,9 +538,7 @@ class OSDServer:
                 deadline,
                 "bind the shared port",
             )
-            osdmap = OSDMap.build(
-                self.shards, pg_num=pg_num, addrs=[(self.host, p) for p in ports]
-            )
+            osdmap = OSDMap.build(self.shards, pg_num=pg_num, addrs=[(self.host, p) for p in ports])
             self._all(
                 [group.submit(s, _shard_start, osdmap) for s in range(self.shards)],
                 deadline,

@@ -156,7 +156,9 @@ def merge(snapshots: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
                     h = Histogram.from_dict(hd)
                     if op in hists:
                         acc = hists[op]
-                        acc["counts"] = [a + b for a, b in zip(acc["counts"], h.counts, strict=True)]
+                        acc["counts"] = [
+                            a + b for a, b in zip(acc["counts"], h.counts, strict=True)
+                        ]
                         acc["sum"] += h.sum
                     else:
                         hists[op] = h.to_dict()
@@ -195,7 +197,8 @@ def prometheus_families(snap: Mapping[str, Any]) -> list[Any]:
         out.append(GaugeMetricFamily(name, help, value=value))
 
     ops = CounterMetricFamily(
-        "shardio_osd_ops", "OSD requests answered by this shard, by op and reply status.",
+        "shardio_osd_ops",
+        "OSD requests answered by this shard, by op and reply status.",
         labels=["op", "status"],
     )
     for key, n in sorted(snap.get("ops", {}).items()):
@@ -222,28 +225,52 @@ def prometheus_families(snap: Mapping[str, Any]) -> list[Any]:
     hops.add_metric(["out"], snap.get("hops_out", 0))
     hops.add_metric(["in"], snap.get("hops_in", 0))
     out.append(hops)
-    counter("shardio_osd_received_bytes", "Request bytes read from client sockets.",
-            snap.get("bytes_received", 0))
-    counter("shardio_osd_sent_bytes", "Reply bytes written to client sockets.",
-            snap.get("bytes_sent", 0))
-    counter("shardio_osd_read_bytes", "Object bytes returned by READ on this shard's store.",
-            snap.get("read_bytes", 0))
-    counter("shardio_osd_written_bytes", "Object bytes stored by PUT/WRITE on this shard's store.",
-            snap.get("written_bytes", 0))
-    counter("shardio_osd_connections_accepted", "Client connections accepted.",
-            snap.get("connections_accepted", 0))
-    counter("shardio_osd_connections_refused", "Connections closed at once: over the limit.",
-            snap.get("connections_refused", 0))
-    gauge("shardio_osd_connections", "Client connections open now.", snap.get("connections_open", 0))
+    counter(
+        "shardio_osd_received_bytes",
+        "Request bytes read from client sockets.",
+        snap.get("bytes_received", 0),
+    )
+    counter(
+        "shardio_osd_sent_bytes",
+        "Reply bytes written to client sockets.",
+        snap.get("bytes_sent", 0),
+    )
+    counter(
+        "shardio_osd_read_bytes",
+        "Object bytes returned by READ on this shard's store.",
+        snap.get("read_bytes", 0),
+    )
+    counter(
+        "shardio_osd_written_bytes",
+        "Object bytes stored by PUT/WRITE on this shard's store.",
+        snap.get("written_bytes", 0),
+    )
+    counter(
+        "shardio_osd_connections_accepted",
+        "Client connections accepted.",
+        snap.get("connections_accepted", 0),
+    )
+    counter(
+        "shardio_osd_connections_refused",
+        "Connections closed at once: over the limit.",
+        snap.get("connections_refused", 0),
+    )
+    gauge(
+        "shardio_osd_connections", "Client connections open now.", snap.get("connections_open", 0)
+    )
     errors = CounterMetricFamily(
-        "shardio_osd_frame_errors", "Bad request frames, by kind (protocol error class).",
+        "shardio_osd_frame_errors",
+        "Bad request frames, by kind (protocol error class).",
         labels=["kind"],
     )
     for kind, n in sorted(snap.get("frame_errors", {}).items()):
         errors.add_metric([kind], n)
     out.append(errors)
-    counter("shardio_osd_protocol_closes", "Connections closed for a fatal frame error.",
-            snap.get("protocol_closes", 0))
+    counter(
+        "shardio_osd_protocol_closes",
+        "Connections closed for a fatal frame error.",
+        snap.get("protocol_closes", 0),
+    )
     pauses = CounterMetricFamily(
         "shardio_osd_backpressure_pauses",
         "Times a connection stopped reading: too much in flight, or replies not read.",
@@ -252,20 +279,28 @@ def prometheus_families(snap: Mapping[str, Any]) -> list[Any]:
     pauses.add_metric(["inflight"], snap.get("inflight_pauses", 0))
     pauses.add_metric(["write_buffer"], snap.get("write_pauses", 0))
     out.append(pauses)
-    counter("shardio_osd_replies_dropped", "Replies not sent: their connection had closed.",
-            snap.get("replies_dropped", 0))
+    counter(
+        "shardio_osd_replies_dropped",
+        "Replies not sent: their connection had closed.",
+        snap.get("replies_dropped", 0),
+    )
     store = snap.get("store")
     if store:
         gauge("shardio_osd_store_objects", "Objects in this shard's store.", store["objects"])
         gauge("shardio_osd_store_live_bytes", "Sum of the object sizes.", store["live_bytes"])
-        gauge("shardio_osd_store_log_bytes", "Bytes in the store's segment files.",
-              store["log_bytes"])
+        gauge(
+            "shardio_osd_store_log_bytes", "Bytes in the store's segment files.", store["log_bytes"]
+        )
         gauge("shardio_osd_store_segments", "Segment files.", store["segments"])
         counter("shardio_osd_store_fsyncs", "fsync/fdatasync calls of the store.", store["fsyncs"])
-        counter("shardio_osd_store_commit_batches",
-                "Group commits (one fsync acknowledging one or more writes).",
-                store["commit_batches"])
-        counter("shardio_osd_store_corrupt_reads",
-                "Reads refused with EIO: a checksum or identity check failed.",
-                store["corrupt_reads"])
+        counter(
+            "shardio_osd_store_commit_batches",
+            "Group commits (one fsync acknowledging one or more writes).",
+            store["commit_batches"],
+        )
+        counter(
+            "shardio_osd_store_corrupt_reads",
+            "Reads refused with EIO: a checksum or identity check failed.",
+            store["corrupt_reads"],
+        )
     return out
