@@ -211,7 +211,9 @@ async def scenario_cold_reads_overlap(tmp: str) -> dict[str, Any]:
         - before.get("read_uring", 0)
         - before.get("read_thread", 0)
     )
-    assert uring_reads >= 2 * n_reads * 0.9 * len(attempts), (before, after)
+    # Kernel readahead can bring a few evicted pages back before they are read (seen
+    # in the thread-pool fallback: 76 of 576 reads hit the cache): most must be cold.
+    assert uring_reads >= 2 * n_reads * 0.75 * len(attempts), (before, after)
     if after["fallback"] == 0:  # io_uring: the reads were in the kernel together
         assert after["inflight_peak"] >= 16, after
         assert after["read_uring"] - before["read_uring"] >= 2 * n_reads * 0.9 * len(attempts)
