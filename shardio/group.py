@@ -31,7 +31,8 @@ class ShardGroup:
 
     ``warm_up_tame=True`` imports :mod:`shardio.tame` and sets up each shard's
     io_uring ring before the shard reports ready (~100 ms per shard), so that
-    the first tame call does not stall the reactor for it.
+    the first tame call does not stall the reactor for it.  ``preload`` names
+    modules each shard imports before its reactor starts, for the same reason.
 
     Usable as a context manager (``with`` or ``async with``), which starts the
     shards and stops them on the way out.  From any thread of the owning
@@ -57,6 +58,7 @@ class ShardGroup:
         metrics_port: int | None = None,
         stall_threshold_ms: float | None = 25.0,
         warm_up_tame: bool = False,
+        preload: tuple[str, ...] | list[str] = (),
     ) -> None:
         if shards is None:
             shards = len(os.sched_getaffinity(0))
@@ -83,7 +85,7 @@ class ShardGroup:
             shard_count=shards, idle_poll_us=idle_poll_us, loop=loop,
             max_message_bytes=max_message_bytes, cpus=cpus if pin else None,
             log_level=log_level, stall_threshold_ms=stall_threshold_ms,
-            warm_up_tame=warm_up_tame,
+            warm_up_tame=warm_up_tame, preload=tuple(preload),
         )
         self._state = "new"
         self._mesh: Mesh | None = None

@@ -11,6 +11,7 @@ reports end-of-file and the shard exits at once.
 
 from __future__ import annotations
 
+import importlib
 import io
 import logging
 import multiprocessing
@@ -40,10 +41,14 @@ class ShardOptions:
     log_level: int = logging.WARNING
     stall_threshold_ms: float | None = 25.0
     warm_up_tame: bool = False
+    preload: tuple[str, ...] = ()
     extras: dict[str, Any] = field(default_factory=dict)
 
 
 def make_reactor(shard: int, mesh: Mesh, options: ShardOptions) -> Reactor:
+    # Imports before the reactor (and its stall detector) exist: nothing to stall.
+    for module in options.preload:
+        importlib.import_module(module)
     return Reactor(shard, options.shard_count, mesh, idle_poll_us=options.idle_poll_us,
                    loop=options.loop, max_message_bytes=options.max_message_bytes,
                    stall_threshold_ms=options.stall_threshold_ms,

@@ -463,18 +463,32 @@ def test_fuzz_random_headers_bounded() -> None:
     """Random 56-byte headers with valid magic and CRC: limits hold, never an allocation."""
     rng = random.Random(7)
     for _ in range(3000):
+        name_len = rng.choice([0, 5, MAX_NAME, rng.randrange(1 << 16)])
+        payload_len = rng.choice([0, 10, MAX_PAYLOAD, rng.getrandbits(32)])
         hdr = raw_frame(
             version=rng.choice([1, 1, 1, rng.randrange(256)]),
             op=rng.randrange(256),
             flags=rng.choice([0, FLAG_REPLY, rng.randrange(1 << 16)]),
             tid=rng.getrandbits(64),
             name=b"",
-            name_len=rng.choice([0, 5, MAX_NAME, rng.randrange(1 << 16)]),
-            payload_len=rng.choice([0, 10, MAX_PAYLOAD, rng.getrandbits(32)]),
+            name_len=name_len,
+            payload_len=payload_len,
         )[:HEADER_SIZE]
         dec = FrameDecoder()
         try:
-            assert dec.feed(hdr) == []
+            frames = dec.feed(hdr)
+            # Only a header that declares no body can be a whole frame on its own.
+            assert frames == [] or (name_len == 0 and payload_len == 0)
         except p.FrameError as exc:
             assert isinstance(exc.status, int) and exc.status > 0
         assert dec.buffered <= HEADER_SIZE
+
+
+def test_an_error_reply_to_an_unknown_op_is_readable():
+    """The server echoes an unknown op in its error reply; the client must be able
+    to read that reply's status rather than refuse the frame."""
+    reply = p.encode_reply(200, 7, status=int(p.Status.EINVAL))
+    (frame,) = p.FrameDecoder().feed(reply)
+    assert (frame.op, frame.tid, frame.status) == (200, 7, int(p.Status.EINVAL))
+    with pytest.raises(p.UnknownOp):
+        p.FrameDecoder().feed(p.encode_request(200, 8, b"x"))

@@ -432,7 +432,7 @@ def _parse_one(
     err: FrameError | None = None
     if _crc32(mv[body:stop]) != body_crc:
         err = BadChecksum("frame body checksum mismatch: corrupted in transit", tid=tid, op=op)
-    elif op not in _OPS:
+    elif op not in _OPS and not flags & FLAG_REPLY:  # an error reply echoes the unknown op
         err = UnknownOp(f"unknown op code {op}", tid=tid, op=op)
     elif flags & ~_KNOWN_FLAGS or reserved:
         err = MalformedFrame(

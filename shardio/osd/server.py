@@ -65,12 +65,10 @@ log = logging.getLogger("shardio.osd.server")
 
 _NODE_KEY = ("shardio.osd", "node")
 _META = "osd.json"
-#: Imported on a helper thread of each shard before the OSD starts there, so the
-#: imports (~130 ms, pyuring alone ~70 ms) do not block the reactor and trip its
-#: stall detector. exec is used because a module object cannot cross back.
-_PRELOAD = (
-    "import shardio.osd.server, shardio.io.uring, pyuring, shardio.metrics, prometheus_client"
-)
+#: Imported by each shard before its reactor starts (~130 ms, pyuring alone
+#: ~70 ms), so that the imports do not stall a running reactor.
+_PRELOAD = ("shardio.osd.server", "shardio.io.uring", "pyuring", "shardio.metrics",
+            "prometheus_client")
 _META_FORMAT = 1
 
 _READ = int(Op.READ)
@@ -512,16 +510,13 @@ class OSDServer:
             stop_timeout=self.stop_timeout,
             log_level=self.log_level,
             stall_threshold_ms=self.stall_threshold_ms,
+            preload=_PRELOAD,
+            warm_up_tame=True,
         )
         self.group = group
         try:
             group.start()
             deadline = time.monotonic() + self.start_timeout
-            self._all(
-                [group.submit(s, asyncio.to_thread, exec, _PRELOAD) for s in range(self.shards)],
-                deadline,
-                "import the OSD modules",
-            )
             ports = self._all(
                 [
                     group.submit(s, _shard_open, config, self._shard_port(s))
