@@ -1,0 +1,604 @@
+"""The latency suite: shardio's OSD against the servers Python users would pick instead.
+
+    python bench/latency.py                      # everything, < 10 min on 2 cores
+    python bench/latency.py --servers shardio,uvloop --quick
+
+Every server serves the same OSD data directory (one load, the same segment
+files), the same 4 KiB reads, over the same wire protocol, to the same load
+generator (bench/loadgen.py, its own process):
+
+* ``shardio``   -- ``python -m shardio.osd serve``: 2 shard processes, one per
+  CPU, the store on tame stacks, page-cache misses through io_uring;
+* ``asyncio`` / ``uvloop`` -- bench/peers/asyncio_server.py: one process, the
+  store in ``asyncio.to_thread`` (PosixEnv);
+* ``gevent``    -- bench/peers/gevent_server.py: monkey-patched, PosixEnv;
+* ``threaded``  -- bench/peers/threaded_server.py: ThreadingTCPServer, PosixEnv;
+* ``reuseport`` -- bench/peers/reuseport_workers.py: 2 uvloop worker
+  processes on one SO_REUSEPORT port, each with ``to_thread``.
+
+CPU placement, the same for every server: the server (and every process and
+thread it starts) may run on ``--server-cpus`` (default: all CPUs; shardio
+pins one shard per CPU itself); the load generator and this runner are pinned
+to ``--client-cpus`` (default: the last CPU). On a 2-CPU machine the client
+therefore shares a CPU with the server: it is the only way to give a
+multi-core server both cores. The client's own cost is reported per point.
+
+Scenarios per server:
+
+1. cached: a closed loop (``--concurrency`` reads in flight: the saturation
+   throughput), then open loops at rising offered loads (``--rates``, capped
+   at 1.3x the closed-loop throughput) until one is not sustained;
+2. uncached: the same closed loop and a few open-loop rates while a thread
+   of this runner evicts the store's files from the page cache
+   (posix_fadvise DONTNEED) every 20 ms. The data must be on a real disk
+   (tmpfs is refused), by default under /var/tmp.
+
+Results: ``--out`` (default bench/latency-results/) gets points.csv and
+points.json (every point, with its encoded HDR histogram), run.json (the
+machine, the load average, the command) and summary.md; then bench/plot.py
+draws the PNGs there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PEERS = os.path.join(HERE, "peers")
+PREFIX = "lat-"
+
+DEFAULT_RATES = (
+    1000, 2000, 4000, 6000, 8000, 10000, 12500, 15000, 17500, 20000, 22500, 25000, 30000,
+    35000, 40000, 50000,
+)  # fmt: skip
+DEFAULT_UNCACHED_RATES = (1000, 3000)
+
+
+class SuiteError(Exception):
+    """The suite cannot run (a server did not start, the data dir is unusable, ...)."""
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """How to start one server of the suite and recognise that it serves."""
+
+    key: str
+    label: str
+    argv: tuple[str, ...]  #: {data} is replaced by the data directory
+    ready: str  #: a regex on its stdout with (host, port) groups
+    single_process: bool
+
+
+_PY = sys.executable
+_LISTENING = r"listening on ([\d.]+):(\d+)"
+SERVERS: dict[str, ServerSpec] = {
+    s.key: s
+    for s in (
+        ServerSpec(
+            "shardio", "shardio: 2 shard processes, tame stacks + io_uring",
+            (_PY, "-m", "shardio.osd", "serve", "--shards", "2", "--data", "{data}",
+             "--port", "0", "--no-sync"),
+            r"shared port ([\d.]+):(\d+)", False,
+        ),
+        ServerSpec(
+            "asyncio", "asyncio + to_thread",
+            (_PY, os.path.join(PEERS, "asyncio_server.py"), "--data", "{data}", "--loop", "asyncio"),
+            _LISTENING, True,
+        ),
+        ServerSpec(
+            "uvloop", "uvloop + to_thread",
+            (_PY, os.path.join(PEERS, "asyncio_server.py"), "--data", "{data}", "--loop", "uvloop"),
+            _LISTENING, True,
+        ),
+        ServerSpec(
+            "gevent", "gevent (monkey-patched)",
+            (_PY, os.path.join(PEERS, "gevent_server.py"), "--data", "{data}"),
+            _LISTENING, True,
+        ),
+        ServerSpec(
+            "threaded", "ThreadingTCPServer",
+            (_PY, os.path.join(PEERS, "threaded_server.py"), "--data", "{data}"),
+            _LISTENING, True,
+        ),
+        ServerSpec(
+            "reuseport", "2 uvloop workers, SO_REUSEPORT, to_thread",
+            (_PY, os.path.join(PEERS, "reuseport_workers.py"), "--data", "{data}",
+             "--workers", "2", "--loop", "uvloop"),
+            _LISTENING, False,
+        ),
+    )
+}
+
+
+def fs_type(path: str) -> str:
+    """The filesystem type holding path, from /proc/self/mounts ('?' if unknown)."""
+    path = os.path.realpath(path)
+    best, kind = "", "?"
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) < 3:
+                continue
+            mnt = parts[1].replace("\\040", " ")
+            if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                best, kind = mnt, parts[2]
+    return kind
+
+
+def evict(data_dir: str) -> None:
+    """Drop the store's segment files from the page cache (clean pages only)."""
+    for root, _, files in os.walk(data_dir):
+        for name in files:
+            if not name.endswith(".log"):
+                continue
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+class Evictor(threading.Thread):
+    """Evicts the data directory from the page cache every ``period`` seconds."""
+
+    def __init__(self, data_dir: str, period: float = 0.02) -> None:
+        super().__init__(name="evictor", daemon=True)
+        self.data_dir = data_dir
+        self.period = period
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.wait(self.period):
+            evict(self.data_dir)
+
+    def __enter__(self) -> Evictor:
+        evict(self.data_dir)
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.halt.set()
+        self.join()
+
+
+class Server:
+    """A server process of the suite, started pinned to ``cpus``; stopped with SIGTERM."""
+
+    def __init__(self, spec: ServerSpec, data_dir: str, cpus: set[int], log_path: str,
+                 timeout: float = 60.0) -> None:
+        self.spec = spec
+        argv = [a.replace("{data}", data_dir) for a in spec.argv]
+        self.log = open(log_path, "w")  # noqa: SIM115 -- closed in stop()
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=os.path.dirname(HERE),
+            preexec_fn=lambda: os.sched_setaffinity(0, cpus),  # noqa: PLW1509 -- no threads yet
+        )
+        self.address = self._await_ready(re.compile(spec.ready), timeout)
+        assert self.proc.stdout is not None
+        threading.Thread(target=self._copy_stdout, daemon=True).start()
+
+    def _await_ready(self, ready: re.Pattern[str], timeout: float) -> tuple[str, int]:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        timer = threading.Timer(timeout, self.proc.kill)
+        timer.start()
+        try:
+            for line in self.proc.stdout:
+                self.log.write(line)
+                m = ready.search(line)
+                if m:
+                    return m.group(1), int(m.group(2))
+                if time.monotonic() > deadline:
+                    break
+        finally:
+            timer.cancel()
+        self.stop()
+        raise SuiteError(f"{self.spec.key} did not start; see {self.log.name}")
+
+    def _copy_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.log.write(line)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.flush()
+        self.log.close()
+
+
+def _cpuset(text: str) -> set[int]:
+    out: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def run_loadgen(server: Server, args: argparse.Namespace, plan: list[dict[str, Any]],
+                stop_when_saturated: bool) -> list[dict[str, Any]]:
+    """Run bench/loadgen.py pinned to the client CPUs; return its points."""
+    host, port = server.address
+    argv = [
+        _PY, os.path.join(HERE, "loadgen.py"), "--addr", f"{host}:{port}",
+        "--objects", str(args.objects), "--prefix", PREFIX, "--plan", json.dumps(plan),
+        "--connections", str(args.connections), "--warmup", str(args.warmup),
+        "--server-pids", str(server.pid), "--cpus", args.client_cpus,
+    ]
+    if stop_when_saturated:
+        argv.append("--stop-when-saturated")
+    budget = sum(p["seconds"] + args.warmup + 3 for p in plan) + 60
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=budget)
+    points = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not points:
+        raise SuiteError(
+            f"loadgen against {server.spec.key} failed ({proc.returncode}): {proc.stderr[-2000:]}"
+        )
+    return points
+
+
+def _show(key: str, scenario: str, p: dict[str, Any]) -> None:
+    lat = p["latency_us"]
+    what = f"open {p['offered']:.0f}/s" if p["mode"] == "open" else f"closed x{p['concurrency']}"
+    flag = " NOT SUSTAINED" if p.get("sustained") is False else ""
+    print(f"  {key:9} {scenario:8} {what:16} {p['throughput']:8.0f}/s  p50 "
+          f"{lat.get('p50', 0) / 1e3:7.3f}  p99 {lat.get('p99', 0) / 1e3:8.3f}  p99.9 "
+          f"{lat.get('p99.9', 0) / 1e3:8.3f} ms  srv {p['server_cpu_us_per_read'] or 0:5.0f} "
+          f"cli {p['client_cpu_us_per_read']:5.0f} us/read  load {p['loadavg'][1]:.1f}"
+          f"{flag}", flush=True)
+
+
+def sustained(p: dict[str, Any]) -> bool:
+    """An open-loop point was sustained: no errors, no overload, >= 95% of offered achieved."""
+    if p["errors"] or p["timeouts"] or p["overloaded"]:
+        return False
+    return p["mode"] != "open" or p["throughput"] >= 0.95 * p["offered"]
+
+
+def bench_server(spec: ServerSpec, data_dir: str, args: argparse.Namespace,
+                 out_dir: str) -> list[dict[str, Any]]:
+    """All the scenarios against one server; its points, labelled."""
+    server = Server(spec, data_dir, _cpuset(args.server_cpus),
+                    os.path.join(out_dir, f"server-{spec.key}.log"))
+    rows: list[dict[str, Any]] = []
+
+    def keep(scenario: str, points: list[dict[str, Any]]) -> None:
+        for p in points:
+            p.update(server=spec.key, label=spec.label, scenario=scenario, sustained=sustained(p))
+            rows.append(p)
+            _show(spec.key, scenario, p)
+
+    try:
+        closed = {"mode": "closed", "concurrency": args.concurrency, "seconds": args.seconds}
+        keep("cached", run_loadgen(server, args, [closed], False))
+        cap = 1.3 * rows[-1]["throughput"]
+        rates = [r for r in args.rates if r <= cap] or [args.rates[0]]
+        plan = [{"mode": "open", "rate": r, "seconds": args.seconds} for r in rates]
+        keep("cached", run_loadgen(server, args, plan, True))
+        if args.uncached:
+            plan = [dict(closed)] + [
+                {"mode": "open", "rate": r, "seconds": args.seconds} for r in args.uncached_rates
+            ]
+            with Evictor(data_dir):
+                keep("uncached", run_loadgen(server, args, plan, False))
+    finally:
+        server.stop()
+    return rows
+
+
+def make_data(data_dir: str, args: argparse.Namespace, out_dir: str) -> None:
+    """Load the working set once, through a shardio OSD (the layout every server reads)."""
+    spec = SERVERS["shardio"]
+    server = Server(spec, data_dir, _cpuset(args.server_cpus), os.path.join(out_dir, "load.log"))
+    try:
+        host, port = server.address
+        subprocess.run(
+            [_PY, "-m", "shardio.osd", "load", "--addr", f"{host}:{port}", "--objects",
+             str(args.objects), "--prefix", PREFIX, "--size", "4096", "--verify"],
+            check=True, capture_output=True, text=True, timeout=300,
+        )
+    except subprocess.CalledProcessError as exc:
+        raise SuiteError(f"loading the data failed: {exc.stdout}{exc.stderr}") from None
+    finally:
+        server.stop()
+
+
+CSV_FIELDS = (
+    "server", "scenario", "mode", "offered", "concurrency", "throughput", "sustained",
+    "p50_us", "p90_us", "p99_us", "p99.9_us", "max_us", "mean_us", "ok", "errors", "timeouts",
+    "send_lag_p99_us", "service_p99_us", "server_cpu_us_per_read", "client_cpu_us_per_read",
+    "loadavg_start", "loadavg_end", "first_error",
+)
+
+
+def write_csv(path: str, rows: Sequence[dict[str, Any]]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(CSV_FIELDS)
+        for p in rows:
+            lat = p["latency_us"]
+            w.writerow([
+                p["server"], p["scenario"], p["mode"], p["offered"] or "", p["concurrency"] or "",
+                p["throughput"], p["sustained"], lat.get("p50", ""), lat.get("p90", ""),
+                lat.get("p99", ""), lat.get("p99.9", ""), lat.get("max", ""), lat.get("mean", ""),
+                p["ok"], p["errors"], p["timeouts"], p["send_lag_us"].get("p99", ""),
+                p["service_us"].get("p99", ""), p["server_cpu_us_per_read"],
+                p["client_cpu_us_per_read"], p["loadavg"][0], p["loadavg"][1], p["first_error"],
+            ])
+
+
+# -- summary and goals -------------------------------------------------------------------------
+
+
+def _by(rows: Sequence[dict[str, Any]], **match: Any) -> list[dict[str, Any]]:
+    return [r for r in rows if all(r.get(k) == v for k, v in match.items())]
+
+
+def saturation(rows: Sequence[dict[str, Any]], server: str, scenario: str = "cached") -> dict[str, float]:
+    """Closed-loop throughput and the highest sustained open-loop rate of a server."""
+    closed = _by(rows, server=server, scenario=scenario, mode="closed")
+    opens = [r["offered"] for r in _by(rows, server=server, scenario=scenario, mode="open")
+             if r["sustained"]]
+    return {
+        "closed": closed[0]["throughput"] if closed else 0.0,
+        "open": max(opens) if opens else 0.0,
+    }
+
+
+def goals(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's two goals, evaluated on the cached points (see bench README)."""
+    servers = sorted({r["server"] for r in rows})
+    if "shardio" not in servers:
+        return {}
+    peers = [s for s in servers if s != "shardio"]
+    single = [s for s in peers if SERVERS[s].single_process]
+    p99: list[dict[str, Any]] = []
+    for r in _by(rows, server="shardio", scenario="cached", mode="open"):
+        if not r["sustained"]:
+            continue
+        rate = r["offered"]
+        rivals = [q for q in _by(rows, scenario="cached", mode="open", offered=rate)
+                  if q["server"] != "shardio" and q["sustained"]]
+        if not rivals:
+            p99.append({"offered": rate, "shardio_p99_us": r["latency_us"]["p99"],
+                        "best_peer": None, "best_peer_p99_us": None, "ratio": None})
+            continue
+        best = min(rivals, key=lambda q: q["latency_us"]["p99"])
+        p99.append({
+            "offered": rate, "shardio_p99_us": r["latency_us"]["p99"], "best_peer": best["server"],
+            "best_peer_p99_us": best["latency_us"]["p99"],
+            "ratio": round(r["latency_us"]["p99"] / best["latency_us"]["p99"], 3),
+        })
+    sat = {s: saturation(rows, s) for s in servers}
+    best_single = max(single, key=lambda s: sat[s]["closed"]) if single else None
+    out: dict[str, Any] = {"p99_at_equal_load": p99, "saturation": sat}
+    if best_single:
+        out["best_single_process_peer"] = best_single
+        for kind in ("closed", "open"):
+            base = max(sat[s][kind] for s in single)
+            out[f"throughput_ratio_{kind}"] = (
+                round(sat["shardio"][kind] / base, 2) if base else None
+            )
+    compared = [x for x in p99 if x["ratio"] is not None]
+    out["p99_goal_met_at"] = [x["offered"] for x in compared if x["ratio"] <= 0.5]
+    out["p99_goal_missed_at"] = [x["offered"] for x in compared if x["ratio"] > 0.5]
+    return out
+
+
+def summary_md(rows: Sequence[dict[str, Any]], g: dict[str, Any], info: dict[str, Any]) -> str:
+    """A markdown summary: the saturation table, latency at common loads, the goals."""
+    servers = list(dict.fromkeys(r["server"] for r in rows))
+    lines = [
+        f"Machine: {info['cpu_model']}, {info['cpus']} CPUs, Linux {info['kernel']}, "
+        f"Python {info['python']}; data on {info['fs']} ({info['data_dir']}); "
+        f"server CPUs {info['server_cpus']}, client CPUs {info['client_cpus']}; "
+        f"load average {info['loadavg_start']} at start, {info['loadavg_end']} at end.",
+        "",
+        "| server | cached: closed-loop reads/s | max sustained open-loop reads/s "
+        "| p50 / p99 ms at closed loop | server CPU µs/read | uncached: closed-loop reads/s "
+        "| uncached p99 ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in servers:
+        c = _by(rows, server=s, scenario="cached", mode="closed")
+        u = _by(rows, server=s, scenario="uncached", mode="closed")
+        sat = saturation(rows, s)
+        cl = c[0]["latency_us"] if c else {}
+        ul = u[0]["latency_us"] if u else {}
+        lines.append(
+            f"| {s} | {sat['closed']:.0f} | {sat['open']:.0f} | "
+            f"{cl.get('p50', 0) / 1e3:.2f} / {cl.get('p99', 0) / 1e3:.2f} | "
+            f"{(c[0]['server_cpu_us_per_read'] or 0) if c else 0:.0f} | "
+            f"{u[0]['throughput'] if u else 0:.0f} | {ul.get('p99', 0) / 1e3:.2f} |"
+        )
+    rates = sorted({r["offered"] for r in rows if r["mode"] == "open" and r["scenario"] == "cached"})
+    lines += ["", "p99 latency (ms) at each offered load, cached (— : not sustained):", "",
+              "| offered reads/s | " + " | ".join(servers) + " |",
+              "|---|" + "---|" * len(servers)]
+    for rate in rates:
+        cells = []
+        for s in servers:
+            pts = _by(rows, server=s, scenario="cached", mode="open", offered=rate)
+            if not pts:
+                cells.append("")
+            elif not pts[0]["sustained"]:
+                cells.append("—")
+            else:
+                cells.append(f"{pts[0]['latency_us']['p99'] / 1e3:.2f}")
+        lines.append(f"| {rate:.0f} | " + " | ".join(cells) + " |")
+    for scen in ("uncached",):
+        urates = sorted({r["offered"] for r in rows if r["mode"] == "open" and r["scenario"] == scen})
+        if not urates:
+            continue
+        lines += ["", f"p50 / p99 latency (ms), {scen}, open loop:", "",
+                  "| offered reads/s | " + " | ".join(servers) + " |",
+                  "|---|" + "---|" * len(servers)]
+        for rate in urates:
+            cells = []
+            for s in servers:
+                pts = _by(rows, server=s, scenario=scen, mode="open", offered=rate)
+                if not pts:
+                    cells.append("")
+                    continue
+                lat = pts[0]["latency_us"]
+                mark = "" if pts[0]["sustained"] else " (not sustained)"
+                cells.append(f"{lat.get('p50', 0) / 1e3:.2f} / {lat.get('p99', 0) / 1e3:.2f}{mark}")
+            lines.append(f"| {rate:.0f} | " + " | ".join(cells) + " |")
+    if g:
+        lines += ["", "Goals (cached):", ""]
+        for x in g["p99_at_equal_load"]:
+            if x["ratio"] is None:
+                lines.append(f"- {x['offered']:.0f}/s: shardio p99 {x['shardio_p99_us'] / 1e3:.2f} ms;"
+                             " no peer sustains this load")
+            else:
+                lines.append(
+                    f"- {x['offered']:.0f}/s: shardio p99 {x['shardio_p99_us'] / 1e3:.2f} ms vs "
+                    f"{x['best_peer']} {x['best_peer_p99_us'] / 1e3:.2f} ms: ratio {x['ratio']:.2f} "
+                    f"({'met' if x['ratio'] <= 0.5 else 'missed'}: goal <= 0.5)")
+        if "best_single_process_peer" in g:
+            lines.append(
+                f"- saturation vs the best single-process peer ({g['best_single_process_peer']}): "
+                f"closed loop x{g['throughput_ratio_closed']}, sustained open loop "
+                f"x{g['throughput_ratio_open']} (goal >= 1.5)")
+    return "\n".join(lines) + "\n"
+
+
+def machine_info(args: argparse.Namespace, data_dir: str) -> dict[str, Any]:
+    model = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu_model": model,
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "fs": fs_type(data_dir),
+        "data_dir": data_dir,
+        "server_cpus": args.server_cpus,
+        "client_cpus": args.client_cpus,
+        "objects": args.objects,
+        "seconds_per_point": args.seconds,
+        "warmup": args.warmup,
+        "connections": args.connections,
+        "concurrency": args.concurrency,
+        "command": " ".join(["python", *sys.argv]),
+        "loadavg_start": round(os.getloadavg()[0], 2),
+    }
+
+
+def wait_for_quiet(limit: float, wait: float) -> float:
+    """Wait (at most ``wait`` s) for the 1-minute load average to drop below ``limit``."""
+    deadline = time.monotonic() + wait
+    load = os.getloadavg()[0]
+    while load >= limit and time.monotonic() < deadline:
+        print(f"load average {load:.2f} >= {limit}: waiting for a quieter machine", flush=True)
+        time.sleep(15)
+        load = os.getloadavg()[0]
+    return load
+
+
+def main(argv: list[str] | None = None) -> int:
+    ncpu = len(os.sched_getaffinity(0))
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--servers", default=",".join(SERVERS), help=f"any of {','.join(SERVERS)}")
+    p.add_argument("--out", default=os.path.join(HERE, "latency-results"))
+    p.add_argument("--data-parent", default="/var/tmp",
+                   help="where the data directory is made (a real disk for the uncached runs)")
+    p.add_argument("--objects", type=int, default=20000, help="working set, 4 KiB objects")
+    p.add_argument("--seconds", type=float, default=3.0, help="measured seconds per point")
+    p.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds before each")
+    p.add_argument("--connections", type=int, default=8)
+    p.add_argument("--concurrency", type=int, default=32, help="closed loop: reads in flight")
+    p.add_argument("--rates", default=",".join(map(str, DEFAULT_RATES)))
+    p.add_argument("--uncached-rates", default=",".join(map(str, DEFAULT_UNCACHED_RATES)))
+    p.add_argument("--no-uncached", dest="uncached", action="store_false")
+    p.add_argument("--server-cpus", default=f"0-{ncpu - 1}")
+    p.add_argument("--client-cpus", default=str(ncpu - 1))
+    p.add_argument("--quiet-load", type=float, default=1.5,
+                   help="wait for the load average to drop below this before starting")
+    p.add_argument("--quiet-wait", type=float, default=0.0,
+                   help="seconds to wait at most for that (default: do not wait)")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run: 2000 objects, 1 s points, few rates")
+    p.add_argument("--no-plots", dest="plots", action="store_false")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.objects, args.seconds, args.warmup = 2000, 1.0, 0.3
+        args.rates, args.uncached_rates = "1000,4000,8000", "1000"
+    args.rates = [float(r) for r in args.rates.split(",") if r]
+    args.uncached_rates = [float(r) for r in args.uncached_rates.split(",") if r]
+    keys = [k for k in args.servers.split(",") if k]
+    for k in keys:
+        if k not in SERVERS:
+            raise SystemExit(f"unknown server {k!r}; choose from {', '.join(SERVERS)}")
+    os.sched_setaffinity(0, _cpuset(args.client_cpus))
+    os.makedirs(args.out, exist_ok=True)
+    if args.quiet_wait:
+        wait_for_quiet(args.quiet_load, args.quiet_wait)
+    data_dir = tempfile.mkdtemp(prefix="shardio-latency-", dir=args.data_parent)
+    kind = fs_type(data_dir)
+    if args.uncached and kind in ("tmpfs", "ramfs"):
+        print(f"{data_dir} is on {kind}: no uncached runs (use --data-parent on a real disk)",
+              file=sys.stderr)
+        args.uncached = False
+    info = machine_info(args, data_dir)
+    started = time.monotonic()
+    print(f"data {data_dir} ({kind}); servers on CPUs {args.server_cpus}, load generator on "
+          f"CPUs {args.client_cpus}; load average {info['loadavg_start']}", flush=True)
+    rows: list[dict[str, Any]] = []
+    try:
+        make_data(data_dir, args, args.out)
+        print(f"loaded {args.objects} objects of 4 KiB in {time.monotonic() - started:.0f} s",
+              flush=True)
+        for key in keys:
+            rows += bench_server(SERVERS[key], data_dir, args, args.out)
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+    info["loadavg_end"] = round(os.getloadavg()[0], 2)
+    info["wall_seconds"] = round(time.monotonic() - started, 1)
+    g = goals(rows)
+    with open(os.path.join(args.out, "points.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    write_csv(os.path.join(args.out, "points.csv"), rows)
+    with open(os.path.join(args.out, "run.json"), "w") as f:
+        json.dump({"machine": info, "goals": g}, f, indent=1)
+    text = summary_md(rows, g, info)
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write(text)
+    print()
+    print(text)
+    print(f"wall time {info['wall_seconds']:.0f} s; results in {args.out}")
+    if args.plots:
+        subprocess.run([_PY, os.path.join(HERE, "plot.py"), args.out], check=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
