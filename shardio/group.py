@@ -278,7 +278,8 @@ def _ready() -> int:
 
 
 async def _stop_shard_services() -> None:
-    """Stop this shard's Sharded instances (last started first), then its hooks."""
+    """Stop this shard's Sharded instances (last started first), then its shutdown
+    hooks, while every other shard is still running."""
     reactor = require_reactor()
     while reactor.services:
         key = next(reversed(reactor.services))
@@ -292,6 +293,7 @@ async def _stop_shard_services() -> None:
                 await result
         except Exception:
             log.exception("stopping %r on shard %d failed", instance, reactor.shard_id)
+    await reactor.run_shutdown_hooks()
 
 
 def _exit_shard() -> None:

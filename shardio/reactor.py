@@ -197,19 +197,19 @@ class Reactor:
         asyncio.set_event_loop(loop)
         _local.reactor = self
         self.sleeping.clear()
-        if self.stall_threshold_ms:
-            from .stall import StallDetector
-
-            self.stall_detector = StallDetector(self, self.stall_threshold_ms / 1000.0)
-            self.stall_detector.start()
         try:
             self._exit = loop.create_future()
-            if self.warm_up_tame:
+            if self.warm_up_tame:  # before the stall detector: a known, one-off cost
                 loop.run_until_complete(_warm_up_tame())
+            if self.stall_threshold_ms:
+                from .stall import StallDetector
+
+                self.stall_detector = StallDetector(self, self.stall_threshold_ms / 1000.0)
+                self.stall_detector.start()
             loop.add_reader(self.doorbell.fd, self._on_doorbell)
             loop.call_soon(self._poll)
             loop.run_until_complete(self._exit)
-            loop.run_until_complete(self._run_shutdown_hooks())
+            loop.run_until_complete(self.run_shutdown_hooks())
             self._cancel_remaining_tasks()
             self._flush_all()
         finally:
@@ -234,7 +234,8 @@ class Reactor:
             link.close()
         self.sleeping.close()
 
-    async def _run_shutdown_hooks(self) -> None:
+    async def run_shutdown_hooks(self) -> None:
+        """Run (and forget) the shutdown hooks, last added first."""
         while self._shutdown_hooks:
             hook = self._shutdown_hooks.pop()
             try:

@@ -236,3 +236,11 @@ def test_invalid_arguments():
         shardio.ShardGroup(1, backend="fork")
     with pytest.raises(ValueError, match="idle_poll_us"):
         shardio.ShardGroup(1, idle_poll_us=-1)
+
+
+def test_shutdown_hooks_run_while_the_other_shards_still_serve(backend, tmp_path, leak_check):
+    path = tmp_path / "hook"
+    with shardio.ShardGroup(2, backend=backend) as group:
+        assert group.submit(0, sf.register_hook_that_calls_a_peer, str(path)).result(timeout=10)
+        assert not path.exists()
+    assert path.read_text() == "1 from-hook"
