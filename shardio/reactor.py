@@ -324,8 +324,13 @@ class Reactor:
                 if not link.backlog:
                     self._backlogged.discard(link)
         for poller in self._pollers:
-            if poller():
-                did = True
+            try:
+                if poller():
+                    did = True
+            except Exception:
+                log.exception("poller %r failed on shard %d; it is removed", poller, self.shard_id)
+                self._pollers.remove(poller)
+                return True
         return did
 
     def _handle_batch(self, link: Link, messages: list) -> None:
@@ -336,7 +341,11 @@ class Reactor:
         handle = self._handle
         for message in messages:
             link.received_bytes += len(message)
-            handle(link, message)
+            try:
+                handle(link, message)
+            except Exception:  # one bad message must not stop the poll loop
+                log.exception("shard %d could not handle a message of %d bytes from endpoint %d",
+                              self.shard_id, len(message), link.peer)
 
     def _run_inbox(self) -> None:
         inbox = self._inbox

@@ -244,3 +244,35 @@ def test_shutdown_hooks_run_while_the_other_shards_still_serve(backend, tmp_path
         assert group.submit(0, sf.register_hook_that_calls_a_peer, str(path)).result(timeout=10)
         assert not path.exists()
     assert path.read_text() == "1 from-hook"
+
+
+def _raise_in_poller():
+    reactor = shardio.current_reactor()
+    calls = []
+
+    def poller():
+        calls.append(1)
+        raise RuntimeError("a broken poller")
+
+    reactor.add_poller(poller)
+    return True
+
+
+def test_a_broken_poller_is_removed_and_the_shard_keeps_serving(backend, leak_check):
+    with shardio.ShardGroup(2, backend=backend) as group:
+        assert group.submit(1, _raise_in_poller).result(timeout=10)
+        assert group.submit(1, sf.add, 1, b=2).result(timeout=10) == 3
+        assert group.submit(0, sf.hop_to, 1, sf.add, 2, 2).result(timeout=10) == 4
+
+
+def _send_a_truncated_message(peer):
+    """Put a message on the ring that is too short to carry a header."""
+    link = shardio.current_reactor().links[peer]
+    link.send(b"\x01")
+    return True
+
+
+def test_a_malformed_message_is_dropped_and_the_shard_keeps_serving(backend, leak_check):
+    with shardio.ShardGroup(2, backend=backend) as group:
+        assert group.submit(0, _send_a_truncated_message, 1).result(timeout=10)
+        assert group.submit(0, sf.hop_to, 1, sf.add, 5, 5).result(timeout=10) == 10

@@ -77,7 +77,11 @@ def decode_request(body, table: dict) -> tuple:
     number, func, args, kwargs = pickle.loads(body)
     if number:
         if func is None:
-            func = table[number]
+            try:
+                func = table[number]
+            except KeyError:
+                raise LookupError(f"function #{number} is unknown here: the first call that "
+                                  "carried it could not be unpickled") from None
         else:
             table[number] = func
     return func, args, kwargs
