@@ -163,7 +163,11 @@ class OwnerEndpoint:
             link.received_messages += len(messages)
             link.received_bytes += sum(map(len, messages))
             for message in messages:
-                self._complete(link, message)
+                try:
+                    self._complete(link, message)
+                except Exception:  # one bad reply must not stop the receiver
+                    log.exception("the owner could not handle a reply of %d bytes from shard %d",
+                                  len(message), link.peer)
         for link in self.links:
             if link.backlog:
                 with self.lock:
