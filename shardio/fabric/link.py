@@ -58,8 +58,8 @@ class Link:
             return True
         size = len(payload)
         reached = self.outbound.put(payload)
-        if reached:
-            self.wake_peer()
+        if reached and self.peer_sleeping.test_and_clear():  # wake_peer(), inlined
+            self._ring_peer()
         if reached == size:
             return False
         self.backlog.append([payload, reached])
@@ -91,12 +91,16 @@ class Link:
         return moved
 
     def wake_peer(self) -> None:
+        """Ring the peer's doorbell if, and only if, it is asleep."""
         if self.peer_sleeping.test_and_clear():
-            self.doorbells_rung += 1
-            try:
-                _eventfd_write(self.peer_doorbell_fd, 1)
-            except OSError:
-                pass  # the peer's doorbell is gone: it is dead or stopping
+            self._ring_peer()
+
+    def _ring_peer(self) -> None:
+        self.doorbells_rung += 1
+        try:
+            _eventfd_write(self.peer_doorbell_fd, 1)
+        except OSError:
+            pass  # the peer's doorbell is gone: it is dead or stopping
 
     def close(self) -> None:
         self.outbound.close()
