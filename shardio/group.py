@@ -67,7 +67,9 @@ class ShardGroup:
         if backend not in DEFAULT_IDLE_POLL_US:
             raise ValueError(f"backend must be 'process' or 'thread', got {backend!r}")
         if idle_poll_us is None:
-            idle_poll_us = DEFAULT_IDLE_POLL_US[backend]
+            from_environment = os.environ.get("SHARDIO_IDLE_POLL_US")
+            idle_poll_us = (float(from_environment) if from_environment
+                            else DEFAULT_IDLE_POLL_US[backend])
         if not callable(loop) and loop not in ("auto", "uvloop", "asyncio"):
             raise ValueError(f"loop must be 'auto', 'uvloop', 'asyncio' or a factory, got {loop!r}")
         if idle_poll_us < 0:

@@ -83,6 +83,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         limits=limits,
         metrics_port=args.metrics_port,
         log_level=getattr(logging, args.log_level),
+        idle_poll_us=args.idle_poll_us,
     )
     stop = False
 
@@ -337,6 +338,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive(int),
         default=64,
         help="requests in flight per connection (default 64)",
+    )
+    s.add_argument(
+        "--idle-poll-us",
+        type=float,
+        default=None,
+        help="how long an idle shard polls before it sleeps (default: the group's, 200 us;"
+        " 0 when the shards share their CPUs with other busy processes)",
     )
     s.add_argument(
         "--max-connections",

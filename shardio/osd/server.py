@@ -465,6 +465,7 @@ class OSDServer:
         stop_timeout: float = 30.0,
         log_level: int = logging.WARNING,
         stall_threshold_ms: float | None = 25.0,
+        idle_poll_us: float | None = None,
     ) -> None:
         if shards < 1:
             raise OSDConfigError(f"shards must be >= 1, got {shards}")
@@ -490,6 +491,7 @@ class OSDServer:
         self.stop_timeout = stop_timeout
         self.log_level = log_level
         self.stall_threshold_ms = stall_threshold_ms
+        self.idle_poll_us = idle_poll_us
         self.group: ShardGroup | None = None
         self.osdmap: OSDMap | None = None
         self.address: tuple[str, int] | None = None
@@ -510,6 +512,7 @@ class OSDServer:
             stop_timeout=self.stop_timeout,
             log_level=self.log_level,
             stall_threshold_ms=self.stall_threshold_ms,
+            idle_poll_us=self.idle_poll_us,
             preload=_PRELOAD,
             warm_up_tame=True,
         )
