@@ -52,12 +52,17 @@ from hdrh.histogram import HdrHistogram
 
 from shardio.osd.loadgen import content, object_names
 from shardio.osd.osdmap import OSDMap
-from shardio.osd.protocol import Frame, FrameDecoder, FrameError, Op, encode_request
+from shardio.osd.protocol import (
+    OP_GET_MAP as _GET_MAP,
+    OP_READ as _READ,
+    Frame,
+    FrameDecoder,
+    FrameError,
+    encode_request,
+)
 
 __all__ = ["LoadGenError", "Point", "main", "run_plan", "tree_cpu_seconds"]
 
-_READ = int(Op.READ)
-_GET_MAP = int(Op.GET_MAP)
 HIGHEST_NS = 3600 * 10**9
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
 

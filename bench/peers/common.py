@@ -34,10 +34,16 @@ from shardio.osd.objectstore import ObjectStore
 from shardio.osd.osdmap import OSDMap, object_hash
 from shardio.osd.protocol import (
     FLAG_REPLY,
+    OBJECT_OPS as _OBJECT_OPS,
+    OP_DELETE as _DELETE,
+    OP_GET_MAP as _GET_MAP,
+    OP_LIST as _LIST,
+    OP_PING as _PING,
+    OP_PUT as _PUT,
+    OP_WRITE as _WRITE,
     Frame,
     FrameDecoder,
     FrameError,
-    Op,
     Status,
     encode_frame_parts,
 )
@@ -64,15 +70,6 @@ MAX_READ = 16 << 20
 MAX_INFLIGHT = 64
 MAX_LIST = 1024
 
-_READ = int(Op.READ)
-_STAT = int(Op.STAT)
-_WRITE = int(Op.WRITE)
-_PUT = int(Op.PUT)
-_DELETE = int(Op.DELETE)
-_LIST = int(Op.LIST)
-_GET_MAP = int(Op.GET_MAP)
-_PING = int(Op.PING)
-_OBJECT_OPS = frozenset((_READ, _STAT, _WRITE, _PUT, _DELETE))
 _MUTATIONS = frozenset((_WRITE, _PUT, _DELETE))
 _EROFS = errno.EROFS
 

@@ -62,6 +62,11 @@ from .protocol import (
     FLAG_REPLY,
     MAX_NAME,
     MAX_PAYLOAD,
+    OBJECT_OPS as _OBJECT_OPS,
+    OP_GET_MAP as _GET_MAP,
+    OP_LIST as _LIST,
+    OP_PING as _PING,
+    OP_READ as _READ,
     Frame,
     FrameDecoder,
     FrameError,
@@ -79,15 +84,6 @@ log = logging.getLogger("shardio.osd.messenger")
 #: What an executed request gives back: (status, payload, reply length field, reply flags).
 Result = tuple[int, bytes, int, int]
 
-_READ = int(Op.READ)
-_STAT = int(Op.STAT)
-_WRITE = int(Op.WRITE)
-_PUT = int(Op.PUT)
-_DELETE = int(Op.DELETE)
-_LIST = int(Op.LIST)
-_GET_MAP = int(Op.GET_MAP)
-_PING = int(Op.PING)
-_OBJECT_OPS = frozenset((_READ, _STAT, _WRITE, _PUT, _DELETE))
 _REPLY_OVERHEAD = 128  # header + bookkeeping charged per request
 
 _perf_counter = time.perf_counter

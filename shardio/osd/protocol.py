@@ -126,6 +126,14 @@ class Op(IntEnum):
 
 _OPS = frozenset(int(op) for op in Op)
 
+# The op codes as plain ints, for dispatch on hot paths (an IntEnum member is a
+# class attribute lookup away; a module-level int is not).
+OP_READ, OP_STAT, OP_WRITE, OP_PUT, OP_DELETE, OP_LIST, OP_GET_MAP, OP_PING = (
+    int(op) for op in (Op.READ, Op.STAT, Op.WRITE, Op.PUT, Op.DELETE, Op.LIST, Op.GET_MAP,
+                       Op.PING))
+OBJECT_OPS = frozenset((OP_READ, OP_STAT, OP_WRITE, OP_PUT, OP_DELETE))
+"""Ops that name an object (and so are routed by its placement group)."""
+
 
 class Status(IntEnum):
     """Reply status: 0 or a positive errno value (Linux numbering, fixed on the wire)."""

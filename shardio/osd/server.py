@@ -47,7 +47,19 @@ from shardio.submit import submit_to
 from .messenger import Limits, OSDConnection, Result, listen, run_eagerly
 from .objectstore import ObjectStore, StoreError
 from .osdmap import OSDMap, object_hash
-from .protocol import FLAG_MORE, Op, Status, pack_names, pack_stat
+from .protocol import (
+    FLAG_MORE,
+    OP_DELETE as _DELETE,
+    OP_LIST as _LIST,
+    OP_PUT as _PUT,
+    OP_READ as _READ,
+    OP_STAT as _STAT,
+    OP_WRITE as _WRITE,
+    Op,
+    Status,
+    pack_names,
+    pack_stat,
+)
 from .stats import OSDStats, merge, prometheus_families
 
 __all__ = [
@@ -71,12 +83,6 @@ _PRELOAD = ("shardio.osd.server", "shardio.io.uring", "pyuring", "shardio.metric
             "prometheus_client")
 _META_FORMAT = 1
 
-_READ = int(Op.READ)
-_STAT = int(Op.STAT)
-_WRITE = int(Op.WRITE)
-_PUT = int(Op.PUT)
-_DELETE = int(Op.DELETE)
-_LIST = int(Op.LIST)
 
 
 class OSDConfigError(ShardioError, ValueError):
