@@ -50,11 +50,12 @@ import logging
 import socket
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
 
+from shardio import tame
 from shardio.errors import ShardDied
 
 from .osdmap import OSDMap, OSDMapError
@@ -87,6 +88,10 @@ Result = tuple[int, bytes, int, int]
 _REPLY_OVERHEAD = 128  # header + bookkeeping charged per request
 
 _perf_counter = time.perf_counter
+
+_QUOTA = 0.0005
+"""Seconds of store work a connection runs in one go before the loop runs again
+(Seastar's task quota)."""
 
 
 @dataclass(frozen=True)
@@ -123,10 +128,16 @@ class Node(Protocol):
     limits: Limits
     connections: set[OSDConnection]
 
-    def execute(
-        self, op: int, name: bytes, offset: int, length: int, payload: bytes, pool: int
-    ) -> Awaitable[Result]:
-        """Run a request on this shard (the owner of its pg)."""
+    def enter(self) -> None:
+        """A run of store operations starts on a tame stack."""
+        ...
+
+    def leave(self) -> None:
+        """That run ends."""
+        ...
+
+    def run_op(self, op: int, name: bytes, offset: int, length: int, payload: bytes) -> Result:
+        """Run a request on this shard's store (the owner of its pg), on a tame stack."""
         ...
 
     def forward(
@@ -166,10 +177,12 @@ class OSDConnection(asyncio.Protocol):
         self.eof = False
         self.closing = False
         self.refused = False
+        self.local: deque[tuple[Frame, int, float]] = deque()  # (frame, charge, started)
         self._out: list[bytes] = []
         self._out_bytes = 0
-        self._flush_scheduled = False
-        self._draining = False
+        self._settle_scheduled = False
+        self._in_pass = False  # the loop is inside _feed/_settle: it flushes at the end
+        self._stack_wanted = False  # a task waits for a tame stack to run self.local
         self.high_water = limits.write_high_water
 
     # -- transport callbacks ----------------------------------------------------
@@ -246,6 +259,7 @@ class OSDConnection(asyncio.Protocol):
     def _feed(self, data: bytes) -> None:
         decoder = self.decoder
         submit = self._submit
+        self._in_pass = True
         while True:
             try:
                 frames = decoder.feed(data)
@@ -254,14 +268,14 @@ class OSDConnection(asyncio.Protocol):
                     submit(frame)
                 self._bad_frame(exc)
                 if exc.fatal or self.closing:
+                    self._in_pass = False
                     return
                 data = b""  # the bad frame was skipped: decode the rest
                 continue
             for frame in frames:
                 submit(frame)
             break
-        if self._out:
-            self._flush()
+        self._settle()
 
     def _charge(self, frame: Frame) -> int:
         op = frame.op
@@ -319,17 +333,71 @@ class OSDConnection(asyncio.Protocol):
         charge = self._charge(frame)
         self.inflight += 1
         self.charged += charge
-        done = partial(self._finished, op, frame.tid, charge, _perf_counter())
         if owner == node.shard_id:
-            run_eagerly(
-                node.execute(op, frame.name, frame.offset, frame.length, frame.payload, frame.pool),
-                done,
-            )
+            self.local.append((frame, charge, _perf_counter()))
         else:
+            done = partial(self._finished, op, frame.tid, charge, _perf_counter())
             fut = node.forward(
                 owner, op, frame.name, frame.offset, frame.length, frame.payload, frame.pool
             )
             fut.add_done_callback(partial(_future_outcome, done))
+
+    # -- local requests on tame stacks ------------------------------------------
+
+    def _run_local(self) -> None:
+        """Run the queued local requests on tame stacks, from the loop.
+
+        One stack takes requests in order and runs the store code for each
+        (``_drain_local``). When a request parks that stack (a cold read),
+        the next ones go on another stack at once, so one slow request does
+        not hold up those behind it; when a stack has used its quota it
+        returns with requests left and the loop runs before they resume.
+        """
+        local = self.local
+        deadline = _perf_counter() + _QUOTA
+        while local and not self.closing:
+            finished = tame.start(self._drain_local)
+            if finished is None:  # every stack is busy: wait in line for one
+                self._waiting_for_stack()
+                return
+            if finished or _perf_counter() >= deadline:
+                return  # drained, or the quota is used: _drain_local rescheduled the rest
+            # a request parked its stack: carry on with the next on another one
+
+    def _drain_local(self) -> None:
+        """On a tame stack: run queued local requests until none are left or the quota is used."""
+        local = self.local
+        node = self.node
+        run_op = node.run_op
+        finished = self._finished
+        deadline = _perf_counter() + _QUOTA
+        node.enter()
+        try:
+            while local:
+                frame, charge, started = local.popleft()
+                op = frame.op
+                try:
+                    result = run_op(op, frame.name, frame.offset, frame.length, frame.payload)
+                except Exception as exc:  # apply_op turns store errors into statuses
+                    finished(op, frame.tid, charge, started, None, exc)
+                else:
+                    finished(op, frame.tid, charge, started, result, None)
+                if _perf_counter() >= deadline:
+                    break
+        finally:
+            node.leave()
+        if local or not self._in_pass:
+            self._schedule_settle()  # requests left (quota), or resumed outside a loop pass
+
+    def _waiting_for_stack(self) -> None:
+        if not self._stack_wanted:
+            self._stack_wanted = True
+            task = asyncio.get_running_loop().create_task(tame.call(self._drain_on_granted_stack))
+            task.add_done_callback(_log_task_failure)
+
+    def _drain_on_granted_stack(self) -> None:
+        self._stack_wanted = False
+        self._drain_local()
 
     def _finished(
         self,
@@ -354,25 +422,38 @@ class OSDConnection(asyncio.Protocol):
             self.stats.replies_dropped += 1
         else:
             self._queue_reply(op, tid, status, payload, length, flags)
-        if self._draining:
-            return  # called from _drain_backlog's own loop (an op that did not block)
-        if self.backlog:
-            self._drain_backlog()
-        elif self.eof and self.inflight == 0:
-            self._close_when_flushed()
+        if not self._in_pass:
+            self._schedule_settle()
 
-    def _drain_backlog(self) -> None:
-        backlog = self.backlog
-        self._draining = True
+    def _schedule_settle(self) -> None:
+        if not self._settle_scheduled:
+            self._settle_scheduled = True
+            assert self.loop is not None
+            self.loop.call_soon(self._settle_soon)
+
+    def _settle_soon(self) -> None:
+        self._settle_scheduled = False
+        self._in_pass = True
+        self._settle()
+
+    def _settle(self) -> None:
+        """End of a loop pass over this connection: run what is runnable, start
+        what the limits now admit, send the replies in one write, close after EOF.
+        Called with ``_in_pass`` set; clears it."""
         try:
-            while backlog and not self.write_paused and not self.closing:
+            backlog = self.backlog
+            while True:
+                if self.local and not self.closing:
+                    self._run_local()
+                if not backlog or self.write_paused or self.closing:
+                    break
                 frame = backlog[0]
                 if not self._has_room(frame):
                     break
                 backlog.popleft()
                 self._start(frame)
         finally:
-            self._draining = False
+            self._in_pass = False
         if self._out:
             self._flush()
         if not backlog and not self.write_paused and not self.closing:
@@ -383,6 +464,10 @@ class OSDConnection(asyncio.Protocol):
                 self.reading_paused = False
                 if self.transport is not None:
                     self.transport.resume_reading()
+
+    def _drain_backlog(self) -> None:
+        self._in_pass = True
+        self._settle()
 
     def _pause_reading(self) -> None:
         if not self.reading_paused and self.transport is not None and not self.eof:
@@ -413,15 +498,8 @@ class OSDConnection(asyncio.Protocol):
             # hand them to the transport now, so that its high-water mark (and
             # pause_writing) bounds them, not the size of the client's pipeline.
             self._flush()
-        elif not self._flush_scheduled:
-            self._flush_scheduled = True
-            assert self.loop is not None
-            self.loop.call_soon(self._flush_soon)
-
-    def _flush_soon(self) -> None:
-        self._flush_scheduled = False
-        if self._out:
-            self._flush()
+        elif not self._in_pass:
+            self._schedule_settle()
 
     def _flush(self) -> None:
         out = self._out
@@ -482,43 +560,9 @@ def _future_outcome(done: Callable[[Any, BaseException | None], None], fut: asyn
         done(fut.result(), None)
 
 
-class _Eager:
-    """Drives a coroutine from its first step without a Task (see ``run_eagerly``)."""
-
-    __slots__ = ("coro", "done")
-
-    def __init__(self, coro: Coroutine[Any, Any, Any], done: Callable[..., None]) -> None:
-        self.coro = coro
-        self.done = done
-
-    def step(self, _fut: Any = None) -> None:
-        try:
-            yielded = self.coro.send(None)
-        except StopIteration as stop:
-            self.done(stop.value, None)
-            return
-        except BaseException as exc:  # every outcome goes to done()
-            self.done(None, exc)
-            return
-        if getattr(yielded, "_asyncio_future_blocking", False):
-            yielded._asyncio_future_blocking = False  # what a Task does with awaited futures
-            yielded.add_done_callback(self.step)
-        else:  # a bare yield (asyncio.sleep(0)): resume on the next loop pass
-            asyncio.get_running_loop().call_soon(self.step)
-
-
-def run_eagerly(
-    coro: Coroutine[Any, Any, Any], done: Callable[[Any, BaseException | None], None]
-) -> None:
-    """Run ``coro`` now, up to its first suspension; ``done(result, error)`` when it ends.
-
-    Most requests never suspend (a page-cache hit on a tame stack returns at
-    once), and a Task costs ~10 us to create and schedule, a large part of
-    a cached read; this is what Python 3.12's eager task factory does. A
-    coroutine that does suspend is resumed from its futures' callbacks. No
-    cancellation: the messenger never cancels a store operation mid-way.
-    """
-    _Eager(coro, done).step()
+def _log_task_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("OSD requests waiting for a tame stack failed", exc_info=task.exception())
 
 
 async def listen(

@@ -34,7 +34,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -44,7 +44,7 @@ from shardio.group import ShardGroup
 from shardio.reactor import require_reactor
 from shardio.submit import submit_to
 
-from .messenger import Limits, OSDConnection, Result, listen, run_eagerly
+from .messenger import Limits, OSDConnection, Result, listen
 from .objectstore import ObjectStore, StoreError
 from .osdmap import OSDMap, object_hash
 from .protocol import (
@@ -263,30 +263,43 @@ class ShardNode:
 
     # -- requests --------------------------------------------------------------------
 
-    async def execute(
-        self, op: int, name: bytes, offset: int, length: int, payload: bytes, pool: int
-    ) -> Result:
-        """Run one request on this shard's store, on a tame stack."""
-        store = self.store
-        if store is None:
-            return Status.ESHUTDOWN, b"", 0, 0
+    def enter(self) -> None:
+        """A run of store operations starts (``stop`` waits for every run to leave)."""
         self.active += 1
         if self.active == 1 and self._idle is not None:
             self._idle.clear()
-        try:
-            result = await tame.call(
-                apply_op, store, op, name, offset, length, payload, self.limits.max_list
-            )
-        finally:
-            self.active -= 1
-            if self.active == 0 and self._idle is not None:
-                self._idle.set()
+
+    def leave(self) -> None:
+        self.active -= 1
+        if self.active == 0 and self._idle is not None:
+            self._idle.set()
+
+    def run_op(
+        self, op: int, name: bytes, offset: int, length: int, payload: bytes
+    ) -> Result:
+        """Run one request on this shard's store; called on a tame stack, inside
+        ``enter``/``leave``. The store is the unmodified blocking ``ObjectStore``:
+        its file I/O yields to the reactor through the TameEnv."""
+        store = self.store
+        if store is None:
+            return Status.ESHUTDOWN, b"", 0, 0
+        result = apply_op(store, op, name, offset, length, payload, self.limits.max_list)
         if not result[0]:
             if op == _READ:
                 self.stats.read_bytes += len(result[1])
             elif op in (_PUT, _WRITE):
                 self.stats.written_bytes += len(payload)
         return result
+
+    def run_op_on_stack(
+        self, op: int, name: bytes, offset: int, length: int, payload: bytes
+    ) -> Result:
+        """``run_op`` inside ``enter``/``leave``, for ``tame.start``/``tame.call``."""
+        self.enter()
+        try:
+            return self.run_op(op, name, offset, length, payload)
+        finally:
+            self.leave()
 
     def forward(
         self,
@@ -331,7 +344,7 @@ class ShardNode:
 
 def _remote_execute(
     op: int, name: bytes, offset: int, length: int, payload: bytes, pool: int
-) -> Result | asyncio.Future[Result]:
+) -> Result | asyncio.Future[Result] | Awaitable[Result]:
     """The owning shard's side of a hop: the result at once if the op did not block.
 
     Returning a plain value (not a coroutine) spares the reactor a Task per
@@ -342,19 +355,27 @@ def _remote_execute(
     outcome: list[Any] = []
     fut: asyncio.Future[Result] | None = None
 
-    def done(result: Any, error: BaseException | None) -> None:
+    def run() -> None:
+        try:
+            result = n.run_op_on_stack(op, name, offset, length, payload)
+        except Exception as exc:  # every outcome goes to the hop's caller
+            if fut is None:
+                outcome.append(exc)
+            elif not fut.done():
+                fut.set_exception(exc)
+            return
         if fut is None:
-            outcome.append((result, error))
-        elif error is not None:
-            fut.set_exception(error)
-        else:
+            outcome.append(result)
+        elif not fut.done():
             fut.set_result(result)
 
-    run_eagerly(n.execute(op, name, offset, length, payload, pool), done)
-    if outcome:
-        result, error = outcome[0]
-        if error is not None:
-            raise error
+    finished = tame.start(run)
+    if finished is None:  # every stack is busy: wait for one in line
+        return tame.call(n.run_op_on_stack, op, name, offset, length, payload)
+    if finished:
+        result = outcome[0]
+        if isinstance(result, BaseException):
+            raise result
         return result  # type: ignore[no-any-return]
     fut = asyncio.get_running_loop().create_future()
     return fut

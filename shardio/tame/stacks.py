@@ -46,6 +46,7 @@ __all__ = [
     "configure",
     "on_tame_stack",
     "runtime",
+    "start",
     "stats",
     "wait",
     "warm_up",
@@ -496,6 +497,50 @@ async def call(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         raise exc
     finally:
         del exc
+
+
+def start(func: Callable[..., Any], /, *args: Any) -> bool | None:
+    """From the loop itself (a protocol or loop callback): run ``func(*args)`` on a
+    pooled tame stack now, with no future, task or awaitable in between.
+
+    Returns True when ``func`` finished before ``start`` returned, False when it
+    parked in a blocking call (it then resumes and finishes on its own, from
+    the loop), and None when every stack is in use (nothing ran: use
+    ``tame.call``, which waits for a stack). ``func`` owns its outcome: an
+    exception it lets out is logged, since nobody awaits it. It runs in a
+    copy of the caller's context, like ``tame.call``.
+
+    This is the connection core's entry (``shardio.net``): a batch of
+    requests costs two greenlet switches, against a coroutine, a job future
+    and a loop callback per request through ``tame.call``.
+    """
+    rt = getattr(_tls, "rt", None)
+    if rt is None or rt.closed:
+        rt = runtime()
+    if rt.free:
+        g = rt.free.pop()
+    elif rt.n_stacks < rt.max_stacks:
+        g = rt._new_stack()
+    else:
+        return None
+    if getcurrent() is not rt.hub:
+        rt._release(g)
+        raise TameError("tame.start must be called from the loop, not from a tame stack")
+    rt.stats.calls += 1
+    job = _Job(_logged, (func, args), {})
+    g.gr_context = contextvars.copy_context()
+    if g.switch(job) is _DONE:
+        return True
+    rt.stats.blocked_calls += 1
+    return False
+
+
+def _logged(func: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    """Run a ``start``ed function; what it lets out has no caller to go to, so log it."""
+    try:
+        func(*args)
+    except Exception:
+        log.exception("tame.start: %r raised", func)
 
 
 def wait(awaitable: Awaitable[T]) -> T:
