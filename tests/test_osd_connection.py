@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
+import signal
 import socket
 import struct
 import time
@@ -66,9 +67,7 @@ def test_a_cold_read_half_way_through_a_batch_does_not_hold_up_the_rest(
         names = list(small)
         # (explicit lengths: a read to the end is charged max_read, which would
         # hold most of the batch back in the backlog)
-        frames = [
-            encode_request(Op.READ, 1 + i, n, length=4096) for i, n in enumerate(names[:32])
-        ]
+        frames = [encode_request(Op.READ, 1 + i, n, length=4096) for i, n in enumerate(names[:32])]
         frames.append(encode_request(Op.READ, 100, "cold-big", length=4096))
         frames += [
             encode_request(Op.READ, 200 + i, n, length=4096) for i, n in enumerate(names[32:])
@@ -155,3 +154,53 @@ def test_a_connection_closed_mid_batch_drops_its_replies_and_nothing_else(
     with Client(*osd.address) as c:
         assert c.read("mid-batch-small") == b"s" * 4096
     assert glob.glob(os.path.join(osd.data_dir, "shard-0", "seg-*.log"))
+
+
+def test_waiting_requests_are_dumped_with_their_stage(tmp_path) -> None:  # noqa: ANN001
+    """Ceph's dump_ops_in_flight: a request whose owning shard is stopped (SIGSTOP)
+    waits "sent to shard 1"; requests of a client that reads no replies wait
+    "throttled"; both are listed with their age, and leave the list when done."""
+    limits = Limits(max_inflight=4, write_high_water=64 << 10)
+    with OSDServer(tmp_path, shards=2, pg_num=16, limits=limits, complaint_seconds=0.2) as osd:
+        assert osd.osdmap is not None
+        name = next(f"far-{i}" for i in range(1000) if osd.osdmap.shard_for(f"far-{i}") == 1)
+        with Client(*osd.address) as c:
+            c.put(name, b"far away")
+            c.put("near-big", os.urandom(1 << 20))
+        near = osd.osdmap.shard_for("near-big")
+        os.kill(osd.shard_pids[1], signal.SIGSTOP)
+        try:
+            with RawConn(osd.osdmap.addr_of(0)) as raw:
+                raw.send(encode_request(Op.READ, 7, name))
+                time.sleep(0.3)
+                dump = osd.dump_ops_in_flight(threshold=0.2, timeout=2)[0]
+                assert dump is not None
+                assert [(d["op"], d["object"], d["tid"]) for d in dump] == [("READ", name, 7)]
+                assert dump[0]["stage"] == "sent to shard 1, waiting for its reply"
+                assert dump[0]["age_seconds"] >= 0.2
+                assert osd.stats(timeout=2)[0]["slow_ops"] == 1
+            os.kill(osd.shard_pids[1], signal.SIGCONT)
+            with RawConn(osd.osdmap.addr_of(0)) as raw:
+                raw.send(encode_request(Op.READ, 8, name))
+                assert raw.recv_frames(1)[0].payload == b"far away"
+        finally:
+            os.kill(osd.shard_pids[1], signal.SIGCONT)
+        hog = socket.create_connection(osd.osdmap.addr_of(near))
+        try:
+            hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 10)
+            hog.sendall(b"".join(encode_request(Op.READ, t, "near-big") for t in range(1, 41)))
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                dump = osd.dump_ops_in_flight(timeout=2)[near] or []
+                if any(d["stage"].startswith("throttled") for d in dump):
+                    break
+                time.sleep(0.05)
+            throttled = [d for d in dump if d["stage"].startswith("throttled")]
+            assert throttled and all(d["object"] == "near-big" for d in throttled)
+        finally:
+            hog.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            hog.close()
+        deadline = time.monotonic() + 10
+        while any(osd.dump_ops_in_flight(timeout=2)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert osd.dump_ops_in_flight(timeout=2) == [[], []]

@@ -14,6 +14,7 @@ shard) and on P+1+S for shard S (``--shard-base-port`` to move them).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -66,6 +67,17 @@ def _interrupt(signum: int, frame: Any) -> None:
 # -- commands ---------------------------------------------------------------------------
 
 
+def _print_ops_in_flight(per_shard: list[Any]) -> None:
+    """What ``kill -USR1`` asks a serving OSD for: every waiting request, as JSON lines."""
+    for shard, ops in enumerate(per_shard):
+        if ops is None:
+            print(json.dumps({"shard": shard, "error": "no answer"}), flush=True)
+            continue
+        print(json.dumps({"shard": shard, "ops_in_flight": len(ops)}), flush=True)
+        for op in ops:
+            print(json.dumps({"shard": shard, **op}), flush=True)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .messenger import Limits
     from .server import OSDServer
@@ -86,12 +98,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         idle_poll_us=args.idle_poll_us,
     )
     stop = False
+    dump_wanted = False
 
     def on_signal(signum: int, frame: Any) -> None:
-        nonlocal stop
-        stop = True
+        nonlocal stop, dump_wanted
+        if signum == signal.SIGUSR1:
+            dump_wanted = True
+        else:
+            stop = True
 
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {
+        s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+    }
     try:
         osd.start()
         assert osd.address is not None and osd.osdmap is not None
@@ -102,10 +120,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
             + (f"; metrics on :{args.metrics_port}/metrics" if args.metrics_port else ""),
             flush=True,
         )
-        print("Ctrl-C (or SIGTERM) stops it.", flush=True)
+        print(
+            f"Ctrl-C (or SIGTERM) stops it; kill -USR1 {os.getpid()} dumps the requests in flight.",
+            flush=True,
+        )
         down: set[int] = set()
         while not stop:
             time.sleep(0.2)
+            if dump_wanted:
+                dump_wanted = False
+                _print_ops_in_flight(osd.dump_ops_in_flight())
             for s in range(args.shards):
                 if s not in down and not osd.is_alive(s):
                     down.add(s)

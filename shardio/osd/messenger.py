@@ -58,6 +58,7 @@ from typing import Any, Protocol
 from shardio import tame
 from shardio.errors import ShardDied
 
+from .inflight import STAGE_HOP, STAGE_STORE, STAGE_THROTTLED, OpInFlight, OpsInFlight
 from .osdmap import OSDMap, OSDMapError
 from .protocol import (
     FLAG_REPLY,
@@ -127,6 +128,7 @@ class Node(Protocol):
     stats: OSDStats
     limits: Limits
     connections: set[OSDConnection]
+    ops_in_flight: OpsInFlight
 
     def enter(self) -> None:
         """A run of store operations starts on a tame stack."""
@@ -183,6 +185,7 @@ class OSDConnection(asyncio.Protocol):
         self._settle_scheduled = False
         self._in_pass = False  # the loop is inside _feed/_settle: it flushes at the end
         self._stack_wanted = False  # a task waits for a tame stack to run self.local
+        self._current: tuple[Frame, int, float] | None = None  # the last request a stack took
         self.high_water = limits.write_high_water
 
     # -- transport callbacks ----------------------------------------------------
@@ -217,7 +220,7 @@ class OSDConnection(asyncio.Protocol):
         self.stats.connections_open -= 1
         self.transport = None
         self.closing = True
-        self.backlog.clear()
+        self._drop_backlog()
         self._out.clear()
         self._out_bytes = 0
 
@@ -290,6 +293,7 @@ class OSDConnection(asyncio.Protocol):
     def _submit(self, frame: Frame) -> None:
         if self.backlog or self.write_paused or not self._has_room(frame):
             self.backlog.append(frame)
+            self.node.ops_in_flight.track(id(frame), self._record(frame, STAGE_THROTTLED))
             if not self.reading_paused:
                 self.stats.inflight_pauses += 1
             self._pause_reading()
@@ -302,6 +306,12 @@ class OSDConnection(asyncio.Protocol):
         return self.inflight < self.max_inflight and (
             self.charged + self._charge(frame) <= self.max_bytes
         )
+
+    def _record(self, frame: Frame, stage: str, started: float | None = None) -> OpInFlight:
+        return OpInFlight(
+            frame.op, frame.name, frame.pool, frame.tid, self.peer, stage,
+            _perf_counter() if started is None else started,
+        )  # fmt: skip
 
     def _start(self, frame: Frame) -> None:
         op = frame.op
@@ -336,11 +346,26 @@ class OSDConnection(asyncio.Protocol):
         if owner == node.shard_id:
             self.local.append((frame, charge, _perf_counter()))
         else:
-            done = partial(self._finished, op, frame.tid, charge, _perf_counter())
+            started = _perf_counter()
+            node.ops_in_flight.track(
+                id(frame), self._record(frame, STAGE_HOP.format(shard=owner), started)
+            )
+            done = partial(self._hop_finished, frame, charge, started)
             fut = node.forward(
                 owner, op, frame.name, frame.offset, frame.length, frame.payload, frame.pool
             )
             fut.add_done_callback(partial(_future_outcome, done))
+
+    def _hop_finished(
+        self,
+        frame: Frame,
+        charge: int,
+        started: float,
+        result: Any,
+        error: BaseException | None,
+    ) -> None:
+        self.node.ops_in_flight.untrack(id(frame))
+        self._finished(frame.op, frame.tid, charge, started, result, error)
 
     # -- local requests on tame stacks ------------------------------------------
 
@@ -360,8 +385,14 @@ class OSDConnection(asyncio.Protocol):
             if finished is None:  # every stack is busy: wait in line for one
                 self._waiting_for_stack()
                 return
-            if finished or _perf_counter() >= deadline:
+            if finished:
                 return  # drained, or the quota is used: _drain_local rescheduled the rest
+            parked = self._current
+            frame, _charge, started = parked
+            self.node.ops_in_flight.track(id(parked), self._record(frame, STAGE_STORE, started))
+            if _perf_counter() >= deadline:
+                self._schedule_settle()  # the quota is used: the rest after the loop runs
+                return
             # a request parked its stack: carry on with the next on another one
 
     def _drain_local(self) -> None:
@@ -370,18 +401,23 @@ class OSDConnection(asyncio.Protocol):
         node = self.node
         run_op = node.run_op
         finished = self._finished
+        waiting = node.ops_in_flight.ops
         deadline = _perf_counter() + _QUOTA
         node.enter()
         try:
             while local:
-                frame, charge, started = local.popleft()
+                item = self._current = local.popleft()
+                frame, charge, started = item
                 op = frame.op
                 try:
                     result = run_op(op, frame.name, frame.offset, frame.length, frame.payload)
                 except Exception as exc:  # apply_op turns store errors into statuses
-                    finished(op, frame.tid, charge, started, None, exc)
+                    result, error = None, exc
                 else:
-                    finished(op, frame.tid, charge, started, result, None)
+                    error = None
+                if waiting:  # it may have parked (and been recorded) meanwhile
+                    waiting.pop(id(item), None)
+                finished(op, frame.tid, charge, started, result, error)
                 if _perf_counter() >= deadline:
                     break
         finally:
@@ -451,6 +487,7 @@ class OSDConnection(asyncio.Protocol):
                 if not self._has_room(frame):
                     break
                 backlog.popleft()
+                self.node.ops_in_flight.untrack(id(frame))
                 self._start(frame)
         finally:
             self._in_pass = False
@@ -531,14 +568,20 @@ class OSDConnection(asyncio.Protocol):
         if self._out:
             self._flush()
         self.closing = True
-        self.backlog.clear()
+        self._drop_backlog()
         if self.transport is not None:
             self.transport.close()
+
+    def _drop_backlog(self) -> None:
+        untrack = self.node.ops_in_flight.untrack
+        for frame in self.backlog:
+            untrack(id(frame))
+        self.backlog.clear()
 
     def abort(self) -> None:
         """Drop the connection now (shutdown, internal error)."""
         self.closing = True
-        self.backlog.clear()
+        self._drop_backlog()
         self._out.clear()
         self._out_bytes = 0
         if self.transport is not None:

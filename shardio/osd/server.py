@@ -44,6 +44,7 @@ from shardio.group import ShardGroup
 from shardio.reactor import require_reactor
 from shardio.submit import submit_to
 
+from .inflight import STAGE_STORE_FOR_PEER, OpInFlight, OpsInFlight
 from .messenger import Limits, OSDConnection, Result, listen
 from .objectstore import ObjectStore, StoreError
 from .osdmap import OSDMap, object_hash
@@ -103,6 +104,8 @@ class OSDConfig:
     sync: bool = True
     limits: Limits = field(default_factory=Limits)
     stop_grace: float = 5.0  #: seconds a stopping shard waits for requests in flight
+    #: a request waiting longer than this is slow: counted, logged (Ceph's osd_op_complaint_time)
+    complaint_seconds: float = 5.0
 
     def store_dir(self, shard: int) -> str:
         return os.path.join(self.data_dir, f"shard-{shard}")
@@ -186,8 +189,10 @@ class ShardNode:
         self.port = 0
         self.shared_port = 0
         self.active = 0  # store operations running now (requests from any shard)
+        self.ops_in_flight = OpsInFlight()
         self._idle: asyncio.Event | None = None
         self._stopped = False
+        self._complaints: asyncio.TimerHandle | None = None
 
     # -- lifecycle (driven by OSDServer through the group) -------------------------
 
@@ -235,12 +240,38 @@ class ShardNode:
         self.map_payload = osdmap.encode()
         for server in self.servers:
             await server.start_serving()  # type: ignore[attr-defined]
+        self._complain_later()
+
+    def _complain_later(self) -> None:
+        period = max(0.1, self.config.complaint_seconds / 2)
+        self._complaints = asyncio.get_running_loop().call_later(period, self._complain)
+
+    def _complain(self) -> None:
+        """Log the requests that have waited longer than the complaint time (Ceph's
+        "slow requests"), then look again later."""
+        if self._stopped:
+            return
+        slow = self.ops_in_flight.dump(self.config.complaint_seconds)
+        if slow:
+            oldest = slow[0]
+            log.warning(
+                "shard %d: %d slow requests; the oldest has waited %.1f s: %s %r (%s)",
+                self.shard_id, len(slow), oldest["age_seconds"], oldest["op"],
+                oldest["object"], oldest["stage"],
+            )  # fmt: skip
+        self._complain_later()
+
+    def dump_ops_in_flight(self, threshold: float = 0.0) -> list[dict[str, Any]]:
+        """The requests of this shard waiting longer than ``threshold`` seconds, oldest first."""
+        return self.ops_in_flight.dump(threshold)
 
     async def stop(self) -> None:
         """Stop accepting, drop connections, let store ops finish (bounded), close the store."""
         if self._stopped:
             return
         self._stopped = True
+        if self._complaints is not None:
+            self._complaints.cancel()
         try:
             from shardio.metrics import shard_registry
 
@@ -314,7 +345,9 @@ class ShardNode:
         """Send a request to the shard that owns its pg (the cross-shard hop)."""
         self.stats.hops_out += 1
         try:
-            return submit_to(shard, _remote_execute, op, name, offset, length, payload, pool)
+            return submit_to(
+                shard, _remote_execute, self.shard_id, op, name, offset, length, payload, pool
+            )
         except Exception as exc:  # a dead link, an oversized message: fail this request only
             fut: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
             fut.set_exception(exc)
@@ -327,6 +360,8 @@ class ShardNode:
         snap = self.stats.snapshot()
         snap["shard"] = self.shard_id
         snap["connections_open"] = len(self.connections)
+        snap["ops_waiting"] = len(self.ops_in_flight.ops)
+        snap["slow_ops"] = self.ops_in_flight.slow(self.config.complaint_seconds)
         snap["reactor_stalls"] = require_reactor().stats.stalls
         if self.store is not None:
             snap["store"] = asdict(self.store.stats)
@@ -343,6 +378,7 @@ class ShardNode:
 
 
 def _remote_execute(
+    origin: int,
     op: int, name: bytes, offset: int, length: int, payload: bytes, pool: int
 ) -> Result | asyncio.Future[Result] | Awaitable[Result]:
     """The owning shard's side of a hop: the result at once if the op did not block.
@@ -378,6 +414,10 @@ def _remote_execute(
             raise result
         return result  # type: ignore[no-any-return]
     fut = asyncio.get_running_loop().create_future()
+    key = id(fut)
+    stage = STAGE_STORE_FOR_PEER.format(shard=origin)
+    n.ops_in_flight.track(key, OpInFlight(op, name, pool, 0, None, stage, time.perf_counter()))
+    fut.add_done_callback(lambda _f: n.ops_in_flight.untrack(key))
     return fut
 
 
@@ -416,6 +456,10 @@ async def _shard_start(osdmap: OSDMap) -> None:
 
 def _shard_snapshot() -> dict[str, Any]:
     return node().snapshot()
+
+
+def _shard_dump_ops_in_flight(threshold: float) -> list[dict[str, Any]]:
+    return node().dump_ops_in_flight(threshold)
 
 
 def _shard_pid() -> int:
@@ -473,6 +517,8 @@ class OSDServer:
     S also listens on ``shard_base_port + S`` (default ``port + 1 + S``).
     Port 0 picks free ports (the shared one, and one per shard). The
     bound addresses are ``address`` and ``osdmap.addrs`` once started.
+    A request that waits longer than ``complaint_seconds`` is slow: counted
+    (``slow_ops``), logged, and listed by ``dump_ops_in_flight``.
     """
 
     def __init__(
@@ -493,6 +539,7 @@ class OSDServer:
         log_level: int = logging.WARNING,
         stall_threshold_ms: float | None = 25.0,
         idle_poll_us: float | None = None,
+        complaint_seconds: float = 5.0,
     ) -> None:
         if shards < 1:
             raise OSDConfigError(f"shards must be >= 1, got {shards}")
@@ -513,6 +560,9 @@ class OSDServer:
         self.pg_num = pg_num
         self.sync = sync
         self.limits = limits or Limits()
+        if complaint_seconds <= 0:
+            raise OSDConfigError(f"complaint_seconds must be > 0, got {complaint_seconds}")
+        self.complaint_seconds = complaint_seconds
         self.metrics_port = metrics_port
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
@@ -530,7 +580,14 @@ class OSDServer:
             raise OSDConfigError("this OSDServer was already started")
         pg_num = _check_meta(self.data_dir, self.shards, self.pg_num)
         self.pg_num = pg_num
-        config = OSDConfig(self.data_dir, self.host, pg_num, self.sync, self.limits)
+        config = OSDConfig(
+            self.data_dir,
+            self.host,
+            pg_num,
+            self.sync,
+            self.limits,
+            complaint_seconds=self.complaint_seconds,
+        )
         group = ShardGroup(
             self.shards,
             backend=self.backend,
@@ -604,8 +661,13 @@ class OSDServer:
             group.submit(s, _shard_snapshot) if group.is_alive(s) else None
             for s in range(self.shards)
         ]
+        return self._gather(futures, timeout)
+
+    @staticmethod
+    def _gather(futures: list[Any], timeout: float) -> list[Any]:
+        """Each future's result within ``timeout`` in all, None for a missing or failed one."""
         deadline = time.monotonic() + timeout
-        out: list[dict[str, Any] | None] = []
+        out: list[Any] = []
         for fut in futures:
             if fut is None:
                 out.append(None)
@@ -615,6 +677,18 @@ class OSDServer:
             except Exception:
                 out.append(None)
         return out
+
+    def dump_ops_in_flight(
+        self, threshold: float = 0.0, timeout: float = 5.0
+    ) -> list[list[dict[str, Any]] | None]:
+        """Per shard, its requests waiting longer than ``threshold`` seconds, oldest
+        first, with the stage each waits in (None for a shard that does not answer)."""
+        group = self._running()
+        futures = [
+            group.submit(s, _shard_dump_ops_in_flight, threshold) if group.is_alive(s) else None
+            for s in range(self.shards)
+        ]
+        return self._gather(futures, timeout)
 
     def total_stats(self, timeout: float = 5.0) -> dict[str, Any]:
         """The counters of all live shards, summed."""

@@ -258,6 +258,16 @@ def prometheus_families(snap: Mapping[str, Any]) -> list[Any]:
     gauge(
         "shardio_osd_connections", "Client connections open now.", snap.get("connections_open", 0)
     )
+    gauge(
+        "shardio_osd_ops_waiting",
+        "Requests waiting now: parked in the store, sent to another shard, or throttled.",
+        snap.get("ops_waiting", 0),
+    )
+    gauge(
+        "shardio_osd_slow_ops",
+        "Requests that have waited longer than the complaint time (see dump_ops_in_flight).",
+        snap.get("slow_ops", 0),
+    )
     errors = CounterMetricFamily(
         "shardio_osd_frame_errors",
         "Bad request frames, by kind (protocol error class).",
