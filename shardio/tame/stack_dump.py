@@ -61,7 +61,11 @@ def _function_name(g: TameGreenlet) -> str:
 
 def _describe(g: TameGreenlet, now: float, running: Any) -> StackDump:
     parked = g.parked
-    if g is running or parked is None:
+    job = g.job
+    if job is not None and not job.started:
+        state, kind, target, seconds = "ready", "start", "", 0.0
+        frame = None
+    elif g is running or parked is None:
         state, kind, target, seconds = "running", "", "", 0.0
         frame = None
     else:

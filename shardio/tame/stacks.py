@@ -104,7 +104,7 @@ class StackKilled(TameError):
 class _Job:
     """One tame.call: what to run and, once finished, its outcome."""
 
-    __slots__ = ("func", "args", "kwargs", "fut", "ok", "value", "finished")
+    __slots__ = ("func", "args", "kwargs", "fut", "ok", "value", "finished", "started", "abandoned")
 
     def __init__(
         self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -116,6 +116,8 @@ class _Job:
         self.ok = False
         self.value: Any = None
         self.finished = False
+        self.started = False
+        self.abandoned = False  # cancelled before its deferred start
 
 
 class TameGreenlet(greenlet):
@@ -206,9 +208,9 @@ class Parked:
         now = _perf_counter()
         if rt.turn_open:
             if now - rt.turn_start > rt.quota:
-                self.deferred = True
                 rt.stats.deferred_resumes += 1
-                rt.loop.call_soon(self._wake_deferred, value)
+                self.deferred = True
+                rt._defer(self._wake_deferred, value)
                 return
         else:
             rt._open_turn(now)
@@ -290,6 +292,9 @@ class Runtime:
         self.turn_used = 0.0  # tame time spent this turn, as accounted
         self.longest_slice = 0.0
         self.longest_turn = 0.0
+        # Wake-ups that found the turn's quota spent, resumed in order on later turns.
+        self.ready: collections.deque[tuple[Callable[[Any], None], Any]] = collections.deque()
+        self.ready_scheduled = False
         self.reactor = _reactors.get(loop)
         self._env: Any = None
         self._uring: Any = None
@@ -328,6 +333,35 @@ class Runtime:
         # Runs on the next loop iteration: the loop has polled I/O and timers since.
         self.turn_open = False
 
+    def _defer(self, resume: Callable[[Any], None], arg: Any) -> None:
+        """Queue ``resume(arg)`` (a wake-up or a start) for a later turn (safe from a stack)."""
+        self.ready.append((resume, arg))
+        if not self.ready_scheduled:
+            self.ready_scheduled = True
+            self.loop.call_soon(self._run_ready)
+
+    def _run_ready(self) -> None:
+        """Resume deferred stacks, oldest first, while this turn's quota lasts."""
+        self.ready_scheduled = False
+        ready = self.ready
+        while ready:
+            if self.turn_open and _perf_counter() - self.turn_start > self.quota:
+                self.ready_scheduled = True
+                self.loop.call_soon(self._run_ready)
+                return
+            resume, arg = ready.popleft()
+            resume(arg)
+
+    def _start_deferred(self, start: tuple[TameGreenlet, _Job]) -> None:
+        g, job = start
+        if job.abandoned:
+            return
+        now = _perf_counter()
+        if not self.turn_open:
+            self._open_turn(now)
+        job.started = True
+        self._run_slice(g, job, now)
+
     def _run_slice(self, g: TameGreenlet, value: Any, now: float) -> Any:
         """Switch into g (hub only) and account for the slice it runs; g's switch result."""
         self.deadline = self.turn_start + self.quota
@@ -358,7 +392,8 @@ class Runtime:
         """On one of this runtime's stacks: let the loop run a turn, then continue."""
         p = Parked("quota")
         self.stats.quota_yields += 1
-        self.loop.call_soon(p.wake)
+        p.deferred = True
+        self._defer(p._wake_deferred, None)
         p.park()
 
     # -- pool ------------------------------------------------------------------
@@ -635,9 +670,7 @@ async def call(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     loop = asyncio.get_running_loop()
     if rt is None or rt.loop is not loop:
         rt = runtime(loop)
-    while rt.turn_open and _perf_counter() - rt.turn_start > rt.quota:
-        rt.stats.deferred_starts += 1
-        await asyncio.sleep(0)
+    deferred = rt.turn_open and _perf_counter() - rt.turn_start > rt.quota
     if rt.free:
         g = rt.free.pop()
     elif rt.n_stacks < rt.max_stacks:
@@ -652,17 +685,32 @@ async def call(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     rt.stats.calls += 1
     job = g.job = _Job(func, args, kwargs)
     g.gr_context = contextvars.copy_context()
-    now = _perf_counter()
-    if not rt.turn_open:
-        rt._open_turn(now)
-    if rt._run_slice(g, job, now) is not _DONE:
+    if deferred:  # this turn's quota is spent: start in order on a later turn
+        rt.stats.deferred_starts += 1
+        job.fut = loop.create_future()
+        rt._defer(rt._start_deferred, (g, job))
+        blocked = True
+    else:
+        now = _perf_counter()
+        if not rt.turn_open:
+            rt._open_turn(now)
+        job.started = True
+        blocked = rt._run_slice(g, job, now) is not _DONE
+    if blocked:
         rt.stats.blocked_calls += 1
-        fut = job.fut = loop.create_future()
+        fut = job.fut
+        if fut is None:
+            fut = job.fut = loop.create_future()
         while not job.finished:
             try:
                 await fut
             except asyncio.CancelledError as exc:
                 if job.finished:
+                    raise
+                if not job.started:  # never ran: nothing to unwind
+                    job.abandoned = True
+                    g.job = None
+                    rt._release(g)
                     raise
                 rt.stats.cancellations += 1
                 fut = job.fut = loop.create_future()
