@@ -568,8 +568,10 @@ def configure(
     """
     if max_stacks is not None and (not isinstance(max_stacks, int) or max_stacks < 1):
         raise TameConfigError(f"max_stacks must be an integer >= 1, got {max_stacks!r}")
-    if quota is not _UNSET and quota is not None and not (
-        isinstance(quota, int | float) and 0 < quota < math.inf
+    if (
+        quota is not _UNSET
+        and quota is not None
+        and not (isinstance(quota, int | float) and 0 < quota < math.inf)
     ):
         raise TameConfigError(
             f"quota must be a positive number of seconds (e.g. 0.0005) or None for no "
