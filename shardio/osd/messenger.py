@@ -57,6 +57,7 @@ from typing import Any, Protocol
 
 from shardio import tame
 from shardio.errors import ShardDied
+from shardio.tame.stacks import checkpoint
 
 from .inflight import STAGE_HOP, STAGE_STORE, STAGE_THROTTLED, OpInFlight, OpsInFlight
 from .osdmap import OSDMap, OSDMapError
@@ -89,10 +90,6 @@ Result = tuple[int, bytes, int, int]
 _REPLY_OVERHEAD = 128  # header + bookkeeping charged per request
 
 _perf_counter = time.perf_counter
-
-_QUOTA = 0.0005
-"""Seconds of store work a connection runs in one go before the loop runs again
-(Seastar's task quota)."""
 
 
 @dataclass(frozen=True)
@@ -375,34 +372,40 @@ class OSDConnection(asyncio.Protocol):
         One stack takes requests in order and runs the store code for each
         (``_drain_local``). When a request parks that stack (a cold read),
         the next ones go on another stack at once, so one slow request does
-        not hold up those behind it; when a stack has used its quota it
-        returns with requests left and the loop runs before they resume.
+        not hold up those behind it. All of it shares the loop turn's tame
+        quota: once the turn has spent it, a running stack yields at its
+        next request and no new one starts until the loop has run.
         """
         local = self.local
-        deadline = _perf_counter() + _QUOTA
         while local and not self.closing:
             finished = tame.start(self._drain_local)
-            if finished is None:  # every stack is busy: wait in line for one
-                self._waiting_for_stack()
+            if finished is None:  # not now: the turn's quota is spent, or no stack is free
+                if tame.turn_spent():
+                    self._schedule_settle()
+                else:
+                    self._waiting_for_stack()
                 return
             if finished:
-                return  # drained, or the quota is used: _drain_local rescheduled the rest
+                return
             parked = self._current
-            frame, _charge, started = parked
-            self.node.ops_in_flight.track(id(parked), self._record(frame, STAGE_STORE, started))
-            if _perf_counter() >= deadline:
-                self._schedule_settle()  # the quota is used: the rest after the loop runs
+            if parked is not None:  # parked inside the store (not between requests)
+                frame, _charge, started = parked
+                self.node.ops_in_flight.track(
+                    id(parked), self._record(frame, STAGE_STORE, started)
+                )
+            if tame.turn_spent():
+                self._schedule_settle()  # the rest after the loop has run
                 return
             # a request parked its stack: carry on with the next on another one
 
     def _drain_local(self) -> None:
-        """On a tame stack: run queued local requests until none are left or the quota is used."""
+        """On a tame stack: run queued local requests in order until none are left
+        (yielding to the loop between them whenever the turn's quota is spent)."""
         local = self.local
         node = self.node
         run_op = node.run_op
         finished = self._finished
         waiting = node.ops_in_flight.ops
-        deadline = _perf_counter() + _QUOTA
         node.enter()
         try:
             while local:
@@ -415,15 +418,16 @@ class OSDConnection(asyncio.Protocol):
                     result, error = None, exc
                 else:
                     error = None
+                self._current = None
                 if waiting:  # it may have parked (and been recorded) meanwhile
                     waiting.pop(id(item), None)
                 finished(op, frame.tid, charge, started, result, error)
-                if _perf_counter() >= deadline:
-                    break
+                if local:
+                    checkpoint()
         finally:
             node.leave()
-        if local or not self._in_pass:
-            self._schedule_settle()  # requests left (quota), or resumed outside a loop pass
+        if not self._in_pass:
+            self._schedule_settle()  # resumed outside a loop pass: flush, admit, close
 
     def _waiting_for_stack(self) -> None:
         if not self._stack_wanted:
