@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import pytest
 from osd_helpers import RawConn, by_tid, rss_kib
 
+from shardio import tame
 from shardio.osd.client import Client
 from shardio.osd.demo import evict_page_cache, fs_type
 from shardio.osd.messenger import Limits
@@ -204,3 +205,42 @@ def test_waiting_requests_are_dumped_with_their_stage(tmp_path) -> None:  # noqa
         while any(osd.dump_ops_in_flight(timeout=2)) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert osd.dump_ops_in_flight(timeout=2) == [[], []]
+
+
+QUOTA_ALLOWANCE = 0.0025  # the request that notices the spent quota finishes first
+
+
+@pytest.mark.parametrize("quota", [tame.DEFAULT_QUOTA, None], ids=["quota", "unbounded"])
+def test_a_long_batch_yields_to_the_loop_by_the_quota(osd: OSDServer, quota: float | None) -> None:
+    """256 pipelined 128 KiB cached reads in one socket read (~25 ms of store work):
+    with the quota, no loop turn runs more than the quota of tame work (the
+    scheduler's own accounting, in thread CPU time); without it, one turn runs
+    the whole batch — the contrast that shows the test can fail."""
+    group = osd.group
+    assert group is not None
+    objects = {f"quota-{i}": os.urandom(128 << 10) for i in range(16)}
+    with Client(*osd.address) as c:
+        for name, data in objects.items():
+            c.put(name, data)
+            assert c.read(name) == data
+    names = list(objects)
+    request = b"".join(
+        encode_request(Op.READ, t, names[t % 16], length=128 << 10) for t in range(256)
+    )
+    group.submit(0, tame.configure, quota=quota, account_cpu=True).result(10)
+    try:
+        group.submit(0, tame.reset_accounting).result(10)
+        with RawConn(osd.address) as raw:
+            raw.send(request)
+            replies = by_tid(raw.recv_frames(256))
+        stats = group.submit(0, tame.stats).result(10)
+    finally:
+        group.submit(0, tame.configure, quota=tame.DEFAULT_QUOTA, account_cpu=False).result(10)
+    assert all(replies[t].payload == objects[names[t % 16]] for t in range(256))
+    assert stats["slice_clock"] == "thread_cpu"
+    bound_ns = (tame.DEFAULT_QUOTA + QUOTA_ALLOWANCE) * 1e9
+    if quota is None:
+        assert stats["longest_turn_ns"] > 3 * bound_ns, stats
+    else:
+        assert stats["quota_yields"] > 0, stats
+        assert stats["longest_turn_ns"] <= bound_ns, stats
