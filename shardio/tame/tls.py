@@ -101,4 +101,3 @@ def tame_ssl_context(*args: Any, **kwargs: Any) -> ssl.SSLContext:
 def tame_create_default_context(*args: Any, **kwargs: Any) -> ssl.SSLContext:
     """ssl.create_default_context(...) with tame sockets."""
     return tame_context(ssl.create_default_context(*args, **kwargs))
-
