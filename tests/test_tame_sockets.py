@@ -616,15 +616,15 @@ async def tls_echo_server(server_ctx: ssl.SSLContext) -> asyncio.AbstractServer:
 
 def tls_exchange(ctx: ssl.SSLContext, port: int, n: int) -> Any:
     data = blob(n, seed=b"tls%d" % n)
-    with tame_create_connection(("127.0.0.1", port), 5) as raw:
-        with ctx.wrap_socket(raw, server_hostname="localhost") as s:
-            kind = type(s)
-            s.sendall(n.to_bytes(8, "little"))
-            s.sendall(data)
-            f = s.makefile("rb")
-            s.close()  # the file keeps the TLS socket open
-            answer = f.read()
-            f.close()
+    raw = tame_create_connection(("127.0.0.1", port), 5)
+    with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+        kind = type(s)
+        s.sendall(n.to_bytes(8, "little"))
+        s.sendall(data)
+        f = s.makefile("rb")
+        s.close()  # the file keeps the TLS socket open
+        answer = f.read()
+        f.close()
     return kind, answer == hashlib.sha256(data).digest() + n.to_bytes(8, "little")
 
 
