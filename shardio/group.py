@@ -31,7 +31,9 @@ class ShardGroup:
 
     ``warm_up_tame=True`` imports :mod:`shardio.tame` and sets up each shard's
     io_uring ring before the shard reports ready (~100 ms per shard), so that
-    the first tame call does not stall the reactor for it.  ``preload`` names
+    the first tame call does not stall the reactor for it.  ``tame_quota_ms``
+    is the tame stacks' quota (default 0.5 ms; None turns preemption off):
+    after it, a stack yields at its next tamed call (docs/tame.md).  ``preload`` names
     modules each shard imports before its reactor starts, for the same reason.
 
     Usable as a context manager (``with`` or ``async with``), which starts the
@@ -58,6 +60,7 @@ class ShardGroup:
         metrics_port: int | None = None,
         stall_threshold_ms: float | None = 25.0,
         warm_up_tame: bool = False,
+        tame_quota_ms: float | None = 0.5,
         preload: tuple[str, ...] | list[str] = (),
     ) -> None:
         if shards is None:
@@ -74,6 +77,10 @@ class ShardGroup:
             raise ValueError(f"loop must be 'auto', 'uvloop', 'asyncio' or a factory, got {loop!r}")
         if idle_poll_us < 0:
             raise ValueError(f"idle_poll_us must be >= 0, got {idle_poll_us}")
+        if tame_quota_ms is not None and not (
+                isinstance(tame_quota_ms, int | float) and 0 < tame_quota_ms < float("inf")):
+            raise ValueError(f"tame_quota_ms must be a positive number of milliseconds or None "
+                             f"(no preemption), got {tame_quota_ms!r}")
         self.shards = shards
         self.backend = backend
         self.ring_bytes = ring_bytes
@@ -87,7 +94,7 @@ class ShardGroup:
             shard_count=shards, idle_poll_us=idle_poll_us, loop=loop,
             max_message_bytes=max_message_bytes, cpus=cpus if pin else None,
             log_level=log_level, stall_threshold_ms=stall_threshold_ms,
-            warm_up_tame=warm_up_tame, preload=tuple(preload),
+            warm_up_tame=warm_up_tame, tame_quota_ms=tame_quota_ms, preload=tuple(preload),
         )
         self._state = "new"
         self._mesh: Mesh | None = None

@@ -41,6 +41,7 @@ class ShardOptions:
     log_level: int = logging.WARNING
     stall_threshold_ms: float | None = 25.0
     warm_up_tame: bool = False
+    tame_quota_ms: float | None = 0.5  # shardio.tame.DEFAULT_QUOTA; None: no preemption
     preload: tuple[str, ...] = ()
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -49,10 +50,14 @@ def make_reactor(shard: int, mesh: Mesh, options: ShardOptions) -> Reactor:
     # Imports before the reactor (and its stall detector) exist: nothing to stall.
     for module in options.preload:
         importlib.import_module(module)
-    return Reactor(shard, options.shard_count, mesh, idle_poll_us=options.idle_poll_us,
-                   loop=options.loop, max_message_bytes=options.max_message_bytes,
-                   stall_threshold_ms=options.stall_threshold_ms,
-                   warm_up_tame=options.warm_up_tame)
+    reactor = Reactor(shard, options.shard_count, mesh, idle_poll_us=options.idle_poll_us,
+                      loop=options.loop, max_message_bytes=options.max_message_bytes,
+                      stall_threshold_ms=options.stall_threshold_ms)
+    from .tame.shard_hook import start_hook  # tame hooks into the reactor, not the reverse
+
+    quota = None if options.tame_quota_ms is None else options.tame_quota_ms / 1000.0
+    reactor.add_start_hook(start_hook(quota=quota, warm=options.warm_up_tame))
+    return reactor
 
 
 # ---------------------------------------------------------------- processes

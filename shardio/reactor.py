@@ -145,8 +145,7 @@ class Reactor:
     def __init__(self, shard_id: int, shard_count: int, mesh: Mesh, *,
                  idle_poll_us: float, loop: str | Callable = "auto",
                  max_message_bytes: int = 256 << 20,
-                 stall_threshold_ms: float | None = 25.0,
-                 warm_up_tame: bool = False) -> None:
+                 stall_threshold_ms: float | None = 25.0) -> None:
         self.shard_id = shard_id
         self.shard_count = shard_count
         self.owner_endpoint = mesh.layout.endpoints - 1
@@ -155,7 +154,6 @@ class Reactor:
         self.idle_poll_seconds = idle_poll_us / 1e6
         self.max_message_bytes = max_message_bytes
         self.stall_threshold_ms = stall_threshold_ms
-        self.warm_up_tame = warm_up_tame
         self.stall_detector: Any = None
         self.interceptor: Any = None
         """When set (shardio.testing), sees every outgoing cross-shard call first."""
@@ -178,6 +176,7 @@ class Reactor:
         self._backlogged: set[Link] = set()
         self._inbox: deque[tuple[Callable, tuple]] = deque()
         self._pollers: list[Callable[[], bool]] = []
+        self._start_hooks: list[Callable[[Reactor], Any]] = []
         self._shutdown_hooks: list[Callable[[], Any]] = []
         self._next_request_id = 1
         self._idle_since = 0.0
@@ -199,12 +198,12 @@ class Reactor:
         self.sleeping.clear()
         try:
             self._exit = loop.create_future()
-            if self.warm_up_tame:  # before the stall detector: a known, one-off cost
-                loop.run_until_complete(_warm_up_tame())
             if self.stall_threshold_ms:
                 from .stall import StallDetector
 
                 self.stall_detector = StallDetector(self, self.stall_threshold_ms / 1000.0)
+            loop.run_until_complete(self._run_start_hooks())  # before the stall detector runs
+            if self.stall_detector is not None:
                 self.stall_detector.start()
             loop.add_reader(self.doorbell.fd, self._on_doorbell)
             loop.call_soon(self._poll)
@@ -233,6 +232,12 @@ class Reactor:
         for link in self._active_links:
             link.close()
         self.sleeping.close()
+
+    async def _run_start_hooks(self) -> None:
+        for hook in self._start_hooks:
+            result = hook(self)
+            if isawaitable(result):
+                await result
 
     async def run_shutdown_hooks(self) -> None:
         """Run (and forget) the shutdown hooks, last added first."""
@@ -519,6 +524,16 @@ class Reactor:
     def remove_poller(self, poller: Callable[[], bool]) -> None:
         self._pollers.remove(poller)
 
+    def add_start_hook(self, hook: Callable[[Reactor], Any]) -> None:
+        """Run ``hook(reactor)`` (sync or async) on the reactor thread once its loop
+        exists, before the shard serves and before its stall detector starts."""
+        self._start_hooks.append(hook)
+
+    def adopt_thread(self) -> None:
+        """Make the calling helper thread (a watchdog, an alien thread) work for this
+        shard: home_reactor() finds it there and its log records name the shard."""
+        _local.home_reactor = self
+
     def add_shutdown_hook(self, hook: Callable[[], Any]) -> None:
         """Run ``hook()`` (sync or async) when the shard stops; last added runs first."""
         self._shutdown_hooks.append(hook)
@@ -543,13 +558,6 @@ class Reactor:
 
     def pending_calls(self) -> int:
         return sum(len(link.pending) for link in self._active_links)
-
-
-async def _warm_up_tame() -> None:
-    """Pay for tame's imports and io_uring set-up before the shard reports ready."""
-    from . import tame
-
-    tame.warm_up()
 
 
 def assert_reactor_thread(owner: Reactor, what: str) -> None:

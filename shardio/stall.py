@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("shardio.stall")
@@ -44,6 +45,12 @@ class StallDetector:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._timer: Any = None
+        self._sections: list[Callable[[], str]] = []
+
+    def add_section(self, section: Callable[[], str]) -> None:
+        """Add ``section()``'s text to every stall report (called on the watchdog thread
+        while the reactor is stalled; "" adds nothing). The tame runtime adds its stacks."""
+        self._sections.append(section)
 
     def start(self) -> None:
         self._last_beat = time.monotonic()
@@ -64,9 +71,7 @@ class StallDetector:
         self._timer = self.reactor.loop.call_later(self.period, self._beat)
 
     def _watch(self) -> None:
-        from .reactor import _local
-
-        _local.home_reactor = self.reactor  # so its log records name the shard
+        self.reactor.adopt_thread()  # so its log records name the shard
         stalled_since = 0.0
         while not self._stop.wait(self.period):
             beat = self._last_beat
@@ -98,5 +103,14 @@ class StallDetector:
         if self.suppressed:
             held_back = f" ({self.suppressed} more stalls were not reported in the last minute)"
             self.suppressed = 0
+        extra = []
+        for section in self._sections:
+            try:
+                text = section()
+            except Exception as error:  # a report must not kill the watchdog
+                text = f"({section!r} failed: {error!r})"
+            if text:
+                extra.append(text.rstrip())
         self.logger.warning("reactor stalled for %.0f ms on shard %d%s; its stack:\n%s",
-                            lag * 1e3, self.reactor.shard_id, held_back, stack.rstrip())
+                            lag * 1e3, self.reactor.shard_id, held_back,
+                            "\n\n".join([stack.rstrip(), *extra]))

@@ -22,6 +22,11 @@ from shardio import tame
 from shardio.tame import TameSocket
 from shardio.tame.sync import TameEvent, TameLock, TameQueue
 
+# The global objects patching must leave alone, taken before any test patches anything.
+# (On 3.13 threading.Lock is the class _thread.lock, no longer the function
+# _thread.allocate_lock, so comparing it with another threading name is not a check.)
+ORIGINALS = {"io.open": io.open, "threading.Lock": threading.Lock, "time.sleep": time.sleep}
+
 FOREIGN_SOURCE = """
 import io as _io
 import os
@@ -146,7 +151,8 @@ def test_patch_is_scoped_and_restored_exactly(foreign: types.ModuleType) -> None
         assert "open" in foreign.__dict__
         # nothing global changed
         assert os.read.__module__ == "posix" and time.sleep.__module__ == "time"
-        assert io.open is open and threading.Lock is threading._allocate_lock
+        assert io.open is open is ORIGINALS["io.open"]
+        assert threading.Lock is ORIGINALS["threading.Lock"] and time.sleep is ORIGINALS["time.sleep"]
         with tame.patched(foreign):  # nesting is counted
             pass
         assert tame.is_patched(foreign)

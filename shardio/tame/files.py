@@ -17,7 +17,7 @@ from typing import Any
 from .env import DIRECT_ALIGN, check_direct
 from .posix_env import PosixFile
 from .readiness import ready_now, wait_fd
-from .stacks import current_runtime
+from .stacks import checkpoint
 
 
 class TameFile(PosixFile):
@@ -32,7 +32,7 @@ class TameFile(PosixFile):
     """
 
     def pread(self, n: int, offset: int) -> bytes:
-        rt = current_runtime()
+        rt = checkpoint()
         if rt is None:
             return super().pread(n, offset)
         fd = self._check(read=True)
@@ -41,7 +41,7 @@ class TameFile(PosixFile):
         return rt.uring.read(fd, n, offset, self.direct)  # type: ignore[no-any-return]
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> int:
-        rt = current_runtime()
+        rt = checkpoint()
         if rt is None:
             return super().pwrite(data, offset)
         fd = self._check(write=True)
@@ -50,7 +50,7 @@ class TameFile(PosixFile):
         return rt.uring.write(fd, data, offset, self.direct)  # type: ignore[no-any-return]
 
     def read(self, n: int = -1) -> bytes:
-        if current_runtime() is None:
+        if checkpoint() is None:
             return super().read(n)
         fd = self._check(read=True)
         pos = os.lseek(fd, 0, os.SEEK_CUR)
@@ -63,7 +63,7 @@ class TameFile(PosixFile):
         return data
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
-        if current_runtime() is None:
+        if checkpoint() is None:
             return super().write(data)
         fd = self._check(write=True)
         if self._append:
@@ -76,13 +76,13 @@ class TameFile(PosixFile):
         return n
 
     def fsync(self) -> None:
-        rt = current_runtime()
+        rt = checkpoint()
         if rt is None:
             return super().fsync()
         rt.uring.fsync(self._check(), False)
 
     def fdatasync(self) -> None:
-        rt = current_runtime()
+        rt = checkpoint()
         if rt is None:
             return super().fdatasync()
         rt.uring.fsync(self._check(), True)
@@ -159,7 +159,7 @@ class TameRawFile(io.RawIOBase):
         if not self._readable:
             raise io.UnsupportedOperation("File not open for reading")
         view = memoryview(b).cast("B")
-        rt = current_runtime()
+        rt = checkpoint()
         data = (
             rt.uring.read(fd, len(view), self._pos)
             if rt is not None
@@ -185,7 +185,7 @@ class TameRawFile(io.RawIOBase):
         fd = self._check_open()
         if not self._writable:
             raise io.UnsupportedOperation("File not open for writing")
-        rt = current_runtime()
+        rt = checkpoint()
         view = memoryview(b).cast("B")
         if rt is not None:
             n = rt.uring.write(fd, view, self._pos)  # O_APPEND: the kernel appends
@@ -331,7 +331,7 @@ def _seekable_regular(fd: int) -> bool:
 
 
 def tame_os_read(fd: int, n: int) -> bytes:
-    rt = current_runtime()
+    rt = checkpoint()
     if _seekable_regular(fd):
         pos = os.lseek(fd, 0, os.SEEK_CUR)
         data: bytes = rt.uring.read(fd, n, pos, _is_direct(fd))
@@ -343,7 +343,7 @@ def tame_os_read(fd: int, n: int) -> bytes:
 
 
 def tame_os_write(fd: int, data: Any) -> int:
-    rt = current_runtime()
+    rt = checkpoint()
     if _seekable_regular(fd):
         if _fd_appends(fd):
             n: int = rt.uring.write(fd, data, 0)
@@ -371,20 +371,20 @@ def _is_direct(fd: int) -> bool:
 
 
 def tame_os_pread(fd: int, n: int, offset: int) -> bytes:
-    return current_runtime().uring.read(fd, n, offset, _is_direct(fd))  # type: ignore[no-any-return]
+    return checkpoint().uring.read(fd, n, offset, _is_direct(fd))  # type: ignore[no-any-return]
 
 
 def tame_os_pwrite(fd: int, data: Any, offset: int) -> int:
-    return current_runtime().uring.write(fd, data, offset, _is_direct(fd))  # type: ignore[no-any-return]
+    return checkpoint().uring.write(fd, data, offset, _is_direct(fd))  # type: ignore[no-any-return]
 
 
 def tame_os_fsync(fd: Any) -> None:
     if not isinstance(fd, int):
         fd = fd.fileno()
-    current_runtime().uring.fsync(fd, False)
+    checkpoint().uring.fsync(fd, False)
 
 
 def tame_os_fdatasync(fd: Any) -> None:
     if not isinstance(fd, int):
         fd = fd.fileno()
-    current_runtime().uring.fsync(fd, True)
+    checkpoint().uring.fsync(fd, True)

@@ -10,6 +10,18 @@ Runtime state (the pool, the io_uring driver, the alien pool) is per event
 loop, so ``tame.call`` works in any running asyncio or uvloop loop; inside a
 shard the runtime also registers its shutdown with the reactor.
 
+The quota. A stack that has run for ``quota`` (default 0.5 ms, Seastar's
+task quota; ``configure(quota=...)``, ``ShardGroup(tame_quota_ms=...)``)
+yields to the loop at its next tamed call, even when that call could
+complete at once (a page-cache hit, a ready socket, an uncontended lock):
+every tamed call site calls :func:`checkpoint`. The budget belongs to the
+loop turn, not to one stack: the scheduler resumes stacks back to back only
+until the turn has spent ``quota`` on tame work, then defers the remaining
+resumptions to the next turn, so the loop polls its I/O and timers at least
+once per quota. The runtime keeps its own accounting of every slice it
+grants (``stats()["longest_slice_ns"]``, ``["longest_turn_ns"]``), in thread
+CPU time with ``configure(account_cpu=True)``, else in wall-clock time.
+
 Cancellation mirrors an asyncio task: cancelling the task that awaits
 ``tame.call`` raises ``asyncio.CancelledError`` inside the blocking call the
 tame code is parked in, so its ``finally`` blocks run; ``tame.call`` returns
@@ -25,7 +37,9 @@ import asyncio
 import collections
 import contextvars
 import logging
+import math
 import threading
+import time
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -39,10 +53,13 @@ except ImportError:  # pragma: no cover - the core's errors module is always shi
 
 __all__ = [
     "DEFAULT_MAX_STACKS",
+    "DEFAULT_QUOTA",
     "NotOnTameStack",
     "Parked",
+    "TameConfigError",
     "TameError",
     "call",
+    "checkpoint",
     "configure",
     "on_tame_stack",
     "runtime",
@@ -58,6 +75,12 @@ T = TypeVar("T")
 #: Stacks per loop unless ``configure(max_stacks=...)`` says otherwise.
 DEFAULT_MAX_STACKS = 256
 
+#: Seconds of tame work per loop turn before stacks yield (Seastar's task quota).
+DEFAULT_QUOTA = 0.0005
+
+_perf_counter = time.perf_counter
+_thread_time = time.thread_time
+
 _BLOCKED = object()  # what a parking stack hands the hub
 _DONE = object()  # what a stack that finished its job hands the hub
 
@@ -70,34 +93,18 @@ class NotOnTameStack(TameError, RuntimeError):
     """A tame-stack-only operation was called elsewhere (e.g. tame.wait in a coroutine)."""
 
 
+class TameConfigError(TameError, ValueError):
+    """A tame setting (``configure``, ``ShardGroup`` tame options) has an invalid value."""
+
+
 class StackKilled(TameError):
     """The loop's tame runtime was closed while this call was still running."""
-
-
-def _current_reactor() -> Any:
-    """shardio.reactor.current_reactor(), or None when there is no core or no shard."""
-    global _current_reactor_fn
-    if _current_reactor_fn is None:
-        try:
-            from shardio.reactor import current_reactor
-        except ImportError:
-            _current_reactor_fn = _no_reactor
-        else:
-            _current_reactor_fn = current_reactor
-    return _current_reactor_fn()
-
-
-def _no_reactor() -> None:
-    return None
-
-
-_current_reactor_fn: Callable[[], Any] | None = None
 
 
 class _Job:
     """One tame.call: what to run and, once finished, its outcome."""
 
-    __slots__ = ("func", "args", "kwargs", "fut", "ok", "value", "finished")
+    __slots__ = ("func", "args", "kwargs", "fut", "ok", "value", "finished", "started", "abandoned")
 
     def __init__(
         self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -109,6 +116,8 @@ class _Job:
         self.ok = False
         self.value: Any = None
         self.finished = False
+        self.started = False
+        self.abandoned = False  # cancelled before its deferred start
 
 
 class TameGreenlet(greenlet):
@@ -117,6 +126,9 @@ class TameGreenlet(greenlet):
     def __init__(self, rt: Runtime) -> None:
         super().__init__(self._main, rt.hub)
         self.rt = rt
+        self.parked: Parked | None = None  # what it waits on while parked in an operation
+        self.parked_at = 0.0  # perf_counter() when its last slice ended
+        self.job: _Job | None = None
 
     def _main(self, job: _Job) -> None:
         rt = self.rt
@@ -129,12 +141,13 @@ class TameGreenlet(greenlet):
                 # The runtime is closing (or the stack was collected) mid-job.
                 job.value = StackKilled("the tame runtime was closed while this call ran")
                 self._finish(job)
+                self.job = None
                 raise
             except BaseException as exc:  # every outcome goes to the awaiting caller
                 job.value = exc
                 del exc
             self._finish(job)
-            job = None  # type: ignore[assignment]  # drop references while pooled
+            self.job = job = None  # type: ignore[assignment]  # drop references while pooled
             rt._release(self)
             job = hub.switch(_DONE)
 
@@ -150,15 +163,19 @@ class TameGreenlet(greenlet):
 class Parked:
     """A tame stack waiting for one event; ``wake(value)`` resumes it with value.
 
-    Usage on a tame stack: ``p = Parked(); <arrange for p.wake(v) later>;
-    v = p.park()``. ``wake`` must run on the hub (a loop callback); from
+    Usage on a tame stack: ``p = Parked("lock", obj); <arrange for p.wake(v)
+    later>; v = p.park()``. ``kind`` and ``target`` say what the stack waits
+    on (``"fd"``, ``"io_uring"``, ``"lock"``, ``"timer"``, ``"future"``...) for
+    :func:`dump_stacks`. ``wake`` must run on the hub (a loop callback); from
     anywhere on the loop's thread use ``wake_soon``. Waking a stack that no
-    longer waits (cancelled meanwhile) does nothing.
+    longer waits (cancelled meanwhile) does nothing. When the loop turn has
+    used up its quota, ``wake`` defers the resumption to the next turn; the
+    first wake value wins, later wakes of the same Parked are ignored.
     """
 
-    __slots__ = ("g", "rt")
+    __slots__ = ("g", "rt", "kind", "target", "deferred")
 
-    def __init__(self) -> None:
+    def __init__(self, kind: str = "event", target: Any = None) -> None:
         g = getcurrent()
         if type(g) is not TameGreenlet:
             raise NotOnTameStack(
@@ -166,21 +183,43 @@ class Parked:
             )
         self.g: TameGreenlet | None = g
         self.rt: Runtime = g.rt
+        self.kind = kind
+        self.target = target
+        self.deferred = False
 
     def park(self) -> Any:
         """Switch to the hub until woken; return the wake value. Disarms on exceptions."""
+        g = self.g
+        g.parked = self  # type: ignore[union-attr]
         try:
             return self.rt.hub.switch(_BLOCKED)
         except BaseException:
             self.g = None
             raise
+        finally:
+            g.parked = None  # type: ignore[union-attr]
 
     def wake(self, value: Any = None) -> None:
-        """Resume the parked stack now (call on the hub only)."""
+        """Resume the parked stack now, or next turn if this turn's quota is spent (hub only)."""
         g = self.g
-        if g is not None:
-            self.g = None
-            g.switch(value)
+        if g is None or self.deferred:
+            return
+        rt = self.rt
+        now = _perf_counter()
+        if rt.turn_open:
+            if now - rt.turn_start > rt.quota:
+                rt.stats.deferred_resumes += 1
+                self.deferred = True
+                rt._defer(self._wake_deferred, value)
+                return
+        else:
+            rt._open_turn(now)
+        self.g = None
+        rt._run_slice(g, value, now)
+
+    def _wake_deferred(self, value: Any) -> None:
+        self.deferred = False
+        self.wake(value)
 
     def wake_soon(self, value: Any = None) -> None:
         """Resume the parked stack from the loop's next iteration (safe from a tame stack)."""
@@ -202,6 +241,10 @@ class Stats:
         "stack_waits",
         "cancellations",
         "waits",
+        "slices",
+        "quota_yields",
+        "deferred_resumes",
+        "deferred_starts",
     )
 
     def __init__(self) -> None:
@@ -211,6 +254,10 @@ class Stats:
         self.stack_waits = 0
         self.cancellations = 0
         self.waits = 0
+        self.slices = 0  # resumptions of a stack by the hub (slices granted)
+        self.quota_yields = 0  # checkpoints that yielded: the stack had used up the quota
+        self.deferred_resumes = 0  # wake-ups moved to the next turn: the turn's quota was spent
+        self.deferred_starts = 0  # tame.call starts moved to the next turn, likewise
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -220,20 +267,35 @@ class Runtime:
     """The tame state of one event loop: stack pool, FIFO of waiters, Env, drivers."""
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, max_stacks: int = DEFAULT_MAX_STACKS
+        self,
+        loop: asyncio.AbstractEventLoop,
+        max_stacks: int = DEFAULT_MAX_STACKS,
+        quota: float | None = DEFAULT_QUOTA,
+        account_cpu: bool = False,
     ) -> None:
         self.loop = loop
         self.hub = getcurrent()
         self.thread_id = threading.get_ident()
         self.max_stacks = max_stacks
         self.free: list[TameGreenlet] = []
+        self.stacks: weakref.WeakSet[TameGreenlet] = weakref.WeakSet()  # for dump_stacks
         self.n_stacks = 0
         self.waiters: collections.deque[asyncio.Future[TameGreenlet]] = collections.deque()
         self.stats = Stats()
         self.closed = False
-        self.reactor = _current_reactor()
-        if self.reactor is not None and getattr(self.reactor, "loop", None) is not loop:
-            self.reactor = None
+        # The scheduler's budget: see the module docstring.
+        self.quota = math.inf if quota is None else quota
+        self.account_cpu = account_cpu
+        self.deadline = math.inf  # perf_counter() past which the running stack must yield
+        self.turn_open = False  # a stack ran this loop turn (its end marker is scheduled)
+        self.turn_start = 0.0
+        self.turn_used = 0.0  # tame time spent this turn, as accounted
+        self.longest_slice = 0.0
+        self.longest_turn = 0.0
+        # Wake-ups that found the turn's quota spent, resumed in order on later turns.
+        self.ready: collections.deque[tuple[Callable[[Any], None], Any]] = collections.deque()
+        self.ready_scheduled = False
+        self.reactor = _reactors.get(loop)
         self._env: Any = None
         self._uring: Any = None
         self._alien: Any = None
@@ -259,11 +321,88 @@ class Runtime:
         except StopIteration:
             self._sentinel = agen  # the loop keeps only a weak reference
 
+    # -- scheduler ---------------------------------------------------------------
+    def _open_turn(self, now: float) -> None:
+        """The first slice of a loop turn: start the turn's budget, mark the turn's end."""
+        self.turn_open = True
+        self.turn_start = now
+        self.turn_used = 0.0
+        self.loop.call_soon(self._close_turn)
+
+    def _close_turn(self) -> None:
+        # Runs on the next loop iteration: the loop has polled I/O and timers since.
+        self.turn_open = False
+
+    def _defer(self, resume: Callable[[Any], None], arg: Any) -> None:
+        """Queue ``resume(arg)`` (a wake-up or a start) for a later turn (safe from a stack)."""
+        self.ready.append((resume, arg))
+        if not self.ready_scheduled:
+            self.ready_scheduled = True
+            self.loop.call_soon(self._run_ready)
+
+    def _run_ready(self) -> None:
+        """Resume deferred stacks, oldest first, while this turn's quota lasts."""
+        self.ready_scheduled = False
+        ready = self.ready
+        while ready:
+            if self.turn_open and _perf_counter() - self.turn_start > self.quota:
+                self.ready_scheduled = True
+                self.loop.call_soon(self._run_ready)
+                return
+            resume, arg = ready.popleft()
+            resume(arg)
+
+    def _start_deferred(self, start: tuple[TameGreenlet, _Job]) -> None:
+        g, job = start
+        if job.abandoned:
+            return
+        now = _perf_counter()
+        if not self.turn_open:
+            self._open_turn(now)
+        job.started = True
+        self._run_slice(g, job, now)
+
+    def _run_slice(self, g: TameGreenlet, value: Any, now: float) -> Any:
+        """Switch into g (hub only) and account for the slice it runs; g's switch result."""
+        self.deadline = self.turn_start + self.quota
+        self.stats.slices += 1
+        if self.account_cpu:
+            cpu = _thread_time()
+            result = g.switch(value)
+            used = _thread_time() - cpu
+            end = _perf_counter()
+        else:
+            result = g.switch(value)
+            end = _perf_counter()
+            used = end - now
+        g.parked_at = end
+        self.deadline = math.inf
+        if used > self.longest_slice:
+            self.longest_slice = used
+        self.turn_used += used
+        if self.turn_used > self.longest_turn:
+            self.longest_turn = self.turn_used
+        return result
+
+    def turn_spent(self) -> bool:
+        """True when this loop turn has used up its quota (no more stacks should start now)."""
+        return self.turn_open and _perf_counter() - self.turn_start > self.quota
+
+    def yield_now(self) -> None:
+        """On one of this runtime's stacks: let the loop run a turn, then continue."""
+        p = Parked("quota")
+        self.stats.quota_yields += 1
+        p.deferred = True
+        self._defer(p._wake_deferred, None)
+        p.park()
+
     # -- pool ------------------------------------------------------------------
     def _new_stack(self) -> TameGreenlet:
         self.n_stacks += 1
         self.stats.stacks_created += 1
-        return TameGreenlet(self)
+        g = TameGreenlet(self)
+        self.stacks.add(g)
+        return g
 
     async def _wait_for_stack(self) -> TameGreenlet:
         fut: asyncio.Future[TameGreenlet] = self.loop.create_future()
@@ -372,7 +511,11 @@ _tls = threading.local()
 _runtimes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Runtime] = (
     weakref.WeakKeyDictionary()
 )
-_configured: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, int] = weakref.WeakKeyDictionary()
+_configured: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Any]] = (
+    weakref.WeakKeyDictionary()
+)
+# The shard reactor of a loop, registered by the reactor's start hook (``attach_reactor``).
+_reactors: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
 
 
 def runtime(loop: asyncio.AbstractEventLoop | None = None) -> Runtime:
@@ -391,7 +534,7 @@ def runtime(loop: asyncio.AbstractEventLoop | None = None) -> Runtime:
     rt = _runtimes.get(loop)
     if rt is None or rt.closed:
         _close_stale_runtimes()
-        rt = Runtime(loop, _configured.get(loop, DEFAULT_MAX_STACKS))
+        rt = Runtime(loop, **_configured.get(loop, {}))
         _runtimes[loop] = rt
     _tls.rt = rt
     return rt
@@ -404,16 +547,46 @@ def _close_stale_runtimes() -> None:
             rt.close()
 
 
-def configure(*, max_stacks: int) -> None:
-    """Set the stack-pool bound of the running loop's tame runtime.
+_UNSET: Any = object()
 
-    Lowering it below the stacks in use takes effect as calls finish.
+
+def configure(
+    *,
+    max_stacks: int | None = None,
+    quota: float | None = _UNSET,
+    account_cpu: bool | None = None,
+) -> None:
+    """Set the running loop's tame runtime: stack-pool bound, quota, slice accounting.
+
+    ``max_stacks``: lowering it below the stacks in use takes effect as calls
+    finish. ``quota``: seconds of tame work per loop turn before stacks yield
+    at their next tamed call (default :data:`DEFAULT_QUOTA`, 0.5 ms); None
+    turns preemption off. ``account_cpu``: measure every granted slice in
+    thread CPU time (``time.thread_time``, a system call per switch: about
+    1 µs each on a VM) instead of wall-clock time. Settings outlive the
+    runtime: a runtime made later on the same loop gets them too.
     """
-    if max_stacks < 1:
-        raise ValueError(f"max_stacks must be >= 1, got {max_stacks}")
+    if max_stacks is not None and (not isinstance(max_stacks, int) or max_stacks < 1):
+        raise TameConfigError(f"max_stacks must be an integer >= 1, got {max_stacks!r}")
+    if quota is not _UNSET and quota is not None and not (
+        isinstance(quota, int | float) and 0 < quota < math.inf
+    ):
+        raise TameConfigError(
+            f"quota must be a positive number of seconds (e.g. 0.0005) or None for no "
+            f"preemption, got {quota!r}"
+        )
     loop = asyncio.get_running_loop()
-    _configured[loop] = max_stacks
+    settings = _configured.setdefault(loop, {})
     rt = runtime(loop)
+    if quota is not _UNSET:
+        settings["quota"] = quota
+        rt.quota = math.inf if quota is None else float(quota)
+    if account_cpu is not None:
+        settings["account_cpu"] = bool(account_cpu)
+        rt.account_cpu = bool(account_cpu)
+    if max_stacks is None:
+        return
+    settings["max_stacks"] = max_stacks
     rt.max_stacks = max_stacks
     while rt.free and rt.n_stacks > max_stacks:
         rt.n_stacks -= 1
@@ -422,6 +595,24 @@ def configure(*, max_stacks: int) -> None:
         w = rt.waiters.popleft()
         if not w.done():
             w.set_result(rt._new_stack())
+
+
+def attach_reactor(reactor: Any) -> None:
+    """Start hook of a shard reactor (on its thread, loop running): tame runtimes of
+    this loop belong to ``reactor``: they close with it, reap I/O from its poll
+    loop, post from other threads through its inbox, and appear in its stall
+    reports. The reactor never imports tame; ``shardio.launch`` registers this."""
+    loop = asyncio.get_running_loop()
+    _reactors[loop] = reactor
+    rt = _runtimes.get(loop)
+    if rt is not None and rt.reactor is None:  # made before the hook ran: adopt it
+        rt.close()
+
+
+def loop_runtime(loop: asyncio.AbstractEventLoop) -> Runtime | None:
+    """The live tame runtime of ``loop``, without creating one (any thread may ask)."""
+    rt = _runtimes.get(loop)
+    return None if rt is None or rt.closed else rt
 
 
 def warm_up(stacks: int = 0, file_io: bool = True) -> Runtime:
@@ -437,17 +628,33 @@ def warm_up(stacks: int = 0, file_io: bool = True) -> Runtime:
     return rt
 
 
-def stats() -> dict[str, int]:
-    """Counters of the running loop's tame runtime, plus current pool occupancy."""
+def stats() -> dict[str, Any]:
+    """Counters of the running loop's tame runtime, pool occupancy and slice accounting.
+
+    ``longest_slice_ns``: the longest slice the scheduler granted one stack;
+    ``longest_turn_ns``: the most tame time one loop turn spent;
+    ``slice_clock``: "thread_cpu" or "wall", how they were measured;
+    ``quota_ns``: the quota (0 when preemption is off).
+    """
     rt = runtime()
-    d = rt.stats.as_dict()
+    d: dict[str, Any] = rt.stats.as_dict()
     d.update(
         stacks=rt.n_stacks,
         free_stacks=len(rt.free),
         max_stacks=rt.max_stacks,
         stack_waiters=len(rt.waiters),
+        longest_slice_ns=round(rt.longest_slice * 1e9),
+        longest_turn_ns=round(rt.longest_turn * 1e9),
+        slice_clock="thread_cpu" if rt.account_cpu else "wall",
+        quota_ns=0 if rt.quota == math.inf else round(rt.quota * 1e9),
     )
     return d
+
+
+def reset_accounting() -> None:
+    """Forget the running loop's longest slice and turn (e.g. after a warm-up phase)."""
+    rt = runtime()
+    rt.longest_slice = rt.longest_turn = 0.0
 
 
 async def call(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
@@ -455,13 +662,15 @@ async def call(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
 
     Blocking calls made through the tame Env (or ``tame.wait``) yield to the
     loop. Exceptions propagate with their traceback. If the pool is
-    exhausted, the call waits (FIFO) for a stack. See the module docstring
-    for cancellation.
+    exhausted, the call waits (FIFO) for a stack; if this loop turn has
+    used up its quota, the call starts on the next turn. See the module
+    docstring for cancellation.
     """
     rt = getattr(_tls, "rt", None)
     loop = asyncio.get_running_loop()
     if rt is None or rt.loop is not loop:
         rt = runtime(loop)
+    deferred = rt.turn_open and _perf_counter() - rt.turn_start > rt.quota
     if rt.free:
         g = rt.free.pop()
     elif rt.n_stacks < rt.max_stacks:
@@ -474,20 +683,45 @@ async def call(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
             "tame.call must be awaited by a task of the loop, not driven from a tame stack"
         )
     rt.stats.calls += 1
-    job = _Job(func, args, kwargs)
+    job = g.job = _Job(func, args, kwargs)
     g.gr_context = contextvars.copy_context()
-    if g.switch(job) is not _DONE:
+    if deferred:  # this turn's quota is spent: start in order on a later turn
+        rt.stats.deferred_starts += 1
+        job.fut = loop.create_future()
+        rt._defer(rt._start_deferred, (g, job))
+        blocked = True
+    else:
+        now = _perf_counter()
+        if not rt.turn_open:
+            rt._open_turn(now)
+        job.started = True
+        blocked = rt._run_slice(g, job, now) is not _DONE
+    if blocked:
         rt.stats.blocked_calls += 1
-        fut = job.fut = loop.create_future()
+        fut = job.fut
+        if fut is None:
+            fut = job.fut = loop.create_future()
         while not job.finished:
             try:
                 await fut
             except asyncio.CancelledError as exc:
                 if job.finished:
                     raise
+                if not job.started:  # never ran: nothing to unwind
+                    job.abandoned = True
+                    g.job = None
+                    rt._release(g)
+                    raise
                 rt.stats.cancellations += 1
                 fut = job.fut = loop.create_future()
-                g.throw(asyncio.CancelledError(*exc.args))
+                now = _perf_counter()
+                if not rt.turn_open:
+                    rt._open_turn(now)
+                rt.deadline = rt.turn_start + rt.quota
+                try:
+                    g.throw(asyncio.CancelledError(*exc.args))
+                finally:
+                    rt.deadline = math.inf
     if job.ok:
         return job.value  # type: ignore[no-any-return]
     exc = job.value
@@ -496,6 +730,24 @@ async def call(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         raise exc
     finally:
         del exc
+
+
+def checkpoint() -> Runtime | None:
+    """Yield to the loop if this stack has used up its quota; the caller's runtime.
+
+    Every tamed call site calls it first, so a stack yields at its next
+    tamed call once the loop turn it runs in has spent the quota, even when
+    the call itself would complete at once. Costs one clock read on a tame
+    stack; returns None (and does nothing) anywhere else, so a call site can
+    use it in place of :func:`current_runtime`.
+    """
+    g = getcurrent()
+    if type(g) is not TameGreenlet:
+        return None
+    rt = g.rt
+    if _perf_counter() > rt.deadline:
+        rt.yield_now()
+    return rt
 
 
 def wait(awaitable: Awaitable[T]) -> T:
@@ -511,6 +763,8 @@ def wait(awaitable: Awaitable[T]) -> T:
             "and run blocking code with `await tame.call(func)`"
         )
     rt = g.rt
+    if _perf_counter() > rt.deadline:
+        rt.yield_now()
     if asyncio.isfuture(awaitable):
         fut = awaitable
         if fut.get_loop() is not rt.loop:
@@ -520,7 +774,7 @@ def wait(awaitable: Awaitable[T]) -> T:
     if fut.done():
         return fut.result()  # type: ignore[no-any-return]
     rt.stats.waits += 1
-    p = Parked()
+    p = Parked("future", fut)
     cb = _resume_cb(p)
     fut.add_done_callback(cb)
     try:

@@ -15,7 +15,7 @@ from typing import Any
 
 from greenlet import getcurrent
 
-from .stacks import NotOnTameStack, Parked, Runtime, TameGreenlet
+from .stacks import NotOnTameStack, Parked, Runtime, TameGreenlet, checkpoint
 
 
 class _Waiter:
@@ -56,7 +56,7 @@ class _TameSync:
             return False
         if q is None:
             q = self._waiters
-        w = _Waiter(Parked())
+        w = _Waiter(Parked(type(self).__name__.removeprefix("Tame").lower(), self))
         q.append(w)
         timer = None if timeout is None else self._rt.loop.call_later(timeout, w.p.wake)
         try:
@@ -108,6 +108,7 @@ class TameLock(_TameSync):
         self._check()
         if not blocking and timeout != -1:
             raise ValueError("can't specify a timeout for a non-blocking call")
+        checkpoint()
         if not self._locked and not self._waiters:
             self._locked = True
             return True
@@ -160,6 +161,7 @@ class TameRLock(_TameSync):
         self._check()
         if not blocking and timeout != -1:
             raise ValueError("can't specify a timeout for a non-blocking call")
+        checkpoint()
         me = getcurrent()
         if self._owner is me:
             self._count += 1
@@ -248,6 +250,7 @@ class TameCondition(_TameSync):
 
     def wait(self, timeout: float | None = None) -> bool:
         self._check()
+        checkpoint()
         if not self._lock._is_owned():
             raise RuntimeError("cannot wait on un-acquired lock")
         state = self._lock._release_save()
@@ -306,6 +309,7 @@ class TameEvent(_TameSync):
 
     def wait(self, timeout: float | None = None) -> bool:
         self._check()
+        checkpoint()
         if self._flag:
             return True
         return self._block(timeout, "Event.wait") or self._flag
@@ -327,6 +331,7 @@ class TameSemaphore(_TameSync):
         self._check()
         if not blocking and timeout is not None:
             raise ValueError("can't specify timeout for non-blocking acquire")
+        checkpoint()
         if self._value > 0 and not self._waiters:
             self._value -= 1
             return True
@@ -412,6 +417,7 @@ class TameQueue(_TameSync):
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         self._check()
+        checkpoint()
         self._wait_while(self.full, self._putters, block, timeout, "Queue.put", queue.Full)
         self._items.append(item)
         self.unfinished_tasks += 1
@@ -419,6 +425,7 @@ class TameQueue(_TameSync):
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         self._check()
+        checkpoint()
         self._wait_while(self.empty, self._getters, block, timeout, "Queue.get", queue.Empty)
         item = self._items.popleft()
         self._grant(self._putters)
@@ -441,5 +448,6 @@ class TameQueue(_TameSync):
 
     def join(self) -> None:
         self._check()
+        checkpoint()
         while self.unfinished_tasks:
             self._block(None, "Queue.join", self._joiners)

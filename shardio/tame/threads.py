@@ -12,7 +12,15 @@ from greenlet import getcurrent
 
 from . import stacks
 from .env import ThreadHandle
-from .stacks import NotOnTameStack, Parked, Runtime, TameError, TameGreenlet, current_runtime
+from .stacks import (
+    NotOnTameStack,
+    Parked,
+    Runtime,
+    TameError,
+    TameGreenlet,
+    checkpoint,
+    current_runtime,
+)
 
 
 class TameThreadHandle(ThreadHandle):
@@ -35,6 +43,7 @@ class TameThreadHandle(ThreadHandle):
         self._task = rt.loop.create_task(stacks.call(func, *args, **kwargs), name=self.name)
 
     def join(self, timeout: float | None = None) -> None:
+        checkpoint()
         task = self._task
         if task.done():
             return
@@ -45,7 +54,7 @@ class TameThreadHandle(ThreadHandle):
                 "join() on a running tame thread would block the reactor; call it from a tame stack "
                 "of the same reactor, or await the thread's task from async code"
             )
-        p = Parked()
+        p = Parked("thread", self.name)
 
         def done(_t: Any) -> None:
             p.wake()

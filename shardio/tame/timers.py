@@ -6,22 +6,25 @@ import time
 
 from greenlet import getcurrent
 
-from . import stacks
-from .stacks import TameGreenlet
+from .stacks import Parked, TameGreenlet
 
 
 def tame_sleep(seconds: float) -> None:
-    """time.sleep that parks the calling tame stack on a loop timer (plain sleep elsewhere)."""
+    """time.sleep that parks the calling tame stack on a loop timer (plain sleep elsewhere).
+
+    ``sleep(0)`` lets the loop run one turn, whatever the quota says.
+    """
     g = getcurrent()
     if type(g) is not TameGreenlet:
         time.sleep(seconds)
         return
-    rt = g.rt
-    # The timer handle is the wake-up token: cancelled on any early exit
-    # (cancellation), so it can only fire while this stack sleeps here.
-    handle = rt.loop.call_later(seconds, g.switch) if seconds > 0 else rt.loop.call_soon(g.switch)
+    loop = g.rt.loop
+    p = Parked("timer", seconds)
+    # The Parked is the wake-up token: disarmed on any early exit (cancellation),
+    # so the timer can only resume this stack while it sleeps here.
+    handle = loop.call_later(seconds, p.wake) if seconds > 0 else loop.call_soon(p.wake)
     try:
-        rt.hub.switch(stacks._BLOCKED)
+        p.park()
     except BaseException:
         handle.cancel()
         raise
