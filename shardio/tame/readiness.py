@@ -26,10 +26,7 @@ import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from . import stacks
-from .stacks import Parked, Runtime, current_runtime
-
-checkpoint = getattr(stacks, "checkpoint", lambda: None)  # TEMPORARY until tamecore lands
+from .stacks import Parked, Runtime, checkpoint, current_runtime
 
 __all__ = [
     "FdWaiters",

@@ -28,10 +28,10 @@ from typing import Any
 
 from . import stacks
 from .readiness import wait_fd
+from .stacks import checkpoint
 
 __all__ = ["TameSocket", "tame_create_connection", "tame_getaddrinfo", "tame_socketpair"]
 
-checkpoint = getattr(stacks, "checkpoint", lambda: None)  # TEMPORARY until tamecore lands
 
 # The stdlib's "no timeout given" marker (what http.client and others pass on), taken
 # from create_connection's public signature.

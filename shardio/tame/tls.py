@@ -22,7 +22,8 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
-from .sockets import TameSocket, checkpoint
+from .sockets import TameSocket
+from .stacks import checkpoint
 
 __all__ = ["TameSSLSocket", "tame_context", "tame_create_default_context", "tame_ssl_context"]
 
