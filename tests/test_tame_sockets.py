@@ -276,12 +276,20 @@ def test_connect_times_out_like_the_stdlib() -> None:
     assert ("TimeoutError", None) in plain
 
 
+def slow_reader(conn: socket.socket) -> None:
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    while not _servers_stopped.wait(0.02) and conn.recv(4096):
+        pass  # about 200 KB/s: every send makes progress, the whole call cannot finish
+
+
 def test_timeout_bounds_the_whole_sendall(thread_server) -> None:
-    server = thread_server(silent)
+    """Since 3.5 the timeout bounds all of sendall, not each chunk: a slow reader times out."""
+    server = thread_server(slow_reader)
 
     def scenario(make: Callable[..., socket.socket]) -> Any:
-        with make(server.address, 0.3) as sock:
-            return outcome(lambda: sock.sendall(b"x" * (64 << 20)))
+        with make(server.address, 0.5) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            return outcome(lambda: sock.sendall(b"x" * (16 << 20)))
 
     assert on_stack(scenario, tame_create_connection) == scenario(socket.create_connection)
     assert scenario(socket.create_connection) == ("TimeoutError", None)
@@ -444,6 +452,22 @@ def test_descriptors_above_fd_setsize_work(high_fds, loop) -> None:
     ]
 
 
+def test_tame_socket_off_a_stack_waits_in_poll_on_high_fds(high_fds) -> None:
+    """Used from a plain thread a TameSocket blocks like socket.socket (poll(2), not select)."""
+    a, b = tame_socketpair()
+    assert a.fileno() > 1024
+    a.settimeout(5)
+    threading.Timer(0.05, b.send, (b"late",)).start()
+    got = a.recv(4)
+    a.settimeout(0.05)
+    with pytest.raises(TimeoutError):
+        a.recv(4)
+    r, w, _ = tame_select([a], [b], [], 0)
+    a.close()
+    b.close()
+    assert (got, r, w) == (b"late", [], [b])
+
+
 def test_cancelled_wait_leaves_no_registration() -> None:
     async def main() -> Any:
         a, b = tame_socketpair()
@@ -601,13 +625,17 @@ def tls() -> Iterator[tuple[ssl.SSLContext, str]]:
         yield server_ctx, cafile
 
 
-async def tls_echo_server(server_ctx: ssl.SSLContext) -> asyncio.AbstractServer:
-    """A TLS server on this loop: reads a length-prefixed message, answers sha256+length."""
+async def tls_echo_server(server_ctx: ssl.SSLContext, chatty: int = 0) -> asyncio.AbstractServer:
+    """A TLS server on this loop: reads a length-prefixed message, answers sha256+length
+    (or, if chatty, that many bytes)."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         n = int.from_bytes(await reader.readexactly(8), "little")
         data = await reader.readexactly(n)
-        writer.write(hashlib.sha256(data).digest() + len(data).to_bytes(8, "little"))
+        if chatty:
+            writer.write(b"z" * chatty)
+        else:
+            writer.write(hashlib.sha256(data).digest() + len(data).to_bytes(8, "little"))
         await writer.drain()
         writer.close()
 
@@ -683,3 +711,86 @@ def test_tls_read_timeout_and_non_blocking_want_read(tls) -> None:
             server.close()
 
     assert run(main) == (("TimeoutError", None), "want-read")
+
+
+# -- the quota: calls that complete at once still yield once the quota is spent ------
+
+QUOTA_OPS = ["recv", "recv_into", "send", "sendall", "select", "poll", "selector", "tls"]
+
+
+@pytest.mark.parametrize("op", QUOTA_OPS)
+def test_calls_that_complete_at_once_yield_after_the_quota(op, tls) -> None:
+    """20,000 ready calls take far more than the 0.5 ms quota: the stack must yield
+    (the scheduler grants it several slices, and a coroutine gets to run meanwhile)."""
+    n = 20_000 if op != "tls" else 5_000
+    server_ctx, cafile = tls
+
+    async def main() -> Any:
+        tame.configure(quota=0.0005)
+        a, b = tame_socketpair()
+        b.sendall(b"x" * n)
+        if op == "tls":
+            server = await tls_echo_server(server_ctx, chatty=n)
+            port = server.sockets[0].getsockname()[1]
+            ctx = tame_context(ssl.create_default_context(cafile=cafile))
+        ticks = 0
+        done = False
+
+        async def heartbeat() -> None:
+            nonlocal ticks
+            while not done:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        def work() -> int:
+            if op == "tls":
+                s = ctx.wrap_socket(
+                    tame_create_connection(("127.0.0.1", port), 5), server_hostname="localhost"
+                )
+                s.sendall(b"\0" * 8)
+                got = len(s.recv(1))
+                while got < n:  # one byte at a time: the TLS layer has the rest buffered
+                    got += len(s.recv(1))
+                s.close()
+                return ticks
+            sel = TameSelector()
+            sel.register(a, selectors.EVENT_READ)
+            poller = TamePoll()
+            poller.register(a, select.POLLIN)
+            buf = bytearray(1)
+            for _ in range(n):
+                if op == "recv":
+                    a.recv(1)
+                elif op == "recv_into":
+                    a.recv_into(buf)
+                elif op == "send":
+                    a.send(b"y")
+                    b.recv(1)
+                elif op == "sendall":
+                    a.sendall(b"y")
+                    b.recv(1)
+                elif op == "select":
+                    tame_select([a], [], [], 1)
+                elif op == "poll":
+                    poller.poll(1000)
+                elif op == "selector":
+                    sel.select(1)
+            sel.close()
+            return ticks
+
+        beat = asyncio.ensure_future(heartbeat())
+        await asyncio.sleep(0)
+        tame.stacks.reset_accounting()
+        before = tame.stats()["slices"]
+        ticks_seen = await tame.call(work)
+        slices = tame.stats()["slices"] - before
+        done = True
+        await beat
+        if op == "tls":
+            server.close()
+        a.close()
+        b.close()
+        return ticks_seen, slices
+
+    ticks_seen, slices = run(main)
+    assert ticks_seen >= 3 and slices >= 4
