@@ -75,7 +75,9 @@ import io
 import os
 import queue
 import select
+import selectors
 import socket
+import ssl
 import threading
 import time
 import types
@@ -94,11 +96,12 @@ from .files import (
     tame_os_read,
     tame_os_write,
 )
-from .readiness import tame_select
-from .sockets import TameSocket, tame_create_connection, tame_getaddrinfo
+from .readiness import TamePoll, TameSelector, tame_select
+from .sockets import TameSocket, tame_create_connection, tame_getaddrinfo, tame_socketpair
 from .stacks import TameError, TameGreenlet, current_runtime
 from .threads import TameThread
 from .timers import tame_sleep
+from .tls import tame_create_default_context, tame_ssl_context
 
 __all__ = ["is_patched", "patch", "patched", "unpatch"]
 
@@ -194,14 +197,41 @@ def _build_overrides() -> dict[types.ModuleType, dict[str, Any]]:
         time: {"sleep": _dispatch_function(time.sleep, tame_sleep)},
         threading: th,
         queue: {"Queue": _dispatch_class(queue.Queue, _env_factory("Queue"), (sync.TameQueue,))},
+        **_network_overrides(),
+    }
+
+
+def _network_overrides() -> dict[types.ModuleType, dict[str, Any]]:
+    """socket, select, selectors and ssl: see shardio.tame.sockets, .readiness and .tls."""
+    tame_selector = {}  # one dispatcher per real class (DefaultSelector is EpollSelector)
+    for name in ("DefaultSelector", "SelectSelector", "PollSelector", "EpollSelector"):
+        real = getattr(selectors, name, None)
+        if real is not None and real not in tame_selector:
+            tame_selector[real] = _dispatch_class(real, TameSelector, (TameSelector,))
+    return {
         socket: {
-            "socket": _dispatch_class(socket.socket, TameSocket.create, (TameSocket,)),
+            "socket": _dispatch_class(socket.socket, TameSocket, (TameSocket,)),
             "create_connection": _dispatch_function(
                 socket.create_connection, tame_create_connection
             ),
             "getaddrinfo": _dispatch_function(socket.getaddrinfo, tame_getaddrinfo),
+            "socketpair": _dispatch_function(socket.socketpair, tame_socketpair),
         },
-        select: {"select": _dispatch_function(select.select, tame_select)},
+        select: {
+            "select": _dispatch_function(select.select, tame_select),
+            "poll": _dispatch_function(select.poll, TamePoll),
+        },
+        selectors: {
+            name: tame_selector[getattr(selectors, name)]
+            for name in ("DefaultSelector", "SelectSelector", "PollSelector", "EpollSelector")
+            if hasattr(selectors, name)
+        },
+        ssl: {
+            "SSLContext": _dispatch_class(ssl.SSLContext, tame_ssl_context, (ssl.SSLContext,)),
+            "create_default_context": _dispatch_function(
+                ssl.create_default_context, tame_create_default_context
+            ),
+        },
     }
 
 

@@ -1,16 +1,41 @@
-"""Tame sockets and name resolution: socket calls that yield to the reactor on a tame stack."""
+"""Tame sockets and name resolution: socket.socket calls that yield to the reactor on a tame stack.
+
+``TameSocket`` is a ``socket.socket`` subclass, so everything client
+libraries rely on comes from the stdlib itself: ``makefile()`` and the
+reference counting of ``close()`` (a socket closed while a file made from it
+is open stays usable until that file closes), ``dup``, ``shutdown``, socket
+options, ``isinstance(sock, socket.socket)``, and ``ssl`` wrapping. What it
+changes is how it waits: the descriptor is always non-blocking in the kernel,
+and the timeout set with ``settimeout``/``setblocking`` is kept here; a call
+that would block waits for readiness through ``readiness`` (parking the tame
+stack on its loop, or in poll(2) on any other thread) and raises
+``TimeoutError`` ("timed out", i.e. ``socket.timeout``) when the timeout
+expires, as the stdlib does. With timeout 0 (non-blocking mode) it raises
+``BlockingIOError`` like any non-blocking socket.
+"""
 
 from __future__ import annotations
 
 import errno
+import inspect
+import io
 import os
-import select
 import socket
+import stat
+import time
 from collections.abc import Callable
 from typing import Any
 
 from . import stacks
-from .stacks import Parked, current_runtime
+from .readiness import wait_fd
+from .stacks import checkpoint
+
+__all__ = ["TameSocket", "tame_create_connection", "tame_getaddrinfo", "tame_socketpair"]
+
+
+# The stdlib's "no timeout given" marker (what http.client and others pass on), taken
+# from create_connection's public signature.
+_DEFAULT_TIMEOUT: Any = inspect.signature(socket.create_connection).parameters["timeout"].default
 
 
 def _is_ip_literal(host: Any) -> bool:
@@ -26,10 +51,15 @@ def _is_ip_literal(host: Any) -> bool:
 
 
 def tame_getaddrinfo(
-    host: Any, port: Any, family: int = 0, type: int = 0, proto: int = 0, flags: int = 0
-) -> list[Any]:  # noqa: A002
+    host: Any,
+    port: Any,
+    family: int = 0,
+    type: int = 0,  # noqa: A002
+    proto: int = 0,
+    flags: int = 0,
+) -> list[Any]:
     """socket.getaddrinfo; on a tame stack the lookup runs off the reactor (loop.getaddrinfo)."""
-    rt = current_runtime()
+    rt = stacks.current_runtime()
     if rt is None or host is None or _is_ip_literal(host):
         return socket.getaddrinfo(host, port, family, type, proto, flags)
     return stacks.wait(
@@ -37,221 +67,283 @@ def tame_getaddrinfo(
     )  # type: ignore[no-any-return]
 
 
-_SENTINEL: Any = object()
+class TameSocket(socket.socket):
+    """A socket.socket whose blocking calls yield to the reactor on a tame stack.
 
-
-class TameSocket:
-    """A socket whose blocking calls yield to the reactor on a tame stack.
-
-    Wraps a non-blocking ``socket.socket``; recv/recv_into/recvfrom/send/
-    sendall/sendto/connect/accept wait with ``loop.add_reader``/``add_writer``
-    on a tame stack and with ``select`` elsewhere, honouring settimeout().
-    Every other attribute is the wrapped socket's. One socket should be read
-    (or written) by one stack at a time: the loop keeps one reader and one
-    writer callback per fd.
+    See the module docstring. Any number of stacks may wait on one TameSocket
+    at once (e.g. one reading while another writes).
     """
 
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-        self._timeout: float | None = sock.gettimeout()
-        sock.setblocking(False)
+    def __init__(
+        self,
+        family: int = -1,
+        type: int = -1,  # noqa: A002
+        proto: int = -1,
+        fileno: int | None = None,
+    ) -> None:
+        super().__init__(family, type, proto, fileno)
+        self._tame_timeout: float | None = super().gettimeout()
+        super().setblocking(False)
 
     @classmethod
     def create(
         cls,
         family: int = socket.AF_INET,
-        type: int = socket.SOCK_STREAM,
+        type: int = socket.SOCK_STREAM,  # noqa: A002
         proto: int = 0,
         fileno: int | None = None,
-    ) -> TameSocket:  # noqa: A002
-        return cls(socket.socket(family, type, proto, fileno))
+    ) -> TameSocket:
+        """A new TameSocket (the ``socket.socket(...)`` of patched modules)."""
+        return cls(family, type, proto, fileno)
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sock, name)
+    @classmethod
+    def from_socket(cls, sock: socket.socket) -> TameSocket:
+        """Take over sock's descriptor (sock is detached) and its timeout."""
+        if isinstance(sock, TameSocket):
+            return sock
+        timeout = sock.gettimeout()
+        tame = cls(sock.family, sock.type, sock.proto, fileno=sock.detach())
+        tame._tame_timeout = timeout
+        return tame
+
+    # -- timeouts: kept here, the kernel descriptor stays non-blocking ---------------
 
     def settimeout(self, timeout: float | None) -> None:
-        if timeout is not None and timeout < 0:
-            raise ValueError("Timeout value out of range")
-        self._timeout = timeout
+        if timeout is not None:
+            timeout = float(timeout)
+            if timeout < 0.0:
+                raise ValueError("Timeout value out of range")
+        self._tame_timeout = timeout
 
     def gettimeout(self) -> float | None:
-        return self._timeout
+        return self._tame_timeout
 
     def setblocking(self, flag: bool) -> None:
-        self._timeout = None if flag else 0.0
+        self._tame_timeout = None if flag else 0.0
 
     def getblocking(self) -> bool:
-        return self._timeout != 0.0
+        return self._tame_timeout != 0.0
 
-    def _wait(self, write: bool) -> None:
-        fd = self._sock.fileno()
+    @property
+    def timeout(self) -> float | None:  # type: ignore[override]
+        return self._tame_timeout
+
+    def _deadline(self) -> float | None:
+        timeout = self._tame_timeout
+        return None if timeout is None else time.monotonic() + timeout
+
+    def _wait(self, write: bool, deadline: float | None) -> None:
+        fd = self.fileno()
         if fd < 0:
             raise OSError(errno.EBADF, "Bad file descriptor")
-        rt = current_runtime()
-        if rt is None:
-            r, w, _ = select.select([] if write else [fd], [fd] if write else [], [], self._timeout)
-            if not (r or w):
-                raise TimeoutError("timed out")
-            return
-        loop = rt.loop
-        p = Parked()
-        if write:
-            loop.add_writer(fd, p.wake, True)
-        else:
-            loop.add_reader(fd, p.wake, True)
-        timer = None if self._timeout is None else loop.call_later(self._timeout, p.wake, False)
-        try:
-            ok = p.park()
-        finally:
-            if write:
-                loop.remove_writer(fd)
-            else:
-                loop.remove_reader(fd)
-            if timer is not None:
-                timer.cancel()
-        if not ok:
+        if not wait_fd(fd, write, deadline):
             raise TimeoutError("timed out")
 
-    def _io(self, write: bool, fn: Callable[..., Any], *args: Any) -> Any:
+    def _call(self, write: bool, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args) on the non-blocking descriptor, waiting as a blocking socket would."""
+        try:
+            result = fn(*args)
+        except (BlockingIOError, InterruptedError):
+            if self._tame_timeout == 0.0:
+                raise
+        else:
+            checkpoint()
+            return result
+        deadline = self._deadline()
         while True:
+            self._wait(write, deadline)
             try:
                 return fn(*args)
             except (BlockingIOError, InterruptedError):
-                if self._timeout == 0.0:
-                    raise
-            self._wait(write)
+                pass
+
+    # -- I/O -------------------------------------------------------------------------
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
-        return self._io(False, self._sock.recv, bufsize, flags)  # type: ignore[no-any-return]
+        return self._call(False, super().recv, bufsize, flags)  # type: ignore[no-any-return]
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
-        return self._io(False, self._sock.recv_into, buffer, nbytes, flags)  # type: ignore[no-any-return]
+        return self._call(False, super().recv_into, buffer, nbytes, flags)  # type: ignore[no-any-return]
 
     def recvfrom(self, bufsize: int, flags: int = 0) -> tuple[bytes, Any]:
-        return self._io(False, self._sock.recvfrom, bufsize, flags)  # type: ignore[no-any-return]
+        return self._call(False, super().recvfrom, bufsize, flags)  # type: ignore[no-any-return]
+
+    def recvfrom_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> tuple[int, Any]:
+        return self._call(False, super().recvfrom_into, buffer, nbytes, flags)  # type: ignore[no-any-return]
+
+    def recvmsg(self, *args: Any) -> Any:
+        return self._call(False, super().recvmsg, *args)
+
+    def recvmsg_into(self, *args: Any) -> Any:
+        return self._call(False, super().recvmsg_into, *args)
 
     def send(self, data: Any, flags: int = 0) -> int:
-        return self._io(True, self._sock.send, data, flags)  # type: ignore[no-any-return]
+        return self._call(True, super().send, data, flags)  # type: ignore[no-any-return]
 
     def sendto(self, data: Any, *args: Any) -> int:
-        return self._io(True, self._sock.sendto, data, *args)  # type: ignore[no-any-return]
+        return self._call(True, super().sendto, data, *args)  # type: ignore[no-any-return]
+
+    def sendmsg(self, *args: Any) -> int:
+        return self._call(True, super().sendmsg, *args)  # type: ignore[no-any-return]
 
     def sendall(self, data: Any, flags: int = 0) -> None:
-        view = memoryview(data).cast("B")
-        while view:
-            sent = self.send(view, flags)
-            view = view[sent:]
+        """Send all of data; the timeout bounds the whole call, as in the stdlib."""
+        send = super().send
+        with memoryview(data) as view, view.cast("B") as remaining:
+            try:
+                sent = send(remaining, flags)
+            except (BlockingIOError, InterruptedError):
+                if self._tame_timeout == 0.0:
+                    raise
+                sent = 0
+            if sent == len(remaining):
+                checkpoint()
+                return
+            deadline = self._deadline()
+            while sent < len(remaining):
+                self._wait(True, deadline)
+                try:
+                    sent += send(remaining[sent:], flags)
+                except (BlockingIOError, InterruptedError):
+                    pass
+
+    def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
+        """socket.sendfile: os.sendfile for regular files, read-and-send otherwise."""
+        if "b" not in getattr(file, "mode", "b"):
+            raise ValueError("file should be opened in binary mode")
+        if not self.type & socket.SOCK_STREAM:
+            raise ValueError("only SOCK_STREAM type sockets are supported")
+        if count is not None and (not isinstance(count, int) or count <= 0):
+            raise ValueError(f"count must be a positive integer (got {count!r})")
+        if self._tame_timeout == 0.0:
+            raise ValueError("non-blocking sockets are not supported")
+        try:
+            file_fd = file.fileno()
+            regular = stat.S_ISREG(os.fstat(file_fd).st_mode)
+        except (AttributeError, OSError, io.UnsupportedOperation):
+            regular = False
+        total = 0
+        try:
+            if regular:
+                deadline = self._deadline()
+                while count is None or total < count:
+                    want = (count - total) if count is not None else 2**30
+                    try:
+                        sent = os.sendfile(self.fileno(), file_fd, offset + total, want)
+                    except BlockingIOError:
+                        self._wait(True, deadline)
+                        continue
+                    if sent == 0:
+                        break
+                    total += sent
+                return total
+            if offset:
+                file.seek(offset)
+            while count is None or total < count:
+                block = 8192 if count is None else min(8192, count - total)
+                data = file.read(block)
+                if not data:
+                    break
+                self.sendall(data)
+                total += len(data)
+            return total
+        finally:
+            if total > 0 and hasattr(file, "seek"):
+                file.seek(offset + total)
+
+    # -- connections -----------------------------------------------------------------
+
+    def _resolve(self, address: Any) -> Any:
+        """Resolve a host name in address off the reactor (connect would block in C)."""
+        if (
+            isinstance(address, tuple)
+            and self.family in (socket.AF_INET, socket.AF_INET6)
+            and isinstance(address[0], str)
+            and not _is_ip_literal(address[0])
+        ):
+            infos = tame_getaddrinfo(address[0], address[1], self.family, self.type)
+            return infos[0][4]
+        return address
 
     def connect(self, address: Any) -> None:
-        err = self.connect_ex(address)
+        address = self._resolve(address)
+        try:
+            super().connect(address)
+        except (BlockingIOError, InterruptedError) as exc:
+            if self._tame_timeout == 0.0:
+                raise
+            if exc.errno not in (errno.EINPROGRESS, errno.EAGAIN, errno.EINTR):
+                raise
+        else:
+            checkpoint()
+            return
+        self._wait(True, self._deadline())
+        err = self.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             raise OSError(err, os.strerror(err))
 
     def connect_ex(self, address: Any) -> int:
-        if (
-            isinstance(address, tuple)
-            and self._sock.family in (socket.AF_INET, socket.AF_INET6)
-            and not _is_ip_literal(address[0])
-        ):
-            infos = tame_getaddrinfo(address[0], address[1], self._sock.family, self._sock.type)
-            address = infos[0][4]
-        err = self._sock.connect_ex(address)
-        if err in (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
-            if self._timeout == 0.0:
-                return err
-            self._wait(True)
-            err = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        return err
+        try:
+            self.connect(address)
+        except TimeoutError:
+            return errno.EWOULDBLOCK
+        except (socket.gaierror, socket.herror):
+            raise
+        except OSError as exc:
+            if exc.errno is None:
+                raise
+            return exc.errno
+        return 0
 
     def accept(self) -> tuple[TameSocket, Any]:
-        conn, addr = self._io(False, self._sock.accept)
-        tconn = TameSocket(conn)
-        tconn._timeout = self._timeout if self._timeout != 0.0 else None
-        return tconn, addr
+        conn, addr = self._call(False, super().accept)
+        return TameSocket.from_socket(conn), addr
 
-    def makefile(
-        self,
-        mode: str = "r",
-        buffering: int | None = None,
-        *,
-        encoding: str | None = None,
-        errors: str | None = None,
-        newline: str | None = None,
-    ) -> Any:
-        """socket.makefile over this tame socket (e.g. for http.client)."""
-        import io as _io
 
-        if not set(mode) <= {"r", "w", "b"}:
-            raise ValueError(f"invalid mode {mode!r} (only r, w, b allowed)")
-        writing, reading, binary = "w" in mode, "r" in mode or "w" not in mode, "b" in mode
-        rawmode = ("r" if reading else "") + ("w" if writing else "")
-        raw = socket.SocketIO(self, rawmode)  # type: ignore[arg-type]
-        if buffering is None:
-            buffering = -1
-        if buffering < 0:
-            buffering = _io.DEFAULT_BUFFER_SIZE
-        if buffering == 0:
-            if not binary:
-                raise ValueError("unbuffered streams must be binary")
-            return raw
-        buffer: Any
-        if reading and writing:
-            buffer = _io.BufferedRWPair(raw, raw, buffering)
-        elif reading:
-            buffer = _io.BufferedReader(raw, buffering)
-        else:
-            buffer = _io.BufferedWriter(raw, buffering)
-        if binary:
-            return buffer
-        text = _io.TextIOWrapper(buffer, encoding, errors, newline)
-        text.mode = mode  # type: ignore[misc]
-        return text
-
-    def _decref_socketios(self) -> None:  # called by socket.SocketIO.close
-        pass
-
-    def close(self) -> None:
-        self._sock.close()
-
-    def detach(self) -> int:
-        return self._sock.detach()
-
-    def __enter__(self) -> TameSocket:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"<TameSocket {self._sock!r}>"
+def tame_socketpair(
+    family: int | None = None,
+    type: int = socket.SOCK_STREAM,  # noqa: A002
+    proto: int = 0,
+) -> tuple[TameSocket, TameSocket]:
+    """socket.socketpair returning two TameSockets."""
+    if family is None:
+        family = socket.AF_UNIX
+    a, b = socket.socketpair(family, type, proto)
+    return TameSocket.from_socket(a), TameSocket.from_socket(b)
 
 
 def tame_create_connection(
     address: tuple[str, int],
-    timeout: Any = _SENTINEL,
+    timeout: Any = _DEFAULT_TIMEOUT,
     source_address: Any = None,
     *,
     all_errors: bool = False,
 ) -> TameSocket:
-    """socket.create_connection returning a TameSocket (yields on a tame stack)."""
-    host, port = address[0], address[1]
-    errors: list[OSError] = []
+    """socket.create_connection returning a TameSocket (same arguments and errors)."""
+    host, port = address
+    exceptions: list[OSError] = []
     for family, type_, proto, _canon, sa in tame_getaddrinfo(host, port, 0, socket.SOCK_STREAM):
         sock = None
         try:
-            sock = TameSocket.create(family, type_, proto)
-            if timeout is not _SENTINEL:
+            sock = TameSocket(family, type_, proto)
+            if timeout is not _DEFAULT_TIMEOUT:
                 sock.settimeout(timeout)
             if source_address:
                 sock.bind(source_address)
             sock.connect(sa)
+            exceptions.clear()
             return sock
         except OSError as exc:
-            errors.append(exc)
+            if not all_errors:
+                exceptions.clear()  # like the stdlib: raise only the last error
+            exceptions.append(exc)
             if sock is not None:
                 sock.close()
-    if not errors:
-        raise OSError(f"getaddrinfo returned an empty list for {host!r}")
-    if all_errors:
-        raise ExceptionGroup("create_connection failed", errors)
-    raise errors[0]
+    if exceptions:
+        try:
+            if not all_errors:
+                raise exceptions[0]
+            raise ExceptionGroup("create_connection failed", exceptions)
+        finally:
+            exceptions.clear()
+    raise OSError("getaddrinfo returns an empty list")
