@@ -74,6 +74,7 @@ the stall detector with the reactor thread's Python stack.
 
 from __future__ import annotations
 
+from . import servers
 from .alien import AlienPool, alien
 from .env import DIRECT_ALIGN, Env, EnvFile, ThreadHandle
 from .files import TameFile, tame_open
@@ -132,6 +133,7 @@ __all__ = [
     "patched",
     "posix_env",
     "reset_accounting",
+    "servers",
     "start",
     "stats",
     "tame_open",

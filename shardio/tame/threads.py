@@ -8,7 +8,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from greenlet import getcurrent
+from greenlet import GreenletExit, getcurrent
 
 from . import stacks
 from .env import ThreadHandle
@@ -143,6 +143,11 @@ class TameThread:
     def _bootstrap(self) -> None:
         try:
             self.run()
+        except (asyncio.CancelledError, GreenletExit):
+            # Its reactor is shutting down and stopped it, as a daemon thread dies
+            # with its interpreter: not an error of the thread's code.
+            if not self.daemon:
+                raise
         except BaseException:
             threading.excepthook(threading.ExceptHookArgs([*sys.exc_info(), self]))  # type: ignore[attr-defined]
 
