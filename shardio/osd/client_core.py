@@ -298,13 +298,11 @@ class ClientCore:
     def refresh_plan(self) -> Plan[OSDMap]:
         """Fetch the OSD map from the bootstrap address."""
         epoch = self.osdmap.epoch if self.osdmap is not None else 0
+        reply = yield from self.request_plan(Op.GET_MAP, offset=epoch, target=-1)
+        # Concurrent requests that found the map stale each fetch it (the flag stays set
+        # until one has it): none of them goes by the old map meanwhile.
+        self.osdmap = OSDMap.decode(reply.payload)
         self._map_stale = False
-        try:
-            reply = yield from self.request_plan(Op.GET_MAP, offset=epoch, target=-1)
-            self.osdmap = OSDMap.decode(reply.payload)
-        except BaseException:
-            self._map_stale = True
-            raise
         return self.osdmap
 
     def _refresh_quietly(self) -> Plan[None]:
@@ -353,6 +351,8 @@ class ClientCore:
         The result has, in order, the bytes or the OSDStatusError of each read.
         Not retried (one broken connection fails the whole call).
         """
+        if self._map_stale and self.route == "direct":
+            yield from self._refresh_quietly()
         bnames = [as_name(n) for n in names]
         by_target: dict[int, list[int]] = {}
         for i, n in enumerate(bnames):
