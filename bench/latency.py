@@ -49,8 +49,8 @@ Results: ``--out`` (default bench/latency-results/) gets run.json (the
 machine, the load average, the command, each layout's goals) and summary.md
 (every layout's tables, in one file); each layout's points go to
 ``--out/LAYOUT/`` (points.csv, points.json: every point with its encoded
-HDR histogram, and that layout's summary.md), where bench/plot.py draws its
-PNGs.
+HDR histogram, and that layout's run.json and summary.md), where
+bench/plot.py draws its PNGs.
 """
 
 from __future__ import annotations
@@ -672,6 +672,10 @@ def main(argv: list[str] | None = None) -> int:
         with open(os.path.join(out_dir, "points.json"), "w") as f:
             json.dump(rows, f, indent=1)
         write_csv(os.path.join(out_dir, "points.csv"), rows)
+        with open(os.path.join(out_dir, "run.json"), "w") as f:  # what bench/plot.py reads
+            layout_info = dict(info, server_cpus=layout.server_cpus,
+                               client_cpus=layout.client_cpus, layout=layout.key)
+            json.dump({"machine": layout_info, "goals": g}, f, indent=1)
         text = summary_md(rows, g, info, layout)
         with open(os.path.join(out_dir, "summary.md"), "w") as f:
             f.write(text)
