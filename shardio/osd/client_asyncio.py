@@ -333,7 +333,8 @@ class AsyncClient(ClientCore):
         self, name: str | bytes, offset: int = 0, length: int = 0, *, pool: int = 0
     ) -> bytes:
         """Bytes [offset, offset + length) of an object (0: to its end); short at its end."""
-        return (await self.request(Op.READ, name, pool=pool, offset=offset, length=length)).payload
+        plan = self.request_plan(Op.READ, name, pool=pool, offset=offset, length=length)
+        return (await self._run(plan)).payload
 
     async def get(self, name: str | bytes, *, pool: int = 0) -> bytes:
         """The whole object, read in ``READ_CHUNK`` pieces."""
