@@ -158,9 +158,8 @@ def test_every_client_exception_is_one_class_exported_by_shardio_osd() -> None:
         assert cls.__module__ == "shardio.osd.protocol"
         assert issubclass(cls, shardio.errors.ShardioError)
     err = pickle.loads(pickle.dumps(ObjectNotFound(Op.READ, b"x", Status.ENOENT)))
-    assert type(err) is ObjectNotFound and err.errno == 2 and str(err) == (
-        "READ b'x': ENOENT (No such file or directory)"
-    )
+    assert type(err) is ObjectNotFound and err.errno == 2
+    assert str(err) == "READ b'x': ENOENT (No such file or directory)"
 
 
 # -- pipelining ----------------------------------------------------------------------------
@@ -243,9 +242,11 @@ def test_a_corrupt_reply_fails_its_request_only(scripted) -> None:  # noqa: ANN0
 
 def test_bytes_that_are_not_the_protocol_drop_the_connection(scripted) -> None:  # noqa: ANN001
     osd = scripted(lambda held: (b"HTTP/1.1 400 Bad Request\r\n\r\n" if held else b"", []))
-    with Client("127.0.0.1", osd.port, retries=1) as c:
-        with pytest.raises(OSDProtocolError, match="magic"):
-            c.stat("x")
+    with (
+        Client("127.0.0.1", osd.port, retries=1) as c,
+        pytest.raises(OSDProtocolError, match="magic"),
+    ):
+        c.stat("x")
     # one fetched the map; each attempt of the STAT had a fresh one
     assert osd.connections == 3
 
