@@ -1,6 +1,6 @@
 """The latency suite: shardio's OSD against the servers Python users would pick instead.
 
-    python bench/latency.py                      # everything, both layouts, ~20 min on 2 cores
+    python bench/latency.py                      # everything, both layouts, ~12 min on 2 cores
     python bench/latency.py --servers shardio,gevent --quick
     python bench/latency.py --layouts fair --no-uncached
 
