@@ -1,14 +1,15 @@
 """The latency suite: shardio's OSD against the servers Python users would pick instead.
 
-    python bench/latency.py                      # everything, < 10 min on 2 cores
-    python bench/latency.py --servers shardio,uvloop --quick
+    python bench/latency.py                      # everything, both layouts, ~12 min on 2 cores
+    python bench/latency.py --servers shardio,gevent --quick
+    python bench/latency.py --layouts fair --no-uncached
 
 Every server serves the same OSD data directory (one load, the same segment
 files), the same 4 KiB reads, over the same wire protocol, to the same load
 generator (bench/loadgen.py, its own process):
 
-* ``shardio``   -- ``python -m shardio.osd serve``: 2 shard processes, one per
-  CPU, the store on tame stacks, page-cache misses through io_uring;
+* ``shardio``   -- ``python -m shardio.osd serve``: one shard process per
+  server CPU, the store on tame stacks, page-cache misses through io_uring;
 * ``asyncio`` / ``uvloop`` -- bench/peers/asyncio_server.py: one process, the
   store in ``asyncio.to_thread`` (PosixEnv);
 * ``gevent``    -- bench/peers/gevent_server.py: monkey-patched, PosixEnv;
@@ -16,12 +17,23 @@ generator (bench/loadgen.py, its own process):
 * ``reuseport`` -- bench/peers/reuseport_workers.py: 2 uvloop worker
   processes on one SO_REUSEPORT port, each with ``to_thread``.
 
-CPU placement, the same for every server: the server (and every process and
-thread it starts) may run on ``--server-cpus`` (default: all CPUs; shardio
-pins one shard per CPU itself); the load generator and this runner are pinned
-to ``--client-cpus`` (default: the last CPU). On a 2-CPU machine the client
-therefore shares a CPU with the server: it is the only way to give a
-multi-core server both cores. The client's own cost is reported per point.
+CPU placement, the same for every server, in two *layouts* (``--layouts``;
+one run of the suite measures both, each with its own table):
+
+* ``fair``    -- every server confined to CPU 0 (shardio: 1 shard, pinned
+  there), the load generator and this runner on CPU 1: the server's cost
+  per read on one core, with nothing else on that core;
+* ``default`` -- the server (and every process and thread it starts) may run
+  on ``--server-cpus`` (default: all CPUs; shardio runs one shard per CPU and
+  pins each itself); the load generator and this runner are pinned to
+  ``--client-cpus`` (default: the last CPU). On a 2-CPU machine the client
+  shares a CPU with the server: the only way to give a multi-core server
+  both cores.
+
+The OSD refuses a data directory made with another shard count, so each
+layout loads its own data set (through a shardio OSD with that layout's
+shards; the peers read the same files). The client's own cost is reported
+per point.
 
 Scenarios per server:
 
@@ -33,10 +45,12 @@ Scenarios per server:
    (posix_fadvise DONTNEED) every 20 ms. The data must be on a real disk
    (tmpfs is refused), by default under /var/tmp.
 
-Results: ``--out`` (default bench/latency-results/) gets points.csv and
-points.json (every point, with its encoded HDR histogram), run.json (the
-machine, the load average, the command) and summary.md; then bench/plot.py
-draws the PNGs there.
+Results: ``--out`` (default bench/latency-results/) gets run.json (the
+machine, the load average, the command, each layout's goals) and summary.md
+(every layout's tables, in one file); each layout's points go to
+``--out/LAYOUT/`` (points.csv, points.json: every point with its encoded
+HDR histogram, and that layout's run.json and summary.md), where
+bench/plot.py draws its PNGs.
 """
 
 from __future__ import annotations
@@ -74,6 +88,35 @@ class SuiteError(Exception):
 
 
 @dataclass(frozen=True)
+class Layout:
+    """Where the servers and the load generator run; shardio gets a shard per server CPU."""
+
+    key: str
+    title: str
+    server_cpus: str  #: a cpuset such as "0" or "0-1"
+    client_cpus: str
+
+    @property
+    def shards(self) -> int:
+        return len(_cpuset(self.server_cpus))
+
+
+def layouts(args: argparse.Namespace) -> dict[str, Layout]:
+    """The layouts this machine can run: ``fair`` needs two CPUs."""
+    out = {
+        "fair": Layout("fair", "fair: every server on CPU 0 (shardio: 1 shard), load generator "
+                       "on CPU 1", "0", "1"),
+        "default": Layout("default", f"suite default: servers on CPUs {args.server_cpus} "
+                          f"(shardio: {len(_cpuset(args.server_cpus))} shards), load generator "
+                          f"on CPU {args.client_cpus}", args.server_cpus, args.client_cpus),
+    }
+    available = os.sched_getaffinity(0)
+    if not {0, 1} <= available:
+        del out["fair"]
+    return out
+
+
+@dataclass(frozen=True)
 class ServerSpec:
     """How to start one server of the suite and recognise that it serves."""
 
@@ -90,11 +133,11 @@ SERVERS: dict[str, ServerSpec] = {
     s.key: s
     for s in (
         ServerSpec(
-            "shardio", "shardio: 2 shard processes, tame stacks + io_uring",
+            "shardio", "shardio: a shard process per server CPU, tame stacks + io_uring",
             # --idle-poll-us 0: on 2 CPUs one shard shares its CPU with the load generator,
             # and idle polling would take that CPU from it (measured: p99 at 8000/s
             # 121 ms with the default 200 us, 4.1 ms with 0). An operator sets it so too.
-            (_PY, "-m", "shardio.osd", "serve", "--shards", "2", "--data", "{data}",
+            (_PY, "-m", "shardio.osd", "serve", "--shards", "{shards}", "--data", "{data}",
              "--port", "0", "--no-sync", "--idle-poll-us", "0"),
             r"shared port ([\d.]+):(\d+)", False,
         ),
@@ -185,7 +228,8 @@ class Server:
     def __init__(self, spec: ServerSpec, data_dir: str, cpus: set[int], log_path: str,
                  timeout: float = 60.0) -> None:
         self.spec = spec
-        argv = [a.replace("{data}", data_dir) for a in spec.argv]
+        shards = str(len(cpus))  # shardio: one shard per CPU it may use
+        argv = [a.replace("{data}", data_dir).replace("{shards}", shards) for a in spec.argv]
         self.log = open(log_path, "w")  # noqa: SIM115 -- closed in stop()
         self.proc = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=os.path.dirname(HERE),
@@ -242,15 +286,15 @@ def _cpuset(text: str) -> set[int]:
     return out
 
 
-def run_loadgen(server: Server, args: argparse.Namespace, plan: list[dict[str, Any]],
-                stop_when_saturated: bool) -> list[dict[str, Any]]:
+def run_loadgen(server: Server, args: argparse.Namespace, layout: Layout,
+                plan: list[dict[str, Any]], stop_when_saturated: bool) -> list[dict[str, Any]]:
     """Run bench/loadgen.py pinned to the client CPUs; return its points."""
     host, port = server.address
     argv = [
         _PY, os.path.join(HERE, "loadgen.py"), "--addr", f"{host}:{port}",
         "--objects", str(args.objects), "--prefix", PREFIX, "--plan", json.dumps(plan),
         "--connections", str(args.connections), "--warmup", str(args.warmup),
-        "--server-pids", str(server.pid), "--cpus", args.client_cpus,
+        "--server-pids", str(server.pid), "--cpus", layout.client_cpus,
     ]
     if stop_when_saturated:
         argv.append("--stop-when-saturated")
@@ -284,41 +328,46 @@ def sustained(p: dict[str, Any]) -> bool:
     return p["mode"] != "open" or p["throughput"] >= 0.95 * p["offered"]
 
 
-def bench_server(spec: ServerSpec, data_dir: str, args: argparse.Namespace,
+def bench_server(spec: ServerSpec, data_dir: str, args: argparse.Namespace, layout: Layout,
                  out_dir: str) -> list[dict[str, Any]]:
-    """All the scenarios against one server; its points, labelled."""
-    server = Server(spec, data_dir, _cpuset(args.server_cpus),
+    """All the scenarios against one server in one layout; its points, labelled."""
+    server = Server(spec, data_dir, _cpuset(layout.server_cpus),
                     os.path.join(out_dir, f"server-{spec.key}.log"))
     rows: list[dict[str, Any]] = []
 
     def keep(scenario: str, points: list[dict[str, Any]]) -> None:
         for p in points:
-            p.update(server=spec.key, label=spec.label, scenario=scenario, sustained=sustained(p))
+            p.update(server=spec.key, label=spec.label, scenario=scenario, sustained=sustained(p),
+                     layout=layout.key)
             rows.append(p)
             _show(spec.key, scenario, p)
 
     try:
         closed = {"mode": "closed", "concurrency": args.concurrency, "seconds": args.seconds}
-        keep("cached", run_loadgen(server, args, [closed], False))
+        keep("cached", run_loadgen(server, args, layout, [closed], False))
         cap = 1.3 * rows[-1]["throughput"]
         rates = [r for r in args.rates if r <= cap] or [args.rates[0]]
         plan = [{"mode": "open", "rate": r, "seconds": args.seconds} for r in rates]
-        keep("cached", run_loadgen(server, args, plan, True))
+        keep("cached", run_loadgen(server, args, layout, plan, True))
         if args.uncached:
             plan = [dict(closed)] + [
                 {"mode": "open", "rate": r, "seconds": args.seconds} for r in args.uncached_rates
             ]
             with Evictor(data_dir):
-                keep("uncached", run_loadgen(server, args, plan, False))
+                keep("uncached", run_loadgen(server, args, layout, plan, False))
     finally:
         server.stop()
     return rows
 
 
-def make_data(data_dir: str, args: argparse.Namespace, out_dir: str) -> None:
-    """Load the working set once, through a shardio OSD (the layout every server reads)."""
+def make_data(data_dir: str, args: argparse.Namespace, layout: Layout, out_dir: str) -> None:
+    """Load a layout's working set, through a shardio OSD with that layout's shard count.
+
+    The OSD refuses a data directory made with another shard count (objects
+    are placed by it), so every layout has its own; every server reads it.
+    """
     spec = SERVERS["shardio"]
-    server = Server(spec, data_dir, _cpuset(args.server_cpus), os.path.join(out_dir, "load.log"))
+    server = Server(spec, data_dir, _cpuset(layout.server_cpus), os.path.join(out_dir, "load.log"))
     try:
         host, port = server.address
         subprocess.run(
@@ -333,7 +382,7 @@ def make_data(data_dir: str, args: argparse.Namespace, out_dir: str) -> None:
 
 
 CSV_FIELDS = (
-    "server", "scenario", "mode", "offered", "concurrency", "throughput", "sustained",
+    "layout", "server", "scenario", "mode", "offered", "concurrency", "throughput", "sustained",
     "p50_us", "p90_us", "p99_us", "p99.9_us", "max_us", "mean_us", "ok", "errors", "timeouts",
     "send_lag_p99_us", "service_p99_us", "server_cpu_us_per_read", "client_cpu_us_per_read",
     "loadavg_start", "loadavg_end", "first_error",
@@ -347,7 +396,7 @@ def write_csv(path: str, rows: Sequence[dict[str, Any]]) -> None:
         for p in rows:
             lat = p["latency_us"]
             w.writerow([
-                p["server"], p["scenario"], p["mode"], p["offered"] or "", p["concurrency"] or "",
+                p["layout"], p["server"], p["scenario"], p["mode"], p["offered"] or "", p["concurrency"] or "",
                 p["throughput"], p["sustained"], lat.get("p50", ""), lat.get("p90", ""),
                 lat.get("p99", ""), lat.get("p99.9", ""), lat.get("max", ""), lat.get("mean", ""),
                 p["ok"], p["errors"], p["timeouts"], p["send_lag_us"].get("p99", ""),
@@ -414,13 +463,16 @@ def goals(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def summary_md(rows: Sequence[dict[str, Any]], g: dict[str, Any], info: dict[str, Any]) -> str:
-    """A markdown summary: the saturation table, latency at common loads, the goals."""
+def summary_md(rows: Sequence[dict[str, Any]], g: dict[str, Any], info: dict[str, Any],
+               layout: Layout) -> str:
+    """A layout's markdown summary: the saturation table, latency at common loads, the goals."""
     servers = list(dict.fromkeys(r["server"] for r in rows))
     lines = [
+        f"### Layout {layout.title}",
+        "",
         f"Machine: {info['cpu_model']}, {info['cpus']} CPUs, Linux {info['kernel']}, "
-        f"Python {info['python']}; data on {info['fs']} ({info['data_dir']}); "
-        f"server CPUs {info['server_cpus']}, client CPUs {info['client_cpus']}; "
+        f"Python {info['python']}; data on {info['fs']} ({info['data_parent']}); "
+        f"server CPUs {layout.server_cpus}, client CPUs {layout.client_cpus}; "
         f"load average {info['loadavg_start']} at start, {info['loadavg_end']} at end.",
         "",
         "| server | cached: closed-loop reads/s | max sustained open-loop reads/s "
@@ -492,7 +544,8 @@ def summary_md(rows: Sequence[dict[str, Any]], g: dict[str, Any], info: dict[str
     return "\n".join(lines) + "\n"
 
 
-def machine_info(args: argparse.Namespace, data_dir: str) -> dict[str, Any]:
+def machine_info(args: argparse.Namespace, data_parent: str,
+                 chosen: Sequence[Layout]) -> dict[str, Any]:
     model = "?"
     with open("/proc/cpuinfo") as f:
         for line in f:
@@ -504,10 +557,13 @@ def machine_info(args: argparse.Namespace, data_dir: str) -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "fs": fs_type(data_dir),
-        "data_dir": data_dir,
-        "server_cpus": args.server_cpus,
-        "client_cpus": args.client_cpus,
+        "fs": fs_type(data_parent),
+        "data_parent": data_parent,
+        "layouts": {
+            lay.key: {"server_cpus": lay.server_cpus, "client_cpus": lay.client_cpus,
+                      "shardio_shards": lay.shards}
+            for lay in chosen
+        },
         "objects": args.objects,
         "seconds_per_point": args.seconds,
         "warmup": args.warmup,
@@ -533,6 +589,9 @@ def main(argv: list[str] | None = None) -> int:
     ncpu = len(os.sched_getaffinity(0))
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--servers", default=",".join(SERVERS), help=f"any of {','.join(SERVERS)}")
+    p.add_argument("--layouts", default="fair,default",
+                   help="CPU layouts to run, in order: fair (servers on CPU 0, load generator "
+                   "on CPU 1) and/or default (--server-cpus / --client-cpus)")
     p.add_argument("--out", default=os.path.join(HERE, "latency-results"))
     p.add_argument("--data-parent", default="/var/tmp",
                    help="where the data directory is made (a real disk for the uncached runs)")
@@ -544,8 +603,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rates", default=",".join(map(str, DEFAULT_RATES)))
     p.add_argument("--uncached-rates", default=",".join(map(str, DEFAULT_UNCACHED_RATES)))
     p.add_argument("--no-uncached", dest="uncached", action="store_false")
-    p.add_argument("--server-cpus", default=f"0-{ncpu - 1}")
-    p.add_argument("--client-cpus", default=str(ncpu - 1))
+    p.add_argument("--server-cpus", default=f"0-{ncpu - 1}", help="the default layout's")
+    p.add_argument("--client-cpus", default=str(ncpu - 1), help="the default layout's")
     p.add_argument("--client-nice", type=int, default=-10,
                    help="nice increment of the load generator (negative: it preempts the "
                    "server on its CPU, so its timer fires on time; needs root)")
@@ -566,45 +625,73 @@ def main(argv: list[str] | None = None) -> int:
     for k in keys:
         if k not in SERVERS:
             raise SystemExit(f"unknown server {k!r}; choose from {', '.join(SERVERS)}")
-    os.sched_setaffinity(0, _cpuset(args.client_cpus))
+    known = layouts(args)
+    chosen = []
+    for k in (k for k in args.layouts.split(",") if k):
+        if k not in known:
+            why = " (it needs CPUs 0 and 1)" if k == "fair" else ""
+            raise SystemExit(f"layout {k!r} cannot run here{why}; choose from {', '.join(known)}")
+        chosen.append(known[k])
     os.makedirs(args.out, exist_ok=True)
     if args.quiet_wait:
         wait_for_quiet(args.quiet_load, args.quiet_wait)
-    data_dir = tempfile.mkdtemp(prefix="shardio-latency-", dir=args.data_parent)
-    kind = fs_type(data_dir)
+    kind = fs_type(args.data_parent)
     if args.uncached and kind in ("tmpfs", "ramfs"):
-        print(f"{data_dir} is on {kind}: no uncached runs (use --data-parent on a real disk)",
-              file=sys.stderr)
+        print(f"{args.data_parent} is on {kind}: no uncached runs (use --data-parent on a real "
+              "disk)", file=sys.stderr)
         args.uncached = False
-    info = machine_info(args, data_dir)
+    info = machine_info(args, args.data_parent, chosen)
     started = time.monotonic()
-    print(f"data {data_dir} ({kind}); servers on CPUs {args.server_cpus}, load generator on "
-          f"CPUs {args.client_cpus}; load average {info['loadavg_start']}", flush=True)
-    rows: list[dict[str, Any]] = []
-    try:
-        make_data(data_dir, args, args.out)
-        print(f"loaded {args.objects} objects of 4 KiB in {time.monotonic() - started:.0f} s",
-              flush=True)
-        for key in keys:
-            rows += bench_server(SERVERS[key], data_dir, args, args.out)
-    finally:
-        shutil.rmtree(data_dir, ignore_errors=True)
+    by_layout: dict[str, list[dict[str, Any]]] = {}
+    for layout in chosen:
+        out_dir = os.path.join(args.out, layout.key)
+        os.makedirs(out_dir, exist_ok=True)
+        os.sched_setaffinity(0, _cpuset(layout.client_cpus))  # this runner and its evictor
+        data_dir = tempfile.mkdtemp(prefix=f"shardio-latency-{layout.key}-", dir=args.data_parent)
+        print(f"layout {layout.title}; data {data_dir} ({kind}); load average "
+              f"{os.getloadavg()[0]:.2f}", flush=True)
+        rows: list[dict[str, Any]] = []
+        try:
+            t0 = time.monotonic()
+            make_data(data_dir, args, layout, out_dir)
+            print(f"loaded {args.objects} objects of 4 KiB for {layout.shards} shard(s) in "
+                  f"{time.monotonic() - t0:.0f} s", flush=True)
+            for key in keys:
+                rows += bench_server(SERVERS[key], data_dir, args, layout, out_dir)
+        finally:
+            shutil.rmtree(data_dir, ignore_errors=True)
+        by_layout[layout.key] = rows
     info["loadavg_end"] = round(os.getloadavg()[0], 2)
     info["wall_seconds"] = round(time.monotonic() - started, 1)
-    g = goals(rows)
-    with open(os.path.join(args.out, "points.json"), "w") as f:
-        json.dump(rows, f, indent=1)
-    write_csv(os.path.join(args.out, "points.csv"), rows)
+    texts = []
+    all_goals = {}
+    for layout in chosen:
+        rows = by_layout[layout.key]
+        out_dir = os.path.join(args.out, layout.key)
+        g = all_goals[layout.key] = goals(rows)
+        with open(os.path.join(out_dir, "points.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+        write_csv(os.path.join(out_dir, "points.csv"), rows)
+        with open(os.path.join(out_dir, "run.json"), "w") as f:  # what bench/plot.py reads
+            layout_info = dict(info, server_cpus=layout.server_cpus,
+                               client_cpus=layout.client_cpus, layout=layout.key)
+            json.dump({"machine": layout_info, "goals": g}, f, indent=1)
+        text = summary_md(rows, g, info, layout)
+        with open(os.path.join(out_dir, "summary.md"), "w") as f:
+            f.write(text)
+        texts.append(text)
     with open(os.path.join(args.out, "run.json"), "w") as f:
-        json.dump({"machine": info, "goals": g}, f, indent=1)
-    text = summary_md(rows, g, info)
+        json.dump({"machine": info, "goals": all_goals}, f, indent=1)
+    text = "\n".join(texts)
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write(text)
     print()
     print(text)
     print(f"wall time {info['wall_seconds']:.0f} s; results in {args.out}")
     if args.plots:
-        subprocess.run([_PY, os.path.join(HERE, "plot.py"), args.out], check=True)
+        for layout in chosen:
+            subprocess.run([_PY, os.path.join(HERE, "plot.py"), os.path.join(args.out, layout.key)],
+                           check=True)
     return 0
 
 

@@ -8,7 +8,8 @@
     python -m shardio.osd bench --addr 127.0.0.1:6800 --objects 10000 --rate 5000
 
 ``serve --port P`` listens on the shared port P (SO_REUSEPORT, every
-shard) and on P+1+S for shard S (``--shard-base-port`` to move them).
+shard) and on P+1+S for shard S (``--shard-base-port`` to move them), on
+127.0.0.1 unless ``--host ADDRESS`` says otherwise.
 """
 
 from __future__ import annotations
@@ -221,10 +222,27 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
     with Client(*args.addr, timeout=args.timeout) as c:
         names = c.list_pg(args.pg) if args.pg is not None else c.list()
-    out = sys.stdout
-    for n in names:
-        out.write(n.decode(errors="backslashreplace") + "\n")
+    text = "".join(n.decode(errors="backslashreplace") + "\n" for n in names)
+    _write_like_a_filter(text.encode())
     return 0
+
+
+def _write_like_a_filter(data: bytes) -> None:
+    """Write data to stdout; if the reader has gone (``ls | head``), die of SIGPIPE.
+
+    That is what a Unix tool does: no traceback, and the shell sees the
+    signal (status 141). Python ignores SIGPIPE (and would raise
+    BrokenPipeError), so the default is restored for this write only, once
+    the sockets to the OSD are closed.
+    """
+    sys.stdout.flush()
+    previous = signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    try:
+        out = sys.stdout.buffer
+        out.write(data)
+        out.flush()
+    finally:
+        signal.signal(signal.SIGPIPE, previous)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -331,7 +349,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="shards (default: one per CPU)",
     )
     s.add_argument("--data", required=True, help="data directory (created if missing)")
-    s.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    s.add_argument(
+        "--host",
+        "--bind",
+        dest="host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1: this machine only). The OSD has no "
+        "authentication: bind another address, or 0.0.0.0 for every interface, only on a "
+        "network you trust",
+    )
     s.add_argument(
         "--port",
         type=int,

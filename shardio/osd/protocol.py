@@ -46,10 +46,15 @@ most ``MAX_PAYLOAD`` (64 MiB). Violations raise ``FrameError`` subclasses;
 each says whether the stream is still in sync (``fatal``) and which errno a
 reply should carry (``status``), so the messenger can send an error reply and
 carry on, or send one and close -- never crash or allocate without bound.
+
+The errors a client raises for a reply live here too (``OSDClientError`` and
+its subclasses; ``status_error`` maps a reply's errno to one), so each is
+defined once for both clients; ``shardio.osd`` exports them all.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 from collections.abc import Iterable
@@ -76,7 +81,14 @@ __all__ = [
     "MalformedFrame",
     "MalformedPayload",
     "NameTooLong",
+    "OSDClientError",
+    "OSDConnectionError",
+    "OSDProtocolError",
+    "OSDStatusError",
+    "OSDTimeout",
+    "ObjectNotFound",
     "Op",
+    "ShardUnavailable",
     "Status",
     "Truncated",
     "UnknownOp",
@@ -86,8 +98,10 @@ __all__ = [
     "encode_frame_parts",
     "encode_reply",
     "encode_request",
+    "op_name",
     "pack_names",
     "pack_stat",
+    "status_error",
     "unpack_names",
     "unpack_stat",
 ]
@@ -252,6 +266,75 @@ class Truncated(FrameError):
     """The stream ended inside a frame (or a buffer holds only part of one)."""
 
     status = Status.EBADMSG
+
+
+# -- the clients' errors (shardio.osd.client raises them; shardio.osd exports them) --------
+
+
+def op_name(op: int) -> str:
+    """The name of an op code for messages (``READ``; ``op 99`` for an unknown one)."""
+    try:
+        return Op(op).name
+    except ValueError:
+        return f"op {op}"
+
+
+class OSDClientError(ShardioError):
+    """Base of the errors the OSD clients raise."""
+
+
+class OSDConnectionError(OSDClientError, ConnectionError):
+    """The connection to a shard could not be made or broke with requests in flight."""
+
+
+class OSDProtocolError(OSDConnectionError):
+    """The server sent bytes that are not a valid reply (the connection is dropped)."""
+
+
+class OSDTimeout(OSDClientError, TimeoutError):
+    """No reply within the request timeout."""
+
+
+class OSDStatusError(OSDClientError):
+    """The OSD answered with an error status (an errno value)."""
+
+    def __init__(self, op: int, name: bytes, status: int) -> None:
+        self.op = op
+        self.name = name
+        self.status = status
+        try:
+            status_name = Status(status).name
+        except ValueError:
+            status_name = f"errno {status}"
+        super().__init__(f"{op_name(op)} {name!r}: {status_name} ({os.strerror(status)})")
+
+    @property
+    def errno(self) -> int:
+        """The reply's status, as ``OSError.errno`` would name it."""
+        return self.status
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.op, self.name, self.status))
+
+
+class ObjectNotFound(OSDStatusError, KeyError):
+    """ENOENT: no such object."""
+
+    def __str__(self) -> str:  # KeyError would quote it
+        return str(self.args[0]) if self.args else "object not found"
+
+
+class ShardUnavailable(OSDStatusError):
+    """ESHUTDOWN: the shard that owns the object is down or stopping."""
+
+
+def status_error(op: int, name: bytes, status: int) -> OSDStatusError:
+    """The exception for an error reply: ObjectNotFound, ShardUnavailable or OSDStatusError."""
+    if status == Status.ENOENT:
+        return ObjectNotFound(op, name, status)
+    if status == Status.ESHUTDOWN:
+        return ShardUnavailable(op, name, status)
+    return OSDStatusError(op, name, status)
 
 
 # ---------------------------------------------------------------------------
