@@ -14,6 +14,9 @@ generator (bench/loadgen.py, its own process):
   store in ``asyncio.to_thread`` (PosixEnv);
 * ``gevent``    -- bench/peers/gevent_server.py: monkey-patched, PosixEnv;
 * ``threaded``  -- bench/peers/threaded_server.py: ThreadingTCPServer, PosixEnv;
+* ``shardio-threaded`` -- bench/peers/shardio_threaded.py: that same server
+  class and handler, unmodified, hosted on one shardio shard's tame stacks
+  (one stack per connection instead of an OS thread);
 * ``reuseport`` -- bench/peers/reuseport_workers.py: 2 uvloop worker
   processes on one SO_REUSEPORT port, each with ``to_thread``.
 
@@ -160,6 +163,13 @@ SERVERS: dict[str, ServerSpec] = {
             "threaded", "ThreadingTCPServer",
             (_PY, os.path.join(PEERS, "threaded_server.py"), "--data", "{data}"),
             _LISTENING, True,
+        ),
+        ServerSpec(
+            # The threaded peer's own ThreadingTCPServer and handler, unmodified, on one
+            # shardio shard's tame stacks (bench/peers/shardio_threaded.py).
+            "shardio-threaded", "ThreadingTCPServer's handler, unmodified, on a shardio shard",
+            (_PY, os.path.join(PEERS, "shardio_threaded.py"), "--data", "{data}"),
+            _LISTENING, False,
         ),
         ServerSpec(
             "reuseport", "2 uvloop workers, SO_REUSEPORT, to_thread",
@@ -428,7 +438,7 @@ def goals(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     servers = sorted({r["server"] for r in rows})
     if "shardio" not in servers:
         return {}
-    peers = [s for s in servers if s != "shardio"]
+    peers = [s for s in servers if not s.startswith("shardio")]  # shardio-threaded is shardio
     single = [s for s in peers if SERVERS[s].single_process]
     p99: list[dict[str, Any]] = []
     for r in _by(rows, server="shardio", scenario="cached", mode="open"):
@@ -436,7 +446,7 @@ def goals(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
             continue
         rate = r["offered"]
         rivals = [q for q in _by(rows, scenario="cached", mode="open", offered=rate)
-                  if q["server"] != "shardio" and q["sustained"]]
+                  if q["server"] in peers and q["sustained"]]
         if not rivals:
             p99.append({"offered": rate, "shardio_p99_us": r["latency_us"]["p99"],
                         "best_peer": None, "best_peer_p99_us": None, "ratio": None})
