@@ -34,12 +34,15 @@ def data_dir(tmp_path_factory):
     return directory
 
 
-@pytest.mark.parametrize("key", ["asyncio", "uvloop", "gevent", "threaded", "reuseport"])
+@pytest.mark.parametrize(
+    "key", ["asyncio", "uvloop", "gevent", "threaded", "shardio-threaded", "reuseport"]
+)
 def test_peer_serves_verified_reads(key, data_dir, tmp_path):
     if key == "gevent" and importlib.util.find_spec("gevent") is None:
         pytest.skip("gevent is in the 'bench' extra, not installed here")
-    server = latency.Server(latency.SERVERS[key], data_dir, set(os.sched_getaffinity(0)),
-                            str(tmp_path / "server.log"))
+    server = latency.Server(
+        latency.SERVERS[key], data_dir, set(os.sched_getaffinity(0)), str(tmp_path / "server.log")
+    )
     try:
         names = object_names(OBJECTS)
         with Client(*server.address) as c:
