@@ -27,7 +27,8 @@ import sys
 
 import uvloop
 
-from shardio.osd.messenger import Limits, OSDConnection, Result, listen
+from shardio.net import Entry, WaitingRequests, listen
+from shardio.osd.messenger import Limits, OSDConnection, Result
 from shardio.osd.objectstore import ObjectStore
 from shardio.osd.osdmap import OSDMap, object_hash
 from shardio.osd.protocol import Status
@@ -52,6 +53,7 @@ class ThreadPoolNode:
         self.pool = pool
         self.limits = limits
         self.stats = OSDStats()
+        self.waiting = WaitingRequests()
         self.connections: set[OSDConnection] = set()
         self.osdmap = OSDMap.build(1, pg_num=pg_num)
         self.map_payload = self.osdmap.encode()
@@ -60,26 +62,30 @@ class ThreadPoolNode:
         self.osdmap = self.osdmap.with_addrs([(host, port)])
         self.map_payload = self.osdmap.encode()
 
-    async def execute(
-        self, op: int, name: bytes, offset: int, length: int, payload: bytes, pool: int
-    ) -> Result:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self.pool,
-            apply_op,
-            self.store,
-            op,
-            name,
-            offset,
-            length,
-            payload,
+    def run_in_pool(self, op: int, name: bytes, offset: int, length: int, payload: bytes):  # noqa: ANN201
+        """The store op on one of the pool's threads: an asyncio future of its Result."""
+        return asyncio.get_running_loop().run_in_executor(
+            self.pool, apply_op, self.store, op, name, offset, length, payload,
             self.limits.max_list,
-        )
+        )  # fmt: skip
 
     def forward(self, shard: int, *args: object) -> asyncio.Future[Result]:
         fut: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         fut.set_result((Status.EINVAL, b"", 0, 0))  # one shard: nothing to forward to
         return fut
+
+
+class ThreadPoolConnection(OSDConnection):
+    """The OSD protocol, each local request run in the thread pool instead of a tame stack."""
+
+    node: ThreadPoolNode
+
+    def run_here(self, entry: Entry) -> None:
+        frame = entry.request
+        fut = self.node.run_in_pool(
+            frame.op, frame.name, frame.offset, frame.length, frame.payload
+        )
+        fut.add_done_callback(lambda fut: self._hop_done(entry, fut))
 
 
 async def serve(data: str, host: str, port: int, threads: int, pg_num: int, sync: bool) -> None:
@@ -95,7 +101,12 @@ async def serve(data: str, host: str, port: int, threads: int, pg_num: int, sync
         ),
     )
     node = ThreadPoolNode(store, pool, pg_num, Limits())
-    server, bound = await listen(node, host, port, reuse_port=False)  # type: ignore[arg-type]
+    server, bound = await listen(
+        lambda: ThreadPoolConnection(node),  # type: ignore[arg-type]
+        host,
+        port,
+        reuse_port=False,
+    )
     node.set_address(host, bound)
     await server.start_serving()  # type: ignore[attr-defined]
     print(f"listening on {host}:{bound}", flush=True)

@@ -41,11 +41,11 @@ from typing import Any, Literal
 from shardio import tame
 from shardio.errors import ShardDied, ShardioError
 from shardio.group import ShardGroup
+from shardio.net import WaitingRequests, listen
 from shardio.reactor import require_reactor
 from shardio.submit import submit_to
 
-from .inflight import STAGE_STORE_FOR_PEER, OpInFlight, OpsInFlight
-from .messenger import Limits, OSDConnection, Result, listen
+from .messenger import Limits, OSDConnection, Result
 from .objectstore import ObjectStore, StoreError
 from .osdmap import OSDMap, object_hash
 from .protocol import (
@@ -189,7 +189,7 @@ class ShardNode:
         self.port = 0
         self.shared_port = 0
         self.active = 0  # store operations running now (requests from any shard)
-        self.ops_in_flight = OpsInFlight()
+        self.waiting = WaitingRequests()
         self._idle: asyncio.Event | None = None
         self._stopped = False
         self._complaints: asyncio.TimerHandle | None = None
@@ -209,11 +209,14 @@ class ShardNode:
             max_read=cfg.limits.max_read,
         )
         server, self.port = await listen(
-            self, cfg.host, port, reuse_port=False, backlog=cfg.limits.listen_backlog
+            self._connection, cfg.host, port, reuse_port=False, backlog=cfg.limits.listen_backlog
         )
         self.servers.append(server)
         self._register_metrics()
         return self.port
+
+    def _connection(self) -> OSDConnection:
+        return OSDConnection(self)
 
     def _register_metrics(self) -> None:
         """Expose the counters through the shard's metrics registry (read at scrape time)."""
@@ -229,7 +232,11 @@ class ShardNode:
     async def bind_shared(self, port: int) -> int:
         """Join the SO_REUSEPORT group on ``port`` (0: pick one); return the port."""
         server, self.shared_port = await listen(
-            self, self.config.host, port, reuse_port=True, backlog=self.config.limits.listen_backlog
+            self._connection,
+            self.config.host,
+            port,
+            reuse_port=True,
+            backlog=self.config.limits.listen_backlog,
         )
         self.servers.append(server)
         return self.shared_port
@@ -251,7 +258,7 @@ class ShardNode:
         "slow requests"), then look again later."""
         if self._stopped:
             return
-        slow = self.ops_in_flight.dump(self.config.complaint_seconds)
+        slow = self.waiting.dump(self.config.complaint_seconds)
         if slow:
             oldest = slow[0]
             log.warning(
@@ -263,7 +270,7 @@ class ShardNode:
 
     def dump_ops_in_flight(self, threshold: float = 0.0) -> list[dict[str, Any]]:
         """The requests of this shard waiting longer than ``threshold`` seconds, oldest first."""
-        return self.ops_in_flight.dump(threshold)
+        return self.waiting.dump(threshold)
 
     async def stop(self) -> None:
         """Stop accepting, drop connections, let store ops finish (bounded), close the store."""
@@ -360,8 +367,8 @@ class ShardNode:
         snap = self.stats.snapshot()
         snap["shard"] = self.shard_id
         snap["connections_open"] = len(self.connections)
-        snap["ops_waiting"] = len(self.ops_in_flight.ops)
-        snap["slow_ops"] = self.ops_in_flight.slow(self.config.complaint_seconds)
+        snap["ops_waiting"] = len(self.waiting.entries)
+        snap["slow_ops"] = self.waiting.slow(self.config.complaint_seconds)
         snap["reactor_stalls"] = require_reactor().stats.stalls
         if self.store is not None:
             snap["store"] = asdict(self.store.stats)
@@ -375,6 +382,9 @@ class ShardNode:
         except Exception as exc:  # stats must never fail a caller
             snap["io_error"] = repr(exc)
         return snap
+
+
+STAGE_RUNNING_FOR_PEER = "running here for shard {shard}: parked on its tame stack"
 
 
 def _remote_execute(
@@ -415,9 +425,13 @@ def _remote_execute(
         return result  # type: ignore[no-any-return]
     fut = asyncio.get_running_loop().create_future()
     key = id(fut)
-    stage = STAGE_STORE_FOR_PEER.format(shard=origin)
-    n.ops_in_flight.track(key, OpInFlight(op, name, pool, 0, None, stage, time.perf_counter()))
-    fut.add_done_callback(lambda _f: n.ops_in_flight.untrack(key))
+    n.waiting.track(
+        key,
+        STAGE_RUNNING_FOR_PEER.format(shard=origin),
+        time.perf_counter(),
+        {"op": Op(op).name, "object": name.decode("utf-8", "backslashreplace"), "pool": pool},
+    )
+    fut.add_done_callback(lambda _f: n.waiting.untrack(key))
     return fut
 
 

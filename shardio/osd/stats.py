@@ -15,6 +15,8 @@ from bisect import bisect_left
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from shardio.net.connection import ConnectionCounters
+
 from .protocol import Op, Status
 
 __all__ = ["LATENCY_BUCKETS", "Histogram", "OSDStats", "merge", "op_name", "status_name"]
@@ -90,33 +92,24 @@ class Histogram:
         return h
 
 
-class OSDStats:
-    """The counters of one shard's OSD (messenger + service)."""
+class OSDStats(ConnectionCounters):
+    """The counters of one shard's OSD: the connection core's, and the OSD's own."""
 
     __slots__ = (
-        "ops", "latency", "bytes_received", "bytes_sent", "read_bytes", "written_bytes",
-        "hops_out", "hops_in", "connections_accepted", "connections_open",
-        "connections_refused", "frame_errors", "protocol_closes", "inflight_pauses",
-        "write_pauses", "replies_dropped",
+        "ops", "latency", "read_bytes", "written_bytes", "hops_out", "hops_in",
+        "frame_errors", "protocol_closes",
     )  # fmt: skip
 
     def __init__(self) -> None:
+        super().__init__()
         self.ops: dict[tuple[int, int], int] = {}  #: (op, status) -> count
         self.latency: dict[int, Histogram] = {}  #: op -> service time on this shard
-        self.bytes_received = 0  #: request bytes read from sockets
-        self.bytes_sent = 0  #: reply bytes written to sockets
         self.read_bytes = 0  #: object bytes returned by READ
         self.written_bytes = 0  #: object bytes stored by PUT/WRITE
         self.hops_out = 0  #: requests this shard forwarded to the owning shard
         self.hops_in = 0  #: requests this shard served for another shard
-        self.connections_accepted = 0
-        self.connections_open = 0
-        self.connections_refused = 0  #: over the connection limit
         self.frame_errors: dict[str, int] = {}  #: FrameError class name -> count
         self.protocol_closes = 0  #: connections closed for a fatal frame error
-        self.inflight_pauses = 0  #: reading paused: too many requests/bytes in flight
-        self.write_pauses = 0  #: reading paused: the peer does not read its replies
-        self.replies_dropped = 0  #: replies for connections closed meanwhile
 
     def op_done(self, op: int, status: int, seconds: float) -> None:
         key = (op, status)
@@ -134,7 +127,7 @@ class OSDStats:
         """Plain, picklable data: counters by name, ops and latency keyed by names."""
         out: dict[str, Any] = {
             name: getattr(self, name)
-            for name in self.__slots__
+            for name in (*ConnectionCounters.__slots__, *OSDStats.__slots__)
             if name not in ("ops", "latency", "frame_errors")
         }
         out["ops"] = {f"{op_name(op)}/{status_name(st)}": n for (op, st), n in self.ops.items()}

@@ -1,0 +1,511 @@
+"""The connection core: a server connection whose requests run in batches on tame stacks.
+
+Bytes arrive in the loop's protocol callback (``data_received``). The
+subclass decodes every request that one socket read delivered and
+``admit``\\ s each; the core applies the connection's limits and hands each
+admitted request to the subclass's ``start``, which either answers it at
+once, sends it elsewhere (another shard) and ``complete``\\ s it later, or
+asks to ``run_here``. Requests run here queue on the connection and run in
+order on a tame stack (``tame.start``: two greenlet switches for a whole
+batch, no coroutine, future or loop callback per request), calling the
+subclass's ``execute`` — plain blocking code, e.g. an unmodified store
+through the TameEnv. When one parks its stack (a read that misses the page
+cache, a write waiting for its sync), the requests behind it continue at
+once on another stack. All of it shares the loop turn's tame quota: once
+the turn has spent it, a stack yields at its next request and no new one
+starts until the loop has run. The replies of one pass leave in one write.
+
+Replies go out as they complete (a protocol whose replies carry a request
+id) or, with ``ordered = True``, in request order (a protocol without ids:
+each reply waits for those before it).
+
+Limits (``ConnectionLimits``), so that one client cannot take a shard's
+memory: at most ``max_inflight`` requests and ``max_inflight_bytes`` of
+charged reply bytes are in flight; further requests wait in a backlog and
+reading pauses; once the transport's write buffer passes
+``write_high_water`` (a client that does not read its replies) reading
+stops and no backlog request starts until it drains. A request that has to
+wait (throttled, parked, or sent elsewhere) is recorded in the service's
+``WaitingRequests`` with its stage; one that completes in the pass that
+started it costs nothing to track.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+from shardio import tame
+from shardio.tame.stacks import checkpoint
+
+from .waiting import STAGE_RUNNING, STAGE_THROTTLED, WaitingRequests
+
+__all__ = [
+    "ConnectionCounters",
+    "ConnectionLimits",
+    "Entry",
+    "Service",
+    "TameBatchConnection",
+]
+
+log = logging.getLogger("shardio.net")
+
+_perf_counter = time.perf_counter
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """Per-connection and per-service limits (see the module docstring)."""
+
+    max_inflight: int = 64
+    max_inflight_bytes: int = 64 << 20
+    write_high_water: int = 1 << 20
+    max_connections: int = 1024
+
+    def __post_init__(self) -> None:
+        for name in ("max_inflight", "max_inflight_bytes", "write_high_water", "max_connections"):
+            if getattr(self, name) < 1:
+                raise ValueError(
+                    f"{type(self).__name__}.{name} must be >= 1, got {getattr(self, name)}"
+                )
+
+
+class ConnectionCounters:
+    """What the core counts per service (a subclass adds its protocol's counters)."""
+
+    __slots__ = (
+        "bytes_received", "bytes_sent", "connections_accepted", "connections_open",
+        "connections_refused", "inflight_pauses", "write_pauses", "replies_dropped",
+    )  # fmt: skip
+
+    def __init__(self) -> None:
+        self.bytes_received = 0  #: request bytes read from sockets
+        self.bytes_sent = 0  #: reply bytes written to sockets
+        self.connections_accepted = 0
+        self.connections_open = 0
+        self.connections_refused = 0  #: over the connection limit
+        self.inflight_pauses = 0  #: reading paused: too many requests/bytes in flight
+        self.write_pauses = 0  #: reading paused: the peer does not read its replies
+        self.replies_dropped = 0  #: replies for connections closed meanwhile
+
+
+class Service(Protocol):
+    """What a connection needs from the service (one per shard) that accepted it."""
+
+    limits: ConnectionLimits
+    stats: ConnectionCounters
+    connections: set[Any]
+    waiting: WaitingRequests
+
+    def enter(self) -> None:
+        """A run of requests starts on a tame stack (a stopping service waits for it)."""
+
+    def leave(self) -> None:
+        """That run ends."""
+
+
+class Entry:
+    """One admitted request: the request, what it is charged, when it started, its reply."""
+
+    __slots__ = ("request", "charge", "started", "parts")
+
+    def __init__(self, request: Any, charge: int, started: float) -> None:
+        self.request = request
+        self.charge = charge
+        self.started = started
+        self.parts: list[bytes] | None = None  # the encoded reply, once complete
+
+
+class TameBatchConnection(asyncio.Protocol):
+    """One client connection on the shard that accepted it; subclass it for a protocol.
+
+    Override ``feed`` (decode, then ``admit`` each request), ``charge``,
+    ``start``, ``execute`` and ``finish``; optionally ``feed_eof`` and
+    ``details``.
+    """
+
+    #: replies in request order (protocols without request ids), else as they complete
+    ordered: ClassVar[bool] = False
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.stats = service.stats
+        limits = service.limits
+        self.max_inflight = limits.max_inflight
+        self.max_bytes = limits.max_inflight_bytes
+        self.high_water = limits.write_high_water
+        self.transport: asyncio.Transport | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.peer: Any = None
+        self.inflight = 0
+        self.charged = 0
+        self.backlog: deque[Entry] = deque()
+        self.local: deque[Entry] = deque()  # admitted, to run here on a tame stack
+        self.replies: deque[Entry] = deque()  # ordered: every entry in flight, in order
+        self.reading_paused = False
+        self.write_paused = False
+        self.eof = False
+        self.closing = False
+        self.refused = False
+        self._out: list[bytes] = []
+        self._out_bytes = 0
+        self._settle_scheduled = False
+        self._in_pass = False  # the loop is inside a pass: it settles (and writes) at the end
+        self._stack_wanted = False  # a task waits for a tame stack to run self.local
+        self._current: Entry | None = None  # the entry a stack is running now
+
+    # -- the protocol: override these ---------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        """Decode ``data``; ``admit`` every complete request, in order."""
+        raise NotImplementedError
+
+    def feed_eof(self) -> bool:
+        """The peer stopped sending: False if that cut a request short (then close)."""
+        return True
+
+    def charge(self, request: Any) -> int:
+        """The bytes ``request`` may hold while in flight (its reply, mostly)."""
+        raise NotImplementedError
+
+    def start(self, entry: Entry) -> None:
+        """An admitted request: ``complete`` it now, ``run_here``, or send it elsewhere
+        and ``complete`` it when the answer comes back."""
+        raise NotImplementedError
+
+    def execute(self, request: Any) -> Any:
+        """On a tame stack: do the request's work (blocking code is fine)."""
+        raise NotImplementedError
+
+    def finish(self, entry: Entry, result: Any, error: BaseException | None) -> list[bytes]:
+        """The reply to a request run here (or sent elsewhere): its encoded parts."""
+        raise NotImplementedError
+
+    def details(self, request: Any) -> dict[str, Any]:
+        """What a dump of waiting requests says about ``request``."""
+        return {}
+
+    # -- what subclasses call -------------------------------------------------------
+
+    def admit(self, request: Any) -> None:
+        """A decoded request: start it, or hold it back while the limits are reached."""
+        entry = Entry(request, self.charge(request), _perf_counter())
+        if self.backlog or self.write_paused or not self._has_room(entry):
+            self.backlog.append(entry)
+            self._track(entry, STAGE_THROTTLED)
+            if not self.reading_paused:
+                self.stats.inflight_pauses += 1
+            self._pause_reading()
+            return
+        self._begin(entry)
+
+    def run_here(self, entry: Entry) -> None:
+        """Run ``entry`` on this shard, on a tame stack, in order with the others."""
+        self.local.append(entry)
+
+    def wait_for(self, entry: Entry, stage: str) -> None:
+        """``entry`` waits elsewhere (``stage`` says where) until ``complete``\\ d."""
+        self._track(entry, stage)
+
+    def complete(self, entry: Entry, parts: list[bytes]) -> None:
+        """``entry``'s reply: send it (now, or in order) and release what it held."""
+        waiting = self.service.waiting.entries
+        if waiting:
+            waiting.pop(id(entry), None)
+        self.inflight -= 1
+        self.charged -= entry.charge
+        if self.transport is None or self.closing:
+            self.stats.replies_dropped += 1
+        elif self.ordered:
+            entry.parts = parts
+            replies = self.replies
+            while replies and replies[0].parts is not None:
+                self._queue(replies.popleft().parts)  # type: ignore[arg-type]
+        else:
+            self._queue(parts)
+        if not self._in_pass:
+            self._schedule_settle()
+
+    def reply_now(self, parts: list[bytes]) -> None:
+        """Send a reply that answers no admitted request (a protocol error, say)."""
+        if self.ordered and self.replies:  # behind the replies still due
+            entry = Entry(None, 0, _perf_counter())
+            entry.parts = parts
+            self.replies.append(entry)
+        elif self.transport is not None and not self.closing:
+            self._queue(parts)
+
+    def close_after_replies(self) -> None:
+        """Send what is queued, then close (the transport flushes its buffer first)."""
+        if self._out:
+            self._flush()
+        self.closing = True
+        self._drop_backlog()
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Drop the connection now (shutdown, internal error)."""
+        self.closing = True
+        self._drop_backlog()
+        self._out.clear()
+        self._out_bytes = 0
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- transport callbacks --------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # (uvloop's transports are not asyncio.Transport subclasses: no isinstance check)
+        service = self.service
+        stats = self.stats
+        if len(service.connections) >= service.limits.max_connections:
+            stats.connections_refused += 1
+            self.refused = True
+            transport.abort()
+            return
+        self.transport = transport  # type: ignore[assignment]
+        self.loop = asyncio.get_running_loop()
+        self.peer = transport.get_extra_info("peername")
+        transport.set_write_buffer_limits(high=self.high_water)  # type: ignore[attr-defined]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        service.connections.add(self)
+        stats.connections_accepted += 1
+        stats.connections_open += 1
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.refused:
+            return
+        self.service.connections.discard(self)
+        self.stats.connections_open -= 1
+        self.transport = None
+        self.closing = True
+        self._drop_backlog()
+        self.replies.clear()
+        self._out.clear()
+        self._out_bytes = 0
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self.stats.bytes_received += len(data)
+        self._in_pass = True
+        try:
+            self.feed(data)
+        except Exception:  # a bug, not the peer's bytes: keep the shard serving
+            log.exception("connection from %s: internal error; closing it", self.peer)
+            self._in_pass = False
+            self.abort()
+            return
+        if self.closing:
+            self._in_pass = False
+            return
+        self._settle()
+
+    def eof_received(self) -> bool:
+        """The peer shut down its sending side: finish the requests in flight, then close."""
+        if not self.feed_eof():
+            return False
+        self.eof = True
+        if self.inflight == 0 and not self.backlog:
+            if self._out:
+                self._flush()
+            return False  # the transport closes itself
+        return True  # keep it open to send the replies still due
+
+    def pause_writing(self) -> None:
+        """The write buffer is over the high-water mark: the peer does not read."""
+        self.write_paused = True
+        self.stats.write_pauses += 1
+        self._pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._in_pass = True
+        self._settle()
+
+    # -- admission ------------------------------------------------------------------
+
+    def _has_room(self, entry: Entry) -> bool:
+        if self.inflight == 0:
+            return True
+        return self.inflight < self.max_inflight and (
+            self.charged + entry.charge <= self.max_bytes
+        )
+
+    def _begin(self, entry: Entry) -> None:
+        self.inflight += 1
+        self.charged += entry.charge
+        if self.ordered:
+            self.replies.append(entry)
+        self.start(entry)
+
+    def _pause_reading(self) -> None:
+        if not self.reading_paused and self.transport is not None and not self.eof:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def _track(self, entry: Entry, stage: str) -> None:
+        self.service.waiting.track(
+            id(entry), stage, entry.started, {**self.details(entry.request), "client": self.peer}
+        )
+
+    def _drop_backlog(self) -> None:
+        untrack = self.service.waiting.untrack
+        for entry in self.backlog:
+            untrack(id(entry))
+        self.backlog.clear()
+
+    # -- requests run here, on tame stacks ------------------------------------------
+
+    def _run_local(self) -> None:
+        """Run the queued local requests on tame stacks, from the loop (see the module
+        docstring): when one parks its stack, carry on with the next on another."""
+        local = self.local
+        while local and not self.closing:
+            finished = tame.start(self._drain_local)
+            if finished is None:  # not now: the turn's quota is spent, or no stack is free
+                if tame.turn_spent():
+                    self._schedule_settle()
+                else:
+                    self._waiting_for_stack()
+                return
+            if finished:
+                return
+            parked = self._current
+            if parked is not None:  # parked inside execute (not between requests)
+                self._track(parked, STAGE_RUNNING)
+            if tame.turn_spent():
+                self._schedule_settle()  # the rest after the loop has run
+                return
+
+    def _drain_local(self) -> None:
+        """On a tame stack: run queued local requests in order until none are left
+        (yielding to the loop between them whenever the turn's quota is spent)."""
+        local = self.local
+        service = self.service
+        execute = self.execute
+        finish = self.finish
+        complete = self.complete
+        service.enter()
+        try:
+            while local:
+                entry = self._current = local.popleft()
+                try:
+                    result = execute(entry.request)
+                except Exception as exc:
+                    result, error = None, exc
+                else:
+                    error = None
+                self._current = None
+                complete(entry, finish(entry, result, error))
+                if local:
+                    checkpoint()
+        finally:
+            service.leave()
+        if not self._in_pass:
+            self._schedule_settle()  # resumed outside a loop pass: flush, admit, close
+
+    def _waiting_for_stack(self) -> None:
+        if not self._stack_wanted:
+            self._stack_wanted = True
+            task = asyncio.get_running_loop().create_task(tame.call(self._drain_on_granted_stack))
+            task.add_done_callback(_log_task_failure)
+
+    def _drain_on_granted_stack(self) -> None:
+        self._stack_wanted = False
+        self._drain_local()
+
+    # -- the end of a pass ------------------------------------------------------------
+
+    def _schedule_settle(self) -> None:
+        if not self._settle_scheduled:
+            self._settle_scheduled = True
+            assert self.loop is not None
+            self.loop.call_soon(self._settle_soon)
+
+    def _settle_soon(self) -> None:
+        self._settle_scheduled = False
+        self._in_pass = True
+        self._settle()
+
+    def _settle(self) -> None:
+        """End of a loop pass over this connection: run what is runnable, start what
+        the limits now admit, send the replies in one write, close after EOF.
+        Called with ``_in_pass`` set; clears it."""
+        try:
+            backlog = self.backlog
+            untrack = self.service.waiting.untrack
+            while True:
+                if self.local and not self.closing:
+                    self._run_local()
+                if not backlog or self.write_paused or self.closing:
+                    break
+                entry = backlog[0]
+                if not self._has_room(entry):
+                    break
+                backlog.popleft()
+                untrack(id(entry))
+                self._begin(entry)
+        finally:
+            self._in_pass = False
+        if self._out:
+            self._flush()
+        if not backlog and not self.write_paused and not self.closing:
+            if self.eof:
+                if self.inflight == 0:
+                    self.close_after_replies()
+            elif self.reading_paused:
+                self.reading_paused = False
+                if self.transport is not None:
+                    self.transport.resume_reading()
+
+    def _queue(self, parts: list[bytes]) -> None:
+        out = self._out
+        size = self._out_bytes
+        for part in parts:
+            if part:
+                out.append(part)
+                size += len(part)
+        self._out_bytes = size
+        if size >= self.high_water:
+            # Replies that did not block pile up within one pass: hand them to the
+            # transport now, so that its high-water mark (and pause_writing) bounds
+            # them, not the size of the client's pipeline.
+            self._flush()
+
+    def _flush(self) -> None:
+        out = self._out
+        transport = self.transport
+        if transport is None:
+            out.clear()
+            self._out_bytes = 0
+            return
+        self.stats.bytes_sent += self._out_bytes
+        self._out_bytes = 0
+        if len(out) == 1:
+            transport.write(out[0])
+        else:
+            transport.writelines(out)
+        out.clear()
+
+    def __repr__(self) -> str:
+        return (
+            f"<{type(self).__name__} {self.peer} inflight={self.inflight} "
+            f"backlog={len(self.backlog)} paused={self.reading_paused}>"
+        )
+
+
+def _log_task_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("requests waiting for a tame stack failed", exc_info=task.exception())
