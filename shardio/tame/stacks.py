@@ -756,8 +756,8 @@ def start(func: Callable[..., Any], /, *args: Any) -> bool | None:
     if rt is None or rt.closed:
         rt = runtime()
     now = _perf_counter()
-    if rt.turn_open and now - rt.turn_start > rt.quota:
-        return None
+    if rt.ready or (rt.turn_open and now - rt.turn_start > rt.quota):
+        return None  # the turn is spent, or deferred work waits: do not overtake it
     if rt.free:
         g = rt.free.pop()
     elif rt.n_stacks < rt.max_stacks:
@@ -788,12 +788,12 @@ def _logged(func: Callable[..., Any], args: tuple[Any, ...]) -> None:
 
 
 def turn_spent() -> bool:
-    """True when the running loop's current turn has spent its tame quota: work
-    started now would hold the loop past it, so start it on a later turn."""
+    """True when the running loop's current turn has spent its tame quota, or when
+    work deferred from an earlier turn still waits: start new work on a later turn."""
     rt = getattr(_tls, "rt", None)
     if rt is None or rt.closed:
         rt = runtime()
-    return rt.turn_spent()
+    return bool(rt.ready) or rt.turn_spent()
 
 
 def checkpoint() -> Runtime | None:
