@@ -1,0 +1,177 @@
+"""The Redis-compatible example (examples/redis_kv): real clients on loopback.
+
+Two process shards, each a cluster node on its own port, and a shared port.
+redis-py in plain mode and as RedisCluster, redis-cli and redis-cli -c.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+sys.path.insert(0, EXAMPLES)
+
+import redis  # noqa: E402
+from osd_helpers import free_port  # noqa: E402
+from redis.cluster import RedisCluster  # noqa: E402
+from redis_kv import server as redis_server  # noqa: E402
+from redis_kv.slots import key_slot  # noqa: E402
+
+import shardio  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[tuple[shardio.ShardGroup, redis_server.RedisConfig]]:
+    config = redis_server.RedisConfig(
+        "127.0.0.1", free_port(), (free_port(), free_port()), password=None
+    )
+    ids = [os.urandom(20).hex() for _ in range(2)]
+    with shardio.ShardGroup(2, preload=["redis_kv.server"]) as group:
+        for future in group.submit_to_all(redis_server.start_shard, config, ids):
+            future.result(30)
+        yield group, config
+
+
+def counters(group: shardio.ShardGroup) -> list[dict[str, int]]:
+    return [f.result(10) for f in group.submit_to_all(redis_server.shard_counters)]
+
+
+def test_plain_clients_reach_every_key_through_the_shared_port(cluster) -> None:
+    group, config = cluster
+    r = redis.Redis(port=config.shared_port)
+    r.flushall()
+    keys = [f"plain-{i}" for i in range(64)]
+    assert {key_slot(k.encode()) * 2 // 16384 for k in keys} == {0, 1}  # both shards
+    for k in keys:
+        assert r.set(k, k.upper())
+    assert [v.decode() for v in r.mget(keys)] == [k.upper() for k in keys]
+    assert r.mset({"m-1": "a", "m-2": "b", "m-3": "c"}) and r.mget("m-1", "nope", "m-3") == [
+        b"a",
+        None,
+        b"c",
+    ]
+    assert r.dbsize() == 67
+    assert r.incr("counter") == 1 and r.incrby("counter", 41) == 42 and r.decr("counter") == 41
+    assert r.exists("m-1", "m-2", "nope") == 2 and r.delete("m-1", "m-2", "nope") == 2
+    assert r.set("nx", "1", nx=True) and r.set("nx", "2", nx=True) is None and r.get("nx") == b"1"
+    assert r.set("xx", "1", xx=True) is None
+    assert r.echo("hi") == b"hi" and r.ping()
+    assert counters(group)[0]["hops"] + counters(group)[1]["hops"] > 0  # some keys crossed
+
+
+def test_redis_error_replies_match_redis(cluster) -> None:
+    _group, config = cluster
+    r = redis.Redis(port=config.shared_port)
+    with pytest.raises(
+        redis.ResponseError, match="unknown command 'NOSUCH', with args beginning with: 'x'"
+    ):
+        r.execute_command("NOSUCH", "x")
+    with pytest.raises(redis.ResponseError, match="wrong number of arguments for 'get' command"):
+        r.execute_command("GET")
+    r.set("text", "abc")
+    with pytest.raises(redis.ResponseError, match="not an integer or out of range"):
+        r.incr("text")
+    with pytest.raises(redis.ResponseError, match="DB index is out of range"):
+        r.execute_command("SELECT", "1")
+
+
+def test_cluster_clients_go_straight_to_the_owner(cluster) -> None:
+    group, config = cluster
+    before = counters(group)
+    rc = RedisCluster(host="127.0.0.1", port=config.shard_ports[0])
+    try:
+        keys = [f"routed-{i}" for i in range(200)]
+        for k in keys:
+            rc.set(k, k)
+        assert [rc.get(k) for k in keys] == [k.encode() for k in keys]
+        assert rc.mget_nonatomic(keys) == [k.encode() for k in keys]
+        assert rc.set("{user:1}:name", "ann") and rc.set("{user:1}:mail", "a@x")
+        assert rc.mget("{user:1}:name", "{user:1}:mail") == [b"ann", b"a@x"]
+    finally:
+        rc.close()
+    after = counters(group)
+    assert [a["hops"] - b["hops"] for a, b in zip(after, before, strict=True)] == [0, 0]
+    assert all(a["commands"] > b["commands"] for a, b in zip(after, before, strict=True))
+
+
+def test_a_shard_port_answers_moved_and_crossslot(cluster) -> None:
+    _group, config = cluster
+    key = next(f"k{i}" for i in range(100) if key_slot(f"k{i}".encode()) >= 8192)  # shard 1's
+    r0 = redis.Redis(port=config.shard_ports[0])
+    with pytest.raises(
+        redis.ResponseError,
+        match=rf"{key_slot(key.encode())} 127.0.0.1:{config.shard_ports[1]}",
+    ):
+        r0.get(key)
+    with pytest.raises(redis.ResponseError, match="Keys in request don't hash to the same slot"):
+        r0.mget("a", "b", "c", "d")
+    assert r0.execute_command("CLUSTER", "KEYSLOT", "somekey") == 11058
+    slots = r0.execute_command("CLUSTER", "SLOTS")
+    assert [(s[0], s[1], s[2][1]) for s in slots] == [
+        (0, 8191, config.shard_ports[0]),
+        (8192, 16383, config.shard_ports[1]),
+    ]
+
+
+@pytest.mark.skipif(
+    shutil.which("redis-cli") is None, reason="redis-cli (Debian redis-tools) is not installed"
+)
+def test_redis_cli_follows_moved(cluster) -> None:
+    _group, config = cluster
+    key = next(f"c{i}" for i in range(100) if key_slot(f"c{i}".encode()) >= 8192)
+
+    def cli(*args: str) -> str:
+        return subprocess.run(
+            ["redis-cli", *args], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+
+    assert cli("-c", "-p", str(config.shard_ports[0]), "set", key, "via-cli") == "OK"
+    assert cli("-p", str(config.shard_ports[1]), "get", key) == "via-cli"
+    assert cli("-p", str(config.shard_ports[0]), "get", key).startswith("MOVED")
+
+
+def test_expiry_runs_on_the_owning_shards_timers(cluster) -> None:
+    _group, config = cluster
+    r = redis.Redis(port=config.shared_port)
+    r.set("short", "x", px=50)
+    assert 0 < r.pttl("short") <= 50
+    assert r.ttl("nokey") == -2 and r.set("forever", "y") and r.ttl("forever") == -1
+    deadline = time.monotonic() + 10
+    while r.exists("short") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert r.get("short") is None and r.pttl("short") == -2
+
+
+def test_malformed_resp_closes_only_that_connection(cluster) -> None:
+    _group, config = cluster
+    with socket.create_connection(("127.0.0.1", config.shared_port), timeout=5) as s:
+        s.sendall(b"*1\r\n$abc\r\n")
+        reply = s.recv(1024)
+        assert reply.startswith(b"-ERR Protocol error") and s.recv(1024) == b""
+    assert redis.Redis(port=config.shared_port).ping()
+
+
+def test_protected_mode_refuses_an_open_bind_without_a_password() -> None:
+    with pytest.raises(redis_server.ProtectedModeError, match="without a password"):
+        redis_server.RedisConfig("0.0.0.0", 6379, (6380,), None).check()
+    redis_server.RedisConfig("0.0.0.0", 6379, (6380,), "secret").check()
+
+
+def test_a_password_is_required_when_set() -> None:
+    config = redis_server.RedisConfig("127.0.0.1", free_port(), (free_port(),), password="s3cret")
+    with shardio.ShardGroup(1, backend="thread", preload=["redis_kv.server"]) as group:
+        group.submit(0, redis_server.start_shard, config, ["a" * 40]).result(30)
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=config.shared_port).get("k")
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=config.shared_port, password="wrong").ping()
+        r = redis.Redis(port=config.shared_port, password="s3cret")
+        assert r.set("k", "v") and r.get("k") == b"v"
