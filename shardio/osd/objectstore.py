@@ -92,16 +92,20 @@ import struct
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 from shardio.errors import ShardioError
-from shardio.tame.env import Env, EnvFile
+from shardio.osd.dirlock import DirectoryLock, DirectoryLocked
+from shardio.tame import Env, EnvFile
 
 __all__ = [
     "BLOCK_SIZE",
     "MAX_EXTENT",
     "MAX_NAME",
+    "FORMAT_VERSION",
+    "CompactionResult",
     "CorruptExtent",
+    "DirectoryLocked",
     "InvalidArgument",
     "NameTooLong",
     "ObjectNotFound",
@@ -112,6 +116,7 @@ __all__ = [
     "StoreCorrupted",
     "StoreError",
     "StoreFailed",
+    "StoreFormatUnsupported",
     "StoreStats",
 ]
 
@@ -129,7 +134,16 @@ FIXED_SIZE = _FIXED.size  # 28
 KIND_PUT = 1
 KIND_WRITE = 2
 KIND_DELETE = 3
-_KINDS = (KIND_PUT, KIND_WRITE, KIND_DELETE)
+KIND_RELOCATE = 4  # format 1: an object moved whole by compaction (offset field = its version)
+_KINDS = (KIND_PUT, KIND_WRITE, KIND_DELETE, KIND_RELOCATE)
+
+#: the on-disk format this code writes; it reads FORMAT_VERSION and every older one
+FORMAT_VERSION = 1
+_FORMAT_FILE = "FORMAT"
+_FORMAT_MAGIC = "shardio-objectstore"
+_LOCK_FILE = "LOCK"
+_INTERRUPT_RETRIES = 100  # an idempotent step re-run after interrupts before giving up
+_COMPACT_YIELD_BYTES = 256 * 1024  # compaction yields to the reactor after copying this much
 
 _SEG_PREFIX = "seg-"
 _SEG_SUFFIX = ".log"
@@ -193,6 +207,12 @@ class StoreFailed(StoreError):
     """An fsync or write failed earlier: the store is read-only now (EIO)."""
 
     errno = errno.EIO
+
+
+class StoreFormatUnsupported(StoreError):
+    """The store was written in a newer on-disk format than this code reads (EPROTONOSUPPORT)."""
+
+    errno = errno.EPROTONOSUPPORT
 
 
 class StoreClosed(StoreError):
@@ -278,6 +298,28 @@ class StoreStats:
     corrupt_reads: int = 0
     torn_bytes: int = 0  #: bytes cut from the active segment at open
     records_replayed: int = 0
+    interrupted_ops: int = 0  #: writes/syncs whose caller was cancelled or interrupted
+    format_version: int = FORMAT_VERSION  #: the format found on disk at open (0: unversioned)
+    compaction_running: int = 0  #: 1 while a compaction runs
+    compaction_runs: int = 0
+    compaction_segments_planned: int = 0  #: segments the running (or last) compaction picked
+    compaction_segments_done: int = 0  #: of those, segments dropped so far
+    compaction_segments_dropped: int = 0  #: in total
+    compaction_bytes_reclaimed: int = 0  #: segment bytes removed, in total
+    compaction_bytes_copied: int = 0  #: live bytes rewritten, in total
+    compaction_objects_moved: int = 0
+    compaction_skipped_segments: int = 0  #: left alone (an object too large to move whole)
+
+
+@dataclass
+class CompactionResult:
+    """What one ``compact()`` call did."""
+
+    segments_dropped: int = 0
+    bytes_reclaimed: int = 0
+    bytes_copied: int = 0
+    objects_moved: int = 0
+    segments_skipped: int = 0
 
 
 class _Pending:
@@ -298,11 +340,13 @@ def _whole(rec: _Rec) -> _Rec | None:
     return None
 
 
-def _apply(old: _Obj | None, rec: _Rec) -> _Obj | None:
-    """The object after record ``rec`` (None: deleted)."""
-    if rec.kind == KIND_PUT:
+def _apply(old: _Obj | None, rec: _Rec, version: int = 0) -> _Obj | None:
+    """The object after record ``rec`` (None: deleted); ``version``: a RELOCATE's version."""
+    if rec.kind == KIND_PUT or rec.kind == KIND_RELOCATE:
         exts = (_Ext(0, rec.length, rec),) if rec.length else ()
-        return _Obj(rec.length, rec.seq, exts, _whole(rec))
+        return _Obj(
+            rec.length, version if rec.kind == KIND_RELOCATE else rec.seq, exts, _whole(rec)
+        )
     if rec.kind == KIND_DELETE:
         return None
     lo = rec.lofs
@@ -360,6 +404,43 @@ class _Torn(Exception):
     """Internal: the record at this position is cut short or fails its checks."""
 
 
+class _Window:
+    """Reads a segment in large chunks for scanning: ``get(off, n)`` -> bytes, None past EOF."""
+
+    __slots__ = ("buf", "buf_off", "f", "size")
+
+    def __init__(self, f: EnvFile, size: int) -> None:
+        self.f = f
+        self.size = size
+        self.buf = b""
+        self.buf_off = 0
+
+    def get(self, off: int, n: int) -> bytes | None:
+        if off + n > self.size:
+            return None
+        buf = self.buf
+        if off < self.buf_off or off + n > self.buf_off + len(buf):
+            buf = self.buf = self.f.pread(max(n, _SCAN_CHUNK), off)
+            self.buf_off = off
+            if len(buf) < n:
+                return None
+        start = off - self.buf_off
+        return buf[start : start + n]
+
+
+_ANY = object()  # _commit's "no expectation" marker
+
+
+def _is_interrupt(exc: BaseException) -> bool:
+    """True for a cancellation or interrupt (CancelledError, GreenletExit, KeyboardInterrupt...).
+
+    Those are BaseExceptions that are not Exceptions: they say nothing about
+    the disk, so they never turn the store read-only. Everything else an I/O
+    call raises is an I/O failure.
+    """
+    return not isinstance(exc, Exception)
+
+
 # ---------------------------------------------------------------------------
 # the store
 # ---------------------------------------------------------------------------
@@ -406,7 +487,8 @@ class ObjectStore:
         self._objects: dict[bytes, _Obj] = {}
         self._segments: list[_Segment] = []
         self._lock = env.Lock()
-        self._cond = env.Condition(self._lock)
+        self._waiters: list[Any] = []  # Events of callers waiting for a sync (under _lock)
+        self._compact_lock = env.Lock()
         self._closed = False
         self._failed: BaseException | None = None
         # append state (under _lock)
@@ -428,13 +510,27 @@ class ObjectStore:
         if not env.isdir(self.path):
             env.makedirs(self.path, exist_ok=True)
             env.fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        self._dirlock = DirectoryLock(env, self.path, "object store")
+        try:
+            self._open_locked()
+        except BaseException:
+            self._dirlock.release()
+            raise
+
+    def _open_locked(self) -> None:
+        env = self.env
+        names = env.listdir(self.path)
         ids = sorted(
             int(n[len(_SEG_PREFIX) : -len(_SEG_SUFFIX)])
-            for n in env.listdir(self.path)
+            for n in names
             if n.startswith(_SEG_PREFIX)
             and n.endswith(_SEG_SUFFIX)
             and n[len(_SEG_PREFIX) : -len(_SEG_SUFFIX)].isdigit()
         )
+        found = self._read_format(_FORMAT_FILE in names, bool(ids))
+        if found is None or found < FORMAT_VERSION:
+            self._write_format()  # a new store; or format 0, whose records are a subset of 1's
+        self.stats.format_version = FORMAT_VERSION if found is None else found
         try:
             last_seq = 0
             for i, seg_id in enumerate(ids):
@@ -444,7 +540,9 @@ class ObjectStore:
                 self._segments.append(seg)
                 last_seq = self._scan(seg, active, last_seq)
             if not self._segments:
-                self._new_segment(1)
+                interrupt = self._new_segment(1)
+                if interrupt is not None:
+                    raise interrupt
             else:
                 self._active = self._segments[-1]
                 self._tail = self._active.f.size()
@@ -460,35 +558,71 @@ class ObjectStore:
         st.objects = len(self._objects)
         st.live_bytes = sum(o.size for o in self._objects.values())
 
-    def _new_segment(self, seg_id: int) -> None:
+    def _read_format(self, present: bool, has_segments: bool) -> int | None:
+        """The format version on disk: 0 for segments without a FORMAT file, None for a new store.
+
+        Raises
+        StoreFormatUnsupported for a newer version, StoreCorrupted for a bad file.
+        """
+        path = os.path.join(self.path, _FORMAT_FILE)
+        if not present:
+            return 0 if has_segments else None
+        f = self.env.open(path, "rb")
+        try:
+            raw = f.read(256)
+        finally:
+            f.close()
+        text = raw.decode("ascii", "replace").strip()
+        magic, _, number = text.partition(" ")
+        if magic != _FORMAT_MAGIC or not number.isdigit():
+            raise StoreCorrupted(
+                f"{path} does not name an object store format (found {raw[:64]!r}); "
+                f"expected {_FORMAT_MAGIC!r} and a version number"
+            )
+        version = int(number)
+        if version > FORMAT_VERSION:
+            raise StoreFormatUnsupported(
+                f"object store {self.path!r} has on-disk format version {version}, newer than "
+                f"this shardio reads (versions 0 to {FORMAT_VERSION}): open it with the "
+                "shardio release that wrote it, or a newer one"
+            )
+        return version
+
+    def _write_format(self) -> None:
+        """Write FORMAT atomically: a temporary file, fsynced, renamed, directory fsynced."""
+        env = self.env
+        path = os.path.join(self.path, _FORMAT_FILE)
+        tmp = path + ".tmp"
+        f = env.open(tmp, "wb")
+        try:
+            f.write(f"{_FORMAT_MAGIC} {FORMAT_VERSION}\n".encode())
+            f.fdatasync()
+        finally:
+            f.close()
+        env.rename(tmp, path)
+        env.fsync_dir(self.path)
+
+    def _new_segment(self, seg_id: int) -> BaseException | None:
+        """Create the next segment and make its name durable; return an interrupt met meanwhile."""
         p = os.path.join(self.path, _seg_name(seg_id))
         seg = _Segment(seg_id, p, self.env.open(p, "x+b"))
-        self.env.fsync_dir(self.path)
+        try:
+            interrupt = self._finish(self.env.fsync_dir, self.path)
+        except BaseException:
+            seg.f.close()
+            self.env.remove(p)
+            raise
         self._segments.append(seg)
         self._active = seg
         self._tail = 0
         self.stats.segments = len(self._segments)
+        return interrupt
 
     def _scan(self, seg: _Segment, active: bool, last_seq: int) -> int:
         """Replay one segment into the index; return the last seq seen."""
         f = seg.f
         size = f.size()
-        buf = b""
-        buf_off = 0
-
-        def get(off: int, n: int) -> bytes | None:
-            # n bytes at off, from a window read in large chunks; None past EOF
-            nonlocal buf, buf_off
-            if off + n > size:
-                return None
-            if off < buf_off or off + n > buf_off + len(buf):
-                buf = f.pread(max(n, _SCAN_CHUNK), off)
-                buf_off = off
-                if len(buf) < n:
-                    return None
-            start = off - buf_off
-            return buf[start : start + n]
-
+        get = _Window(f, size).get
         pos = 0
         while pos < size:
             try:
@@ -520,8 +654,12 @@ class ObjectStore:
                     f"{last_seq}; the log is out of order"
                 )
             last_seq = seq
-            rec = _Rec(seg, pos, hdr_len, lofs, length, seq, kind, hcrc)
-            self._install(name, _apply(self._objects.get(name), rec))
+            if kind == KIND_RELOCATE:
+                rec = _Rec(seg, pos, hdr_len, 0, length, seq, kind, hcrc)
+                self._install(name, _apply(self._objects.get(name), rec, version=lofs))
+            else:
+                rec = _Rec(seg, pos, hdr_len, lofs, length, seq, kind, hcrc)
+                self._install(name, _apply(self._objects.get(name), rec))
             self.stats.records_replayed += 1
             pos += hdr_len + length
         return last_seq
@@ -831,19 +969,45 @@ class ObjectStore:
         return self._commit(_key(name), KIND_DELETE, 0, b"").version
 
     def _commit(
-        self, key: bytes, kind: int, offset: int, data: bytes | bytearray | memoryview
-    ) -> ObjectStat:
-        """Append one record, make it durable per the sync policy, apply it to the index."""
+        self,
+        key: bytes,
+        kind: int,
+        offset: int,
+        data: bytes | bytearray | memoryview,
+        expect: object = _ANY,
+        wait: bool = True,
+    ) -> ObjectStat | None:
+        """Append one record, make it durable per the sync policy, apply it to the index.
+
+        ``expect`` (compaction): append only if the key's current object is
+        this one (None: absent) and no change of it is pending; else return
+        None. ``wait=False`` leaves a sync=True record pending (the next
+        commit or sync() makes it durable and visible).
+
+        Interrupts (cancellation) never leave a half-done step: a started
+        append is finished, a started fsync too, and the interrupt is raised
+        once the record is in the log (it becomes durable and visible with the
+        next commit, or at once if this caller was the one syncing).
+        """
         length = len(data)
         crcs = _block_crcs(data)  # outside the lock: the costly part for big writes
         hdr_len = FIXED_SIZE + len(key) + len(crcs) + 4
+        user = expect is _ANY
         with self._lock:
             self._check_writable()
+            interrupt = None
             if self._tail + hdr_len + length > self.segment_size and self._tail > 0:
-                self._roll()  # may wait (releasing the lock): read the state after it
+                interrupt = self._roll()  # may wait (releasing the lock): read the state after
             staged = self._staged.get(key)
             old = staged.obj if staged is not None else self._objects.get(key)
-            if kind == KIND_DELETE and old is None:
+            if not user:
+                if staged is not None or old is not expect:
+                    if interrupt is not None:
+                        raise interrupt
+                    return None
+            elif kind == KIND_DELETE and old is None:
+                if interrupt is not None:
+                    raise interrupt
                 raise ObjectNotFound(f"object {key!r} does not exist")
             seg = self._active
             assert seg is not None
@@ -851,32 +1015,43 @@ class ObjectStore:
             head = _FIXED.pack(_MAGIC, kind, 0, len(key), seq, offset, length) + key + crcs
             hcrc = _crc32(head)
             head += _U32.pack(hcrc)
+            tail = self._tail
             try:
                 if length <= 65536:
-                    seg.f.pwrite(head + data if length else head, self._tail)
+                    got = self._finish(seg.f.pwrite, head + data if length else head, tail)
                 else:
-                    seg.f.pwrite(head, self._tail)
-                    seg.f.pwrite(data, self._tail + hdr_len)
-            except OSError as exc:
+                    got = self._finish(seg.f.pwrite, head, tail)
+                    got = self._finish(seg.f.pwrite, data, tail + hdr_len) or got
+            except Exception as exc:
                 # Nothing was acknowledged; the next record overwrites the partial
                 # bytes at the same offset (or recovery cuts them as a torn tail).
                 raise StoreError(f"object store {self.path!r}: append failed: {exc}") from exc
+            interrupt = interrupt or got
             self._next_seq = seq + 1
             self._appended = seq
-            rec = _Rec(seg, self._tail, hdr_len, offset, length, seq, kind, hcrc)
-            self._tail += hdr_len + length
+            if kind == KIND_RELOCATE:
+                rec = _Rec(seg, tail, hdr_len, 0, length, seq, kind, hcrc)
+                obj = _apply(old, rec, version=offset)
+            else:
+                rec = _Rec(seg, tail, hdr_len, offset, length, seq, kind, hcrc)
+                obj = _apply(old, rec)
+            self._tail = tail + hdr_len + length
             st = self.stats
-            st.writes += 1
-            st.write_bytes += length
+            if user:
+                st.writes += 1
+                st.write_bytes += length
             st.log_bytes += hdr_len + length
-            obj = _apply(old, rec)
             if not self._sync:
                 self._install(key, obj)
             else:
                 pend = _Pending(key, rec, obj)
                 self._pending.append(pend)
                 self._staged[key] = pend
-                self._wait_durable(seq)
+                if wait and interrupt is None:
+                    interrupt = self._wait_durable(seq)
+        if interrupt is not None:
+            self.stats.interrupted_ops += 1
+            raise interrupt
         if obj is None:
             return ObjectStat(0, seq)
         return ObjectStat(obj.size, obj.version)
@@ -889,8 +1064,79 @@ class ObjectStore:
                 f"object store {self.path!r} is read-only after a failed sync: {self._failed}"
             )
 
-    def _wait_durable(self, seq: int) -> None:
-        """Group commit (under _lock): return once record ``seq`` is fsynced and applied."""
+    # -- interrupt-safe steps (cancellation never changes the store's health) ----
+
+    def _finish(self, step: Callable[..., object], *args: object) -> BaseException | None:
+        """Run an idempotent I/O step to completion despite interrupts; return the first one.
+
+        An interrupted pwrite or fsync may still be running in the kernel (an
+        io_uring op is not cancelled with its waiter), so it is issued again:
+        the same bytes at the same offset, or another fsync. An Exception is
+        an I/O failure and propagates.
+        """
+        interrupt: BaseException | None = None
+        for _ in range(_INTERRUPT_RETRIES):
+            try:
+                step(*args)
+                return interrupt
+            except BaseException as exc:
+                if not _is_interrupt(exc):
+                    raise
+                if interrupt is None:
+                    interrupt = exc
+        raise StoreError(
+            f"object store {self.path!r}: an I/O step was interrupted {_INTERRUPT_RETRIES} "
+            "times in a row"
+        ) from interrupt
+
+    def _relock(self) -> BaseException | None:
+        """Take the store lock again, however often the wait is interrupted; return the first."""
+        interrupt: BaseException | None = None
+        while True:
+            try:
+                self._lock.acquire()
+                return interrupt
+            except BaseException as exc:
+                if not _is_interrupt(exc):
+                    raise
+                if interrupt is None:
+                    interrupt = exc
+
+    def _wait_change(self) -> None:
+        """Wait until notified: the lock is held on entry and on every exit, interrupted or not."""
+        ev = self.env.Event()
+        self._waiters.append(ev)
+        self._lock.release()
+        try:
+            ev.wait()
+        except BaseException:
+            if ev in self._waiters:
+                self._waiters.remove(ev)
+            self._relock()
+            raise
+        interrupt = self._relock()
+        if interrupt is not None:
+            raise interrupt
+
+    def _notify_all(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for ev in waiters:
+            ev.set()
+
+    def _fail(self, exc: BaseException, what: str) -> StoreFailed:
+        """Turn the store read-only after an I/O failure (under _lock); return the error to raise."""
+        self._failed = exc
+        self._notify_all()
+        log.error("object store %s: %s, now read-only: %s", self.path, what, exc)
+        return StoreFailed(f"object store {self.path!r}: {what}: {exc}")
+
+    def _wait_durable(self, seq: int) -> BaseException | None:
+        """Group commit (under _lock): return once record ``seq`` is fsynced and applied.
+
+        Returns an interrupt that arrived while this caller was the syncer
+        (the sync was finished first); an interrupt while waiting for another
+        syncer propagates at once, leaving the record pending.
+        """
         while self._durable < seq:
             if self._failed is not None:
                 raise StoreFailed(
@@ -898,11 +1144,14 @@ class ObjectStore:
                     f"{self._failed}"
                 )
             if self._syncing:
-                self._cond.wait()
+                self._wait_change()
                 continue
-            self._sync_locked()
+            interrupt = self._sync_locked()
+            if interrupt is not None:
+                return interrupt
+        return None
 
-    def _sync_locked(self) -> None:
+    def _sync_locked(self) -> BaseException | None:
         """Fsync the active segment outside the lock, then apply what it made durable."""
         self._syncing = True
         target = self._appended
@@ -911,24 +1160,23 @@ class ObjectStore:
         seg = self._active
         assert seg is not None
         self._lock.release()
-        err: BaseException | None = None
+        err: Exception | None = None
+        interrupt = None
         try:
-            seg.f.fdatasync()
-        except BaseException as exc:
+            interrupt = self._finish(seg.f.fdatasync)
+        except Exception as exc:
             err = exc
         finally:
-            self._lock.acquire()
+            interrupt = self._relock() or interrupt
         self._syncing = False
         if err is not None:
-            self._failed = err
-            self._cond.notify_all()
-            log.error("object store %s: fsync failed, now read-only: %s", self.path, err)
-            raise StoreFailed(f"object store {self.path!r}: fsync failed: {err}") from err
+            raise self._fail(err, "fsync failed") from err
         self.stats.fsyncs += 1
         self.stats.commit_batches += 1
         self._publish(batch)
         self._durable = max(self._durable, target)
-        self._cond.notify_all()
+        self._notify_all()
+        return interrupt
 
     def _publish(self, batch: list[_Pending]) -> None:
         """Make durable changes visible, in log order (under _lock)."""
@@ -938,59 +1186,236 @@ class ObjectStore:
             if staged.get(p.key) is p:
                 del staged[p.key]
 
-    def _roll(self) -> None:
-        """Seal the active segment (fsync it) and start the next one (under _lock)."""
+    def _roll(self) -> BaseException | None:
+        """Seal the active segment (fsync it) and start the next one (under _lock).
+
+        Returns an interrupt that arrived meanwhile (the roll was finished first).
+        """
         while self._syncing:
-            self._cond.wait()
+            self._wait_change()
         self._check_writable()
         seg = self._active
         assert seg is not None
-        self._flush_locked()
-        self._new_segment(seg.id + 1)
+        interrupt = self._flush_locked()
+        try:
+            interrupt = self._new_segment(seg.id + 1) or interrupt
+        except Exception as exc:
+            raise self._fail(exc, "starting a new segment failed") from exc
+        return interrupt
 
-    def _flush_locked(self) -> None:
-        """Fsync the active segment holding the lock (no syncer running); publish all."""
+    def _flush_locked(self) -> BaseException | None:
+        """Fsync the active segment holding the lock (no syncer running); publish all.
+
+        Returns an interrupt that arrived meanwhile (the fsync was finished first).
+        """
         seg = self._active
         assert seg is not None and not self._syncing
         try:
-            seg.f.fdatasync()
-        except BaseException as exc:
-            self._failed = exc
-            self._cond.notify_all()
-            raise StoreFailed(f"object store {self.path!r}: fsync failed: {exc}") from exc
+            interrupt = self._finish(seg.f.fdatasync)
+        except Exception as exc:
+            raise self._fail(exc, "fsync failed") from exc
         self.stats.fsyncs += 1
         if self._pending:
             batch, self._pending = self._pending, []
             self.stats.commit_batches += 1
             self._publish(batch)
         self._durable = self._appended
-        self._cond.notify_all()
+        self._notify_all()
+        return interrupt
 
     def sync(self) -> None:
         """Make every change appended so far durable (needed only with sync=False)."""
         with self._lock:
             self._check_writable()
             while self._syncing:
-                self._cond.wait()
-            self._flush_locked()
+                self._wait_change()
+            interrupt = self._flush_locked()
+        if interrupt is not None:
+            self.stats.interrupted_ops += 1
+            raise interrupt
+
+    # -- compaction ------------------------------------------------------------
+
+    def compact(
+        self, min_garbage: float = 0.5, max_segments: int | None = None
+    ) -> CompactionResult:
+        """Reclaim the space of overwritten and deleted objects (see "Compaction" above).
+
+        Picks the sealed segments of which at least ``min_garbage`` is not
+        live object data (most garbage first, at most ``max_segments``). For
+        each: moves every live object that has a record there to the end of
+        the log whole (same bytes, same version), keeps its tombstones while
+        older segments exist, makes all that durable, then deletes the
+        segment. Runs on the caller's stack while reads and writes go on; on
+        a tame stack it yields to the reactor at every write and at least
+        every 256 KiB copied. One compaction runs at a time.
+        """
+        if not 0.0 <= min_garbage <= 1.0:
+            raise InvalidArgument(f"min_garbage must be in [0, 1], got {min_garbage}")
+        if max_segments is not None and max_segments < 0:
+            raise InvalidArgument(f"negative max_segments {max_segments}")
+        result = CompactionResult()
+        st = self.stats
+        with self._compact_lock:
+            self._check_writable()
+            st.compaction_running = 1
+            st.compaction_runs += 1
+            st.compaction_segments_done = 0
+            try:
+                victims = self._pick_victims(min_garbage)
+                if max_segments is not None:
+                    del victims[max_segments:]
+                st.compaction_segments_planned = len(victims)
+                for seg in victims:
+                    self._compact_segment(seg, result)
+                    st.compaction_segments_done += 1
+            finally:
+                st.compaction_running = 0
+        return result
+
+    def garbage_ratio(self) -> float:
+        """The share of the segments' bytes that is not live object data (0.0 .. 1.0)."""
+        log_bytes = self.stats.log_bytes
+        return 0.0 if log_bytes <= 0 else max(0.0, 1.0 - self.stats.live_bytes / log_bytes)
+
+    def _pick_victims(self, min_garbage: float) -> list[_Segment]:
+        live: dict[int, int] = {}
+        for obj in list(self._objects.values()):
+            for e in obj.exts:
+                sid = e.rec.seg.id
+                live[sid] = live.get(sid, 0) + e.hi - e.lo
+        scored = []
+        for seg in list(self._segments):
+            if seg is self._active:
+                continue
+            size = seg.f.size()
+            if size and 1.0 - live.get(seg.id, 0) / size >= min_garbage:
+                scored.append((live.get(seg.id, 0) / size, seg.id, seg))
+        scored.sort(key=lambda t: (t[0], t[1]))
+        return [seg for _, _, seg in scored]
+
+    def _segment_keys(self, seg: _Segment) -> tuple[set[bytes], set[bytes]]:
+        """(keys with any record in seg, keys with a tombstone in seg), from its headers."""
+        f = seg.f
+        size = f.size()
+        get = _Window(f, size).get
+        keys: set[bytes] = set()
+        tombstones: set[bytes] = set()
+        pos = 0
+        n = 0
+        while pos < size:
+            try:
+                (hdr_len, _, length, _, kind, _), name = self._parse_record(
+                    get, pos, size, verify_data=False
+                )
+            except _Torn as why:
+                raise StoreCorrupted(
+                    f"sealed segment {seg.path!r} is damaged at offset {pos}: {why}"
+                ) from None
+            keys.add(name)
+            if kind == KIND_DELETE:
+                tombstones.add(name)
+            pos += hdr_len + length
+            n += 1
+            if n % 1024 == 0:
+                self.env.sleep(0)  # cached headers parse without any I/O wait: yield
+        return keys, tombstones
+
+    def _compact_segment(self, seg: _Segment, result: CompactionResult) -> None:
+        keys, tombstones = self._segment_keys(seg)
+        older = any(s.id < seg.id for s in self._segments)
+        st = self.stats
+        since_yield = 0
+        for key in sorted(keys):
+            moved = self._relocate(key, older or key not in tombstones)
+            if moved < 0:
+                st.compaction_skipped_segments += 1
+                result.segments_skipped += 1
+                return
+            since_yield += moved
+            if since_yield >= _COMPACT_YIELD_BYTES:
+                since_yield = 0
+                self.env.sleep(0)
+        self.sync()  # the moved objects and tombstones are durable before the segment goes
+        size = seg.f.size()
+        with self._lock:
+            if self._closed:
+                return
+            for key in keys:
+                obj = self._objects.get(key)
+                if obj is not None and any(e.rec.seg is seg for e in obj.exts):
+                    return  # cannot happen: every live key was moved; keep the segment
+            self._segments.remove(seg)
+            self.env.remove(seg.path)
+            st.segments = len(self._segments)
+            st.log_bytes -= size
+            st.compaction_segments_dropped += 1
+            st.compaction_bytes_reclaimed += size
+        result.segments_dropped += 1
+        result.bytes_reclaimed += size
+        self._finish(self.env.fsync_dir, self.path)
+
+    def _relocate(self, key: bytes, keep_tombstone: bool) -> int:
+        """Move key's object (or its tombstone) to the end of the log; bytes copied, -1: cannot."""
+        st = self.stats
+        for _ in range(8):
+            obj = self._objects.get(key)
+            if obj is None:
+                if not keep_tombstone:
+                    return 0
+                if self._commit(key, KIND_DELETE, 0, b"", expect=None, wait=False) is not None:
+                    return 0
+            else:
+                if obj.size > MAX_EXTENT:
+                    return -1
+                data = self._materialize(key, obj)
+                if self._commit(key, KIND_RELOCATE, obj.version, data, expect=obj, wait=False):
+                    st.compaction_objects_moved += 1
+                    st.compaction_bytes_copied += len(data)
+                    return len(data)
+            self.sync()  # a change of key is pending: let it land, then look again
+        return -1
+
+    def _materialize(self, key: bytes, obj: _Obj) -> bytes:
+        """All of an object's bytes (holes as zeros), each extent checked on the way."""
+        if len(obj.exts) == 1 and obj.exts[0].lo == 0 and obj.exts[0].hi == obj.size:
+            rec = obj.exts[0].rec
+            return self._read_rec(key, rec, -rec.lofs, obj.size - rec.lofs)
+        out = bytearray(obj.size)
+        for e in obj.exts:
+            rec = e.rec
+            out[e.lo : e.hi] = self._read_rec(key, rec, e.lo - rec.lofs, e.hi - rec.lofs)
+        return bytes(out)
 
     # -- lifetime --------------------------------------------------------------
 
     def close(self) -> None:
-        """Make everything durable and close the segment files (idempotent)."""
+        """Make everything durable, close the files, drop the directory lock (idempotent).
+
+        An interrupt does not stop it half-way: it is raised once the store is closed.
+        """
+        interrupt: BaseException | None = None
         with self._lock:
             if self._closed:
                 return
             try:
                 while self._syncing:
-                    self._cond.wait()
+                    try:
+                        self._wait_change()
+                    except BaseException as exc:
+                        if not _is_interrupt(exc):
+                            raise
+                        interrupt = interrupt or exc
                 if self._failed is None and self._appended > self._durable:
-                    self._flush_locked()
+                    interrupt = self._flush_locked() or interrupt
             finally:
                 self._closed = True
                 for seg in self._segments:
                     seg.f.close()
-                self._cond.notify_all()
+                self._dirlock.release()
+                self._notify_all()
+        if interrupt is not None:
+            raise interrupt
 
     @property
     def sync_writes(self) -> bool:
