@@ -610,7 +610,10 @@ class ObjectStore:
             interrupt = self._finish(self.env.fsync_dir, self.path)
         except BaseException:
             seg.f.close()
-            self.env.remove(p)
+            try:
+                self.env.remove(p)
+            except OSError:
+                pass  # the store turns read-only anyway; recovery takes an empty segment
             raise
         self._segments.append(seg)
         self._active = seg
