@@ -44,6 +44,7 @@ from shardio.group import ShardGroup
 from shardio.reactor import require_reactor
 from shardio.submit import submit_to
 
+from .dirlock import DirectoryLock
 from .messenger import Limits, OSDConnection, Result, listen, run_eagerly
 from .objectstore import ObjectStore, StoreError
 from .osdmap import OSDMap, object_hash
@@ -103,6 +104,10 @@ class OSDConfig:
     sync: bool = True
     limits: Limits = field(default_factory=Limits)
     stop_grace: float = 5.0  #: seconds a stopping shard waits for requests in flight
+    #: seconds between checks for a compaction (None: no background compaction)
+    compaction_interval: float | None = 5.0
+    #: compact segments at least this much garbage, once the store is that much garbage
+    compaction_min_garbage: float = 0.5
 
     def store_dir(self, shard: int) -> str:
         return os.path.join(self.data_dir, f"shard-{shard}")
@@ -188,6 +193,7 @@ class ShardNode:
         self.active = 0  # store operations running now (requests from any shard)
         self._idle: asyncio.Event | None = None
         self._stopped = False
+        self._compactor: asyncio.Task[None] | None = None
 
     # -- lifecycle (driven by OSDServer through the group) -------------------------
 
@@ -219,7 +225,8 @@ class ShardNode:
         shard_registry().register_collector(self._metric_families)
 
     def _metric_families(self) -> list[Any]:
-        return prometheus_families(self.snapshot())
+        snap = self.snapshot()
+        return prometheus_families(snap) + _compaction_families(snap.get("store"))
 
     async def bind_shared(self, port: int) -> int:
         """Join the SO_REUSEPORT group on ``port`` (0: pick one); return the port."""
@@ -235,6 +242,23 @@ class ShardNode:
         self.map_payload = osdmap.encode()
         for server in self.servers:
             await server.start_serving()  # type: ignore[attr-defined]
+        if self.config.compaction_interval is not None and self._compactor is None:
+            self._compactor = asyncio.ensure_future(self._compact_in_background())
+
+    async def _compact_in_background(self) -> None:
+        """Compact this shard's store when enough of it is garbage (on a tame stack: it yields)."""
+        cfg = self.config
+        assert cfg.compaction_interval is not None
+        while True:
+            await asyncio.sleep(cfg.compaction_interval)
+            store = self.store
+            if store is None:
+                return
+            if store.stats.segments > 1 and store.garbage_ratio() >= cfg.compaction_min_garbage:
+                try:
+                    await tame.call(store.compact, cfg.compaction_min_garbage)
+                except StoreError as exc:
+                    log.warning("shard %d: compaction stopped: %s", self.shard_id, exc)
 
     async def stop(self) -> None:
         """Stop accepting, drop connections, let store ops finish (bounded), close the store."""
@@ -247,6 +271,11 @@ class ShardNode:
             shard_registry().unregister_collector(self._metric_families)
         except ImportError:
             pass
+        compactor, self._compactor = self._compactor, None
+        if compactor is not None:
+            compactor.cancel()  # cancel-safe: at worst a segment is compacted again later
+            with contextlib.suppress(asyncio.CancelledError):
+                await compactor
         for server in self.servers:
             server.close()
         for conn in list(self.connections):
@@ -327,6 +356,46 @@ class ShardNode:
         except Exception as exc:  # stats must never fail a caller
             snap["io_error"] = repr(exc)
         return snap
+
+
+def _compaction_families(store: dict[str, Any] | None) -> list[Any]:
+    """The store's compaction progress and totals as metric families."""
+    if not store:
+        return []
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    return [
+        GaugeMetricFamily(
+            "shardio_osd_store_compaction_running",
+            "1 while a compaction of this shard's store runs.",
+            value=store["compaction_running"],
+        ),
+        GaugeMetricFamily(
+            "shardio_osd_store_compaction_segments_planned",
+            "Segments picked by the running (or last) compaction.",
+            value=store["compaction_segments_planned"],
+        ),
+        GaugeMetricFamily(
+            "shardio_osd_store_compaction_segments_done",
+            "Of those, segments compacted so far.",
+            value=store["compaction_segments_done"],
+        ),
+        CounterMetricFamily(
+            "shardio_osd_store_compaction_reclaimed_bytes",
+            "Segment bytes removed by compaction.",
+            value=store["compaction_bytes_reclaimed"],
+        ),
+        CounterMetricFamily(
+            "shardio_osd_store_compaction_copied_bytes",
+            "Live object bytes rewritten by compaction.",
+            value=store["compaction_bytes_copied"],
+        ),
+        CounterMetricFamily(
+            "shardio_osd_store_compaction_runs",
+            "Compactions started.",
+            value=store["compaction_runs"],
+        ),
+    ]
 
 
 def _remote_execute(
@@ -502,11 +571,21 @@ class OSDServer:
         self.osdmap: OSDMap | None = None
         self.address: tuple[str, int] | None = None
         self.shard_pids: list[int] = []
+        self._dirlock: DirectoryLock | None = None
 
     def start(self) -> OSDServer:
         """Start the shards, open the stores, bind, install the map, serve (call once)."""
         if self.group is not None:
             raise OSDConfigError("this OSDServer was already started")
+        os.makedirs(self.data_dir, exist_ok=True)
+        self._dirlock = DirectoryLock(tame.posix_env, self.data_dir, "OSD data directory")
+        try:
+            return self._start()
+        except BaseException:
+            self._dirlock.release()
+            raise
+
+    def _start(self) -> OSDServer:
         pg_num = _check_meta(self.data_dir, self.shards, self.pg_num)
         self.pg_num = pg_num
         config = OSDConfig(self.data_dir, self.host, pg_num, self.sync, self.limits)
@@ -618,6 +697,8 @@ class OSDServer:
         group, self.group = self.group, None
         if group is not None:
             group.stop(timeout)
+        if self._dirlock is not None:
+            self._dirlock.release()
 
     def __enter__(self) -> OSDServer:
         return self.start()
