@@ -521,6 +521,11 @@ class OSDServer:
     S also listens on ``shard_base_port + S`` (default ``port + 1 + S``).
     Port 0 picks free ports (the shared one, and one per shard). The
     bound addresses are ``address`` and ``osdmap.addrs`` once started.
+
+    The data directory is locked while the OSD runs (``DirectoryLocked`` for
+    a second one). Each shard compacts its store in the background: every
+    ``compaction_interval`` seconds (None: never) it checks whether half of
+    its segments' bytes are garbage and, if so, compacts on a tame stack.
     """
 
     def __init__(
@@ -541,6 +546,7 @@ class OSDServer:
         log_level: int = logging.WARNING,
         stall_threshold_ms: float | None = 25.0,
         idle_poll_us: float | None = None,
+        compaction_interval: float | None = 5.0,
     ) -> None:
         if shards < 1:
             raise OSDConfigError(f"shards must be >= 1, got {shards}")
@@ -567,6 +573,7 @@ class OSDServer:
         self.log_level = log_level
         self.stall_threshold_ms = stall_threshold_ms
         self.idle_poll_us = idle_poll_us
+        self.compaction_interval = compaction_interval
         self.group: ShardGroup | None = None
         self.osdmap: OSDMap | None = None
         self.address: tuple[str, int] | None = None
@@ -588,7 +595,14 @@ class OSDServer:
     def _start(self) -> OSDServer:
         pg_num = _check_meta(self.data_dir, self.shards, self.pg_num)
         self.pg_num = pg_num
-        config = OSDConfig(self.data_dir, self.host, pg_num, self.sync, self.limits)
+        config = OSDConfig(
+            self.data_dir,
+            self.host,
+            pg_num,
+            self.sync,
+            self.limits,
+            compaction_interval=self.compaction_interval,
+        )
         group = ShardGroup(
             self.shards,
             backend=self.backend,
