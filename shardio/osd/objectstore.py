@@ -144,6 +144,7 @@ _FORMAT_MAGIC = "shardio-objectstore"
 _LOCK_FILE = "LOCK"
 _INTERRUPT_RETRIES = 100  # an idempotent step re-run after interrupts before giving up
 _COMPACT_YIELD_BYTES = 256 * 1024  # compaction yields to the reactor after copying this much
+_COMPACT_BATCH = 16  # segments evacuated per fsync of the moved data
 
 _SEG_PREFIX = "seg-"
 _SEG_SUFFIX = ".log"
@@ -268,6 +269,7 @@ class _Obj(NamedTuple):
     version: int
     exts: tuple[_Ext, ...]  # sorted by lo, non-overlapping
     whole: _Rec | None  # the record holding exactly all of it, if small: the fast read path
+    base: _Rec  # the record it was last made from scratch by (PUT, RELOCATE, creating WRITE)
 
 
 class ObjectStat(NamedTuple):
@@ -344,18 +346,17 @@ def _apply(old: _Obj | None, rec: _Rec, version: int = 0) -> _Obj | None:
     """The object after record ``rec`` (None: deleted); ``version``: a RELOCATE's version."""
     if rec.kind == KIND_PUT or rec.kind == KIND_RELOCATE:
         exts = (_Ext(0, rec.length, rec),) if rec.length else ()
-        return _Obj(
-            rec.length, version if rec.kind == KIND_RELOCATE else rec.seq, exts, _whole(rec)
-        )
+        version = version if rec.kind == KIND_RELOCATE else rec.seq
+        return _Obj(rec.length, version, exts, _whole(rec), rec)
     if rec.kind == KIND_DELETE:
         return None
     lo = rec.lofs
     hi = lo + rec.length
     if old is None:
         exts = (_Ext(lo, hi, rec),) if hi > lo else ()
-        return _Obj(hi, rec.seq, exts, _whole(rec))
+        return _Obj(hi, rec.seq, exts, _whole(rec), rec)
     if hi == lo:
-        return _Obj(old.size, rec.seq, old.exts, old.whole)
+        return _Obj(old.size, rec.seq, old.exts, old.whole, old.base)
     out: list[_Ext] = []
     for e in old.exts:
         if e.hi <= lo or e.lo >= hi:
@@ -369,7 +370,14 @@ def _apply(old: _Obj | None, rec: _Rec, version: int = 0) -> _Obj | None:
     out.sort(key=lambda e: e.lo)
     size = max(old.size, hi)
     whole = _whole(rec) if len(out) == 1 and rec.length == size else None
-    return _Obj(size, rec.seq, tuple(out), whole)
+    return _Obj(size, rec.seq, tuple(out), whole, old.base)
+
+
+def _needs(obj: _Obj | None, seg: _Segment) -> bool:
+    """True if replaying the log without seg would change obj (its bytes or its base are there)."""
+    if obj is None:
+        return False
+    return obj.base.seg is seg or any(e.rec.seg is seg for e in obj.exts)
 
 
 def _block_crcs(data: bytes | bytearray | memoryview) -> bytes:
@@ -489,6 +497,7 @@ class ObjectStore:
         self._lock = env.Lock()
         self._waiters: list[Any] = []  # Events of callers waiting for a sync (under _lock)
         self._compact_lock = env.Lock()
+        self._moved = 0  # objects moved by the running compaction's current segment
         self._closed = False
         self._failed: BaseException | None = None
         # append state (under _lock)
@@ -1269,9 +1278,17 @@ class ObjectStore:
                 if max_segments is not None:
                     del victims[max_segments:]
                 st.compaction_segments_planned = len(victims)
+                batch: list[tuple[_Segment, set[bytes]]] = []
                 for seg in victims:
-                    self._compact_segment(seg, result)
-                    st.compaction_segments_done += 1
+                    self._moved = 0
+                    keys = self._evacuate(seg, result)
+                    result.objects_moved += self._moved
+                    if keys is not None:
+                        batch.append((seg, keys))
+                    if len(batch) >= _COMPACT_BATCH:
+                        self._drop(batch, result)
+                        batch = []
+                self._drop(batch, result)
             finally:
                 st.compaction_running = 0
         return result
@@ -1324,42 +1341,57 @@ class ObjectStore:
                 self.env.sleep(0)  # cached headers parse without any I/O wait: yield
         return keys, tombstones
 
-    def _compact_segment(self, seg: _Segment, result: CompactionResult) -> None:
+    def _evacuate(self, seg: _Segment, result: CompactionResult) -> set[bytes] | None:
+        """Move out of seg what replay needs of it; return its keys (None: it must stay)."""
         keys, tombstones = self._segment_keys(seg)
         older = any(s.id < seg.id for s in self._segments)
         st = self.stats
         since_yield = 0
         for key in sorted(keys):
-            moved = self._relocate(key, older or key not in tombstones)
+            moved = self._relocate(key, seg, older and key in tombstones)
             if moved < 0:
                 st.compaction_skipped_segments += 1
                 result.segments_skipped += 1
-                return
+                return None
             since_yield += moved
+            result.bytes_copied += moved
             if since_yield >= _COMPACT_YIELD_BYTES:
                 since_yield = 0
                 self.env.sleep(0)
-        self.sync()  # the moved objects and tombstones are durable before the segment goes
-        size = seg.f.size()
-        with self._lock:
-            if self._closed:
-                return
-            for key in keys:
-                obj = self._objects.get(key)
-                if obj is not None and any(e.rec.seg is seg for e in obj.exts):
-                    return  # cannot happen: every live key was moved; keep the segment
-            self._segments.remove(seg)
-            self.env.remove(seg.path)
-            st.segments = len(self._segments)
-            st.log_bytes -= size
-            st.compaction_segments_dropped += 1
-            st.compaction_bytes_reclaimed += size
-        result.segments_dropped += 1
-        result.bytes_reclaimed += size
+        return keys
+
+    def _drop(self, batch: list[tuple[_Segment, set[bytes]]], result: CompactionResult) -> None:
+        """Delete evacuated segments, once what was moved out of them is durable."""
+        if not batch:
+            return
+        self.sync()  # the moved objects and tombstones are durable before a segment goes
+        st = self.stats
+        for seg, keys in batch:
+            size = seg.f.size()
+            with self._lock:
+                if self._closed:
+                    return
+                if any(_needs(self._objects.get(key), seg) for key in keys):
+                    continue  # cannot happen: every key that needs seg was moved; keep it
+                self._segments.remove(seg)
+                self.env.remove(seg.path)
+                st.segments = len(self._segments)
+                st.log_bytes -= size
+                st.compaction_segments_dropped += 1
+                st.compaction_bytes_reclaimed += size
+                st.compaction_segments_done += 1
+            result.segments_dropped += 1
+            result.bytes_reclaimed += size
         self._finish(self.env.fsync_dir, self.path)
 
-    def _relocate(self, key: bytes, keep_tombstone: bool) -> int:
-        """Move key's object (or its tombstone) to the end of the log; bytes copied, -1: cannot."""
+    def _relocate(self, key: bytes, seg: _Segment, keep_tombstone: bool) -> int:
+        """Move what replay needs of key out of seg to the end of the log.
+
+        That is the whole object if seg holds some of its bytes or the record
+        it was made from scratch by (dropping that PUT would let older bytes
+        resurface), or its tombstone if it is deleted and older segments may
+        still hold its records. Returns the bytes copied, -1 if it cannot.
+        """
         st = self.stats
         for _ in range(8):
             obj = self._objects.get(key)
@@ -1368,6 +1400,10 @@ class ObjectStore:
                     return 0
                 if self._commit(key, KIND_DELETE, 0, b"", expect=None, wait=False) is not None:
                     return 0
+            elif not _needs(obj, seg) and not (keep_tombstone and obj.base.kind == KIND_WRITE):
+                # (a WRITE that recreated a deleted object needs the tombstone before it,
+                # or the object moved whole: older records of the name would merge in)
+                return 0
             else:
                 if obj.size > MAX_EXTENT:
                     return -1
@@ -1375,6 +1411,7 @@ class ObjectStore:
                 if self._commit(key, KIND_RELOCATE, obj.version, data, expect=obj, wait=False):
                     st.compaction_objects_moved += 1
                     st.compaction_bytes_copied += len(data)
+                    self._moved += 1
                     return len(data)
             self.sync()  # a change of key is pending: let it land, then look again
         return -1

@@ -108,6 +108,7 @@ class OSDConfig:
     compaction_interval: float | None = 5.0
     #: compact segments at least this much garbage, once the store is that much garbage
     compaction_min_garbage: float = 0.5
+    segment_size: int = 256 * 1024 * 1024  #: bytes per store segment file
 
     def store_dir(self, shard: int) -> str:
         return os.path.join(self.data_dir, f"shard-{shard}")
@@ -208,6 +209,7 @@ class ShardNode:
             pg_of=_PgOf(cfg.pg_num),
             sync=cfg.sync,
             max_read=cfg.limits.max_read,
+            segment_size=cfg.segment_size,
         )
         server, self.port = await listen(
             self, cfg.host, port, reuse_port=False, backlog=cfg.limits.listen_backlog
@@ -547,6 +549,7 @@ class OSDServer:
         stall_threshold_ms: float | None = 25.0,
         idle_poll_us: float | None = None,
         compaction_interval: float | None = 5.0,
+        segment_size: int = 256 * 1024 * 1024,
     ) -> None:
         if shards < 1:
             raise OSDConfigError(f"shards must be >= 1, got {shards}")
@@ -574,6 +577,7 @@ class OSDServer:
         self.stall_threshold_ms = stall_threshold_ms
         self.idle_poll_us = idle_poll_us
         self.compaction_interval = compaction_interval
+        self.segment_size = segment_size
         self.group: ShardGroup | None = None
         self.osdmap: OSDMap | None = None
         self.address: tuple[str, int] | None = None
@@ -602,6 +606,7 @@ class OSDServer:
             self.sync,
             self.limits,
             compaction_interval=self.compaction_interval,
+            segment_size=self.segment_size,
         )
         group = ShardGroup(
             self.shards,
