@@ -1,6 +1,6 @@
 """A log-structured object store written as plain blocking code against an Env.
 
-Every I/O call and every lock goes through an ``Env`` (``shardio.tame.env``),
+Every I/O call and every lock goes through an ``Env`` (``shardio.tame``),
 so the same code runs on a shard's tame stacks (``TameEnv``: reads through
 preadv2/io_uring, locks that yield to the reactor) and on ordinary threads
 (``PosixEnv``). The store never calls ``os``/``open``/``threading`` itself.
@@ -9,9 +9,10 @@ On-disk layout
 --------------
 
 A store is a directory of append-only segment files ``seg-00000001.log``,
-``seg-00000002.log``, ... Only the last one (the *active* segment) is written;
-it is fsynced before the next one is created, so every earlier (*sealed*)
-segment is complete on disk. A segment is a sequence of records::
+``seg-00000002.log``, ... (ids grow; compaction leaves gaps), a ``FORMAT``
+file and a ``LOCK`` file. Only the last segment (the *active* one) is
+written; it is fsynced before the next one is created, so every earlier
+(*sealed*) segment is complete on disk. A segment is a sequence of records::
 
     fixed header, 28 bytes, little-endian:
         magic u32 ("SXT1") | kind u8 | flags u8 (0) | name_len u16 | seq u64
@@ -22,12 +23,27 @@ segment is complete on disk. A segment is a sequence of records::
     data                          length bytes
 
 ``kind`` is PUT (the object becomes exactly ``data``), WRITE (``data`` is
-written at ``offset``, extending the object) or DELETE (a tombstone). ``seq``
+written at ``offset``, extending the object), DELETE (a tombstone) or
+RELOCATE (format 1: compaction moved the object here whole; it becomes
+exactly ``data``, and ``offset`` holds its version, unchanged). ``seq``
 is a store-wide sequence number, increasing in log order; an object's version
 is the seq of its last change. ``header_crc`` (CRC-32, zlib) covers the fixed
 header, the name and the block crc table; each block crc covers 4 KiB of
 data. A record's header and data are contiguous, so reading a small object
 is one ``pread`` of the whole record, checked end to end.
+
+Format versions. ``FORMAT`` holds ``shardio-objectstore N``. Version 0 is a
+directory of segments without that file (the layout before versions);
+version 1 adds RELOCATE records. Opening a version 0 store writes ``FORMAT``
+(1) first (temporary file, fsync, rename, directory fsync): its records are
+valid version 1 records. A version newer than ``FORMAT_VERSION`` is refused
+with ``StoreFormatUnsupported`` before anything is touched.
+
+Exclusive open. The store holds an ``flock`` on ``LOCK`` while open
+(``shardio.osd.dirlock``): a second opener, in this process or another,
+fails at once with ``DirectoryLocked`` naming the directory and the
+holder's pid; the kernel drops the lock when its holder dies, ``kill -9``
+included, so a crash never blocks a restart.
 
 Index and recovery
 ------------------
@@ -78,9 +94,35 @@ With ``sync=False`` a change is visible and acknowledged once written to the
 page cache; it survives a crash of the process but not of the machine, until
 ``sync()`` or ``close()``. Useful for bulk loads.
 
-Not done (yet): space reclamation. Overwritten and deleted data stays in the
-log (``stats.log_bytes`` vs ``stats.live_bytes``); a compactor would copy live
-extents of old segments forward and drop the segments.
+Cancellation. Only I/O errors (exceptions from the Env) turn the store
+read-only. A cancelled or interrupted caller (``CancelledError`` on a tame
+stack, ``KeyboardInterrupt``, ``GreenletExit``: BaseExceptions that are not
+Exceptions) never does: a pwrite or fsync it had started is issued again to
+completion first (an io_uring op outlives its cancelled waiter), the store
+lock is taken back, and the interrupt is raised once the store's state is
+whole. The interrupted change is then either not in the log at all or in it
+whole; in the latter case it becomes durable and visible with the next
+commit, sync() or close() (at once if the interrupted caller was the one
+syncing). Either way it was not acknowledged.
+
+Compaction
+----------
+
+``compact()`` reclaims the space of overwritten and deleted objects. It
+picks sealed segments of which at least ``min_garbage`` is not live object
+data and, for each, moves to the end of the log (a RELOCATE record: same
+bytes, same version) every object whose replay needs that segment: one with
+bytes there, or whose last PUT is there (dropping it would let older bytes
+resurface). A tombstone there is copied forward while older segments exist
+(they may hold the deleted object's records). Once that is durable (one
+fsync per batch of segments) the segments are deleted. Crash-safe at every
+step: until a segment is unlinked its records are still replayed, and the
+RELOCATE records that follow them replace the objects whole; a lost unlink
+only brings back a segment whose objects are all superseded. It runs on the
+caller's stack beside readers and writers (one compaction at a time) and,
+on a tame stack, yields to the reactor at every append and at least every
+256 KiB copied. Objects over MAX_EXTENT are not moved: a segment holding
+their data stays (``stats.compaction_skipped_segments``).
 """
 
 from __future__ import annotations
@@ -464,8 +506,8 @@ class ObjectStore:
     ``env`` defaults to ``tame.env()``. With a TameEnv the store belongs to
     that reactor: call it from tame stacks (``await tame.call(store.read,
     name)``); its locks refuse other threads with WrongThreadError. One
-    process at a time may open a directory (not enforced: the Env has no
-    file locks yet).
+    store at a time may have a directory open: a second raises
+    ``DirectoryLocked``.
     """
 
     def __init__(

@@ -468,6 +468,13 @@ def _shard_snapshot() -> dict[str, Any]:
     return node().snapshot()
 
 
+async def _shard_compact(min_garbage: float) -> dict[str, int]:
+    store = node().store
+    if store is None:
+        raise OSDStartError("this shard has no open store")
+    return asdict(await tame.call(store.compact, min_garbage))
+
+
 def _shard_pid() -> int:
     return os.getpid()
 
@@ -692,6 +699,12 @@ class OSDServer:
             except Exception:
                 out.append(None)
         return out
+
+    def compact(self, min_garbage: float = 0.5, timeout: float = 600.0) -> list[dict[str, int]]:
+        """Compact every shard's store now (on its tame stacks, while it serves); their results."""
+        group = self._running()
+        futures = [group.submit(s, _shard_compact, min_garbage) for s in range(self.shards)]
+        return self._all(futures, time.monotonic() + timeout, "compact its store")
 
     def total_stats(self, timeout: float = 5.0) -> dict[str, Any]:
         """The counters of all live shards, summed."""
