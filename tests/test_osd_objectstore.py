@@ -39,7 +39,7 @@ from shardio.osd.objectstore import (
     StoreFailed,
 )
 from shardio.osd.osdmap import OSDMap
-from shardio.tame.env import Env, PosixEnv, posix_env
+from shardio.tame import Env, PosixEnv, posix_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,7 +78,7 @@ class TameWorld(World):
 
 def _have_tame_env() -> bool:
     try:
-        from shardio.tame.env import TameEnv  # noqa: F401
+        from shardio.tame import TameEnv  # noqa: F401
     except ImportError:
         return False
     return True
@@ -89,7 +89,7 @@ def world(request: pytest.FixtureRequest) -> World:
     if request.param == "posix":
         return PosixWorld()
     if not _have_tame_env():
-        pytest.skip("TameEnv is not in shardio.tame.env yet")
+        pytest.skip("TameEnv is not in shardio.tame yet")
     return TameWorld()
 
 
@@ -518,7 +518,7 @@ _CRASH_CHILD = textwrap.dedent(
             h.join()
 
     if world == "posix":
-        from shardio.tame.env import posix_env
+        from shardio.tame import posix_env
         main(posix_env)
     else:
         async def amain():
@@ -772,7 +772,7 @@ async def _store_job_on_shard(root: str, n: int) -> tuple[int, str, int, int]:
 
 def test_store_on_tame_stacks_in_shard_processes(tmp_path: Any) -> None:
     if not _have_tame_env():
-        pytest.skip("TameEnv is not in shardio.tame.env yet")
+        pytest.skip("TameEnv is not in shardio.tame yet")
     import shardio
 
     n = 200

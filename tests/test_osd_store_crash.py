@@ -52,7 +52,7 @@ def resolve_in_flight(
     """The change in flight at the crash must be wholly there or wholly absent."""
     key, old, new = flight
     now = store.read(key) if store.exists(key) else None
-    assert now == old or now == new, (
+    assert now in (old, new), (
         f"{where}: in-flight change of {key!r} is half-visible: "
         f"{None if now is None else len(now)} bytes, old "
         f"{None if old is None else len(old)}, new {None if new is None else len(new)}"
@@ -64,12 +64,9 @@ def resolve_in_flight(
 
 
 def one_op(
-    store: ObjectStore,
-    model: dict[bytes, bytes],
-    rng: random.Random,
-    compaction: bool,
-) -> tuple[bytes, Any, Any] | None:
-    """Pick an op; return (key, old, new) for the in-flight check, or None (compaction)."""
+    model: dict[bytes, bytes], rng: random.Random, compaction: bool
+) -> tuple[bytes, Any, Any, tuple[Any, ...]] | None:
+    """Pick an op: (key, old, new, call), None for a compaction; new None: deleted."""
     r = rng.random()
     key = rng.choice(KEYS)
     old = model.get(key)
@@ -77,33 +74,23 @@ def one_op(
         return None
     if r < 0.45 or old is None:
         size = rng.choice((0, 1, 100, 700, 3000, 4096, 4097, 9000, 20000))
-        return key, old, blob(rng, size)
-    if r < 0.85:
+        data = blob(rng, size)
+        return key, old, data, ("put", data)
+    if r < 0.85:  # a partial write: inside, across the end, or past it (a hole)
         off = rng.randint(0, len(old) + 3000)
         data = blob(rng, rng.randint(1, 6000))
         base = old + bytes(max(0, off - len(old)))
-        return key, old, base[:off] + data + base[off + len(data) :]
-    return key, old, None
+        return key, old, base[:off] + data + base[off + len(data) :], ("write", data, off)
+    return key, old, None, ("delete",)
 
 
-def apply_op(store: ObjectStore, op: tuple[bytes, Any, Any], rng: random.Random) -> None:
-    key, old, new = op
-    if new is None:
-        store.delete(key)
-    elif old is None or rng.random() < 0.5 and len(new) != len(old) or not old:
-        store.put(key, new)
+def apply_op(store: ObjectStore, key: bytes, call: tuple[Any, ...]) -> None:
+    if call[0] == "put":
+        store.put(key, call[1])
+    elif call[0] == "write":
+        store.write(key, call[1], call[2])
     else:
-        # a partial write that turns old into new: find the changed range
-        lo = 0
-        while lo < len(old) and lo < len(new) and old[lo] == new[lo]:
-            lo += 1
-        if len(new) < len(old):
-            store.put(key, new)
-            return
-        hi = len(new)
-        while hi > lo and hi <= len(old) and old[hi - 1] == new[hi - 1]:
-            hi -= 1
-        store.write(key, new[lo:hi], lo)
+        store.delete(key)
 
 
 def campaign(
@@ -144,15 +131,15 @@ def campaign(
             env.crash_after(rng.randint(0, 40))
             try:
                 while True:
-                    op = one_op(store, model, rng, compaction)
+                    op = one_op(model, rng, compaction)
                     if op is None:
                         store.compact(min_garbage=rng.choice((0.0, 0.3, 0.5)))
                         counts["compactions"] += 1
                         continue
-                    flight = op
-                    apply_op(store, op, rng)
+                    key, old, new, call = op
+                    flight = (key, old, new)
+                    apply_op(store, key, call)
                     flight = None
-                    key, _, new = op
                     if new is None:
                         del model[key]
                     else:

@@ -170,9 +170,8 @@ def test_second_opener_fails_at_once_naming_the_directory_and_holder(tmp_path: A
 
 def test_second_open_in_the_same_process_is_refused_too(tmp_path: Any) -> None:
     d = str(tmp_path)
-    with ObjectStore(d, posix_env):
-        with pytest.raises(DirectoryLocked, match="in use by process"):
-            ObjectStore(d, posix_env)
+    with ObjectStore(d, posix_env), pytest.raises(DirectoryLocked, match="in use by process"):
+        ObjectStore(d, posix_env)
     with ObjectStore(d, posix_env):  # released by close
         pass
 
