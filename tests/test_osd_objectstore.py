@@ -28,6 +28,7 @@ from shardio import tame
 from shardio.osd.objectstore import (
     BLOCK_SIZE,
     CorruptExtent,
+    DirectoryLocked,
     InvalidArgument,
     NameTooLong,
     ObjectNotFound,
@@ -37,6 +38,7 @@ from shardio.osd.objectstore import (
     StoreCorrupted,
     StoreError,
     StoreFailed,
+    StoreFormatUnsupported,
 )
 from shardio.osd.osdmap import OSDMap
 from shardio.tame import Env, PosixEnv, posix_env
@@ -333,6 +335,7 @@ def test_errors_pickle_with_errno() -> None:
         ObjectNotFound("object b'x' does not exist"),
         CorruptExtent("bad"),
         NameTooLong("long"),
+        StoreFormatUnsupported("too new"),
     ):
         back = pickle.loads(pickle.dumps(exc))
         assert type(back) is type(exc) and str(back) == str(exc) and back.errno == exc.errno
@@ -740,8 +743,16 @@ def test_store_does_not_touch_os_directly() -> None:
 def test_store_error_hierarchy() -> None:
     from shardio.errors import ShardioError
 
-    for cls in (ObjectNotFound, CorruptExtent, StoreCorrupted, StoreFailed, StoreClosed):
+    for cls in (
+        ObjectNotFound,
+        CorruptExtent,
+        StoreCorrupted,
+        StoreFailed,
+        StoreClosed,
+        StoreFormatUnsupported,
+    ):
         assert issubclass(cls, StoreError) and issubclass(cls, ShardioError)
+    assert issubclass(DirectoryLocked, ShardioError)
 
 
 # -- inside real shards ------------------------------------------------------------------

@@ -134,6 +134,46 @@ def test_cancelled_tame_callers_never_break_the_store(tmp_path: Any) -> None:
         assert s.read("health") == b"ok %d" % rounds
 
 
+def test_cancelled_compactions_never_break_the_store(tmp_path: Any) -> None:
+    """Compactions cancelled after a random number of loop turns, writes going on."""
+    d = str(tmp_path / "s")
+    rng = random.Random(21)
+    model: dict[str, bytes | None] = {}
+
+    async def main() -> int:
+        store = await tame.call(ObjectStore, d, None, segment_size=16 * 1024)
+        loop = asyncio.get_running_loop()
+        cancelled = 0
+        for trial in range(40):
+            for _ in range(30):  # garbage for the compaction to work on
+                k = f"c{rng.randrange(20)}"
+                model[k] = rng.randbytes(rng.randint(500, 3000))
+                await tame.call(store.put, k, model[k])
+            task = asyncio.ensure_future(tame.call(store.compact, 0.0))
+            n = rng.randint(0, 60)
+
+            def later(task: asyncio.Future[Any], n: int) -> None:
+                if n:
+                    loop.call_soon(later, task, n - 1)
+                else:
+                    task.cancel()
+
+            later(task, n)
+            try:
+                await task
+            except asyncio.CancelledError:
+                cancelled += 1
+            await tame.call(store.put, "health", b"ok %d" % trial)
+            await tame.call(check_model, store, model)
+        await tame.call(store.close)
+        return cancelled
+
+    cancelled = asyncio.run(main())
+    assert cancelled >= 10
+    with ObjectStore(d, posix_env) as s:
+        check_model(s, model)
+
+
 # -- threads: interrupts injected around real operations ---------------------------------
 
 
