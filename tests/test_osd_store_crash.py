@@ -72,14 +72,15 @@ def one_op(
     old = model.get(key)
     if compaction and r < 0.08:
         return None
-    if r < 0.45 or old is None:
+    if r < 0.45 or (old is None and r >= 0.85):
         size = rng.choice((0, 1, 100, 700, 3000, 4096, 4097, 9000, 20000))
         data = blob(rng, size)
         return key, old, data, ("put", data)
-    if r < 0.85:  # a partial write: inside, across the end, or past it (a hole)
-        off = rng.randint(0, len(old) + 3000)
+    if r < 0.85:  # a partial write: inside, across the end, past it (a hole), or creating
+        cur = old or b""
+        off = rng.randint(0, len(cur) + 3000)
         data = blob(rng, rng.randint(1, 6000))
-        base = old + bytes(max(0, off - len(old)))
+        base = cur + bytes(max(0, off - len(cur)))
         return key, old, base[:off] + data + base[off + len(data) :], ("write", data, off)
     return key, old, None, ("delete",)
 
