@@ -28,6 +28,7 @@ from shardio import tame
 from shardio.osd.objectstore import (
     BLOCK_SIZE,
     CorruptExtent,
+    DirectoryLocked,
     InvalidArgument,
     NameTooLong,
     ObjectNotFound,
@@ -37,6 +38,7 @@ from shardio.osd.objectstore import (
     StoreCorrupted,
     StoreError,
     StoreFailed,
+    StoreFormatUnsupported,
 )
 from shardio.osd.osdmap import OSDMap
 from shardio.tame import Env, PosixEnv, posix_env
@@ -89,7 +91,7 @@ def world(request: pytest.FixtureRequest) -> World:
     if request.param == "posix":
         return PosixWorld()
     if not _have_tame_env():
-        pytest.skip("TameEnv is not in shardio.tame.env yet")
+        pytest.skip("TameEnv is not in shardio.tame yet")
     return TameWorld()
 
 
@@ -333,6 +335,7 @@ def test_errors_pickle_with_errno() -> None:
         ObjectNotFound("object b'x' does not exist"),
         CorruptExtent("bad"),
         NameTooLong("long"),
+        StoreFormatUnsupported("too new"),
     ):
         back = pickle.loads(pickle.dumps(exc))
         assert type(back) is type(exc) and str(back) == str(exc) and back.errno == exc.errno
@@ -740,8 +743,16 @@ def test_store_does_not_touch_os_directly() -> None:
 def test_store_error_hierarchy() -> None:
     from shardio.errors import ShardioError
 
-    for cls in (ObjectNotFound, CorruptExtent, StoreCorrupted, StoreFailed, StoreClosed):
+    for cls in (
+        ObjectNotFound,
+        CorruptExtent,
+        StoreCorrupted,
+        StoreFailed,
+        StoreClosed,
+        StoreFormatUnsupported,
+    ):
         assert issubclass(cls, StoreError) and issubclass(cls, ShardioError)
+    assert issubclass(DirectoryLocked, ShardioError)
 
 
 # -- inside real shards ------------------------------------------------------------------
@@ -772,7 +783,7 @@ async def _store_job_on_shard(root: str, n: int) -> tuple[int, str, int, int]:
 
 def test_store_on_tame_stacks_in_shard_processes(tmp_path: Any) -> None:
     if not _have_tame_env():
-        pytest.skip("TameEnv is not in shardio.tame.env yet")
+        pytest.skip("TameEnv is not in shardio.tame yet")
     import shardio
 
     n = 200

@@ -126,7 +126,14 @@ class StoreSet:
                 if not os.path.isdir(path):
                     raise DataDirError(f"{path} is missing: osd.json says {shards} shards")
                 stores.append(
-                    ObjectStore(path, posix_env, pg_of=_PgOf(pg_num), sync=False, max_read=MAX_READ)
+                    ObjectStore(
+                        path,
+                        posix_env,
+                        pg_of=_PgOf(pg_num),
+                        sync=False,
+                        max_read=MAX_READ,
+                        read_only=read_only,
+                    )
                 )
         except BaseException:
             for st in stores:

@@ -6,6 +6,7 @@
     python -m shardio.osd get   --addr 127.0.0.1:6800 obj-00000042 > obj.bin
     python -m shardio.osd bench --addr 127.0.0.1:6800 --objects 10000 --seconds 10
     python -m shardio.osd bench --addr 127.0.0.1:6800 --objects 10000 --rate 5000
+    python -m shardio.osd compact --data /srv/osd     # reclaim space now (OSD stopped)
 
 ``serve --port P`` listens on the shared port P (SO_REUSEPORT, every
 shard) and on P+1+S for shard S (``--shard-base-port`` to move them), on
@@ -298,6 +299,43 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if any(r.errors for r in results) else 0
 
 
+def cmd_compact(args: argparse.Namespace) -> int:
+    """Compact the stores of a stopped OSD (or one store directory) now."""
+    from shardio.tame import posix_env
+
+    from .dirlock import DirectoryLock
+    from .objectstore import ObjectStore
+
+    data = os.path.abspath(args.data)
+    if not os.path.isdir(data):
+        print(f"error: {data!r} is not a directory", file=sys.stderr)
+        return 1
+    shards = sorted(
+        n
+        for n in os.listdir(data)
+        if n.startswith("shard-") and os.path.isdir(os.path.join(data, n))
+    )
+    lock = DirectoryLock(posix_env, data, "OSD data directory") if shards else None
+    try:
+        stores = [os.path.join(data, n) for n in shards] or [data]
+        print(f"{'store':<40} {'segments':>9} {'log MiB':>9} {'live MiB':>9} {'reclaimed MiB':>14}")
+        for d in stores:
+            with ObjectStore(d, posix_env) as store:
+                before = store.stats.log_bytes
+                result = store.compact(min_garbage=args.min_garbage)
+                st = store.stats
+                print(
+                    f"{os.path.relpath(d, data) if shards else d:<40} "
+                    f"{st.segments:>9} {st.log_bytes / 2**20:>9.2f} {st.live_bytes / 2**20:>9.2f} "
+                    f"{result.bytes_reclaimed / 2**20:>14.2f}"
+                    + (f" (was {before / 2**20:.2f} MiB)" if result.bytes_reclaimed else "")
+                )
+    finally:
+        if lock is not None:
+            lock.release()
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -469,6 +507,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="direct: to the owning shard; shared: via the shared port (hops)",
     )
     s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser(
+        "compact", help="reclaim the space of overwritten and deleted objects (OSD stopped)"
+    )
+    s.add_argument("--data", required=True, help="the OSD data directory (or one store's)")
+    s.add_argument(
+        "--min-garbage",
+        type=float,
+        default=0.0,
+        help="compact segments at least this share garbage (default 0: every sealed segment)",
+    )
+    s.set_defaults(func=cmd_compact)
 
     s = sub.add_parser("demo", help="start an OSD, load, verify, measure, stop (< 1 min)")
     s.add_argument("--shards", type=_positive(int), default=2)

@@ -1,6 +1,6 @@
 """A log-structured object store written as plain blocking code against an Env.
 
-Every I/O call and every lock goes through an ``Env`` (``shardio.tame.env``),
+Every I/O call and every lock goes through an ``Env`` (``shardio.tame``),
 so the same code runs on a shard's tame stacks (``TameEnv``: reads through
 preadv2/io_uring, locks that yield to the reactor) and on ordinary threads
 (``PosixEnv``). The store never calls ``os``/``open``/``threading`` itself.
@@ -9,9 +9,10 @@ On-disk layout
 --------------
 
 A store is a directory of append-only segment files ``seg-00000001.log``,
-``seg-00000002.log``, ... Only the last one (the *active* segment) is written;
-it is fsynced before the next one is created, so every earlier (*sealed*)
-segment is complete on disk. A segment is a sequence of records::
+``seg-00000002.log``, ... (ids grow; compaction leaves gaps), a ``FORMAT``
+file and a ``LOCK`` file. Only the last segment (the *active* one) is
+written; it is fsynced before the next one is created, so every earlier
+(*sealed*) segment is complete on disk. A segment is a sequence of records::
 
     fixed header, 28 bytes, little-endian:
         magic u32 ("SXT1") | kind u8 | flags u8 (0) | name_len u16 | seq u64
@@ -22,12 +23,27 @@ segment is complete on disk. A segment is a sequence of records::
     data                          length bytes
 
 ``kind`` is PUT (the object becomes exactly ``data``), WRITE (``data`` is
-written at ``offset``, extending the object) or DELETE (a tombstone). ``seq``
+written at ``offset``, extending the object), DELETE (a tombstone) or
+RELOCATE (format 1: compaction moved the object here whole; it becomes
+exactly ``data``, and ``offset`` holds its version, unchanged). ``seq``
 is a store-wide sequence number, increasing in log order; an object's version
 is the seq of its last change. ``header_crc`` (CRC-32, zlib) covers the fixed
 header, the name and the block crc table; each block crc covers 4 KiB of
 data. A record's header and data are contiguous, so reading a small object
 is one ``pread`` of the whole record, checked end to end.
+
+Format versions. ``FORMAT`` holds ``shardio-objectstore N``. Version 0 is a
+directory of segments without that file (the layout before versions);
+version 1 adds RELOCATE records. Opening a version 0 store writes ``FORMAT``
+(1) first (temporary file, fsync, rename, directory fsync): its records are
+valid version 1 records. A version newer than ``FORMAT_VERSION`` is refused
+with ``StoreFormatUnsupported`` before anything is touched.
+
+Exclusive open. The store holds an ``flock`` on ``LOCK`` while open
+(``shardio.osd.dirlock``): a second opener, in this process or another,
+fails at once with ``DirectoryLocked`` naming the directory and the
+holder's pid; the kernel drops the lock when its holder dies, ``kill -9``
+included, so a crash never blocks a restart.
 
 Index and recovery
 ------------------
@@ -78,9 +94,35 @@ With ``sync=False`` a change is visible and acknowledged once written to the
 page cache; it survives a crash of the process but not of the machine, until
 ``sync()`` or ``close()``. Useful for bulk loads.
 
-Not done (yet): space reclamation. Overwritten and deleted data stays in the
-log (``stats.log_bytes`` vs ``stats.live_bytes``); a compactor would copy live
-extents of old segments forward and drop the segments.
+Cancellation. Only I/O errors (exceptions from the Env) turn the store
+read-only. A cancelled or interrupted caller (``CancelledError`` on a tame
+stack, ``KeyboardInterrupt``, ``GreenletExit``: BaseExceptions that are not
+Exceptions) never does: a pwrite or fsync it had started is issued again to
+completion first (an io_uring op outlives its cancelled waiter), the store
+lock is taken back, and the interrupt is raised once the store's state is
+whole. The interrupted change is then either not in the log at all or in it
+whole; in the latter case it becomes durable and visible with the next
+commit, sync() or close() (at once if the interrupted caller was the one
+syncing). Either way it was not acknowledged.
+
+Compaction
+----------
+
+``compact()`` reclaims the space of overwritten and deleted objects. It
+picks sealed segments of which at least ``min_garbage`` is not live object
+data and, for each, moves to the end of the log (a RELOCATE record: same
+bytes, same version) every object whose replay needs that segment: one with
+bytes there, or whose last PUT is there (dropping it would let older bytes
+resurface). A tombstone there is copied forward while older segments exist
+(they may hold the deleted object's records). Once that is durable (one
+fsync per batch of segments) the segments are deleted. Crash-safe at every
+step: until a segment is unlinked its records are still replayed, and the
+RELOCATE records that follow them replace the objects whole; a lost unlink
+only brings back a segment whose objects are all superseded. It runs on the
+caller's stack beside readers and writers (one compaction at a time) and,
+on a tame stack, yields to the reactor at every append and at least every
+256 KiB copied. Objects over MAX_EXTENT are not moved: a segment holding
+their data stays (``stats.compaction_skipped_segments``).
 """
 
 from __future__ import annotations
@@ -92,16 +134,20 @@ import struct
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 from shardio.errors import ShardioError
+from shardio.osd.dirlock import DirectoryLock, DirectoryLocked
 from shardio.tame import Env, EnvFile
 
 __all__ = [
     "BLOCK_SIZE",
     "MAX_EXTENT",
     "MAX_NAME",
+    "FORMAT_VERSION",
+    "CompactionResult",
     "CorruptExtent",
+    "DirectoryLocked",
     "InvalidArgument",
     "NameTooLong",
     "ObjectNotFound",
@@ -112,6 +158,8 @@ __all__ = [
     "StoreCorrupted",
     "StoreError",
     "StoreFailed",
+    "StoreFormatUnsupported",
+    "StoreReadOnly",
     "StoreStats",
 ]
 
@@ -129,7 +177,17 @@ FIXED_SIZE = _FIXED.size  # 28
 KIND_PUT = 1
 KIND_WRITE = 2
 KIND_DELETE = 3
-_KINDS = (KIND_PUT, KIND_WRITE, KIND_DELETE)
+KIND_RELOCATE = 4  # format 1: an object moved whole by compaction (offset field = its version)
+_KINDS = (KIND_PUT, KIND_WRITE, KIND_DELETE, KIND_RELOCATE)
+
+#: the on-disk format this code writes; it reads FORMAT_VERSION and every older one
+FORMAT_VERSION = 1
+_FORMAT_FILE = "FORMAT"
+_FORMAT_MAGIC = "shardio-objectstore"
+_LOCK_FILE = "LOCK"
+_INTERRUPT_RETRIES = 100  # an idempotent step re-run after interrupts before giving up
+_COMPACT_YIELD_BYTES = 256 * 1024  # compaction yields to the reactor after copying this much
+_COMPACT_BATCH = 16  # segments evacuated per fsync of the moved data
 
 _SEG_PREFIX = "seg-"
 _SEG_SUFFIX = ".log"
@@ -195,6 +253,18 @@ class StoreFailed(StoreError):
     errno = errno.EIO
 
 
+class StoreReadOnly(StoreError):
+    """A write to a store opened with ``read_only=True`` (EROFS)."""
+
+    errno = errno.EROFS
+
+
+class StoreFormatUnsupported(StoreError):
+    """The store was written in a newer on-disk format than this code reads (EPROTONOSUPPORT)."""
+
+    errno = errno.EPROTONOSUPPORT
+
+
 class StoreClosed(StoreError):
     """The store was closed (ESHUTDOWN)."""
 
@@ -248,6 +318,7 @@ class _Obj(NamedTuple):
     version: int
     exts: tuple[_Ext, ...]  # sorted by lo, non-overlapping
     whole: _Rec | None  # the record holding exactly all of it, if small: the fast read path
+    base: _Rec  # the record it was last made from scratch by (PUT, RELOCATE, creating WRITE)
 
 
 class ObjectStat(NamedTuple):
@@ -278,6 +349,28 @@ class StoreStats:
     corrupt_reads: int = 0
     torn_bytes: int = 0  #: bytes cut from the active segment at open
     records_replayed: int = 0
+    interrupted_ops: int = 0  #: writes/syncs whose caller was cancelled or interrupted
+    format_version: int = FORMAT_VERSION  #: the format found on disk at open (0: unversioned)
+    compaction_running: int = 0  #: 1 while a compaction runs
+    compaction_runs: int = 0
+    compaction_segments_planned: int = 0  #: segments the running (or last) compaction picked
+    compaction_segments_done: int = 0  #: of those, segments dropped so far
+    compaction_segments_dropped: int = 0  #: in total
+    compaction_bytes_reclaimed: int = 0  #: segment bytes removed, in total
+    compaction_bytes_copied: int = 0  #: live bytes rewritten, in total
+    compaction_objects_moved: int = 0
+    compaction_skipped_segments: int = 0  #: left alone (an object too large to move whole)
+
+
+@dataclass
+class CompactionResult:
+    """What one ``compact()`` call did."""
+
+    segments_dropped: int = 0
+    bytes_reclaimed: int = 0
+    bytes_copied: int = 0
+    objects_moved: int = 0
+    segments_skipped: int = 0
 
 
 class _Pending:
@@ -298,20 +391,21 @@ def _whole(rec: _Rec) -> _Rec | None:
     return None
 
 
-def _apply(old: _Obj | None, rec: _Rec) -> _Obj | None:
-    """The object after record ``rec`` (None: deleted)."""
-    if rec.kind == KIND_PUT:
+def _apply(old: _Obj | None, rec: _Rec, version: int = 0) -> _Obj | None:
+    """The object after record ``rec`` (None: deleted); ``version``: a RELOCATE's version."""
+    if rec.kind == KIND_PUT or rec.kind == KIND_RELOCATE:
         exts = (_Ext(0, rec.length, rec),) if rec.length else ()
-        return _Obj(rec.length, rec.seq, exts, _whole(rec))
+        version = version if rec.kind == KIND_RELOCATE else rec.seq
+        return _Obj(rec.length, version, exts, _whole(rec), rec)
     if rec.kind == KIND_DELETE:
         return None
     lo = rec.lofs
     hi = lo + rec.length
     if old is None:
         exts = (_Ext(lo, hi, rec),) if hi > lo else ()
-        return _Obj(hi, rec.seq, exts, _whole(rec))
+        return _Obj(hi, rec.seq, exts, _whole(rec), rec)
     if hi == lo:
-        return _Obj(old.size, rec.seq, old.exts, old.whole)
+        return _Obj(old.size, rec.seq, old.exts, old.whole, old.base)
     out: list[_Ext] = []
     for e in old.exts:
         if e.hi <= lo or e.lo >= hi:
@@ -325,7 +419,14 @@ def _apply(old: _Obj | None, rec: _Rec) -> _Obj | None:
     out.sort(key=lambda e: e.lo)
     size = max(old.size, hi)
     whole = _whole(rec) if len(out) == 1 and rec.length == size else None
-    return _Obj(size, rec.seq, tuple(out), whole)
+    return _Obj(size, rec.seq, tuple(out), whole, old.base)
+
+
+def _needs(obj: _Obj | None, seg: _Segment) -> bool:
+    """True if replaying the log without seg would change obj (its bytes or its base are there)."""
+    if obj is None:
+        return False
+    return obj.base.seg is seg or any(e.rec.seg is seg for e in obj.exts)
 
 
 def _block_crcs(data: bytes | bytearray | memoryview) -> bytes:
@@ -360,6 +461,43 @@ class _Torn(Exception):
     """Internal: the record at this position is cut short or fails its checks."""
 
 
+class _Window:
+    """Reads a segment in large chunks for scanning: ``get(off, n)`` -> bytes, None past EOF."""
+
+    __slots__ = ("buf", "buf_off", "f", "size")
+
+    def __init__(self, f: EnvFile, size: int) -> None:
+        self.f = f
+        self.size = size
+        self.buf = b""
+        self.buf_off = 0
+
+    def get(self, off: int, n: int) -> bytes | None:
+        if off + n > self.size:
+            return None
+        buf = self.buf
+        if off < self.buf_off or off + n > self.buf_off + len(buf):
+            buf = self.buf = self.f.pread(max(n, _SCAN_CHUNK), off)
+            self.buf_off = off
+            if len(buf) < n:
+                return None
+        start = off - self.buf_off
+        return buf[start : start + n]
+
+
+_ANY = object()  # _commit's "no expectation" marker
+
+
+def _is_interrupt(exc: BaseException) -> bool:
+    """True for a cancellation or interrupt (CancelledError, GreenletExit, KeyboardInterrupt...).
+
+    Those are BaseExceptions that are not Exceptions: they say nothing about
+    the disk, so they never turn the store read-only. Everything else an I/O
+    call raises is an I/O failure.
+    """
+    return not isinstance(exc, Exception)
+
+
 # ---------------------------------------------------------------------------
 # the store
 # ---------------------------------------------------------------------------
@@ -375,8 +513,11 @@ class ObjectStore:
     ``env`` defaults to ``tame.env()``. With a TameEnv the store belongs to
     that reactor: call it from tame stacks (``await tame.call(store.read,
     name)``); its locks refuse other threads with WrongThreadError. One
-    process at a time may open a directory (not enforced: the Env has no
-    file locks yet).
+    store at a time may have a directory open for writing (an exclusive
+    flock: a second raises ``DirectoryLocked``); with ``read_only=True`` any
+    number may open it together (a shared flock, never beside a writer),
+    write nothing to it (a torn tail is indexed up to the tear and left),
+    and get ``StoreReadOnly`` for every write.
     """
 
     def __init__(
@@ -389,6 +530,7 @@ class ObjectStore:
         segment_size: int = 256 * 1024 * 1024,
         max_object_size: int = 1 << 30,
         max_read: int = MAX_EXTENT,
+        read_only: bool = False,
     ) -> None:
         if env is None:
             from shardio import tame
@@ -406,7 +548,9 @@ class ObjectStore:
         self._objects: dict[bytes, _Obj] = {}
         self._segments: list[_Segment] = []
         self._lock = env.Lock()
-        self._cond = env.Condition(self._lock)
+        self._waiters: list[Any] = []  # Events of callers waiting for a sync (under _lock)
+        self._compact_lock = env.Lock()
+        self._moved = 0  # objects moved by the running compaction's current segment
         self._closed = False
         self._failed: BaseException | None = None
         # append state (under _lock)
@@ -419,6 +563,7 @@ class ObjectStore:
         self._appended = 0  # seq of the last record appended
         self._durable = 0  # seq of the last record made durable
         self._syncing = False
+        self.read_only = read_only
         self._open()
 
     # -- opening and recovery ---------------------------------------------------
@@ -426,25 +571,46 @@ class ObjectStore:
     def _open(self) -> None:
         env = self.env
         if not env.isdir(self.path):
+            if self.read_only:
+                raise StoreError(f"object store {self.path!r} does not exist (opened read-only)")
             env.makedirs(self.path, exist_ok=True)
             env.fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        self._dirlock = DirectoryLock(env, self.path, "object store", shared=self.read_only)
+        try:
+            self._open_locked()
+        except BaseException:
+            self._dirlock.release()
+            raise
+
+    def _open_locked(self) -> None:
+        env = self.env
+        names = env.listdir(self.path)
         ids = sorted(
             int(n[len(_SEG_PREFIX) : -len(_SEG_SUFFIX)])
-            for n in env.listdir(self.path)
+            for n in names
             if n.startswith(_SEG_PREFIX)
             and n.endswith(_SEG_SUFFIX)
             and n[len(_SEG_PREFIX) : -len(_SEG_SUFFIX)].isdigit()
         )
+        found = self._read_format(_FORMAT_FILE in names, bool(ids))
+        if (found is None or found < FORMAT_VERSION) and not self.read_only:
+            self._write_format()  # a new store; or format 0, whose records are a subset of 1's
+        self.stats.format_version = FORMAT_VERSION if found is None else found
         try:
             last_seq = 0
             for i, seg_id in enumerate(ids):
                 active = i == len(ids) - 1
                 p = os.path.join(self.path, _seg_name(seg_id))
-                seg = _Segment(seg_id, p, env.open(p, "r+b" if active else "rb"))
+                writable = active and not self.read_only
+                seg = _Segment(seg_id, p, env.open(p, "r+b" if writable else "rb"))
                 self._segments.append(seg)
                 last_seq = self._scan(seg, active, last_seq)
             if not self._segments:
-                self._new_segment(1)
+                if self.read_only:
+                    raise StoreError(f"object store {self.path!r} is empty (opened read-only)")
+                interrupt = self._new_segment(1)
+                if interrupt is not None:
+                    raise interrupt
             else:
                 self._active = self._segments[-1]
                 self._tail = self._active.f.size()
@@ -460,35 +626,74 @@ class ObjectStore:
         st.objects = len(self._objects)
         st.live_bytes = sum(o.size for o in self._objects.values())
 
-    def _new_segment(self, seg_id: int) -> None:
+    def _read_format(self, present: bool, has_segments: bool) -> int | None:
+        """The format version on disk: 0 for segments without a FORMAT file, None for a new store.
+
+        Raises
+        StoreFormatUnsupported for a newer version, StoreCorrupted for a bad file.
+        """
+        path = os.path.join(self.path, _FORMAT_FILE)
+        if not present:
+            return 0 if has_segments else None
+        f = self.env.open(path, "rb")
+        try:
+            raw = f.read(256)
+        finally:
+            f.close()
+        text = raw.decode("ascii", "replace").strip()
+        magic, _, number = text.partition(" ")
+        if magic != _FORMAT_MAGIC or not number.isdigit():
+            raise StoreCorrupted(
+                f"{path} does not name an object store format (found {raw[:64]!r}); "
+                f"expected {_FORMAT_MAGIC!r} and a version number"
+            )
+        version = int(number)
+        if version > FORMAT_VERSION:
+            raise StoreFormatUnsupported(
+                f"object store {self.path!r} has on-disk format version {version}, newer than "
+                f"this shardio reads (versions 0 to {FORMAT_VERSION}): open it with the "
+                "shardio release that wrote it, or a newer one"
+            )
+        return version
+
+    def _write_format(self) -> None:
+        """Write FORMAT atomically: a temporary file, fsynced, renamed, directory fsynced."""
+        env = self.env
+        path = os.path.join(self.path, _FORMAT_FILE)
+        tmp = path + ".tmp"
+        f = env.open(tmp, "wb")
+        try:
+            f.write(f"{_FORMAT_MAGIC} {FORMAT_VERSION}\n".encode())
+            f.fdatasync()
+        finally:
+            f.close()
+        env.rename(tmp, path)
+        env.fsync_dir(self.path)
+
+    def _new_segment(self, seg_id: int) -> BaseException | None:
+        """Create the next segment and make its name durable; return an interrupt met meanwhile."""
         p = os.path.join(self.path, _seg_name(seg_id))
         seg = _Segment(seg_id, p, self.env.open(p, "x+b"))
-        self.env.fsync_dir(self.path)
+        try:
+            interrupt = self._finish(self.env.fsync_dir, self.path)
+        except BaseException:
+            seg.f.close()
+            try:
+                self.env.remove(p)
+            except OSError:
+                pass  # the store turns read-only anyway; recovery takes an empty segment
+            raise
         self._segments.append(seg)
         self._active = seg
         self._tail = 0
         self.stats.segments = len(self._segments)
+        return interrupt
 
     def _scan(self, seg: _Segment, active: bool, last_seq: int) -> int:
         """Replay one segment into the index; return the last seq seen."""
         f = seg.f
         size = f.size()
-        buf = b""
-        buf_off = 0
-
-        def get(off: int, n: int) -> bytes | None:
-            # n bytes at off, from a window read in large chunks; None past EOF
-            nonlocal buf, buf_off
-            if off + n > size:
-                return None
-            if off < buf_off or off + n > buf_off + len(buf):
-                buf = f.pread(max(n, _SCAN_CHUNK), off)
-                buf_off = off
-                if len(buf) < n:
-                    return None
-            start = off - buf_off
-            return buf[start : start + n]
-
+        get = _Window(f, size).get
         pos = 0
         while pos < size:
             try:
@@ -511,8 +716,9 @@ class ObjectStore:
                     size - pos,
                 )
                 self.stats.torn_bytes += size - pos
-                f.truncate(pos)
-                f.fsync()
+                if not self.read_only:  # a reader indexes up to the tear and leaves it
+                    f.truncate(pos)
+                    f.fsync()
                 break
             if seq <= last_seq:
                 raise StoreCorrupted(
@@ -520,8 +726,12 @@ class ObjectStore:
                     f"{last_seq}; the log is out of order"
                 )
             last_seq = seq
-            rec = _Rec(seg, pos, hdr_len, lofs, length, seq, kind, hcrc)
-            self._install(name, _apply(self._objects.get(name), rec))
+            if kind == KIND_RELOCATE:
+                rec = _Rec(seg, pos, hdr_len, 0, length, seq, kind, hcrc)
+                self._install(name, _apply(self._objects.get(name), rec, version=lofs))
+            else:
+                rec = _Rec(seg, pos, hdr_len, lofs, length, seq, kind, hcrc)
+                self._install(name, _apply(self._objects.get(name), rec))
             self.stats.records_replayed += 1
             pos += hdr_len + length
         return last_seq
@@ -831,19 +1041,45 @@ class ObjectStore:
         return self._commit(_key(name), KIND_DELETE, 0, b"").version
 
     def _commit(
-        self, key: bytes, kind: int, offset: int, data: bytes | bytearray | memoryview
-    ) -> ObjectStat:
-        """Append one record, make it durable per the sync policy, apply it to the index."""
+        self,
+        key: bytes,
+        kind: int,
+        offset: int,
+        data: bytes | bytearray | memoryview,
+        expect: object = _ANY,
+        wait: bool = True,
+    ) -> ObjectStat | None:
+        """Append one record, make it durable per the sync policy, apply it to the index.
+
+        ``expect`` (compaction): append only if the key's current object is
+        this one (None: absent) and no change of it is pending; else return
+        None. ``wait=False`` leaves a sync=True record pending (the next
+        commit or sync() makes it durable and visible).
+
+        Interrupts (cancellation) never leave a half-done step: a started
+        append is finished, a started fsync too, and the interrupt is raised
+        once the record is in the log (it becomes durable and visible with the
+        next commit, or at once if this caller was the one syncing).
+        """
         length = len(data)
         crcs = _block_crcs(data)  # outside the lock: the costly part for big writes
         hdr_len = FIXED_SIZE + len(key) + len(crcs) + 4
+        user = expect is _ANY
         with self._lock:
             self._check_writable()
+            interrupt = None
             if self._tail + hdr_len + length > self.segment_size and self._tail > 0:
-                self._roll()  # may wait (releasing the lock): read the state after it
+                interrupt = self._roll()  # may wait (releasing the lock): read the state after
             staged = self._staged.get(key)
             old = staged.obj if staged is not None else self._objects.get(key)
-            if kind == KIND_DELETE and old is None:
+            if not user:
+                if staged is not None or old is not expect:
+                    if interrupt is not None:
+                        raise interrupt
+                    return None
+            elif kind == KIND_DELETE and old is None:
+                if interrupt is not None:
+                    raise interrupt
                 raise ObjectNotFound(f"object {key!r} does not exist")
             seg = self._active
             assert seg is not None
@@ -851,32 +1087,43 @@ class ObjectStore:
             head = _FIXED.pack(_MAGIC, kind, 0, len(key), seq, offset, length) + key + crcs
             hcrc = _crc32(head)
             head += _U32.pack(hcrc)
+            tail = self._tail
             try:
                 if length <= 65536:
-                    seg.f.pwrite(head + data if length else head, self._tail)
+                    got = self._finish(seg.f.pwrite, head + data if length else head, tail)
                 else:
-                    seg.f.pwrite(head, self._tail)
-                    seg.f.pwrite(data, self._tail + hdr_len)
-            except OSError as exc:
+                    got = self._finish(seg.f.pwrite, head, tail)
+                    got = self._finish(seg.f.pwrite, data, tail + hdr_len) or got
+            except Exception as exc:
                 # Nothing was acknowledged; the next record overwrites the partial
                 # bytes at the same offset (or recovery cuts them as a torn tail).
                 raise StoreError(f"object store {self.path!r}: append failed: {exc}") from exc
+            interrupt = interrupt or got
             self._next_seq = seq + 1
             self._appended = seq
-            rec = _Rec(seg, self._tail, hdr_len, offset, length, seq, kind, hcrc)
-            self._tail += hdr_len + length
+            if kind == KIND_RELOCATE:
+                rec = _Rec(seg, tail, hdr_len, 0, length, seq, kind, hcrc)
+                obj = _apply(old, rec, version=offset)
+            else:
+                rec = _Rec(seg, tail, hdr_len, offset, length, seq, kind, hcrc)
+                obj = _apply(old, rec)
+            self._tail = tail + hdr_len + length
             st = self.stats
-            st.writes += 1
-            st.write_bytes += length
+            if user:
+                st.writes += 1
+                st.write_bytes += length
             st.log_bytes += hdr_len + length
-            obj = _apply(old, rec)
             if not self._sync:
                 self._install(key, obj)
             else:
                 pend = _Pending(key, rec, obj)
                 self._pending.append(pend)
                 self._staged[key] = pend
-                self._wait_durable(seq)
+                if wait and interrupt is None:
+                    interrupt = self._wait_durable(seq)
+        if interrupt is not None:
+            self.stats.interrupted_ops += 1
+            raise interrupt
         if obj is None:
             return ObjectStat(0, seq)
         return ObjectStat(obj.size, obj.version)
@@ -884,13 +1131,86 @@ class ObjectStore:
     def _check_writable(self) -> None:
         if self._closed:
             raise StoreClosed(f"object store {self.path!r} is closed")
+        if self.read_only:
+            raise StoreReadOnly(f"object store {self.path!r} was opened read-only")
         if self._failed is not None:
             raise StoreFailed(
                 f"object store {self.path!r} is read-only after a failed sync: {self._failed}"
             )
 
-    def _wait_durable(self, seq: int) -> None:
-        """Group commit (under _lock): return once record ``seq`` is fsynced and applied."""
+    # -- interrupt-safe steps (cancellation never changes the store's health) ----
+
+    def _finish(self, step: Callable[..., object], *args: object) -> BaseException | None:
+        """Run an idempotent I/O step to completion despite interrupts; return the first one.
+
+        An interrupted pwrite or fsync may still be running in the kernel (an
+        io_uring op is not cancelled with its waiter), so it is issued again:
+        the same bytes at the same offset, or another fsync. An Exception is
+        an I/O failure and propagates.
+        """
+        interrupt: BaseException | None = None
+        for _ in range(_INTERRUPT_RETRIES):
+            try:
+                step(*args)
+                return interrupt
+            except BaseException as exc:
+                if not _is_interrupt(exc):
+                    raise
+                if interrupt is None:
+                    interrupt = exc
+        raise StoreError(
+            f"object store {self.path!r}: an I/O step was interrupted {_INTERRUPT_RETRIES} "
+            "times in a row"
+        ) from interrupt
+
+    def _relock(self) -> BaseException | None:
+        """Take the store lock again, however often the wait is interrupted; return the first."""
+        interrupt: BaseException | None = None
+        while True:
+            try:
+                self._lock.acquire()
+                return interrupt
+            except BaseException as exc:
+                if not _is_interrupt(exc):
+                    raise
+                if interrupt is None:
+                    interrupt = exc
+
+    def _wait_change(self) -> None:
+        """Wait until notified: the lock is held on entry and on every exit, interrupted or not."""
+        ev = self.env.Event()
+        self._waiters.append(ev)
+        self._lock.release()
+        try:
+            ev.wait()
+        except BaseException:
+            if ev in self._waiters:
+                self._waiters.remove(ev)
+            self._relock()
+            raise
+        interrupt = self._relock()
+        if interrupt is not None:
+            raise interrupt
+
+    def _notify_all(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for ev in waiters:
+            ev.set()
+
+    def _fail(self, exc: BaseException, what: str) -> StoreFailed:
+        """Turn the store read-only after an I/O failure (under _lock); return the error to raise."""
+        self._failed = exc
+        self._notify_all()
+        log.error("object store %s: %s, now read-only: %s", self.path, what, exc)
+        return StoreFailed(f"object store {self.path!r}: {what}: {exc}")
+
+    def _wait_durable(self, seq: int) -> BaseException | None:
+        """Group commit (under _lock): return once record ``seq`` is fsynced and applied.
+
+        Returns an interrupt that arrived while this caller was the syncer
+        (the sync was finished first); an interrupt while waiting for another
+        syncer propagates at once, leaving the record pending.
+        """
         while self._durable < seq:
             if self._failed is not None:
                 raise StoreFailed(
@@ -898,11 +1218,14 @@ class ObjectStore:
                     f"{self._failed}"
                 )
             if self._syncing:
-                self._cond.wait()
+                self._wait_change()
                 continue
-            self._sync_locked()
+            interrupt = self._sync_locked()
+            if interrupt is not None:
+                return interrupt
+        return None
 
-    def _sync_locked(self) -> None:
+    def _sync_locked(self) -> BaseException | None:
         """Fsync the active segment outside the lock, then apply what it made durable."""
         self._syncing = True
         target = self._appended
@@ -911,24 +1234,23 @@ class ObjectStore:
         seg = self._active
         assert seg is not None
         self._lock.release()
-        err: BaseException | None = None
+        err: Exception | None = None
+        interrupt = None
         try:
-            seg.f.fdatasync()
-        except BaseException as exc:
+            interrupt = self._finish(seg.f.fdatasync)
+        except Exception as exc:
             err = exc
         finally:
-            self._lock.acquire()
+            interrupt = self._relock() or interrupt
         self._syncing = False
         if err is not None:
-            self._failed = err
-            self._cond.notify_all()
-            log.error("object store %s: fsync failed, now read-only: %s", self.path, err)
-            raise StoreFailed(f"object store {self.path!r}: fsync failed: {err}") from err
+            raise self._fail(err, "fsync failed") from err
         self.stats.fsyncs += 1
         self.stats.commit_batches += 1
         self._publish(batch)
         self._durable = max(self._durable, target)
-        self._cond.notify_all()
+        self._notify_all()
+        return interrupt
 
     def _publish(self, batch: list[_Pending]) -> None:
         """Make durable changes visible, in log order (under _lock)."""
@@ -938,59 +1260,264 @@ class ObjectStore:
             if staged.get(p.key) is p:
                 del staged[p.key]
 
-    def _roll(self) -> None:
-        """Seal the active segment (fsync it) and start the next one (under _lock)."""
+    def _roll(self) -> BaseException | None:
+        """Seal the active segment (fsync it) and start the next one (under _lock).
+
+        Returns an interrupt that arrived meanwhile (the roll was finished first).
+        """
         while self._syncing:
-            self._cond.wait()
+            self._wait_change()
         self._check_writable()
         seg = self._active
         assert seg is not None
-        self._flush_locked()
-        self._new_segment(seg.id + 1)
+        interrupt = self._flush_locked()
+        try:
+            interrupt = self._new_segment(seg.id + 1) or interrupt
+        except Exception as exc:
+            raise self._fail(exc, "starting a new segment failed") from exc
+        return interrupt
 
-    def _flush_locked(self) -> None:
-        """Fsync the active segment holding the lock (no syncer running); publish all."""
+    def _flush_locked(self) -> BaseException | None:
+        """Fsync the active segment holding the lock (no syncer running); publish all.
+
+        Returns an interrupt that arrived meanwhile (the fsync was finished first).
+        """
         seg = self._active
         assert seg is not None and not self._syncing
         try:
-            seg.f.fdatasync()
-        except BaseException as exc:
-            self._failed = exc
-            self._cond.notify_all()
-            raise StoreFailed(f"object store {self.path!r}: fsync failed: {exc}") from exc
+            interrupt = self._finish(seg.f.fdatasync)
+        except Exception as exc:
+            raise self._fail(exc, "fsync failed") from exc
         self.stats.fsyncs += 1
         if self._pending:
             batch, self._pending = self._pending, []
             self.stats.commit_batches += 1
             self._publish(batch)
         self._durable = self._appended
-        self._cond.notify_all()
+        self._notify_all()
+        return interrupt
 
     def sync(self) -> None:
         """Make every change appended so far durable (needed only with sync=False)."""
         with self._lock:
             self._check_writable()
             while self._syncing:
-                self._cond.wait()
-            self._flush_locked()
+                self._wait_change()
+            interrupt = self._flush_locked()
+        if interrupt is not None:
+            self.stats.interrupted_ops += 1
+            raise interrupt
+
+    # -- compaction ------------------------------------------------------------
+
+    def compact(
+        self, min_garbage: float = 0.5, max_segments: int | None = None
+    ) -> CompactionResult:
+        """Reclaim the space of overwritten and deleted objects (see "Compaction" above).
+
+        Picks the sealed segments of which at least ``min_garbage`` is not
+        live object data (most garbage first, at most ``max_segments``). For
+        each: moves every live object that has a record there to the end of
+        the log whole (same bytes, same version), keeps its tombstones while
+        older segments exist, makes all that durable, then deletes the
+        segment. Runs on the caller's stack while reads and writes go on; on
+        a tame stack it yields to the reactor at every write and at least
+        every 256 KiB copied. One compaction runs at a time.
+        """
+        if not 0.0 <= min_garbage <= 1.0:
+            raise InvalidArgument(f"min_garbage must be in [0, 1], got {min_garbage}")
+        if max_segments is not None and max_segments < 0:
+            raise InvalidArgument(f"negative max_segments {max_segments}")
+        result = CompactionResult()
+        st = self.stats
+        with self._compact_lock:
+            self._check_writable()
+            st.compaction_running = 1
+            st.compaction_runs += 1
+            st.compaction_segments_done = 0
+            try:
+                victims = self._pick_victims(min_garbage)
+                if max_segments is not None:
+                    del victims[max_segments:]
+                st.compaction_segments_planned = len(victims)
+                batch: list[tuple[_Segment, set[bytes]]] = []
+                for seg in victims:
+                    self._moved = 0
+                    keys = self._evacuate(seg, result)
+                    result.objects_moved += self._moved
+                    if keys is not None:
+                        batch.append((seg, keys))
+                    if len(batch) >= _COMPACT_BATCH:
+                        self._drop(batch, result)
+                        batch = []
+                self._drop(batch, result)
+            finally:
+                st.compaction_running = 0
+        return result
+
+    def garbage_ratio(self) -> float:
+        """The share of the segments' bytes that is not live object data (0.0 .. 1.0)."""
+        log_bytes = self.stats.log_bytes
+        return 0.0 if log_bytes <= 0 else max(0.0, 1.0 - self.stats.live_bytes / log_bytes)
+
+    def _pick_victims(self, min_garbage: float) -> list[_Segment]:
+        live: dict[int, int] = {}
+        for obj in list(self._objects.values()):
+            for e in obj.exts:
+                sid = e.rec.seg.id
+                live[sid] = live.get(sid, 0) + e.hi - e.lo
+        scored = []
+        for seg in list(self._segments):
+            if seg is self._active:
+                continue
+            size = seg.f.size()
+            if size and 1.0 - live.get(seg.id, 0) / size >= min_garbage:
+                scored.append((live.get(seg.id, 0) / size, seg.id, seg))
+        scored.sort(key=lambda t: (t[0], t[1]))
+        return [seg for _, _, seg in scored]
+
+    def _segment_keys(self, seg: _Segment) -> tuple[set[bytes], set[bytes]]:
+        """(keys with any record in seg, keys with a tombstone in seg), from its headers."""
+        f = seg.f
+        size = f.size()
+        get = _Window(f, size).get
+        keys: set[bytes] = set()
+        tombstones: set[bytes] = set()
+        pos = 0
+        n = 0
+        while pos < size:
+            try:
+                (hdr_len, _, length, _, kind, _), name = self._parse_record(
+                    get, pos, size, verify_data=False
+                )
+            except _Torn as why:
+                raise StoreCorrupted(
+                    f"sealed segment {seg.path!r} is damaged at offset {pos}: {why}"
+                ) from None
+            keys.add(name)
+            if kind == KIND_DELETE:
+                tombstones.add(name)
+            pos += hdr_len + length
+            n += 1
+            if n % 1024 == 0:
+                self.env.sleep(0)  # cached headers parse without any I/O wait: yield
+        return keys, tombstones
+
+    def _evacuate(self, seg: _Segment, result: CompactionResult) -> set[bytes] | None:
+        """Move out of seg what replay needs of it; return its keys (None: it must stay)."""
+        keys, tombstones = self._segment_keys(seg)
+        older = any(s.id < seg.id for s in self._segments)
+        st = self.stats
+        since_yield = 0
+        for key in sorted(keys):
+            moved = self._relocate(key, seg, older and key in tombstones)
+            if moved < 0:
+                st.compaction_skipped_segments += 1
+                result.segments_skipped += 1
+                return None
+            since_yield += moved
+            result.bytes_copied += moved
+            if since_yield >= _COMPACT_YIELD_BYTES:
+                since_yield = 0
+                self.env.sleep(0)
+        return keys
+
+    def _drop(self, batch: list[tuple[_Segment, set[bytes]]], result: CompactionResult) -> None:
+        """Delete evacuated segments, once what was moved out of them is durable."""
+        if not batch:
+            return
+        self.sync()  # the moved objects and tombstones are durable before a segment goes
+        st = self.stats
+        for seg, keys in batch:
+            size = seg.f.size()
+            with self._lock:
+                if self._closed:
+                    return
+                if any(_needs(self._objects.get(key), seg) for key in keys):
+                    continue  # cannot happen: every key that needs seg was moved; keep it
+                self._segments.remove(seg)
+                self.env.remove(seg.path)
+                st.segments = len(self._segments)
+                st.log_bytes -= size
+                st.compaction_segments_dropped += 1
+                st.compaction_bytes_reclaimed += size
+                st.compaction_segments_done += 1
+            result.segments_dropped += 1
+            result.bytes_reclaimed += size
+        self._finish(self.env.fsync_dir, self.path)
+
+    def _relocate(self, key: bytes, seg: _Segment, keep_tombstone: bool) -> int:
+        """Move what replay needs of key out of seg to the end of the log.
+
+        That is the whole object if seg holds some of its bytes or the record
+        it was made from scratch by (dropping that PUT would let older bytes
+        resurface), or its tombstone if it is deleted and older segments may
+        still hold its records. Returns the bytes copied, -1 if it cannot.
+        """
+        st = self.stats
+        for _ in range(8):
+            obj = self._objects.get(key)
+            if obj is None:
+                if not keep_tombstone:
+                    return 0
+                if self._commit(key, KIND_DELETE, 0, b"", expect=None, wait=False) is not None:
+                    return 0
+            elif not _needs(obj, seg) and not (keep_tombstone and obj.base.kind == KIND_WRITE):
+                # (a WRITE that recreated a deleted object needs the tombstone before it,
+                # or the object moved whole: older records of the name would merge in)
+                return 0
+            else:
+                if obj.size > MAX_EXTENT:
+                    return -1
+                data = self._materialize(key, obj)
+                if self._commit(key, KIND_RELOCATE, obj.version, data, expect=obj, wait=False):
+                    st.compaction_objects_moved += 1
+                    st.compaction_bytes_copied += len(data)
+                    self._moved += 1
+                    return len(data)
+            self.sync()  # a change of key is pending: let it land, then look again
+        return -1
+
+    def _materialize(self, key: bytes, obj: _Obj) -> bytes:
+        """All of an object's bytes (holes as zeros), each extent checked on the way."""
+        if len(obj.exts) == 1 and obj.exts[0].lo == 0 and obj.exts[0].hi == obj.size:
+            rec = obj.exts[0].rec
+            return self._read_rec(key, rec, -rec.lofs, obj.size - rec.lofs)
+        out = bytearray(obj.size)
+        for e in obj.exts:
+            rec = e.rec
+            out[e.lo : e.hi] = self._read_rec(key, rec, e.lo - rec.lofs, e.hi - rec.lofs)
+        return bytes(out)
 
     # -- lifetime --------------------------------------------------------------
 
     def close(self) -> None:
-        """Make everything durable and close the segment files (idempotent)."""
+        """Make everything durable, close the files, drop the directory lock (idempotent).
+
+        An interrupt does not stop it half-way: it is raised once the store is closed.
+        """
+        interrupt: BaseException | None = None
         with self._lock:
             if self._closed:
                 return
             try:
                 while self._syncing:
-                    self._cond.wait()
+                    try:
+                        self._wait_change()
+                    except BaseException as exc:
+                        if not _is_interrupt(exc):
+                            raise
+                        interrupt = interrupt or exc
                 if self._failed is None and self._appended > self._durable:
-                    self._flush_locked()
+                    interrupt = self._flush_locked() or interrupt
             finally:
                 self._closed = True
                 for seg in self._segments:
                     seg.f.close()
-                self._cond.notify_all()
+                self._dirlock.release()
+                self._notify_all()
+        if interrupt is not None:
+            raise interrupt
 
     @property
     def sync_writes(self) -> bool:

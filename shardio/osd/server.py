@@ -45,6 +45,7 @@ from shardio.net import WaitingRequests, listen
 from shardio.reactor import require_reactor
 from shardio.submit import submit_to
 
+from .dirlock import DirectoryLock
 from .messenger import Limits, OSDConnection, Result
 from .objectstore import ObjectStore, StoreError
 from .osdmap import OSDMap, object_hash
@@ -106,6 +107,11 @@ class OSDConfig:
     stop_grace: float = 5.0  #: seconds a stopping shard waits for requests in flight
     #: a request waiting longer than this is slow: counted, logged (Ceph's osd_op_complaint_time)
     complaint_seconds: float = 5.0
+    #: seconds between checks for a compaction (None: no background compaction)
+    compaction_interval: float | None = 5.0
+    #: compact segments at least this much garbage, once the store is that much garbage
+    compaction_min_garbage: float = 0.5
+    segment_size: int = 256 * 1024 * 1024  #: bytes per store segment file
 
     def store_dir(self, shard: int) -> str:
         return os.path.join(self.data_dir, f"shard-{shard}")
@@ -193,6 +199,7 @@ class ShardNode:
         self._idle: asyncio.Event | None = None
         self._stopped = False
         self._complaints: asyncio.TimerHandle | None = None
+        self._compactor: asyncio.Task[None] | None = None
 
     # -- lifecycle (driven by OSDServer through the group) -------------------------
 
@@ -207,6 +214,7 @@ class ShardNode:
             pg_of=_PgOf(cfg.pg_num),
             sync=cfg.sync,
             max_read=cfg.limits.max_read,
+            segment_size=cfg.segment_size,
         )
         server, self.port = await listen(
             self._connection, cfg.host, port, reuse_port=False, backlog=cfg.limits.listen_backlog
@@ -227,7 +235,8 @@ class ShardNode:
         shard_registry().register_collector(self._metric_families)
 
     def _metric_families(self) -> list[Any]:
-        return prometheus_families(self.snapshot())
+        snap = self.snapshot()
+        return prometheus_families(snap) + _compaction_families(snap.get("store"))
 
     async def bind_shared(self, port: int) -> int:
         """Join the SO_REUSEPORT group on ``port`` (0: pick one); return the port."""
@@ -248,6 +257,8 @@ class ShardNode:
         for server in self.servers:
             await server.start_serving()  # type: ignore[attr-defined]
         self._complain_later()
+        if self.config.compaction_interval is not None and self._compactor is None:
+            self._compactor = asyncio.ensure_future(self._compact_in_background())
 
     def _complain_later(self) -> None:
         period = max(0.1, self.config.complaint_seconds / 2)
@@ -272,6 +283,21 @@ class ShardNode:
         """The requests of this shard waiting longer than ``threshold`` seconds, oldest first."""
         return self.waiting.dump(threshold)
 
+    async def _compact_in_background(self) -> None:
+        """Compact this shard's store when enough of it is garbage (on a tame stack: it yields)."""
+        cfg = self.config
+        assert cfg.compaction_interval is not None
+        while True:
+            await asyncio.sleep(cfg.compaction_interval)
+            store = self.store
+            if store is None:
+                return
+            if store.stats.segments > 1 and store.garbage_ratio() >= cfg.compaction_min_garbage:
+                try:
+                    await tame.call(store.compact, cfg.compaction_min_garbage)
+                except StoreError as exc:
+                    log.warning("shard %d: compaction stopped: %s", self.shard_id, exc)
+
     async def stop(self) -> None:
         """Stop accepting, drop connections, let store ops finish (bounded), close the store."""
         if self._stopped:
@@ -285,6 +311,11 @@ class ShardNode:
             shard_registry().unregister_collector(self._metric_families)
         except ImportError:
             pass
+        compactor, self._compactor = self._compactor, None
+        if compactor is not None:
+            compactor.cancel()  # cancel-safe: at worst a segment is compacted again later
+            with contextlib.suppress(asyncio.CancelledError):
+                await compactor
         for server in self.servers:
             server.close()
         for conn in list(self.connections):
@@ -385,6 +416,44 @@ class ShardNode:
 
 
 STAGE_RUNNING_FOR_PEER = "running here for shard {shard}: parked on its tame stack"
+def _compaction_families(store: dict[str, Any] | None) -> list[Any]:
+    """The store's compaction progress and totals as metric families."""
+    if not store:
+        return []
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    return [
+        GaugeMetricFamily(
+            "shardio_osd_store_compaction_running",
+            "1 while a compaction of this shard's store runs.",
+            value=store["compaction_running"],
+        ),
+        GaugeMetricFamily(
+            "shardio_osd_store_compaction_segments_planned",
+            "Segments picked by the running (or last) compaction.",
+            value=store["compaction_segments_planned"],
+        ),
+        GaugeMetricFamily(
+            "shardio_osd_store_compaction_segments_done",
+            "Of those, segments compacted so far.",
+            value=store["compaction_segments_done"],
+        ),
+        CounterMetricFamily(
+            "shardio_osd_store_compaction_reclaimed_bytes",
+            "Segment bytes removed by compaction.",
+            value=store["compaction_bytes_reclaimed"],
+        ),
+        CounterMetricFamily(
+            "shardio_osd_store_compaction_copied_bytes",
+            "Live object bytes rewritten by compaction.",
+            value=store["compaction_bytes_copied"],
+        ),
+        CounterMetricFamily(
+            "shardio_osd_store_compaction_runs",
+            "Compactions started.",
+            value=store["compaction_runs"],
+        ),
+    ]
 
 
 def _remote_execute(
@@ -474,6 +543,11 @@ def _shard_snapshot() -> dict[str, Any]:
 
 def _shard_dump_ops_in_flight(threshold: float) -> list[dict[str, Any]]:
     return node().dump_ops_in_flight(threshold)
+async def _shard_compact(min_garbage: float) -> dict[str, int]:
+    store = node().store
+    if store is None:
+        raise OSDStartError("this shard has no open store")
+    return asdict(await tame.call(store.compact, min_garbage))
 
 
 def _shard_pid() -> int:
@@ -533,6 +607,11 @@ class OSDServer:
     bound addresses are ``address`` and ``osdmap.addrs`` once started.
     A request that waits longer than ``complaint_seconds`` is slow: counted
     (``slow_ops``), logged, and listed by ``dump_ops_in_flight``.
+
+    The data directory is locked while the OSD runs (``DirectoryLocked`` for
+    a second one). Each shard compacts its store in the background: every
+    ``compaction_interval`` seconds (None: never) it checks whether half of
+    its segments' bytes are garbage and, if so, compacts on a tame stack.
     """
 
     def __init__(
@@ -554,6 +633,8 @@ class OSDServer:
         stall_threshold_ms: float | None = 25.0,
         idle_poll_us: float | None = None,
         complaint_seconds: float = 5.0,
+        compaction_interval: float | None = 5.0,
+        segment_size: int = 256 * 1024 * 1024,
     ) -> None:
         if shards < 1:
             raise OSDConfigError(f"shards must be >= 1, got {shards}")
@@ -583,15 +664,27 @@ class OSDServer:
         self.log_level = log_level
         self.stall_threshold_ms = stall_threshold_ms
         self.idle_poll_us = idle_poll_us
+        self.compaction_interval = compaction_interval
+        self.segment_size = segment_size
         self.group: ShardGroup | None = None
         self.osdmap: OSDMap | None = None
         self.address: tuple[str, int] | None = None
         self.shard_pids: list[int] = []
+        self._dirlock: DirectoryLock | None = None
 
     def start(self) -> OSDServer:
         """Start the shards, open the stores, bind, install the map, serve (call once)."""
         if self.group is not None:
             raise OSDConfigError("this OSDServer was already started")
+        os.makedirs(self.data_dir, exist_ok=True)
+        self._dirlock = DirectoryLock(tame.posix_env, self.data_dir, "OSD data directory")
+        try:
+            return self._start()
+        except BaseException:
+            self._dirlock.release()
+            raise
+
+    def _start(self) -> OSDServer:
         pg_num = _check_meta(self.data_dir, self.shards, self.pg_num)
         self.pg_num = pg_num
         config = OSDConfig(
@@ -601,6 +694,8 @@ class OSDServer:
             self.sync,
             self.limits,
             complaint_seconds=self.complaint_seconds,
+            compaction_interval=self.compaction_interval,
+            segment_size=self.segment_size,
         )
         group = ShardGroup(
             self.shards,
@@ -703,6 +798,11 @@ class OSDServer:
             for s in range(self.shards)
         ]
         return self._gather(futures, timeout)
+    def compact(self, min_garbage: float = 0.5, timeout: float = 600.0) -> list[dict[str, int]]:
+        """Compact every shard's store now (on its tame stacks, while it serves); their results."""
+        group = self._running()
+        futures = [group.submit(s, _shard_compact, min_garbage) for s in range(self.shards)]
+        return self._all(futures, time.monotonic() + timeout, "compact its store")
 
     def total_stats(self, timeout: float = 5.0) -> dict[str, Any]:
         """The counters of all live shards, summed."""
@@ -727,6 +827,8 @@ class OSDServer:
         group, self.group = self.group, None
         if group is not None:
             group.stop(timeout)
+        if self._dirlock is not None:
+            self._dirlock.release()
 
     def __enter__(self) -> OSDServer:
         return self.start()
