@@ -424,7 +424,7 @@ Ring_read(Ring *self, PyObject *const *args, Py_ssize_t nargs)
 }
 
 PyDoc_STRVAR(write_doc,
-"write(fd, data, offset, token, copy) -> slot or None\n\n"
+"write(fd, data, offset, copy, token) -> slot or None\n\n"
 "Queue a write of data (<= 4 MiB, any buffer). copy=True copies it into a\n"
 "page-aligned buffer of the ring first (needed for O_DIRECT); otherwise the\n"
 "ring holds data's buffer until the completion. Result: bytes written or -errno.");
@@ -436,7 +436,7 @@ Ring_write(Ring *self, PyObject *const *args, Py_ssize_t nargs)
     if (parse_args(args, nargs, 5, "write") < 0 || as_int(args[0], &fd) < 0 ||
         as_u64(args[2], &offset) < 0)
         return NULL;
-    int copy = PyObject_IsTrue(args[4]);
+    int copy = PyObject_IsTrue(args[3]);
     if (copy < 0) return NULL;
     Py_buffer view;
     if (PyObject_GetBuffer(args[1], &view, PyBUF_SIMPLE) < 0)
@@ -470,7 +470,7 @@ Ring_write(Ring *self, PyObject *const *args, Py_ssize_t nargs)
     sqe->off = offset;
     if (copy) PyBuffer_Release(&view);
     else { s->view = view; s->has_view = 1; }
-    return sqe_commit(self, slot, args[3]);
+    return sqe_commit(self, slot, args[4]);
 }
 
 PyDoc_STRVAR(fsync_doc,
