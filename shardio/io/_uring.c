@@ -59,7 +59,7 @@ enum result_kind { RESULT_INT, RESULT_BYTES, RESULT_STATX, RESULT_FD };
 typedef struct {
     PyObject *token;        /* handed back by reap(); NULL once dropped */
     PyObject *keep;         /* object kept alive for the kernel (path bytes) */
-    void *mem;              /* pool buffer the kernel reads into / writes from */
+    void *mem;              /* buffer the kernel reads into / writes from: the slot's page or a pool buffer */
     unsigned mem_class;
     Py_buffer view;         /* a caller's buffer the kernel writes from */
     int has_view;
@@ -84,6 +84,9 @@ typedef struct {
     uint32_t *free_slots;
     unsigned nfree;
     unsigned inflight;        /* slots in use (prepared, submitted, or cancelled) */
+    char *pages;              /* one 4 KiB page per slot, registered as fixed buffer 0 */
+    size_t pages_size;
+    int pages_registered;     /* reads of <= 4 KiB then use READ_FIXED: no page pinning per op */
     void *pool[POOL_CLASSES][POOL_KEEP];
     unsigned pool_len[POOL_CLASSES];
     uint8_t supported[256];
@@ -131,7 +134,8 @@ static void slot_release(Ring *r, uint32_t i)
     Slot *s = &r->slots[i];
     Py_CLEAR(s->token);
     Py_CLEAR(s->keep);
-    if (s->mem) { pool_put(r, s->mem, s->mem_class); s->mem = NULL; }
+    if (s->mem && s->mem != r->pages + (size_t)i * PAGE) pool_put(r, s->mem, s->mem_class);
+    s->mem = NULL;
     if (s->has_view) { PyBuffer_Release(&s->view); s->has_view = 0; }
     s->in_use = 0;
     r->free_slots[r->nfree++] = i;
@@ -215,9 +219,9 @@ static void ring_unmap(Ring *r)
 static int
 Ring_init(Ring *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"entries", NULL};
-    unsigned entries = 128;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|I", kwlist, &entries))
+    static char *kwlist[] = {"entries", "flags", NULL};
+    unsigned entries = 128, extra_flags = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|II", kwlist, &entries, &extra_flags))
         return -1;
     if (self->fd > 0 || self->slots) {
         PyErr_SetString(PyExc_RuntimeError, "Ring.__init__ called twice");
@@ -227,7 +231,7 @@ Ring_init(Ring *self, PyObject *args, PyObject *kwds)
     struct io_uring_params p;
     memset(&p, 0, sizeof(p));
     /* SUBMIT_ALL (5.18): an SQE that fails early does not stop the rest of the batch. */
-    p.flags = IORING_SETUP_SUBMIT_ALL;
+    p.flags = IORING_SETUP_SUBMIT_ALL | extra_flags;
     long fd = sys_setup(entries, &p);
     if (fd < 0 && errno == EINVAL) {
         memset(&p, 0, sizeof(p));
@@ -295,6 +299,19 @@ Ring_init(Ring *self, PyObject *args, PyObject *kwds)
         self->free_slots[i] = nslots - 1 - i;
     self->nfree = nslots;
 
+    self->pages = mmap(NULL, (size_t)nslots * PAGE, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+    if (self->pages == MAP_FAILED) {
+        self->pages = NULL;
+        ring_unmap(self);
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    self->pages_size = (size_t)nslots * PAGE;
+    struct iovec pages_iov = {.iov_base = self->pages, .iov_len = self->pages_size};
+    /* Fails under a tight RLIMIT_MEMLOCK: reads then use plain IORING_OP_READ. */
+    self->pages_registered = sys_register(self->fd, IORING_REGISTER_BUFFERS, &pages_iov, 1) == 0;
+
     /* IORING_REGISTER_PROBE (5.6): which opcodes this kernel has. */
     size_t probe_size = sizeof(struct io_uring_probe) + 256 * sizeof(struct io_uring_probe_op);
     struct io_uring_probe *probe = calloc(1, probe_size);
@@ -321,7 +338,9 @@ static void ring_free(Ring *r)
         if (r->leaked == 0) {
             PyMem_Free(r->slots);
             PyMem_Free(r->free_slots);
+            if (r->pages) munmap(r->pages, r->pages_size);
         }
+        r->pages = NULL;
         r->slots = NULL;
         r->free_slots = NULL;
     }
@@ -408,14 +427,20 @@ Ring_read(Ring *self, PyObject *const *args, Py_ssize_t nargs)
     }
     PREP_BEGIN(self, sqe, slot);
     Slot *s = &self->slots[slot];
-    s->mem_class = size_class(length);
-    s->mem = pool_get(self, s->mem_class);
-    if (!s->mem) {
-        slot_release(self, slot);
-        return PyErr_NoMemory();
+    if (length <= PAGE) {
+        s->mem = self->pages + (size_t)slot * PAGE;
+        sqe->opcode = self->pages_registered ? IORING_OP_READ_FIXED : IORING_OP_READ;
+        sqe->buf_index = 0;
+    } else {
+        s->mem_class = size_class(length);
+        s->mem = pool_get(self, s->mem_class);
+        if (!s->mem) {
+            slot_release(self, slot);
+            return PyErr_NoMemory();
+        }
+        sqe->opcode = IORING_OP_READ;
     }
     s->kind = RESULT_BYTES;
-    sqe->opcode = IORING_OP_READ;
     sqe->fd = fd;
     sqe->addr = (uint64_t)(uintptr_t)s->mem;
     sqe->len = (uint32_t)length;
@@ -546,12 +571,7 @@ Ring_statx(Ring *self, PyObject *const *args, Py_ssize_t nargs)
     if (!path) return NULL;
     PREP_BEGIN(self, sqe, slot);
     Slot *s = &self->slots[slot];
-    s->mem_class = 0;
-    s->mem = pool_get(self, 0);
-    if (!s->mem) {
-        slot_release(self, slot);
-        return PyErr_NoMemory();
-    }
+    s->mem = self->pages + (size_t)slot * PAGE;  /* struct statx is 256 bytes */
     Py_INCREF(args[1]);
     s->keep = args[1];
     s->kind = RESULT_STATX;
@@ -708,6 +728,23 @@ Ring_submit(Ring *self, PyObject *noargs)
     return PyLong_FromLong(ret);
 }
 
+PyDoc_STRVAR(get_events_doc,
+"get_events() -> None\n\n"
+"io_uring_enter(GETEVENTS) without waiting: on a DEFER_TASKRUN ring this runs the\n"
+"completions the kernel deferred to us, posting their CQEs.");
+
+static PyObject *
+Ring_get_events(Ring *self, PyObject *noargs)
+{
+    if (check_open(self) < 0) return NULL;
+    long ret;
+    do {
+        ret = sys_enter(self->fd, 0, 0, IORING_ENTER_GETEVENTS);
+    } while (ret < 0 && errno == EINTR);
+    if (ret < 0) return PyErr_SetFromErrnoWithFilename(PyExc_OSError, "io_uring_enter");
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(retract_doc,
 "retract() -> list of tokens\n\n"
 "Take back the SQEs the kernel has not consumed (after a failed submit):\n"
@@ -841,6 +878,7 @@ static PyObject *Ring_get_fd(Ring *self, void *c) { return PyLong_FromLong(self-
 static PyObject *Ring_get_inflight(Ring *self, void *c) { return PyLong_FromUnsignedLong(self->inflight); }
 static PyObject *Ring_get_slots(Ring *self, void *c) { return PyLong_FromUnsignedLong(self->nfree + self->inflight); }
 static PyObject *Ring_get_leaked(Ring *self, void *c) { return PyLong_FromUnsignedLong(self->leaked); }
+static PyObject *Ring_get_fixed(Ring *self, void *c) { return PyBool_FromLong(self->pages_registered); }
 static PyObject *Ring_get_unsubmitted(Ring *self, void *c)
 {
     if (self->fd < 0) return PyLong_FromLong(0);
@@ -853,6 +891,7 @@ static PyGetSetDef Ring_getset[] = {
     {"inflight", (getter)Ring_get_inflight, NULL, "slots in use: ops queued or in the kernel", NULL},
     {"slots", (getter)Ring_get_slots, NULL, "how many ops can be in flight at once", NULL},
     {"unsubmitted", (getter)Ring_get_unsubmitted, NULL, "SQEs queued but not yet taken by the kernel", NULL},
+    {"fixed_buffers", (getter)Ring_get_fixed, NULL, "True if reads of <= 4 KiB use registered buffers (READ_FIXED)", NULL},
     {"leaked", (getter)Ring_get_leaked, NULL, "slots abandoned at close() with the kernel still on them", NULL},
     {NULL},
 };
@@ -871,6 +910,7 @@ static PyMethodDef Ring_methods[] = {
     {"cancel", (PyCFunction)(void (*)(void))Ring_cancel, METH_FASTCALL, cancel_doc},
     {"submit", (PyCFunction)Ring_submit, METH_NOARGS, submit_doc},
     {"retract", (PyCFunction)Ring_retract, METH_NOARGS, retract_doc},
+    {"get_events", (PyCFunction)Ring_get_events, METH_NOARGS, get_events_doc},
     {"reap", (PyCFunction)Ring_reap, METH_NOARGS, reap_doc},
     {"ready", (PyCFunction)Ring_ready, METH_NOARGS, ready_doc},
     {"wait", (PyCFunction)Ring_wait, METH_O, wait_doc},

@@ -187,11 +187,26 @@ class UringDriver:
 
     kind = "io_uring"
 
+    #: The metadata operations, each named after its io_uring opcode.
+    METADATA_OPS = ("openat", "close", "statx", "renameat", "unlinkat", "ftruncate")
+
     def __init__(
-        self, rt: Any, entries: int = 128, max_inflight: int | None = None, submit_batch: int = 8
+        self,
+        rt: Any,
+        entries: int = 128,
+        max_inflight: int | None = None,
+        submit_batch: int = 8,
+        thread_ops: tuple[str, ...] = (),
     ) -> None:
+        """thread_ops: metadata ops (see METADATA_OPS) to run on the thread pool even
+        where the kernel has their opcode, as happens by itself where it does not."""
         from shardio.tame.stacks import Parked
 
+        unknown = set(thread_ops) - set(self.METADATA_OPS)
+        if unknown:
+            raise ValueError(
+                f"thread_ops: unknown operation(s) {sorted(unknown)}; known: {self.METADATA_OPS}"
+            )
         if _uring is None:
             raise OSError(errno.ENOSYS, "shardio.io._uring is not built (run pip install -e .)")
         self._Parked = Parked
@@ -209,14 +224,15 @@ class UringDriver:
         self._flush_scheduled = False
         self._in_reap = False
         self._broken: UringSubmitError | None = None
+        self._unusable = False  # broken or closed (one test on the hot path)
         self._cachestat = cached_pages(ring.fd, 0, 0) is not None
         self._probe_first = False
         self._probe_hits = 0
         self._slot_waiters: collections.deque[Any] = collections.deque()
         self._threads: ThreadPoolDriver | None = None  # for opcodes this kernel lacks
         self._has = {
-            name: ring.supported(getattr(_uring, "OP_" + name.upper()))
-            for name in ("openat", "close", "statx", "renameat", "unlinkat", "ftruncate")
+            name: name not in thread_ops and ring.supported(getattr(_uring, "OP_" + name.upper()))
+            for name in self.METADATA_OPS
         }
         self.closed = False
         self.counters = _Counters()
@@ -441,7 +457,7 @@ class UringDriver:
         if this wait is cancelled (the ring then drops our token and asks the
         kernel to cancel the op).
         """
-        if self._broken is not None or self.closed:
+        if self._unusable:
             self._check_usable()
         ring = self._ring
         if self._slot_waiters or ring.inflight >= self.max_inflight:
@@ -506,6 +522,7 @@ class UringDriver:
         )
         if exc.errno not in _TRANSIENT:
             self._broken = error
+            self._unusable = True
             log.error("io_uring driver broken: %s", error)
             for w in self._slot_waiters:
                 w.wake_soon()
@@ -553,7 +570,13 @@ class UringDriver:
     def stats(self) -> dict[str, int]:
         """Counters plus current occupancy; ``fallback`` is 0 (io_uring in use)."""
         d = self.counters.as_dict()
-        d.update(inflight=self._ring.inflight, max_inflight=self.max_inflight, fallback=0)
+        ring = self._ring
+        d.update(
+            inflight=ring.inflight,
+            max_inflight=self.max_inflight,
+            fixed_buffers=int(ring.fixed_buffers),
+            fallback=0,
+        )
         return d
 
     def close(self) -> None:
@@ -561,6 +584,7 @@ class UringDriver:
         if self.closed:
             return
         self.closed = True
+        self._unusable = True
         try:
             self.loop.remove_reader(self.ring_fd)
         except Exception:  # the loop may already be closed, or the fd replaced
