@@ -206,14 +206,11 @@ class Parked:
             return
         rt = self.rt
         now = _perf_counter()
-        if rt.turn_open:
-            if now - rt.turn_start > rt.quota:
-                rt.stats.deferred_resumes += 1
-                self.deferred = True
-                rt._defer(self._wake_deferred, value)
-                return
-        else:
-            rt._open_turn(now)
+        if now - rt.turn_start > rt.half_quota and not rt._may_run(now):
+            rt.stats.deferred_resumes += 1
+            self.deferred = True
+            rt._defer(self._wake_deferred, value)
+            return
         self.g = None
         rt._run_slice(g, value, now)
 
@@ -241,7 +238,6 @@ class Stats:
         "stack_waits",
         "cancellations",
         "waits",
-        "slices",
         "quota_yields",
         "deferred_resumes",
         "deferred_starts",
@@ -254,7 +250,6 @@ class Stats:
         self.stack_waits = 0
         self.cancellations = 0
         self.waits = 0
-        self.slices = 0  # resumptions of a stack by the hub (slices granted)
         self.quota_yields = 0  # checkpoints that yielded: the stack had used up the quota
         self.deferred_resumes = 0  # wake-ups moved to the next turn: the turn's quota was spent
         self.deferred_starts = 0  # tame.call starts moved to the next turn, likewise
@@ -283,16 +278,19 @@ class Runtime:
         self.waiters: collections.deque[asyncio.Future[TameGreenlet]] = collections.deque()
         self.stats = Stats()
         self.closed = False
-        # The scheduler's budget: see the module docstring.
-        self.quota = math.inf if quota is None else quota
+        # The scheduler's budget (see the module docstring): the tame work of one
+        # window, which starts with a loop turn, is limited to the quota.
+        self.quota = self.half_quota = math.inf
+        self.set_quota(quota)
         self.account_cpu = account_cpu
         self.deadline = math.inf  # perf_counter() past which the running stack must yield
-        self.turn_open = False  # a stack ran this loop turn (its end marker is scheduled)
-        self.turn_start = 0.0
-        self.turn_used = 0.0  # tame time spent this turn, as accounted
+        self.turn_start = 0.0  # start of the current window
+        self.turn_used = 0.0  # tame CPU time of the window (account_cpu only)
+        self.marker_pending = False  # _close_turn is scheduled: the window's turn goes on
+        self.last_end = 0.0  # perf_counter() at the end of the last slice
         self.longest_slice = 0.0
         self.longest_turn = 0.0
-        # Wake-ups that found the turn's quota spent, resumed in order on later turns.
+        # Wake-ups and starts that found the quota spent, run in order on later turns.
         self.ready: collections.deque[tuple[Callable[[Any], None], Any]] = collections.deque()
         self.ready_scheduled = False
         self.reactor = _reactors.get(loop)
@@ -322,30 +320,50 @@ class Runtime:
             self._sentinel = agen  # the loop keeps only a weak reference
 
     # -- scheduler ---------------------------------------------------------------
-    def _open_turn(self, now: float) -> None:
-        """The first slice of a loop turn: start the turn's budget, mark the turn's end."""
-        self.turn_open = True
-        self.turn_start = now
-        self.turn_used = 0.0
-        self.loop.call_soon(self._close_turn)
+    # A window of tame work starts with a loop turn and may run stacks back to back
+    # for ``quota``. Knowing that the loop has turned costs a callback (_close_turn),
+    # so one is scheduled only once a window is half spent, not on every turn; until
+    # it runs, the window is taken to go on (a stack may then yield a little early,
+    # never late). A window also starts afresh when no stack ran for half a quota.
+    def set_quota(self, quota: float | None) -> None:
+        """Seconds of tame work per window (None: no preemption)."""
+        self.quota = math.inf if quota is None else float(quota)
+        self.half_quota = self.quota / 2
+
+    def _may_run(self, now: float) -> bool:
+        """Past half the window: may a stack still be resumed now? (Schedules the marker.)"""
+        if not self.marker_pending:
+            self.marker_pending = True
+            self.loop.call_soon(self._close_turn)
+            if now - self.last_end > self.half_quota:  # idle, or the loop was busy elsewhere
+                self.turn_start = now
+                self.turn_used = 0.0
+                return True
+        return now - self.turn_start <= self.quota
 
     def _close_turn(self) -> None:
-        # Runs on the next loop iteration: the loop has polled I/O and timers since.
-        self.turn_open = False
+        # Runs on a later loop iteration: the loop has polled I/O and timers since.
+        self.marker_pending = False
+        self.turn_start = _perf_counter()
+        self.turn_used = 0.0
 
     def _defer(self, resume: Callable[[Any], None], arg: Any) -> None:
         """Queue ``resume(arg)`` (a wake-up or a start) for a later turn (safe from a stack)."""
+        if not self.marker_pending:  # first the new window, then the queue
+            self.marker_pending = True
+            self.loop.call_soon(self._close_turn)
         self.ready.append((resume, arg))
         if not self.ready_scheduled:
             self.ready_scheduled = True
             self.loop.call_soon(self._run_ready)
 
     def _run_ready(self) -> None:
-        """Resume deferred stacks, oldest first, while this turn's quota lasts."""
+        """Resume deferred stacks, oldest first, while the window's quota lasts."""
         self.ready_scheduled = False
         ready = self.ready
         while ready:
-            if self.turn_open and _perf_counter() - self.turn_start > self.quota:
+            now = _perf_counter()
+            if now - self.turn_start > self.half_quota and not self._may_run(now):
                 self.ready_scheduled = True
                 self.loop.call_soon(self._run_ready)
                 return
@@ -356,37 +374,33 @@ class Runtime:
         g, job = start
         if job.abandoned:
             return
-        now = _perf_counter()
-        if not self.turn_open:
-            self._open_turn(now)
         job.started = True
-        self._run_slice(g, job, now)
+        self._run_slice(g, job, _perf_counter())
 
     def _run_slice(self, g: TameGreenlet, value: Any, now: float) -> Any:
         """Switch into g (hub only) and account for the slice it runs; g's switch result."""
         self.deadline = self.turn_start + self.quota
-        self.stats.slices += 1
         if self.account_cpu:
-            cpu = _thread_time()
-            result = g.switch(value)
-            used = _thread_time() - cpu
-            end = _perf_counter()
-        else:
-            result = g.switch(value)
-            end = _perf_counter()
-            used = end - now
-        g.parked_at = end
+            return self._run_accounted_slice(g, value)
+        result = g.switch(value)
         self.deadline = math.inf
+        end = self.last_end = g.parked_at = _perf_counter()
+        if end - now > self.longest_slice:
+            self.longest_slice = end - now
+        return result
+
+    def _run_accounted_slice(self, g: TameGreenlet, value: Any) -> Any:
+        cpu = _thread_time()
+        result = g.switch(value)
+        used = _thread_time() - cpu
+        self.deadline = math.inf
+        self.last_end = g.parked_at = _perf_counter()
         if used > self.longest_slice:
             self.longest_slice = used
         self.turn_used += used
         if self.turn_used > self.longest_turn:
             self.longest_turn = self.turn_used
         return result
-
-    def turn_spent(self) -> bool:
-        """True when this loop turn has used up its quota (no more stacks should start now)."""
-        return self.turn_open and _perf_counter() - self.turn_start > self.quota
 
     def yield_now(self) -> None:
         """On one of this runtime's stacks: let the loop run a turn, then continue."""
@@ -582,7 +596,7 @@ def configure(
     rt = runtime(loop)
     if quota is not _UNSET:
         settings["quota"] = quota
-        rt.quota = math.inf if quota is None else float(quota)
+        rt.set_quota(quota)
     if account_cpu is not None:
         settings["account_cpu"] = bool(account_cpu)
         rt.account_cpu = bool(account_cpu)
@@ -634,7 +648,8 @@ def stats() -> dict[str, Any]:
     """Counters of the running loop's tame runtime, pool occupancy and slice accounting.
 
     ``longest_slice_ns``: the longest slice the scheduler granted one stack;
-    ``longest_turn_ns``: the most tame time one loop turn spent;
+    ``longest_turn_ns``: the most tame time one window (a loop turn, or a few)
+    spent back to back, measured with ``account_cpu`` only (else 0);
     ``slice_clock``: "thread_cpu" or "wall", how they were measured;
     ``quota_ns``: the quota (0 when preemption is off).
     """
@@ -672,13 +687,15 @@ async def call(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     loop = asyncio.get_running_loop()
     if rt is None or rt.loop is not loop:
         rt = runtime(loop)
-    deferred = rt.turn_open and _perf_counter() - rt.turn_start > rt.quota
+    now = _perf_counter()
+    deferred = now - rt.turn_start > rt.half_quota and not rt._may_run(now)
     if rt.free:
         g = rt.free.pop()
     elif rt.n_stacks < rt.max_stacks:
         g = rt._new_stack()
     else:
         g = await rt._wait_for_stack()
+        now = _perf_counter()
     if getcurrent() is not rt.hub:
         rt._release(g)
         raise TameError(
@@ -693,9 +710,6 @@ async def call(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         rt._defer(rt._start_deferred, (g, job))
         blocked = True
     else:
-        now = _perf_counter()
-        if not rt.turn_open:
-            rt._open_turn(now)
         job.started = True
         blocked = rt._run_slice(g, job, now) is not _DONE
     if blocked:
@@ -716,10 +730,7 @@ async def call(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
                     raise
                 rt.stats.cancellations += 1
                 fut = job.fut = loop.create_future()
-                now = _perf_counter()
-                if not rt.turn_open:
-                    rt._open_turn(now)
-                rt.deadline = rt.turn_start + rt.quota
+                rt.deadline = _perf_counter() + rt.quota
                 try:
                     g.throw(asyncio.CancelledError(*exc.args))
                 finally:

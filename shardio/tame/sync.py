@@ -15,7 +15,9 @@ from typing import Any
 
 from greenlet import getcurrent
 
-from .stacks import NotOnTameStack, Parked, Runtime, TameGreenlet, checkpoint
+from .stacks import NotOnTameStack, Parked, Runtime, TameGreenlet
+
+_perf_counter = time.perf_counter
 
 
 class _Waiter:
@@ -108,7 +110,8 @@ class TameLock(_TameSync):
         self._check()
         if not blocking and timeout != -1:
             raise ValueError("can't specify a timeout for a non-blocking call")
-        checkpoint()
+        if _perf_counter() > self._rt.deadline:  # the quota (stacks.checkpoint, inlined)
+            self._rt.yield_now()
         if not self._locked and not self._waiters:
             self._locked = True
             return True
@@ -161,7 +164,8 @@ class TameRLock(_TameSync):
         self._check()
         if not blocking and timeout != -1:
             raise ValueError("can't specify a timeout for a non-blocking call")
-        checkpoint()
+        if _perf_counter() > self._rt.deadline:  # the quota (stacks.checkpoint, inlined)
+            self._rt.yield_now()
         me = getcurrent()
         if self._owner is me:
             self._count += 1
@@ -250,7 +254,8 @@ class TameCondition(_TameSync):
 
     def wait(self, timeout: float | None = None) -> bool:
         self._check()
-        checkpoint()
+        if _perf_counter() > self._rt.deadline:  # the quota (stacks.checkpoint, inlined)
+            self._rt.yield_now()
         if not self._lock._is_owned():
             raise RuntimeError("cannot wait on un-acquired lock")
         state = self._lock._release_save()
@@ -309,7 +314,8 @@ class TameEvent(_TameSync):
 
     def wait(self, timeout: float | None = None) -> bool:
         self._check()
-        checkpoint()
+        if _perf_counter() > self._rt.deadline:  # the quota (stacks.checkpoint, inlined)
+            self._rt.yield_now()
         if self._flag:
             return True
         return self._block(timeout, "Event.wait") or self._flag
@@ -331,7 +337,8 @@ class TameSemaphore(_TameSync):
         self._check()
         if not blocking and timeout is not None:
             raise ValueError("can't specify timeout for non-blocking acquire")
-        checkpoint()
+        if _perf_counter() > self._rt.deadline:  # the quota (stacks.checkpoint, inlined)
+            self._rt.yield_now()
         if self._value > 0 and not self._waiters:
             self._value -= 1
             return True
@@ -417,7 +424,8 @@ class TameQueue(_TameSync):
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         self._check()
-        checkpoint()
+        if _perf_counter() > self._rt.deadline:  # the quota (stacks.checkpoint, inlined)
+            self._rt.yield_now()
         self._wait_while(self.full, self._putters, block, timeout, "Queue.put", queue.Full)
         self._items.append(item)
         self.unfinished_tasks += 1
@@ -425,7 +433,8 @@ class TameQueue(_TameSync):
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         self._check()
-        checkpoint()
+        if _perf_counter() > self._rt.deadline:  # the quota (stacks.checkpoint, inlined)
+            self._rt.yield_now()
         self._wait_while(self.empty, self._getters, block, timeout, "Queue.get", queue.Empty)
         item = self._items.popleft()
         self._grant(self._putters)
@@ -448,6 +457,7 @@ class TameQueue(_TameSync):
 
     def join(self) -> None:
         self._check()
-        checkpoint()
+        if _perf_counter() > self._rt.deadline:  # the quota (stacks.checkpoint, inlined)
+            self._rt.yield_now()
         while self.unfinished_tasks:
             self._block(None, "Queue.join", self._joiners)
