@@ -20,7 +20,7 @@ until the turn has spent ``quota`` on tame work, then defers the remaining
 resumptions to the next turn, so the loop polls its I/O and timers at least
 once per quota. The runtime keeps its own accounting of every slice it
 grants (``stats()["longest_slice_ns"]``, ``["longest_turn_ns"]``), in thread
-CPU time with ``configure(account_cpu=True)``, else in wall-clock time.
+CPU time, when asked to with ``configure(account_cpu=True)``.
 
 Cancellation mirrors an asyncio task: cancelling the task that awaits
 ``tame.call`` raises ``asyncio.CancelledError`` inside the blocking call the
@@ -126,7 +126,8 @@ class TameGreenlet(greenlet):
     def __init__(self, rt: Runtime) -> None:
         super().__init__(self._main, rt.hub)
         self.rt = rt
-        self.parked: Parked | None = None  # what it waits on while parked in an operation
+        # What it waits on while parked in an operation: a Parked, or the seconds of a sleep.
+        self.parked: Parked | float | None = None
         self.parked_at = 0.0  # perf_counter() when its last slice ended
         self.job: _Job | None = None
 
@@ -134,6 +135,8 @@ class TameGreenlet(greenlet):
         rt = self.rt
         hub = rt.hub
         while True:
+            if rt.account_cpu:
+                rt._account_start()
             try:
                 job.value = job.func(*job.args, **job.kwargs)
                 job.ok = True
@@ -149,6 +152,9 @@ class TameGreenlet(greenlet):
             self._finish(job)
             self.job = job = None  # type: ignore[assignment]  # drop references while pooled
             rt._release(self)
+            rt.last_end = self.parked_at = _perf_counter()
+            if rt.account_cpu:
+                rt._account_end()
             job = hub.switch(_DONE)
 
     @staticmethod
@@ -188,31 +194,41 @@ class Parked:
         self.deferred = False
 
     def park(self) -> Any:
-        """Switch to the hub until woken; return the wake value. Disarms on exceptions."""
+        """Switch to the hub until woken; return the wake value. Disarms on exceptions.
+
+        Woken when the window's quota is spent, the stack queues itself for a
+        later turn before it goes on (``Runtime.arrive``).
+        """
         g = self.g
+        rt = self.rt
+        # g.parked stays set while g runs again: dump_stacks tells a running stack by
+        # its gr_frame (None), so the hot path need not clear it.
         g.parked = self  # type: ignore[union-attr]
+        rt.last_end = g.parked_at = _perf_counter()  # type: ignore[union-attr]
+        if rt.account_cpu:
+            rt._account_end()
         try:
-            return self.rt.hub.switch(_BLOCKED)
+            value = rt.hub_switch(_BLOCKED)
         except BaseException:
             self.g = None
+            if rt.account_cpu:
+                rt._account_start()
             raise
-        finally:
-            g.parked = None  # type: ignore[union-attr]
+        # Runtime.arrive, inlined.
+        if rt.account_cpu:
+            rt._account_start()
+        now = _perf_counter()
+        if now > rt.half_deadline and not rt._may_run(now):
+            rt.stats.deferred_resumes += 1
+            rt._requeue()
+        return value
 
     def wake(self, value: Any = None) -> None:
-        """Resume the parked stack now, or next turn if this turn's quota is spent (hub only)."""
+        """Resume the parked stack (hub only; the first wake wins, later ones do nothing)."""
         g = self.g
-        if g is None or self.deferred:
-            return
-        rt = self.rt
-        now = _perf_counter()
-        if now - rt.turn_start > rt.half_quota and not rt._may_run(now):
-            rt.stats.deferred_resumes += 1
-            self.deferred = True
-            rt._defer(self._wake_deferred, value)
-            return
-        self.g = None
-        rt._run_slice(g, value, now)
+        if g is not None:
+            self.g = None
+            g.switch(value)
 
     def _wake_deferred(self, value: Any) -> None:
         self.deferred = False
@@ -270,6 +286,9 @@ class Runtime:
     ) -> None:
         self.loop = loop
         self.hub = getcurrent()
+        self.hub_switch = self.hub.switch  # bound once: the hot paths use them
+        self.call_soon = loop.call_soon
+        self.call_later = loop.call_later
         self.thread_id = threading.get_ident()
         self.max_stacks = max_stacks
         self.free: list[TameGreenlet] = []
@@ -280,16 +299,17 @@ class Runtime:
         self.closed = False
         # The scheduler's budget (see the module docstring): the tame work of one
         # window, which starts with a loop turn, is limited to the quota.
+        self.account_cpu = account_cpu
+        self.turn_start = 0.0  # start of the current window
+        self.half_deadline = self.deadline = math.inf  # turn_start + quota / 2, + quota
+        self.turn_used = 0.0  # tame CPU time of the window (account_cpu only)
         self.quota = self.half_quota = math.inf
         self.set_quota(quota)
-        self.account_cpu = account_cpu
-        self.deadline = math.inf  # perf_counter() past which the running stack must yield
-        self.turn_start = 0.0  # start of the current window
-        self.turn_used = 0.0  # tame CPU time of the window (account_cpu only)
         self.marker_pending = False  # _close_turn is scheduled: the window's turn goes on
         self.last_end = 0.0  # perf_counter() at the end of the last slice
         self.longest_slice = 0.0
         self.longest_turn = 0.0
+        self.slice_cpu = 0.0  # thread_time() when the running slice began (account_cpu)
         # Wake-ups and starts that found the quota spent, run in order on later turns.
         self.ready: collections.deque[tuple[Callable[[Any], None], Any]] = collections.deque()
         self.ready_scheduled = False
@@ -329,6 +349,15 @@ class Runtime:
         """Seconds of tame work per window (None: no preemption)."""
         self.quota = math.inf if quota is None else float(quota)
         self.half_quota = self.quota / 2
+        self._set_window(self.turn_start)
+
+    def _set_window(self, start: float) -> None:
+        # The deadline is the same for every stack of the window: past it, a stack
+        # yields at its next tamed call (checkpoint compares one clock read with it).
+        self.turn_start = start
+        self.half_deadline = start + self.half_quota
+        self.deadline = start + self.quota
+        self.turn_used = 0.0
 
     def _may_run(self, now: float) -> bool:
         """Past half the window: may a stack still be resumed now? (Schedules the marker.)"""
@@ -336,16 +365,14 @@ class Runtime:
             self.marker_pending = True
             self.loop.call_soon(self._close_turn)
             if now - self.last_end > self.half_quota:  # idle, or the loop was busy elsewhere
-                self.turn_start = now
-                self.turn_used = 0.0
+                self._set_window(now)
                 return True
         return now - self.turn_start <= self.quota
 
     def _close_turn(self) -> None:
         # Runs on a later loop iteration: the loop has polled I/O and timers since.
         self.marker_pending = False
-        self.turn_start = _perf_counter()
-        self.turn_used = 0.0
+        self._set_window(_perf_counter())
 
     def _defer(self, resume: Callable[[Any], None], arg: Any) -> None:
         """Queue ``resume(arg)`` (a wake-up or a start) for a later turn (safe from a stack)."""
@@ -363,7 +390,7 @@ class Runtime:
         ready = self.ready
         while ready:
             now = _perf_counter()
-            if now - self.turn_start > self.half_quota and not self._may_run(now):
+            if now > self.half_deadline and not self._may_run(now):
                 self.ready_scheduled = True
                 self.loop.call_soon(self._run_ready)
                 return
@@ -375,38 +402,45 @@ class Runtime:
         if job.abandoned:
             return
         job.started = True
-        self._run_slice(g, job, _perf_counter())
+        g.switch(job)
 
-    def _run_slice(self, g: TameGreenlet, value: Any, now: float) -> Any:
-        """Switch into g (hub only) and account for the slice it runs; g's switch result."""
-        self.deadline = self.turn_start + self.quota
+    # Stacks keep the books themselves, at their switches (a resumption from the
+    # loop is then just greenlet.switch): arrive() after every resumption, and
+    # before every switch to the hub, last_end/parked_at (and _account_end).
+    def arrive(self) -> None:
+        """On a stack just resumed: start its slice; queue it for a later turn (and
+        switch out at once) if the window's quota is spent. Cheap: one clock read."""
         if self.account_cpu:
-            return self._run_accounted_slice(g, value)
-        result = g.switch(value)
-        self.deadline = math.inf
-        end = self.last_end = g.parked_at = _perf_counter()
-        if end - now > self.longest_slice:
-            self.longest_slice = end - now
-        return result
+            self._account_start()
+        now = _perf_counter()
+        if now > self.half_deadline and not self._may_run(now):
+            self.stats.deferred_resumes += 1
+            self._requeue()
 
-    def _run_accounted_slice(self, g: TameGreenlet, value: Any) -> Any:
-        cpu = _thread_time()
-        result = g.switch(value)
-        used = _thread_time() - cpu
-        self.deadline = math.inf
-        self.last_end = g.parked_at = _perf_counter()
+    def _account_start(self) -> None:
+        self.slice_cpu = _thread_time()
+
+    def _account_end(self) -> None:
+        used = _thread_time() - self.slice_cpu
         if used > self.longest_slice:
             self.longest_slice = used
         self.turn_used += used
         if self.turn_used > self.longest_turn:
             self.longest_turn = self.turn_used
-        return result
 
     def yield_now(self) -> None:
-        """On one of this runtime's stacks: let the loop run a turn, then continue."""
-        p = Parked("quota")
+        """On one of this runtime's stacks: let the loop run a turn, then continue.
+
+        Does nothing elsewhere (the hub, where a quota check may also run)."""
+        g = getcurrent()
+        if type(g) is not TameGreenlet or g.rt is not self:
+            return
         self.stats.quota_yields += 1
-        p.deferred = True
+        self._requeue()
+
+    def _requeue(self) -> None:
+        p = Parked("quota")
+        p.deferred = True  # "ready" in dump_stacks
         self._defer(p._wake_deferred, None)
         p.park()
 
@@ -577,7 +611,7 @@ def configure(
     at their next tamed call (default :data:`DEFAULT_QUOTA`, 0.5 ms); None
     turns preemption off. ``account_cpu``: measure every granted slice in
     thread CPU time (``time.thread_time``, a system call per switch: about
-    1 µs each on a VM) instead of wall-clock time. Settings outlive the
+    1 µs each on a VM), for ``stats()``'s longest slice and turn. Settings outlive the
     runtime: a runtime made later on the same loop gets them too.
     """
     if max_stacks is not None and (not isinstance(max_stacks, int) or max_stacks < 1):
@@ -647,10 +681,11 @@ def warm_up(stacks: int = 0, file_io: bool = True) -> Runtime:
 def stats() -> dict[str, Any]:
     """Counters of the running loop's tame runtime, pool occupancy and slice accounting.
 
+    With ``configure(account_cpu=True)`` (else they stay 0):
     ``longest_slice_ns``: the longest slice the scheduler granted one stack;
     ``longest_turn_ns``: the most tame time one window (a loop turn, or a few)
-    spent back to back, measured with ``account_cpu`` only (else 0);
-    ``slice_clock``: "thread_cpu" or "wall", how they were measured;
+    spent back to back; both in thread CPU time;
+    ``slice_clock``: "thread_cpu", or "off" when not measured;
     ``quota_ns``: the quota (0 when preemption is off).
     """
     rt = runtime()
@@ -662,7 +697,7 @@ def stats() -> dict[str, Any]:
         stack_waiters=len(rt.waiters),
         longest_slice_ns=round(rt.longest_slice * 1e9),
         longest_turn_ns=round(rt.longest_turn * 1e9),
-        slice_clock="thread_cpu" if rt.account_cpu else "wall",
+        slice_clock="thread_cpu" if rt.account_cpu else "off",
         quota_ns=0 if rt.quota == math.inf else round(rt.quota * 1e9),
     )
     return d
@@ -688,14 +723,13 @@ async def call(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     if rt is None or rt.loop is not loop:
         rt = runtime(loop)
     now = _perf_counter()
-    deferred = now - rt.turn_start > rt.half_quota and not rt._may_run(now)
+    deferred = now > rt.half_deadline and not rt._may_run(now)
     if rt.free:
         g = rt.free.pop()
     elif rt.n_stacks < rt.max_stacks:
         g = rt._new_stack()
     else:
         g = await rt._wait_for_stack()
-        now = _perf_counter()
     if getcurrent() is not rt.hub:
         rt._release(g)
         raise TameError(
@@ -711,7 +745,7 @@ async def call(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         blocked = True
     else:
         job.started = True
-        blocked = rt._run_slice(g, job, now) is not _DONE
+        blocked = g.switch(job) is not _DONE
     if blocked:
         rt.stats.blocked_calls += 1
         fut = job.fut
@@ -730,11 +764,7 @@ async def call(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
                     raise
                 rt.stats.cancellations += 1
                 fut = job.fut = loop.create_future()
-                rt.deadline = _perf_counter() + rt.quota
-                try:
-                    g.throw(asyncio.CancelledError(*exc.args))
-                finally:
-                    rt.deadline = math.inf
+                g.throw(asyncio.CancelledError(*exc.args))
     if job.ok:
         return job.value  # type: ignore[no-any-return]
     exc = job.value

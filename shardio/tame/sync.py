@@ -11,6 +11,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from threading import get_ident
 from typing import Any
 
 from greenlet import getcurrent
@@ -107,11 +108,13 @@ class TameLock(_TameSync):
         self._locked = False
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        self._check()
+        rt = self._rt  # the owner check and the quota (stacks.checkpoint), inlined: hot
+        if get_ident() != rt.thread_id:
+            rt.check_thread("tame Lock")
         if not blocking and timeout != -1:
             raise ValueError("can't specify a timeout for a non-blocking call")
-        if _perf_counter() > self._rt.deadline:  # the quota (stacks.checkpoint, inlined)
-            self._rt.yield_now()
+        if _perf_counter() > rt.deadline:
+            rt.yield_now()
         if not self._locked and not self._waiters:
             self._locked = True
             return True
@@ -120,10 +123,11 @@ class TameLock(_TameSync):
         return self._block(None if timeout < 0 else timeout, "Lock.acquire")
 
     def release(self) -> None:
-        self._check()
+        if get_ident() != self._rt.thread_id:
+            self._rt.check_thread("tame Lock")
         if not self._locked:
             raise RuntimeError("release unlocked lock")
-        if self._grant(self._waiters) is None:
+        if not self._waiters or self._grant(self._waiters) is None:
             self._locked = False
 
     def locked(self) -> bool:
