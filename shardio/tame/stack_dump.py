@@ -18,7 +18,7 @@ from typing import Any
 
 from greenlet import getcurrent
 
-from .stacks import Parked, Runtime, TameGreenlet, loop_runtime
+from .stacks import Parked, Runtime, TameGreenlet, job_started, loop_runtime
 
 __all__ = ["StackDump", "dump_stacks", "format_dumps", "stall_section"]
 
@@ -62,7 +62,7 @@ def _function_name(g: TameGreenlet) -> str:
 def _describe(g: TameGreenlet, now: float, running: Any) -> StackDump:
     parked = g.parked
     job = g.job
-    if job is not None and not job.started:
+    if job is not None and not job_started(job):
         state, kind, target, seconds = "ready", "start", "", 0.0
         frame = None
     elif g is running or parked is None or g.gr_frame is None:  # running (see Parked.park)

@@ -102,7 +102,12 @@ class StackKilled(TameError):
 
 
 class _Job:
-    """One tame.call: what to run and, once finished, its outcome."""
+    """One tame.call: what to run and, once finished, its outcome.
+
+    ``started`` (False while a deferred start waits for its turn) and
+    ``abandoned`` (cancelled before that start) are set only on deferred
+    starts: read them with ``job_started`` / ``getattr(job, "abandoned", False)``.
+    """
 
     __slots__ = ("func", "args", "kwargs", "fut", "ok", "value", "finished", "started", "abandoned")
 
@@ -116,8 +121,11 @@ class _Job:
         self.ok = False
         self.value: Any = None
         self.finished = False
-        self.started = False
-        self.abandoned = False  # cancelled before its deferred start
+
+
+def job_started(job: _Job) -> bool:
+    """False while a deferred start waits for its turn."""
+    return getattr(job, "started", True)
 
 
 class TameGreenlet(greenlet):
@@ -152,7 +160,6 @@ class TameGreenlet(greenlet):
             self._finish(job)
             self.job = job = None  # type: ignore[assignment]  # drop references while pooled
             rt._release(self)
-            rt.last_end = self.parked_at = _perf_counter()
             if rt.account_cpu:
                 rt._account_end()
             job = hub.switch(_DONE)
@@ -399,9 +406,10 @@ class Runtime:
 
     def _start_deferred(self, start: tuple[TameGreenlet, _Job]) -> None:
         g, job = start
-        if job.abandoned:
+        if getattr(job, "abandoned", False):
             return
         job.started = True
+        self.last_end = _perf_counter()
         g.switch(job)
 
     # Stacks keep the books themselves, at their switches (a resumption from the
@@ -740,11 +748,12 @@ async def call(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     g.gr_context = contextvars.copy_context()
     if deferred:  # this turn's quota is spent: start in order on a later turn
         rt.stats.deferred_starts += 1
+        job.started = False
         job.fut = loop.create_future()
         rt._defer(rt._start_deferred, (g, job))
         blocked = True
     else:
-        job.started = True
+        rt.last_end = now  # a stack runs: the window is not idle (see Runtime._may_run)
         blocked = g.switch(job) is not _DONE
     if blocked:
         rt.stats.blocked_calls += 1
@@ -757,7 +766,7 @@ async def call(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
             except asyncio.CancelledError as exc:
                 if job.finished:
                     raise
-                if not job.started:  # never ran: nothing to unwind
+                if not job_started(job):  # never ran: nothing to unwind
                     job.abandoned = True
                     g.job = None
                     rt._release(g)
