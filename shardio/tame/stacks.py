@@ -284,6 +284,10 @@ class Stats:
 class Runtime:
     """The tame state of one event loop: stack pool, FIFO of waiters, Env, drivers."""
 
+    #: The wake-up token of a parking stack, for drivers the runtime owns (``rt.Parked(
+    #: "io_uring", op)``): they need not import tame to park a stack.
+    Parked = Parked
+
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
