@@ -16,7 +16,8 @@ from typing import Any, Literal
 
 from .errors import GroupStateError, ShardDied, ShardStartError
 from .external import OwnerEndpoint, describe_exit
-from .fabric.mesh import Mesh
+from .fabric.link import DEFAULT_MAX_BYTES, DEFAULT_MAX_CALLS
+from .fabric.mesh import Mesh, default_ring_bytes
 from .launch import ShardOptions, start_process, start_thread
 from .reactor import require_reactor
 
@@ -28,6 +29,14 @@ _running_groups: weakref.WeakSet[ShardGroup] = weakref.WeakSet()
 
 class ShardGroup:
     """A group of shards, each a reactor; one per CPU by default.
+
+    ``ring_bytes`` is the size of each ring; by default it follows the shard
+    count (1 MiB each for up to 10 shards, less beyond, so that the N x N
+    rings stay near 128 MiB in all).  ``max_calls_per_peer`` and
+    ``max_queued_bytes_per_peer`` bound what one endpoint queues toward one
+    peer: calls waiting for their result, and pickled bytes waiting for ring
+    space; a call beyond either waits, not yet pickled, in submission order
+    (docs/design.md, "Bounded cross-shard calls").
 
     ``warm_up_tame=True`` imports :mod:`shardio.tame` and sets up each shard's
     io_uring ring before the shard reports ready (~100 ms per shard), so that
@@ -47,7 +56,7 @@ class ShardGroup:
         *,
         backend: Literal["process", "thread"] = "process",
         idle_poll_us: float | None = None,
-        ring_bytes: int = 1 << 20,
+        ring_bytes: int | None = None,
         loop: Literal["auto", "uvloop", "asyncio"] | Callable[[], asyncio.AbstractEventLoop]
         = "auto",
         pin: bool | None = None,
@@ -59,6 +68,8 @@ class ShardGroup:
         stall_threshold_ms: float | None = 25.0,
         warm_up_tame: bool = False,
         preload: tuple[str, ...] | list[str] = (),
+        max_calls_per_peer: int = DEFAULT_MAX_CALLS,
+        max_queued_bytes_per_peer: int = DEFAULT_MAX_BYTES,
     ) -> None:
         if shards is None:
             shards = len(os.sched_getaffinity(0))
@@ -74,6 +85,12 @@ class ShardGroup:
             raise ValueError(f"loop must be 'auto', 'uvloop', 'asyncio' or a factory, got {loop!r}")
         if idle_poll_us < 0:
             raise ValueError(f"idle_poll_us must be >= 0, got {idle_poll_us}")
+        for name, value in (("max_calls_per_peer", max_calls_per_peer),
+                            ("max_queued_bytes_per_peer", max_queued_bytes_per_peer)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if ring_bytes is None:
+            ring_bytes = default_ring_bytes(shards + 1)
         self.shards = shards
         self.backend = backend
         self.ring_bytes = ring_bytes
@@ -88,6 +105,8 @@ class ShardGroup:
             max_message_bytes=max_message_bytes, cpus=cpus if pin else None,
             log_level=log_level, stall_threshold_ms=stall_threshold_ms,
             warm_up_tame=warm_up_tame, preload=tuple(preload),
+            max_calls_per_peer=max_calls_per_peer,
+            max_queued_bytes_per_peer=max_queued_bytes_per_peer,
         )
         self._state = "new"
         self._mesh: Mesh | None = None
@@ -108,8 +127,10 @@ class ShardGroup:
             self._state = "starting"
         try:
             self._mesh = Mesh.create(self.shards + 1, self.ring_bytes)
-            self._owner = OwnerEndpoint(self._mesh, self.shards,
-                                        max_message_bytes=self.options.max_message_bytes)
+            self._owner = OwnerEndpoint(
+                self._mesh, self.shards, max_message_bytes=self.options.max_message_bytes,
+                max_calls_per_peer=self.options.max_calls_per_peer,
+                max_queued_bytes_per_peer=self.options.max_queued_bytes_per_peer)
             for shard in range(self.shards):
                 if self.backend == "process":
                     process, lifeline = start_process(shard, self._mesh, self.options)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .fabric.handles import FdHandle
+from .fabric.link import DEFAULT_MAX_BYTES, DEFAULT_MAX_CALLS
 from .fabric.mesh import Mesh
 from .reactor import Reactor, home_reactor, set_process_reactor
 
@@ -42,6 +43,8 @@ class ShardOptions:
     stall_threshold_ms: float | None = 25.0
     warm_up_tame: bool = False
     preload: tuple[str, ...] = ()
+    max_calls_per_peer: int = DEFAULT_MAX_CALLS
+    max_queued_bytes_per_peer: int = DEFAULT_MAX_BYTES
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -52,7 +55,9 @@ def make_reactor(shard: int, mesh: Mesh, options: ShardOptions) -> Reactor:
     return Reactor(shard, options.shard_count, mesh, idle_poll_us=options.idle_poll_us,
                    loop=options.loop, max_message_bytes=options.max_message_bytes,
                    stall_threshold_ms=options.stall_threshold_ms,
-                   warm_up_tame=options.warm_up_tame)
+                   warm_up_tame=options.warm_up_tame,
+                   max_calls_per_peer=options.max_calls_per_peer,
+                   max_queued_bytes_per_peer=options.max_queued_bytes_per_peer)
 
 
 # ---------------------------------------------------------------- processes

@@ -8,13 +8,23 @@ with nothing found, it sleeps: it sets its ``sleeping`` flag, issues a full
 fence, polls once more, and only then lets the loop block in epoll, where
 its doorbell (an eventfd) wakes it.  A producer rings the doorbell only if
 it flips that flag from set to clear, so no wake-up is lost and a busy
-reactor costs its peers nothing (DESIGN.md, section 4).
+reactor costs its peers nothing (docs/design.md, section 4).
+
+Asleep means asleep: the loop wakes for sockets and timers too, and the
+first callback it schedules after such a wake (every task wake-up and
+future completion goes through ``call_soon``) clears the flag and resumes
+polling, so a shard busy with other work is not rung for each message.  The
+loops shardio makes (``loop="auto"/"uvloop"/"asyncio"``) carry that hook; a
+loop from a user's factory does not, and keeps the flag set until its
+doorbell rings.  Sleep time is the wall time asleep minus the CPU time the
+thread used meanwhile, so work done between wakes counts as busy.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import logging
 import os
 import pickle
@@ -32,13 +42,14 @@ from .errors import (
     ShardDied,
     WrongThreadError,
 )
-from .fabric.link import Link
+from .fabric.link import DEFAULT_MAX_BYTES, DEFAULT_MAX_CALLS, Link
 from .fabric.mesh import Mesh
 from .fabric.messages import (
     HEADER,
     REPLY_ERROR,
     REPLY_OK,
     REQUEST,
+    REQUEST_WITH_FUNCTION,
     CannotCrossError,
     decode_error,
     decode_request,
@@ -60,6 +71,12 @@ _unpack_header = HEADER.unpack_from
 _HEADER_SIZE = HEADER.size
 _CoroutineType = types.CoroutineType
 _perf_counter = time.perf_counter
+_thread_time = time.thread_time
+
+_serving_shard_request: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "shardio_serving_shard_request", default=False)
+"""True in a task that serves a call from another shard: its own calls are nested
+and not held back by the bound (docs/design.md, "Bounded cross-shard calls")."""
 
 
 def current_reactor() -> Reactor | None:
@@ -97,7 +114,7 @@ class ReactorStats:
     """Plain counters, read by the metrics layer at scrape time."""
 
     __slots__ = (
-        "polls", "idle_spins", "sleeps", "doorbell_wakeups", "sleep_seconds",
+        "polls", "idle_spins", "sleeps", "doorbell_wakeups", "work_wakeups", "sleep_seconds",
         "requests_run", "tasks_started", "external_submissions", "inbox_items",
         "batches", "batch_messages", "started_at", "stalls",
     )
@@ -107,6 +124,7 @@ class ReactorStats:
         self.idle_spins = 0
         self.sleeps = 0
         self.doorbell_wakeups = 0
+        self.work_wakeups = 0
         self.sleep_seconds = 0.0
         self.requests_run = 0
         self.tasks_started = 0
@@ -133,10 +151,37 @@ def new_event_loop(kind: str | Callable[[], asyncio.AbstractEventLoop] = "auto"
             if kind == "uvloop":
                 raise
         else:
-            return uvloop.new_event_loop()
+            return _wake_hooked(uvloop.Loop)()
     elif kind != "asyncio":
         raise ValueError(f"loop must be 'auto', 'uvloop' or 'asyncio', got {kind!r}")
-    return asyncio.new_event_loop()
+    return _wake_hooked(asyncio.SelectorEventLoop)()
+
+
+_hooked_classes: dict[type, type] = {}
+
+
+def _wake_hooked(base: type) -> type:
+    """``base`` with a ``call_soon`` that first tells a sleeping reactor it is awake.
+
+    ``on_wake`` is None except while the reactor sleeps, so an awake loop pays
+    one attribute test per ``call_soon``.
+    """
+    hooked = _hooked_classes.get(base)
+    if hooked is None:
+        base_call_soon = base.call_soon
+
+        def call_soon(self, callback, *args, context=None):
+            on_wake = self.on_wake
+            if on_wake is not None:
+                self.on_wake = None
+                on_wake()
+            return base_call_soon(self, callback, *args, context=context)
+
+        hooked = type(f"Shard{base.__name__}", (base,), {
+            "__doc__": f"{base.__name__} whose call_soon wakes a sleeping shardio reactor.",
+            "on_wake": None, "call_soon": call_soon, "base_call_soon": base_call_soon})
+        _hooked_classes[base] = hooked
+    return hooked
 
 
 class Reactor:
@@ -146,7 +191,9 @@ class Reactor:
                  idle_poll_us: float, loop: str | Callable = "auto",
                  max_message_bytes: int = 256 << 20,
                  stall_threshold_ms: float | None = 25.0,
-                 warm_up_tame: bool = False) -> None:
+                 warm_up_tame: bool = False,
+                 max_calls_per_peer: int = DEFAULT_MAX_CALLS,
+                 max_queued_bytes_per_peer: int = DEFAULT_MAX_BYTES) -> None:
         self.shard_id = shard_id
         self.shard_count = shard_count
         self.owner_endpoint = mesh.layout.endpoints - 1
@@ -171,7 +218,9 @@ class Reactor:
                 self.links.append(None)
                 continue
             self.links.append(Link(peer, mesh.ring(shard_id, peer), mesh.ring(peer, shard_id),
-                                   mesh.sleeping_flag(peer), mesh.doorbells[peer].fd))
+                                   mesh.sleeping_flag(peer), mesh.doorbells[peer].fd,
+                                   max_calls=max_calls_per_peer,
+                                   max_bytes=max_queued_bytes_per_peer))
         self._active_links = [link for link in self.links if link is not None]
         self._inbound = [(link, link.inbound.get, link.inbound.take_space_waiter)
                          for link in self._active_links]
@@ -183,6 +232,10 @@ class Reactor:
         self._idle_since = 0.0
         self._asleep = False
         self._asleep_since = 0.0
+        self._asleep_cpu = 0.0
+        self._wake_hook = False
+        self._serving = False  # running a shard's request synchronously (see _execute)
+        self._serving_context: contextvars.Context | None = None
         self._exit: asyncio.Future | None = None
         self._call_soon: Callable | None = None
 
@@ -193,7 +246,13 @@ class Reactor:
         loop = new_event_loop(self.loop_kind)
         self.loop = loop
         self.thread_id = threading.get_ident()
-        self._call_soon = loop.call_soon
+        base_call_soon = getattr(type(loop), "base_call_soon", None)
+        self._wake_hook = base_call_soon is not None
+        # The reactor's own re-polls skip the wake hook: they are not a wake.
+        self._call_soon = (base_call_soon.__get__(loop) if base_call_soon is not None
+                           else loop.call_soon)
+        self._serving_context = contextvars.copy_context()
+        self._serving_context.run(_serving_shard_request.set, True)
         asyncio.set_event_loop(loop)
         _local.reactor = self
         self.sleeping.clear()
@@ -288,19 +347,38 @@ class Reactor:
             self._call_soon(self._poll)
             return
         self._asleep = True
-        self._asleep_since = now
+        self._asleep_since = _perf_counter()
+        self._asleep_cpu = _thread_time()
         stats.sleeps += 1
+        if self._wake_hook:
+            self.loop.on_wake = self._woken_by_work
+
+    def _wake(self) -> None:
+        """Leave the sleep state: clear the flag, account the time truly asleep."""
+        self._asleep = False
+        self.sleeping.clear()
+        if self._wake_hook:
+            self.loop.on_wake = None
+        # Wall time minus the CPU this thread spent meanwhile (socket and timer
+        # callbacks that ran before anything woke the reactor) is time blocked.
+        asleep = (_perf_counter() - self._asleep_since) - (_thread_time() - self._asleep_cpu)
+        if asleep > 0.0:
+            self.stats.sleep_seconds += asleep
+        self._idle_since = 0.0
 
     def _on_doorbell(self) -> None:
         self.doorbell.drain()
         if self._asleep:
-            self._asleep = False
-            self.sleeping.clear()
-            stats = self.stats
-            stats.doorbell_wakeups += 1
-            stats.sleep_seconds += _perf_counter() - self._asleep_since
-            self._idle_since = 0.0
+            self._wake()
+            self.stats.doorbell_wakeups += 1
             self._poll()
+
+    def _woken_by_work(self) -> None:
+        """The loop scheduled a callback while the reactor slept: it is awake, so poll."""
+        if self._asleep:
+            self._wake()
+            self.stats.work_wakeups += 1
+            self._call_soon(self._poll)
 
     def _drain(self) -> bool:
         """Poll everything once; True if any work was found."""
@@ -321,6 +399,8 @@ class Reactor:
             for link in list(self._backlogged):
                 if link.flush():
                     did = True
+                    if link.waiting:
+                        self._admit(link)
                 if not link.backlog:
                     self._backlogged.discard(link)
         for poller in self._pollers:
@@ -346,6 +426,8 @@ class Reactor:
             except Exception:  # one bad message must not stop the poll loop
                 log.exception("shard %d could not handle a message of %d bytes from endpoint %d",
                               self.shard_id, len(message), link.peer)
+        if link.waiting:  # replies made room
+            self._admit(link)
 
     def _run_inbox(self) -> None:
         inbox = self._inbox
@@ -371,9 +453,9 @@ class Reactor:
                 except Exception as error:
                     future.set_exception(RemoteError(
                         f"the result from endpoint {link.peer} could not be unpickled: {error!r}"))
-        elif kind == REQUEST:
+        elif kind == REQUEST or kind == REQUEST_WITH_FUNCTION:
             try:
-                func, args, kwargs = decode_request(body, link.functions)
+                func, args, kwargs = decode_request(kind, body, link.functions)
             except Exception as error:
                 self._send(link, encode_error(request_id, CannotCrossError(
                     f"shard {self.shard_id} could not unpickle the call: {error!r} (is the "
@@ -391,16 +473,24 @@ class Reactor:
     def _execute(self, link: Link, request_id: int, func: Callable, args: tuple,
                  kwargs: dict | None) -> None:
         self.stats.requests_run += 1
+        from_shard = link.peer < self.shard_count
+        self._serving = from_shard
         try:
             result = func(*args, **kwargs) if kwargs else func(*args)
         except BaseException as error:
+            self._serving = False
             self._send(link, encode_error(request_id, error, self.shard_id))
             return
+        self._serving = False
         # Cheaper than inspect.isawaitable (measured 0.25 us less per call).
         if type(result) is _CoroutineType or (
                 result is not None and hasattr(type(result), "__await__")):
             self.stats.tasks_started += 1
-            task = asyncio.ensure_future(result, loop=self.loop)
+            if from_shard and type(result) is _CoroutineType:
+                # The task and the tasks it starts know they serve another shard.
+                task = self.loop.create_task(result, context=self._serving_context.copy())
+            else:
+                task = asyncio.ensure_future(result, loop=self.loop)
             task.add_done_callback(lambda done: self._reply_from_task(link, request_id, done))
             return
         self._reply(link, request_id, result)
@@ -447,20 +537,45 @@ class Reactor:
 
     def send_call(self, shard: int, func: Callable, args: tuple, kwargs: dict | None
                   ) -> asyncio.Future:
-        """Put a call on the ring to another shard (no interception)."""
+        """Put a call on the ring to another shard (no interception).
+
+        Beyond the link's bound the call waits, unpickled, behind the calls
+        already waiting; a call nested in the handling of another shard's
+        request never waits (docs/design.md explains why).
+        """
         link = self.links[shard]
         future = self.loop.create_future()
         if link.dead:
             future.set_exception(ShardDied(shard))
             return future
+        if not link.has_room() and not self._serving and not _serving_shard_request.get():
+            link.waiting.append((future, func, args, kwargs))
+            link.bound_waits += 1
+            return future
+        self._send_call(link, future, func, args, kwargs)
+        return future
+
+    def _send_call(self, link: Link, future: asyncio.Future, func: Callable, args: tuple,
+                   kwargs: dict | None) -> None:
         request_id = self._next_request_id
         self._next_request_id = request_id + 1
-        payload = encode_request(request_id, func, args, kwargs, f"shard {shard}",
+        payload = encode_request(request_id, func, args, kwargs, f"shard {link.peer}",
                                  link.interned, self.max_message_bytes)
         link.pending[request_id] = future
         if link.send(payload):
             self._backlogged.add(link)
-        return future
+
+    def _admit(self, link: Link) -> None:
+        """Send waiting calls, oldest first, while the bound allows."""
+        waiting = link.waiting
+        while waiting and link.room_for_waiting():
+            future, func, args, kwargs = waiting.popleft()
+            if future.done():  # cancelled while it waited: it never crosses
+                continue
+            try:
+                self._send_call(link, future, func, args, kwargs)
+            except Exception as error:  # cannot be pickled, too large
+                future.set_exception(error)
 
     def _run_local(self, func: Callable, args: tuple, kwargs: dict | None) -> asyncio.Future:
         try:
@@ -530,10 +645,11 @@ class Reactor:
             return
         link.dead = True
         pending, link.pending = link.pending, {}
-        for future in pending.values():
+        waiting, link.waiting = link.waiting, deque()
+        for future in [*pending.values(), *(entry[0] for entry in waiting)]:
             if not future.done():
                 future.set_exception(ShardDied(shard, detail))
-        link.backlog.clear()
+        link.drop_backlog()
         self._backlogged.discard(link)
         link.inbound.reset_consumer()
 
@@ -542,7 +658,8 @@ class Reactor:
         return len(self._inbox)
 
     def pending_calls(self) -> int:
-        return sum(len(link.pending) for link in self._active_links)
+        """Calls this shard made that wait for their result (sent or held by the bound)."""
+        return sum(len(link.pending) + len(link.waiting) for link in self._active_links)
 
 
 async def _warm_up_tame() -> None:

@@ -1,0 +1,77 @@
+"""Functions the fabric tests run on shards (importable by every shard process)."""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+
+import shardio
+
+_received: dict[int, list[int]] = {}
+
+
+def _refuse_to_unpickle():
+    raise ValueError("this argument refuses to be unpickled")
+
+
+class Unloadable:
+    """Pickles fine; unpickling it on the receiver raises ValueError."""
+
+    def __reduce__(self):
+        return (_refuse_to_unpickle, ())
+
+
+def add(a, b=0):
+    return a + b
+
+
+async def poison_then_call(peer: int) -> tuple[str, int]:
+    """First call of ``add`` on the link carries an argument that fails to unpickle."""
+    try:
+        await shardio.submit_to(peer, add, Unloadable(), 1)
+    except shardio.CannotCrossError as error:
+        first = str(error)
+    else:
+        first = "no error"
+    return first, await shardio.submit_to(peer, add, 2, 3)
+
+
+def record(source: int, sequence: int, payload: bytes) -> int:
+    """Note the order calls arrive in; the result proves the payload crossed intact."""
+    _received.setdefault(source, []).append(sequence)
+    return sequence + len(payload)
+
+
+def arrivals(source: int) -> list[int]:
+    return _received.pop(source, [])
+
+
+def peak_rss_kib() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+async def flood(peer: int, calls: int, payload_bytes: int) -> dict:
+    """Submit ``calls`` calls at once, all sharing one payload; peak RSS growth here."""
+    payload = b"x" * payload_bytes
+    me = shardio.this_shard()
+    before = peak_rss_kib()
+    futures = [shardio.submit_to(peer, record, me, sequence, payload)
+               for sequence in range(calls)]
+    submitted = peak_rss_kib()
+    results = await asyncio.gather(*futures)
+    return {"growth_kib": max(submitted, peak_rss_kib()) - before,
+            "correct": results == [s + payload_bytes for s in range(calls)]}
+
+
+async def ping_pong(peer: int, depth: int) -> int:
+    """A handler that calls back into the shard that called it, ``depth`` times."""
+    if depth == 0:
+        return shardio.this_shard()
+    return await shardio.submit_to(peer, ping_pong, shardio.this_shard(), depth - 1)
+
+
+async def nested_storm(peer: int, calls: int, depth: int) -> list[int]:
+    """Many concurrent calls whose handlers call back (nested) through the bound."""
+    me = shardio.this_shard()
+    return await asyncio.gather(*[shardio.submit_to(peer, ping_pong, me, depth)
+                                  for _ in range(calls)])
