@@ -171,11 +171,12 @@ def _wake_hooked(base: type) -> type:
         base_call_soon = base.call_soon
 
         def call_soon(self, callback, *args, context=None):
+            handle = base_call_soon(self, callback, *args, context=context)
             on_wake = self.on_wake
-            if on_wake is not None:
+            if on_wake is not None:  # after the callback: the poll then follows its work
                 self.on_wake = None
                 on_wake()
-            return base_call_soon(self, callback, *args, context=context)
+            return handle
 
         hooked = type(f"Shard{base.__name__}", (base,), {
             "__doc__": f"{base.__name__} whose call_soon wakes a sleeping shardio reactor.",
@@ -234,6 +235,7 @@ class Reactor:
         self._asleep_since = 0.0
         self._asleep_cpu = 0.0
         self._wake_hook = False
+        self._confirming = False  # one idle loop iteration away from sleeping
         self._serving = False  # running a shard's request synchronously (see _execute)
         self._serving_context: contextvars.Context | None = None
         self._exit: asyncio.Future | None = None
@@ -330,6 +332,9 @@ class Reactor:
         stats.polls += 1
         if self._drain():
             self._idle_since = 0.0
+            if self._confirming:
+                self._confirming = False
+                self.loop.on_wake = None
             self._call_soon(self._poll)
             return
         now = _perf_counter()
@@ -339,11 +344,22 @@ class Reactor:
             stats.idle_spins += 1
             self._call_soon(self._poll)
             return
+        if self._wake_hook and not self._confirming:
+            # Callbacks queued before this poll still run after it.  Go round the
+            # loop once more (a zero-timeout epoll): if nothing calls call_soon
+            # meanwhile, the next poll is the last callback before the loop blocks.
+            self._confirming = True
+            self.loop.on_wake = self._saw_work
+            self._call_soon(self._poll)
+            return
+        self._confirming = False
         # Sleep protocol: flag, full fence (inside set()), one more poll.
         self.sleeping.set()
         if self._drain():
             self.sleeping.clear()
             self._idle_since = 0.0
+            if self._wake_hook:
+                self.loop.on_wake = None
             self._call_soon(self._poll)
             return
         self._asleep = True
@@ -352,6 +368,10 @@ class Reactor:
         stats.sleeps += 1
         if self._wake_hook:
             self.loop.on_wake = self._woken_by_work
+
+    def _saw_work(self) -> None:
+        """Something was scheduled while the reactor confirmed it is idle: not yet."""
+        self._confirming = False
 
     def _wake(self) -> None:
         """Leave the sleep state: clear the flag, account the time truly asleep."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import resource
+import time
 
 import shardio
 
@@ -75,3 +76,65 @@ async def nested_storm(peer: int, calls: int, depth: int) -> list[int]:
     me = shardio.this_shard()
     return await asyncio.gather(*[shardio.submit_to(peer, ping_pong, me, depth)
                                   for _ in range(calls)])
+
+
+def _spin(microseconds: float) -> None:
+    end = time.perf_counter() + microseconds / 1e6
+    while time.perf_counter() < end:
+        pass
+
+
+async def start_echo_server(work_us: float) -> int:
+    """An echo server on this shard that burns ``work_us`` of CPU per line."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                _spin(work_us)
+                writer.write(line)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    _servers.append(server)
+    return server.sockets[0].getsockname()[1]
+
+
+async def stop_echo_server() -> None:
+    while _servers:
+        server = _servers.pop()
+        server.close()
+        await server.wait_closed()
+
+
+_servers: list = []
+
+
+def noop(value=None):
+    return value
+
+
+def doorbells_rung_to(peer: int) -> int:
+    return shardio.current_reactor().links[peer].doorbells_rung
+
+
+async def paced_calls(peer: int, count: int, pause: float) -> dict:
+    """``count`` calls to ``peer``, one at a time, ``pause`` seconds apart."""
+    link = shardio.current_reactor().links[peer]
+    rung_before = link.doorbells_rung
+    cpu_before = time.thread_time()
+    for i in range(count):
+        assert await shardio.submit_to(peer, noop, i) == i
+        await asyncio.sleep(pause)
+    return {"doorbells": link.doorbells_rung - rung_before,
+            "cpu": time.thread_time() - cpu_before}
+
+
+def sleep_accounting() -> dict:
+    """This shard's clocks: wall time since start, time asleep, the thread's CPU time."""
+    reactor = shardio.current_reactor()
+    stats = reactor.stats
+    return {"wall": time.monotonic() - stats.started_at, "sleep": stats.sleep_seconds,
+            "cpu": time.thread_time(), "sleeps": stats.sleeps,
+            "doorbell_wakeups": stats.doorbell_wakeups, "work_wakeups": stats.work_wakeups}
+
