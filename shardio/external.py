@@ -26,7 +26,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from .errors import RemoteError, ShardDied
+from .errors import GroupStateError, RemoteError, ShardDied
+from .fabric._ring import Flag
+from .fabric.doorbell import Doorbell
+from .fabric.endpoint import EndpointSegment
 from .fabric.link import DEFAULT_MAX_BYTES, DEFAULT_MAX_CALLS, Link
 from .fabric.mesh import Mesh
 from .fabric.messages import HEADER, REPLY_ERROR, REPLY_OK, decode_error, encode_request
@@ -45,24 +48,25 @@ def _peer_died(shard: int, detail: str) -> None:
 
 
 class OwnerEndpoint:
-    """The last endpoint of the mesh, driven by plain threads."""
+    """An endpoint outside the shards, driven by plain threads.
 
-    def __init__(self, mesh: Mesh, shard_count: int, *, max_message_bytes: int,
+    The group's owner is one (the last endpoint of the mesh: it also watches
+    the shard processes and tells the shards of a death); an endpoint added
+    to a running group (:meth:`ShardGroup.add_endpoint`) is another, made
+    with :meth:`attached`.
+    """
+
+    def __init__(self, links: list[Link], sleeping: Flag, doorbell: Doorbell, *,
+                 max_message_bytes: int, alive: list[Flag] | None = None,
                  on_death: Callable[[int, str], None] | None = None,
-                 max_calls_per_peer: int = DEFAULT_MAX_CALLS,
-                 max_queued_bytes_per_peer: int = DEFAULT_MAX_BYTES) -> None:
-        me = mesh.layout.endpoints - 1
-        self.shard_count = shard_count
+                 name: str = "owner") -> None:
+        self.shard_count = len(links)
         self.max_message_bytes = max_message_bytes
-        self.links = [
-            Link(shard, mesh.ring(me, shard), mesh.ring(shard, me), mesh.sleeping_flag(shard),
-                 mesh.doorbells[shard].fd, max_calls=max_calls_per_peer,
-                 max_bytes=max_queued_bytes_per_peer)
-            for shard in range(shard_count)
-        ]
-        self.alive = [mesh.alive_flag(shard) for shard in range(shard_count)]
-        self.sleeping = mesh.sleeping_flag(me)
-        self.doorbell = mesh.doorbells[me]
+        self.links = links
+        self.alive = alive or []
+        self.is_owner = alive is not None
+        self.sleeping = sleeping
+        self.doorbell = doorbell
         self.on_death = on_death
         self.lock = threading.Lock()
         self._next_request_id = 1
@@ -71,14 +75,42 @@ class OwnerEndpoint:
         self._expected_exit = False
         self._closing = False
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._thread = threading.Thread(target=self._receive, name="shardio-owner-receiver",
+        self._thread = threading.Thread(target=self._receive, name=f"shardio-{name}-receiver",
                                         daemon=True)
         self._thread.start()
 
+    @classmethod
+    def of_mesh(cls, mesh: Mesh, shard_count: int, *, max_message_bytes: int,
+                max_calls_per_peer: int = DEFAULT_MAX_CALLS,
+                max_queued_bytes_per_peer: int = DEFAULT_MAX_BYTES,
+                on_death: Callable[[int, str], None] | None = None) -> OwnerEndpoint:
+        """The group owner's endpoint: the mesh's last."""
+        me = mesh.layout.endpoints - 1
+        links = [Link(shard, mesh.ring(me, shard), mesh.ring(shard, me),
+                      mesh.sleeping_flag(shard), mesh.doorbells[shard].fd,
+                      max_calls=max_calls_per_peer, max_bytes=max_queued_bytes_per_peer)
+                 for shard in range(shard_count)]
+        return cls(links, mesh.sleeping_flag(me), mesh.doorbells[me],
+                   max_message_bytes=max_message_bytes, on_death=on_death,
+                   alive=[mesh.alive_flag(shard) for shard in range(shard_count)])
+
+    @classmethod
+    def attached(cls, mesh: Mesh, segment: EndpointSegment, *, max_message_bytes: int,
+                 max_calls_per_peer: int, max_queued_bytes_per_peer: int) -> OwnerEndpoint:
+        """The client side of an endpoint added to a running group, in this process."""
+        shard_count = segment.layout.shard_count
+        links = [Link(shard, segment.to_shard(shard), segment.from_shard(shard),
+                      mesh.sleeping_flag(shard), mesh.doorbells[shard].fd,
+                      max_calls=max_calls_per_peer, max_bytes=max_queued_bytes_per_peer)
+                 for shard in range(shard_count)]
+        return cls(links, segment.sleeping_flag(), segment.doorbell,
+                   max_message_bytes=max_message_bytes, name=f"endpoint-{segment.number}")
     # ------------------------------------------------------------ submitting
 
     def submit(self, shard: int, func: Callable, args: tuple, kwargs: dict | None
                ) -> concurrent.futures.Future:
+        if self._closing:
+            raise GroupStateError("cannot submit: this endpoint was closed")
         if not 0 <= shard < self.shard_count:
             raise ValueError(f"no shard {shard}: this group has shards 0..{self.shard_count - 1}")
         future: concurrent.futures.Future = concurrent.futures.Future()
@@ -248,14 +280,15 @@ class OwnerEndpoint:
             pending, link.pending = link.pending, {}
             waiting, link.waiting = link.waiting, deque()
             link.drop_backlog()
-        self.alive[shard].clear()
+        if self.is_owner:
+            self.alive[shard].clear()
         link.inbound.reset_consumer()
         for future in [*pending.values(), *(entry[0] for entry in waiting)]:
             try:
                 future.set_exception(ShardDied(shard, detail))
             except concurrent.futures.InvalidStateError:
                 pass
-        for other in range(self.shard_count):
+        for other in range(self.shard_count if self.is_owner else 0):
             if other != shard and not self.links[other].dead:
                 self.submit(other, _peer_died, (shard, detail), None)
         if self.on_death is not None:
@@ -269,7 +302,7 @@ class OwnerEndpoint:
 
     # ------------------------------------------------------------ closing
 
-    def close(self) -> None:
+    def close(self, reason: str = "the group stopped before the call returned") -> None:
         """Stop the receiver thread, fail what is left, release the rings."""
         self._closing = True
         self._poke()
@@ -282,7 +315,7 @@ class OwnerEndpoint:
                 link.waiting = deque()
         for future in leftovers:
             try:
-                future.set_exception(ShardDied(-1, "the group stopped before the call returned"))
+                future.set_exception(ShardDied(-1, reason))
             except concurrent.futures.InvalidStateError:
                 pass
         for link in self.links:

@@ -17,6 +17,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -63,25 +64,33 @@ def make_reactor(shard: int, mesh: Mesh, options: ShardOptions) -> Reactor:
 # ---------------------------------------------------------------- processes
 
 
-def start_process(shard: int, mesh: Mesh, options: ShardOptions) -> tuple[Any, int]:
-    """Spawn shard ``shard``; returns the process and the parent's lifeline fd."""
+def start_process(shard: int, mesh: Mesh, options: ShardOptions
+                  ) -> tuple[Any, int, socket.socket]:
+    """Spawn shard ``shard``; returns the process, the parent's lifeline fd and the
+    parent's end of the control socket (descriptors for added endpoints go there)."""
     lifeline_read, lifeline_write = os.pipe2(os.O_CLOEXEC)
+    control, control_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     context = multiprocessing.get_context("spawn")
     process = context.Process(
         target=shard_process_main,
-        args=(shard, mesh.handle(), FdHandle(lifeline_read), options),
+        args=(shard, mesh.handle(), FdHandle(lifeline_read), options,
+              FdHandle(control_child.fileno())),
         name=f"shardio-shard-{shard}",
         daemon=True,
     )
     try:
         process.start()
+    except BaseException:
+        control.close()
+        raise
     finally:
         os.close(lifeline_read)
-    return process, lifeline_write
+        control_child.close()
+    return process, lifeline_write, control
 
 
 def shard_process_main(shard: int, mesh_handle: tuple, lifeline: FdHandle,
-                       options: ShardOptions) -> None:
+                       options: ShardOptions, control: FdHandle | None = None) -> None:
     """The body of a shard process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when shards stop
     _watch_lifeline(lifeline.detach())
@@ -96,6 +105,9 @@ def shard_process_main(shard: int, mesh_handle: tuple, lifeline: FdHandle,
     configure_logging(options.log_level)
     mesh = Mesh.attach(mesh_handle)
     reactor = make_reactor(shard, mesh, options)
+    if control is not None:
+        reactor.control_socket = socket.socket(fileno=control.detach())
+        reactor.control_socket.setblocking(False)
     set_process_reactor(reactor)
     try:
         reactor.run()

@@ -222,9 +222,12 @@ class Reactor:
                                    mesh.sleeping_flag(peer), mesh.doorbells[peer].fd,
                                    max_calls=max_calls_per_peer,
                                    max_bytes=max_queued_bytes_per_peer))
-        self._active_links = [link for link in self.links if link is not None]
-        self._inbound = [(link, link.inbound.get, link.inbound.take_space_waiter)
-                         for link in self._active_links]
+        self.max_calls_per_peer = max_calls_per_peer
+        self.max_queued_bytes_per_peer = max_queued_bytes_per_peer
+        self.control_socket: Any = None
+        """Process backend: the socket the owner passes descriptors on (added endpoints)."""
+        self._endpoints: dict[int, Any] = {}
+        self._rebuild_links()
         self._backlogged: set[Link] = set()
         self._inbox: deque[tuple[Callable, tuple]] = deque()
         self._pollers: list[Callable[[], bool]] = []
@@ -293,7 +296,12 @@ class Reactor:
         """Release this reactor's views of the shared segment."""
         for link in self._active_links:
             link.close()
+        for endpoint in self._endpoints.values():
+            endpoint.close()
+        self._endpoints.clear()
         self.sleeping.close()
+        if self.control_socket is not None:
+            self.control_socket.close()
 
     async def run_shutdown_hooks(self) -> None:
         """Run (and forget) the shutdown hooks, last added first."""
@@ -473,7 +481,7 @@ class Reactor:
                 except Exception as error:
                     future.set_exception(RemoteError(
                         f"the result from endpoint {link.peer} could not be unpickled: {error!r}"))
-        elif kind == REQUEST or kind == REQUEST_WITH_FUNCTION:
+        elif kind in (REQUEST, REQUEST_WITH_FUNCTION):
             try:
                 func, args, kwargs = decode_request(kind, body, link.functions)
             except Exception as error:
@@ -657,6 +665,42 @@ class Reactor:
     def add_shutdown_hook(self, hook: Callable[[], Any]) -> None:
         """Run ``hook()`` (sync or async) when the shard stops; last added runs first."""
         self._shutdown_hooks.append(hook)
+
+    def _rebuild_links(self) -> None:
+        # A new list each time: a _drain() in progress keeps iterating the old one.
+        self._active_links = [link for link in self.links if link is not None]
+        self._inbound = [(link, link.inbound.get, link.inbound.take_space_waiter)
+                         for link in self._active_links]
+
+    def attach_endpoint(self, endpoint: Any) -> None:
+        """Serve an endpoint added to the running group (an ``EndpointSegment`` it now owns)."""
+        number = endpoint.number
+        while len(self.links) <= number:
+            self.links.append(None)
+        if self.links[number] is not None:
+            raise ValueError(f"endpoint {number} is already attached to shard {self.shard_id}")
+        self.links[number] = Link(
+            number, endpoint.from_shard(self.shard_id), endpoint.to_shard(self.shard_id),
+            endpoint.sleeping_flag(), endpoint.doorbell.fd, max_calls=self.max_calls_per_peer,
+            max_bytes=self.max_queued_bytes_per_peer)
+        self._endpoints[number] = endpoint
+        self._rebuild_links()
+
+    def detach_endpoint(self, number: int) -> None:
+        """Stop serving an added endpoint and release its rings (reactor thread)."""
+        endpoint = self._endpoints.pop(number, None)
+        if endpoint is None:
+            raise ValueError(f"endpoint {number} is not attached to shard {self.shard_id}")
+        self.peer_died(number, "the endpoint was removed")
+        link = self.links[number]
+        self.links[number] = None
+        self._rebuild_links()
+
+        def release() -> None:  # after the _drain() that may still hold the old list
+            link.close()
+            endpoint.close()
+
+        self._call_soon(release)
 
     def peer_died(self, shard: int, detail: str = "") -> None:
         """Fail every call waiting on ``shard`` and refuse new ones (reactor thread)."""

@@ -138,3 +138,15 @@ def sleep_accounting() -> dict:
             "cpu": time.thread_time(), "sleeps": stats.sleeps,
             "doorbell_wakeups": stats.doorbell_wakeups, "work_wakeups": stats.work_wakeups}
 
+
+
+async def sum_over_shards() -> int:
+    """Every shard asks every other shard for its number: the whole mesh answers."""
+    return sum(await shardio.invoke_on_all(shardio.this_shard))
+
+
+def endpoint_traffic(number: int) -> int | None:
+    """Messages this shard took from endpoint ``number`` (None: not attached)."""
+    links = shardio.current_reactor().links
+    link = links[number] if number < len(links) else None
+    return None if link is None else link.received_messages
