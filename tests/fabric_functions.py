@@ -56,12 +56,13 @@ async def flood(peer: int, calls: int, payload_bytes: int) -> dict:
     payload = b"x" * payload_bytes
     me = shardio.this_shard()
     before = peak_rss_kib()
-    futures = [shardio.submit_to(peer, record, me, sequence, payload)
-               for sequence in range(calls)]
+    futures = [shardio.submit_to(peer, record, me, sequence, payload) for sequence in range(calls)]
     submitted = peak_rss_kib()
     results = await asyncio.gather(*futures)
-    return {"growth_kib": max(submitted, peak_rss_kib()) - before,
-            "correct": results == [s + payload_bytes for s in range(calls)]}
+    return {
+        "growth_kib": max(submitted, peak_rss_kib()) - before,
+        "correct": results == [s + payload_bytes for s in range(calls)],
+    }
 
 
 async def ping_pong(peer: int, depth: int) -> int:
@@ -74,8 +75,9 @@ async def ping_pong(peer: int, depth: int) -> int:
 async def nested_storm(peer: int, calls: int, depth: int) -> list[int]:
     """Many concurrent calls whose handlers call back (nested) through the bound."""
     me = shardio.this_shard()
-    return await asyncio.gather(*[shardio.submit_to(peer, ping_pong, me, depth)
-                                  for _ in range(calls)])
+    return await asyncio.gather(
+        *[shardio.submit_to(peer, ping_pong, me, depth) for _ in range(calls)]
+    )
 
 
 def _spin(microseconds: float) -> None:
@@ -126,18 +128,21 @@ async def paced_calls(peer: int, count: int, pause: float) -> dict:
     for i in range(count):
         assert await shardio.submit_to(peer, noop, i) == i
         await asyncio.sleep(pause)
-    return {"doorbells": link.doorbells_rung - rung_before,
-            "cpu": time.thread_time() - cpu_before}
+    return {"doorbells": link.doorbells_rung - rung_before, "cpu": time.thread_time() - cpu_before}
 
 
 def sleep_accounting() -> dict:
     """This shard's clocks: wall time since start, time asleep, the thread's CPU time."""
     reactor = shardio.current_reactor()
     stats = reactor.stats
-    return {"wall": time.monotonic() - stats.started_at, "sleep": stats.sleep_seconds,
-            "cpu": time.thread_time(), "sleeps": stats.sleeps,
-            "doorbell_wakeups": stats.doorbell_wakeups, "work_wakeups": stats.work_wakeups}
-
+    return {
+        "wall": time.monotonic() - stats.started_at,
+        "sleep": stats.sleep_seconds,
+        "cpu": time.thread_time(),
+        "sleeps": stats.sleeps,
+        "doorbell_wakeups": stats.doorbell_wakeups,
+        "work_wakeups": stats.work_wakeups,
+    }
 
 
 async def sum_over_shards() -> int:

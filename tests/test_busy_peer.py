@@ -27,8 +27,7 @@ def socket_load(port: int, connections: int = 1):
                 assert reader.readline() == b"ping\n"
                 served[index] += 1
 
-    threads = [threading.Thread(target=client, args=(i,), daemon=True)
-               for i in range(connections)]
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(connections)]
     for thread in threads:
         thread.start()
     try:

@@ -9,7 +9,8 @@ import shardio
 
 
 def test_a_first_call_whose_arguments_fail_to_unpickle_does_not_poison_the_function(
-        backend, leak_check):
+    backend, leak_check
+):
     with shardio.ShardGroup(2, backend=backend) as group:
         first, second = group.submit(0, ff.poison_then_call, 1).result(timeout=30)
         assert "refuses to be unpickled" in first
@@ -31,8 +32,9 @@ def test_a_flood_of_calls_keeps_the_sender_bounded_correct_and_in_order(leak_che
 
 def test_owner_submissions_beyond_the_bound_wait_in_order(leak_check):
     calls = 3_000
-    with shardio.ShardGroup(1, backend="process", max_calls_per_peer=8,
-                            max_queued_bytes_per_peer=64 << 10) as group:
+    with shardio.ShardGroup(
+        1, backend="process", max_calls_per_peer=8, max_queued_bytes_per_peer=64 << 10
+    ) as group:
         payload = b"y" * 1000
         futures = [group.submit(0, ff.record, 1, sequence, payload) for sequence in range(calls)]
         assert [f.result(timeout=60) for f in futures] == [s + 1000 for s in range(calls)]

@@ -47,8 +47,9 @@ SLEEPING_OFFSET = 0
 class EndpointSegment:
     """An added endpoint's memfd and doorbell, as held by one process."""
 
-    def __init__(self, number: int, layout: EndpointLayout, segment: SharedSegment,
-                 doorbell: Doorbell) -> None:
+    def __init__(
+        self, number: int, layout: EndpointLayout, segment: SharedSegment, doorbell: Doorbell
+    ) -> None:
         self.number = number
         self.layout = layout
         self.segment = segment
@@ -69,18 +70,17 @@ class EndpointSegment:
         return cls(number, layout, segment, doorbell)
 
     @classmethod
-    def adopt(cls, number: int, layout: EndpointLayout, segment_fd: int,
-              doorbell_fd: int) -> EndpointSegment:
+    def adopt(
+        cls, number: int, layout: EndpointLayout, segment_fd: int, doorbell_fd: int
+    ) -> EndpointSegment:
         """Take ownership of descriptors received from the group's owner."""
-        return cls(number, layout, SharedSegment(layout.size, fd=segment_fd),
-                   Doorbell(doorbell_fd))
+        return cls(number, layout, SharedSegment(layout.size, fd=segment_fd), Doorbell(doorbell_fd))
 
     def to_shard(self, shard: int) -> Ring:
         return Ring(self.segment.map, self.layout.to_shard_offset(shard), self.layout.ring_bytes)
 
     def from_shard(self, shard: int) -> Ring:
-        return Ring(self.segment.map, self.layout.from_shard_offset(shard),
-                    self.layout.ring_bytes)
+        return Ring(self.segment.map, self.layout.from_shard_offset(shard), self.layout.ring_bytes)
 
     def sleeping_flag(self) -> Flag:
         return Flag(self.segment.map, SLEEPING_OFFSET)
