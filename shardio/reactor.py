@@ -37,6 +37,7 @@ from inspect import isawaitable
 from typing import Any
 
 from .errors import (
+    CannotCrossError,
     NotInShardError,
     RemoteError,
     ShardDied,
@@ -50,7 +51,6 @@ from .fabric.messages import (
     REPLY_OK,
     REQUEST,
     REQUEST_WITH_FUNCTION,
-    CannotCrossError,
     decode_error,
     decode_request,
     encode_error,

@@ -21,7 +21,7 @@ import traceback
 import types
 from typing import Any
 
-from ..errors import MessageTooLarge, RemoteError
+from ..errors import CannotCrossError, MessageTooLarge, RemoteError
 
 REQUEST = 1
 REPLY_OK = 2
@@ -36,10 +36,6 @@ _pack_header = HEADER.pack
 _pack_number = NUMBER.pack
 _dumps = pickle.dumps
 _INTERNABLE = frozenset({types.FunctionType, types.BuiltinFunctionType})
-
-
-class CannotCrossError(TypeError):
-    """A function, argument or result cannot be pickled to cross to another shard."""
 
 
 def encode_request(request_id: int, func: Any, args: tuple, kwargs: dict | None,

@@ -39,10 +39,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from shardio import tame
+from shardio.calls import submit_to
 from shardio.errors import ShardDied, ShardioError
 from shardio.group import ShardGroup
 from shardio.reactor import require_reactor
-from shardio.submit import submit_to
 
 from .messenger import Limits, OSDConnection, Result, listen, run_eagerly
 from .objectstore import ObjectStore, StoreError
