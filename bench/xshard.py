@@ -7,6 +7,8 @@ pipelined throughput, for
   * shardio ``group.submit`` from a thread outside the shards,
   * ``multiprocessing.Pipe`` and ``multiprocessing.Queue`` to an echo process,
   * ``asyncio.to_thread`` on asyncio and on uvloop,
+  * the floor: two Python processes spinning on a word of shared memory each
+    (no framework, no pickling: the fastest a Python round trip gets here),
 
 all measured in the same run on the same machine, so the ratios mean
 something even on a noisy machine.
@@ -21,12 +23,15 @@ import asyncio
 import multiprocessing
 import os
 import statistics
+import struct
 import sys
 import time
 
 import uvloop
 
 import shardio
+
+SLOT = struct.Struct("<q")
 
 
 def noop(value):
@@ -162,6 +167,58 @@ def measure_queue(calls: int, pipelined: int) -> tuple:
     return (*percentiles(samples), throughput)
 
 
+# ------------------------------------------------------------------ the floor
+
+
+def spin_echo(name: str, count: int) -> None:
+    """Answer each number written at offset 0 by writing it at offset 64."""
+    from multiprocessing import shared_memory
+
+    memory = shared_memory.SharedMemory(name)
+    buffer = memory.buf
+    unpack, pack = SLOT.unpack_from, SLOT.pack_into
+    last = 0
+    try:
+        while last != count:
+            value = unpack(buffer, 0)[0]
+            if value != last:
+                last = value
+                pack(buffer, 64, value)
+    finally:
+        del buffer
+        memory.close()
+
+
+def measure_spin_floor(calls: int) -> tuple:
+    from multiprocessing import shared_memory
+
+    memory = shared_memory.SharedMemory(create=True, size=128)
+    buffer = memory.buf
+    total = calls + 1000
+    echo = multiprocessing.get_context("spawn").Process(target=spin_echo,
+                                                        args=(memory.name, total))
+    echo.start()
+    unpack, pack = SLOT.unpack_from, SLOT.pack_into
+    clock = time.perf_counter_ns
+    samples = []
+    try:
+        for value in range(1, total + 1):
+            start = clock()
+            pack(buffer, 0, value)
+            while unpack(buffer, 64)[0] != value:
+                pass
+            if value > 1000:
+                samples.append(clock() - start)
+        echo.join()
+    finally:
+        del buffer
+        memory.close()
+        memory.unlink()
+    # One value in flight at a time: the "pipelined" rate is one over the median.
+    p50, p99 = percentiles(samples)
+    return p50, p99, 1e6 / p50
+
+
 # ------------------------------------------------------------------ to_thread
 
 
@@ -203,6 +260,8 @@ def main() -> None:
         asyncio.new_event_loop, options.calls, options.pipelined)
     rows["asyncio.to_thread (uvloop)"] = measure_to_thread(
         uvloop.new_event_loop, options.calls, options.pipelined)
+    rows["floor: Python spin on shared memory, 2 procs"] = measure_spin_floor(
+        options.calls)
 
     base_p50 = rows["shardio submit_to (shard 0 -> shard 1)"][0]
     base_rate = rows["shardio submit_to (shard 0 -> shard 1)"][2]

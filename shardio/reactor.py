@@ -60,6 +60,10 @@ from .fabric.messages import (
 
 log = logging.getLogger("shardio.reactor")
 
+SPIN_SECONDS = 20e-6
+"""While idle-polling, how long one poll callback keeps polling before it lets the loop
+run (its timers and I/O) again."""
+
 BATCH = 64
 """Messages taken from one inbound ring per poll.  They run back to back, so the
 batch bounds how long other work waits behind a burst of calls (64 calls of 30 us
@@ -157,32 +161,24 @@ def new_event_loop(kind: str | Callable[[], asyncio.AbstractEventLoop] = "auto"
     return _wake_hooked(asyncio.SelectorEventLoop)()
 
 
-_hooked_classes: dict[type, type] = {}
+_hookable_classes: dict[type, type] = {}
 
 
 def _wake_hooked(base: type) -> type:
-    """``base`` with a ``call_soon`` that first tells a sleeping reactor it is awake.
+    """``base`` with an instance ``__dict__``, so a reactor can shadow ``call_soon``.
 
-    ``on_wake`` is None except while the reactor sleeps, so an awake loop pays
-    one attribute test per ``call_soon``.
+    While the reactor sleeps (or confirms it is idle) it sets the instance
+    attribute ``call_soon`` to a hook that schedules the callback and then
+    tells the reactor it is awake; awake, the attribute is deleted and
+    ``call_soon`` is the loop's own method again, at no cost.
     """
-    hooked = _hooked_classes.get(base)
-    if hooked is None:
-        base_call_soon = base.call_soon
-
-        def call_soon(self, callback, *args, context=None):
-            handle = base_call_soon(self, callback, *args, context=context)
-            on_wake = self.on_wake
-            if on_wake is not None:  # after the callback: the poll then follows its work
-                self.on_wake = None
-                on_wake()
-            return handle
-
-        hooked = type(f"Shard{base.__name__}", (base,), {
-            "__doc__": f"{base.__name__} whose call_soon wakes a sleeping shardio reactor.",
-            "on_wake": None, "call_soon": call_soon, "base_call_soon": base_call_soon})
-        _hooked_classes[base] = hooked
-    return hooked
+    hookable = _hookable_classes.get(base)
+    if hookable is None:
+        hookable = type(f"Shard{base.__name__}", (base,), {
+            "__doc__": f"{base.__name__} whose call_soon a sleeping shardio reactor can hook.",
+            "shardio_hookable": True})
+        _hookable_classes[base] = hookable
+    return hookable
 
 
 class Reactor:
@@ -238,6 +234,7 @@ class Reactor:
         self._asleep_since = 0.0
         self._asleep_cpu = 0.0
         self._wake_hook = False
+        self._on_wake: Callable[[], None] | None = None
         self._confirming = False  # one idle loop iteration away from sleeping
         self._serving = False  # running a shard's request synchronously (see _execute)
         self._serving_context: contextvars.Context | None = None
@@ -251,11 +248,9 @@ class Reactor:
         loop = new_event_loop(self.loop_kind)
         self.loop = loop
         self.thread_id = threading.get_ident()
-        base_call_soon = getattr(type(loop), "base_call_soon", None)
-        self._wake_hook = base_call_soon is not None
-        # The reactor's own re-polls skip the wake hook: they are not a wake.
-        self._call_soon = (base_call_soon.__get__(loop) if base_call_soon is not None
-                           else loop.call_soon)
+        self._wake_hook = getattr(type(loop), "shardio_hookable", False)
+        # Bound now: the reactor's own re-polls never go through the wake hook.
+        self._call_soon = loop.call_soon
         self._serving_context = contextvars.copy_context()
         self._serving_context.run(_serving_shard_request.set, True)
         asyncio.set_event_loop(loop)
@@ -342,14 +337,25 @@ class Reactor:
             self._idle_since = 0.0
             if self._confirming:
                 self._confirming = False
-                self.loop.on_wake = None
+                self._unhook()
             self._call_soon(self._poll)
             return
         now = _perf_counter()
         if not self._idle_since:
             self._idle_since = now
-        if now - self._idle_since < self.idle_poll_seconds:
+        window_end = self._idle_since + self.idle_poll_seconds
+        if now < window_end:
             stats.idle_spins += 1
+            # Poll again right here for a few microseconds before going round the
+            # loop: a reply that is on its way is handled without the cost of a
+            # loop iteration (an epoll call and a handle), and I/O waits at most
+            # SPIN_SECONDS for its turn.
+            spin_end = min(now + SPIN_SECONDS, window_end)
+            drain = self._drain
+            while _perf_counter() < spin_end:
+                if drain():
+                    self._idle_since = 0.0
+                    break
             self._call_soon(self._poll)
             return
         if self._wake_hook and not self._confirming:
@@ -357,7 +363,7 @@ class Reactor:
             # loop once more (a zero-timeout epoll): if nothing calls call_soon
             # meanwhile, the next poll is the last callback before the loop blocks.
             self._confirming = True
-            self.loop.on_wake = self._saw_work
+            self._hook(self._saw_work)
             self._call_soon(self._poll)
             return
         self._confirming = False
@@ -366,8 +372,7 @@ class Reactor:
         if self._drain():
             self.sleeping.clear()
             self._idle_since = 0.0
-            if self._wake_hook:
-                self.loop.on_wake = None
+            self._unhook()
             self._call_soon(self._poll)
             return
         self._asleep = True
@@ -375,7 +380,27 @@ class Reactor:
         self._asleep_cpu = _thread_time()
         stats.sleeps += 1
         if self._wake_hook:
-            self.loop.on_wake = self._woken_by_work
+            self._hook(self._woken_by_work)
+
+    def _hook(self, on_wake: Callable[[], None]) -> None:
+        """Run ``on_wake`` after the loop's next ``call_soon`` (see :func:`_wake_hooked`)."""
+        if self._on_wake is None:
+            self.loop.call_soon = self._hooked_call_soon
+        self._on_wake = on_wake
+
+    def _unhook(self) -> None:
+        if self._on_wake is not None:
+            self._on_wake = None
+            del self.loop.call_soon
+
+    def _hooked_call_soon(self, callback: Callable, *args: Any,
+                          context: contextvars.Context | None = None) -> asyncio.Handle:
+        handle = self._call_soon(callback, *args, context=context)
+        on_wake = self._on_wake
+        if on_wake is not None:  # after the callback: the poll then follows its work
+            self._unhook()
+            on_wake()
+        return handle
 
     def _saw_work(self) -> None:
         """Something was scheduled while the reactor confirmed it is idle: not yet."""
@@ -385,8 +410,7 @@ class Reactor:
         """Leave the sleep state: clear the flag, account the time truly asleep."""
         self._asleep = False
         self.sleeping.clear()
-        if self._wake_hook:
-            self.loop.on_wake = None
+        self._unhook()
         # Wall time minus the CPU this thread spent meanwhile (socket and timer
         # callbacks that ran before anything woke the reactor) is time blocked.
         asleep = (_perf_counter() - self._asleep_since) - (_thread_time() - self._asleep_cpu)
@@ -576,7 +600,9 @@ class Reactor:
         if link.dead:
             future.set_exception(ShardDied(shard))
             return future
-        if not link.has_room() and not self._serving and not _serving_shard_request.get():
+        if (link.waiting or len(link.pending) >= link.max_calls
+                or link.backlog_bytes >= link.max_bytes) and not (
+                self._serving or _serving_shard_request.get()):  # link.has_room(), inlined
             link.waiting.append((future, func, args, kwargs))
             link.bound_waits += 1
             return future
