@@ -13,7 +13,13 @@ pipelined throughput, for
 all measured in the same run on the same machine, so the ratios mean
 something even on a noisy machine.
 
-    python bench/xshard.py [--calls 20000] [--pipelined 100000]
+A second table shows what a message costs when it goes to a shard that is
+busy serving a socket load (idle_poll_us=0): doorbells rung (eventfd writes)
+per message and CPU time per message on the sender, before the wake hook (a
+loop from a factory, which shardio cannot hook: the sleeping flag stays set
+while the loop runs socket callbacks) and after (the loop shardio makes).
+
+    python bench/xshard.py [--calls 20000] [--pipelined 100000] [--busy-calls 1000]
 """
 
 from __future__ import annotations
@@ -219,6 +225,68 @@ def measure_spin_floor(calls: int) -> tuple:
     return p50, p99, 1e6 / p50
 
 
+# ------------------------------------------------------------------ a busy peer
+
+_servers: list = []
+
+
+async def start_busy_server(work_us: float) -> int:
+    async def serve(reader, writer) -> None:
+        while line := await reader.readline():
+            end = time.perf_counter() + work_us / 1e6
+            while time.perf_counter() < end:
+                pass
+            writer.write(line)
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    _servers.append(server)
+    return server.sockets[0].getsockname()[1]
+
+
+def busy_accounting() -> tuple[float, float]:
+    return time.thread_time(), shardio.current_reactor().stats.sleep_seconds
+
+
+async def paced_calls(count: int) -> tuple[int, float]:
+    link = shardio.current_reactor().links[1]
+    rung, cpu = link.doorbells_rung, time.thread_time()
+    for i in range(count):
+        await shardio.submit_to(1, noop, i)
+        await asyncio.sleep(0.0005)
+    return link.doorbells_rung - rung, time.thread_time() - cpu
+
+
+def measure_busy_peer(calls: int, hooked: bool) -> tuple[float, float, float]:
+    """(doorbells per message, sender CPU us per message, receiver asleep share)."""
+    import socket
+    import threading
+
+    loop = "auto" if hooked else uvloop.new_event_loop
+    with shardio.ShardGroup(2, idle_poll_us=0, loop=loop, stall_threshold_ms=None) as group:
+        port = group.submit(1, start_busy_server, 500).result()
+        stop = threading.Event()
+
+        def client() -> None:
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                reader = sock.makefile("rb")
+                while not stop.is_set():
+                    sock.sendall(b"x\n")
+                    reader.readline()
+
+        thread = threading.Thread(target=client)
+        thread.start()
+        time.sleep(0.2)
+        started = time.monotonic()
+        _, slept = group.submit(1, busy_accounting).result()
+        rung, cpu = group.submit(0, paced_calls, calls).result()
+        _, slept_after = group.submit(1, busy_accounting).result()
+        asleep = (slept_after - slept) / (time.monotonic() - started)
+        stop.set()
+        thread.join()
+    return rung / calls, cpu / calls * 1e6, asleep
+
+
 # ------------------------------------------------------------------ to_thread
 
 
@@ -251,6 +319,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="cross-shard call benchmark")
     parser.add_argument("--calls", type=int, default=20000, help="round trips for latency")
     parser.add_argument("--pipelined", type=int, default=100000, help="calls for throughput")
+    parser.add_argument("--busy-calls", type=int, default=1000,
+                        help="messages to a shard busy with sockets")
     options = parser.parse_args()
     rows = measure_shardio(options.calls, options.pipelined)
     rows["multiprocessing.Pipe (echo process)"] = measure_pipe(options.calls, options.pipelined)
@@ -274,6 +344,16 @@ def main() -> None:
     for name, (p50, p99, rate) in rows.items():
         print(f"| {name:48} | {p50:8.1f} | {p99:8.1f} | {rate:17,.0f} "
               f"| {p50 / base_p50:15.1f}x | {base_rate / rate:16.2f}x |")
+
+    print()
+    print(f"messages to a shard busy serving sockets (idle_poll_us=0), {options.busy_calls} "
+          "paced calls")
+    print("| loop | doorbells per message | sender CPU us per message | receiver asleep |")
+    print("|---|---|---|---|")
+    for label, hooked in (("before: no wake hook (loop factory)", False),
+                          ("after: wake hook (shardio's loop)", True)):
+        rung, cpu, asleep = measure_busy_peer(options.busy_calls, hooked)
+        print(f"| {label} | {rung:.2f} | {cpu:.1f} | {asleep:.0%} |")
 
 
 if __name__ == "__main__":
