@@ -155,3 +155,31 @@ def endpoint_traffic(number: int) -> int | None:
     links = shardio.current_reactor().links
     link = links[number] if number < len(links) else None
     return None if link is None else link.received_messages
+
+
+_gate: list = []
+_background: list = []
+
+
+async def held() -> int:
+    """Wait until release() is called on this shard."""
+    if not _gate:
+        _gate.append(asyncio.Event())
+    await _gate[0].wait()
+    return shardio.this_shard()
+
+
+def release() -> None:
+    if not _gate:
+        _gate.append(asyncio.Event())
+    _gate[0].set()
+
+
+def start_held_calls(peer: int, count: int) -> None:
+    """Start ``count`` calls to ``held`` on ``peer`` in the background."""
+    futures = [shardio.submit_to(peer, held) for _ in range(count)]
+    _background.append(asyncio.gather(*futures))
+
+
+async def background_results() -> list:
+    return await _background.pop()

@@ -56,3 +56,20 @@ def test_bounds_must_be_positive_integers():
         shardio.ShardGroup(1, max_calls_per_peer=0)
     with pytest.raises(ValueError, match="max_queued_bytes_per_peer"):
         shardio.ShardGroup(1, max_queued_bytes_per_peer=-5)
+
+
+def test_waiting_callers_and_calls_in_flight_show_in_the_metrics(leak_check):
+    from shardio.metrics import collect
+
+    with shardio.ShardGroup(2, backend="process", max_calls_per_peer=3) as group:
+        group.submit(0, ff.start_held_calls, 1, 20).result(timeout=30)
+        snapshot = collect(group)
+        labels = {"shard": "0", "peer": "1"}
+        assert snapshot.value("shardio_fabric_pending_calls", **labels) == 3
+        assert snapshot.value("shardio_fabric_waiting_calls", **labels) == 17
+        assert snapshot.value("shardio_fabric_bound_waits_total", **labels) == 17
+        group.submit(1, ff.release).result(timeout=30)
+        assert group.submit(0, ff.background_results).result(timeout=30) == [1] * 20
+        snapshot = collect(group)
+        assert snapshot.value("shardio_fabric_waiting_calls", **labels) == 0
+        assert snapshot.value("shardio_fabric_backlog_bytes", **labels) == 0
