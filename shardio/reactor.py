@@ -237,6 +237,7 @@ class Reactor:
         self._on_wake: Callable[[], None] | None = None
         self._confirming = False  # one idle loop iteration away from sleeping
         self._serving = False  # running a shard's request synchronously (see _execute)
+        self._quiet_link: Link | None = None  # replies to it wait for one wake check
         self._serving_context: contextvars.Context | None = None
         self._exit: asyncio.Future | None = None
         self._call_soon: Callable | None = None
@@ -471,13 +472,22 @@ class Reactor:
         stats.batch_messages += len(messages)
         link.received_messages += len(messages)
         handle = self._handle
-        for message in messages:
-            link.received_bytes += len(message)
-            try:
-                handle(link, message)
-            except Exception:  # one bad message must not stop the poll loop
-                log.exception("shard %d could not handle a message of %d bytes from endpoint %d",
-                              self.shard_id, len(message), link.peer)
+        sent = link.sent_messages
+        # Replies to this batch's requests are published without a wake check
+        # each; one check after the batch covers them all (see Link.send).
+        self._quiet_link = link
+        try:
+            for message in messages:
+                link.received_bytes += len(message)
+                try:
+                    handle(link, message)
+                except Exception:  # one bad message must not stop the poll loop
+                    log.exception("shard %d could not handle a message of %d bytes from "
+                                  "endpoint %d", self.shard_id, len(message), link.peer)
+        finally:
+            self._quiet_link = None
+        if link.sent_messages != sent:
+            link.wake_peer()
         if link.waiting:  # replies made room
             self._admit(link)
 
@@ -571,7 +581,7 @@ class Reactor:
     def _send(self, link: Link, payload: bytes) -> None:
         if link.dead:
             return
-        if link.send(payload):
+        if link.send(payload, link is not self._quiet_link):
             self._backlogged.add(link)
 
     # ------------------------------------------------------------ public API

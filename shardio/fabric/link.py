@@ -73,9 +73,12 @@ class Link:
         """May the first waiting call go now?"""
         return len(self.pending) < self.max_calls and self.backlog_bytes < self.max_bytes
 
-    def send(self, payload: bytes) -> bool:
+    def send(self, payload: bytes, wake: bool = True) -> bool:
         """Put a message on the ring (or the backlog); wake the peer if it sleeps.
 
+        ``wake=False`` leaves the wake-up to the caller, who must call
+        :meth:`wake_peer` afterwards (once for a batch of sends: the check only
+        has to follow the publication, so one check covers every send before it).
         Returns True when the message went to the backlog.
         """
         self.sent_messages += 1
@@ -86,7 +89,7 @@ class Link:
             self.backlog_bytes += size
             return True
         reached = self.outbound.put(payload)
-        if reached and self.peer_sleeping.test_and_clear():  # wake_peer(), inlined
+        if reached and wake and self.peer_sleeping.test_and_clear():  # wake_peer(), inlined
             self._ring_peer()
         if reached == size:
             return False
