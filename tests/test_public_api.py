@@ -30,8 +30,9 @@ def test_subsystems_are_attributes_of_a_freshly_imported_shardio():
         "print(shardio.tame.call.__name__, shardio.metrics.collect.__name__,\n"
         "      shardio.testing.Clock.__name__, shardio.osd.__name__, shardio.io.__name__)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=60, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
     assert result.stdout.split() == ["call", "collect", "Clock", "shardio.osd", "shardio.io"]
 
 
@@ -42,8 +43,12 @@ def _exception_classes() -> list[type]:
             continue
         module = importlib.import_module(module_info.name)
         for name, value in vars(module).items():
-            if (inspect.isclass(value) and issubclass(value, BaseException)
-                    and value.__module__ == module.__name__ and not name.startswith("_")):
+            if (
+                inspect.isclass(value)
+                and issubclass(value, BaseException)
+                and value.__module__ == module.__name__
+                and not name.startswith("_")
+            ):
                 found[f"{value.__module__}.{value.__qualname__}"] = value
     return list(found.values())
 
