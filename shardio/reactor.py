@@ -236,9 +236,9 @@ class Reactor:
         self._wake_hook = False
         self._on_wake: Callable[[], None] | None = None
         self._confirming = False  # one idle loop iteration away from sleeping
-        self._serving = False  # running a shard's request synchronously (see _execute)
         self._quiet_link: Link | None = None  # replies to it wait for one wake check
         self._serving_context: contextvars.Context | None = None
+        self._root_context: contextvars.Context | None = None
         self._exit: asyncio.Future | None = None
         self._call_soon: Callable | None = None
 
@@ -252,7 +252,12 @@ class Reactor:
         self._wake_hook = getattr(type(loop), "shardio_hookable", False)
         # Bound now: the reactor's own re-polls never go through the wake hook.
         self._call_soon = loop.call_soon
-        self._serving_context = contextvars.copy_context()
+        # The reactor's own callbacks run in a context of their own: scheduled from
+        # wherever (the wake hook runs inside other code's callbacks), they would
+        # otherwise inherit that code's context, _serving_shard_request included.
+        self._root_context = contextvars.copy_context()
+        self._root_context.run(_serving_shard_request.set, False)
+        self._serving_context = self._root_context.copy()
         self._serving_context.run(_serving_shard_request.set, True)
         asyncio.set_event_loop(loop)
         _local.reactor = self
@@ -267,7 +272,7 @@ class Reactor:
                 self.stall_detector = StallDetector(self, self.stall_threshold_ms / 1000.0)
                 self.stall_detector.start()
             loop.add_reader(self.doorbell.fd, self._on_doorbell)
-            loop.call_soon(self._poll)
+            loop.call_soon(self._poll, context=self._root_context)
             loop.run_until_complete(self._exit)
             loop.run_until_complete(self.run_shutdown_hooks())
             self._cancel_remaining_tasks()
@@ -339,7 +344,7 @@ class Reactor:
             if self._confirming:
                 self._confirming = False
                 self._unhook()
-            self._call_soon(self._poll)
+            self._call_soon(self._poll, context=self._root_context)
             return
         now = _perf_counter()
         if not self._idle_since:
@@ -357,7 +362,7 @@ class Reactor:
                 if drain():
                     self._idle_since = 0.0
                     break
-            self._call_soon(self._poll)
+            self._call_soon(self._poll, context=self._root_context)
             return
         if self._wake_hook and not self._confirming:
             # Callbacks queued before this poll still run after it.  Go round the
@@ -365,7 +370,7 @@ class Reactor:
             # meanwhile, the next poll is the last callback before the loop blocks.
             self._confirming = True
             self._hook(self._saw_work)
-            self._call_soon(self._poll)
+            self._call_soon(self._poll, context=self._root_context)
             return
         self._confirming = False
         # Sleep protocol: flag, full fence (inside set()), one more poll.
@@ -374,7 +379,7 @@ class Reactor:
             self.sleeping.clear()
             self._idle_since = 0.0
             self._unhook()
-            self._call_soon(self._poll)
+            self._call_soon(self._poll, context=self._root_context)
             return
         self._asleep = True
         self._asleep_since = _perf_counter()
@@ -431,7 +436,7 @@ class Reactor:
         if self._asleep:
             self._wake()
             self.stats.work_wakeups += 1
-            self._call_soon(self._poll)
+            self._call_soon(self._poll, context=self._root_context)
 
     def _drain(self) -> bool:
         """Poll everything once; True if any work was found."""
@@ -536,21 +541,23 @@ class Reactor:
                  kwargs: dict | None) -> None:
         self.stats.requests_run += 1
         from_shard = link.peer < self.shard_count
-        self._serving = from_shard
         try:
-            result = func(*args, **kwargs) if kwargs else func(*args)
+            if from_shard:  # in the serving context: its calls, and its tasks', are nested
+                result = self._serving_context.run(func, *args, **kwargs) if kwargs else \
+                    self._serving_context.run(func, *args)
+            else:
+                result = func(*args, **kwargs) if kwargs else func(*args)
         except BaseException as error:
-            self._serving = False
             self._send(link, encode_error(request_id, error, self.shard_id))
             return
-        self._serving = False
         # Cheaper than inspect.isawaitable (measured 0.25 us less per call).
         if type(result) is _CoroutineType or (
                 result is not None and hasattr(type(result), "__await__")):
             self.stats.tasks_started += 1
-            if from_shard and type(result) is _CoroutineType:
-                # The task and the tasks it starts know they serve another shard.
-                task = self.loop.create_task(result, context=self._serving_context.copy())
+            if type(result) is _CoroutineType:
+                # The task and the tasks it starts know whether they serve another shard.
+                task = self.loop.create_task(result, context=(
+                    self._serving_context if from_shard else self._root_context).copy())
             else:
                 task = asyncio.ensure_future(result, loop=self.loop)
             task.add_done_callback(lambda done: self._reply_from_task(link, request_id, done))
@@ -611,8 +618,8 @@ class Reactor:
             future.set_exception(ShardDied(shard))
             return future
         if (link.waiting or len(link.pending) >= link.max_calls
-                or link.backlog_bytes >= link.max_bytes) and not (
-                self._serving or _serving_shard_request.get()):  # link.has_room(), inlined
+                or link.backlog_bytes >= link.max_bytes  # link.has_room(), inlined
+                ) and not _serving_shard_request.get():
             link.waiting.append((future, func, args, kwargs))
             link.bound_waits += 1
             return future
@@ -736,7 +743,7 @@ class Reactor:
             link.close()
             endpoint.close()
 
-        self._call_soon(release)
+        self._call_soon(release, context=self._root_context)
 
     def peer_died(self, shard: int, detail: str = "") -> None:
         """Fail every call waiting on ``shard`` and refuse new ones (reactor thread)."""

@@ -183,3 +183,11 @@ def start_held_calls(peer: int, count: int) -> None:
 
 async def background_results() -> list:
     return await _background.pop()
+
+
+async def nap(seconds: float) -> None:
+    await asyncio.sleep(seconds)
+
+
+async def call_nap(peer: int, seconds: float) -> None:
+    await shardio.submit_to(peer, nap, seconds)

@@ -73,3 +73,24 @@ def test_waiting_callers_and_calls_in_flight_show_in_the_metrics(leak_check):
         snapshot = collect(group)
         assert snapshot.value("shardio_fabric_waiting_calls", **labels) == 0
         assert snapshot.value("shardio_fabric_backlog_bytes", **labels) == 0
+
+
+def test_root_calls_stay_bounded_after_the_shard_served_nested_work(leak_check):
+    """Serving another shard's call (here: one that sleeps, so the reactor sleeps and
+    is woken by that call's timer) must not make the reactor's later root calls
+    look nested: calls from the owner's work on shard 1 are still held back."""
+    from shardio.metrics import collect
+
+    # Shard 1 sleeps during the nap (after 50 ms of idle polling), its timer wakes it,
+    # and it polls for 50 ms more: the owner's next call arrives in that window.
+    with shardio.ShardGroup(
+        2, backend="process", max_calls_per_peer=2, idle_poll_us=50_000
+    ) as group:
+        group.submit(0, ff.call_nap, 1, 0.3).result(timeout=30)
+        group.submit(1, ff.start_held_calls, 0, 20).result(timeout=30)
+        snapshot = collect(group)
+        labels = {"shard": "1", "peer": "0"}
+        assert snapshot.value("shardio_fabric_pending_calls", **labels) == 2
+        assert snapshot.value("shardio_fabric_waiting_calls", **labels) == 18
+        group.submit(0, ff.release).result(timeout=30)
+        assert group.submit(1, ff.background_results).result(timeout=30) == [0] * 20
