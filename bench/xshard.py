@@ -7,11 +7,19 @@ pipelined throughput, for
   * shardio ``group.submit`` from a thread outside the shards,
   * ``multiprocessing.Pipe`` and ``multiprocessing.Queue`` to an echo process,
   * ``asyncio.to_thread`` on asyncio and on uvloop,
+  * the floor: two Python processes spinning on a word of shared memory each
+    (no framework, no pickling: the fastest a Python round trip gets here),
 
 all measured in the same run on the same machine, so the ratios mean
 something even on a noisy machine.
 
-    python bench/xshard.py [--calls 20000] [--pipelined 100000]
+A second table shows what a message costs when it goes to a shard that is
+busy serving a socket load (idle_poll_us=0): doorbells rung (eventfd writes)
+per message and CPU time per message on the sender, before the wake hook (a
+loop from a factory, which shardio cannot hook: the sleeping flag stays set
+while the loop runs socket callbacks) and after (the loop shardio makes).
+
+    python bench/xshard.py [--calls 20000] [--pipelined 100000] [--busy-calls 1000]
 """
 
 from __future__ import annotations
@@ -21,12 +29,15 @@ import asyncio
 import multiprocessing
 import os
 import statistics
+import struct
 import sys
 import time
 
 import uvloop
 
 import shardio
+
+SLOT = struct.Struct("<q")
 
 
 def noop(value):
@@ -162,6 +173,120 @@ def measure_queue(calls: int, pipelined: int) -> tuple:
     return (*percentiles(samples), throughput)
 
 
+# ------------------------------------------------------------------ the floor
+
+
+def spin_echo(name: str, count: int) -> None:
+    """Answer each number written at offset 0 by writing it at offset 64."""
+    from multiprocessing import shared_memory
+
+    memory = shared_memory.SharedMemory(name)
+    buffer = memory.buf
+    unpack, pack = SLOT.unpack_from, SLOT.pack_into
+    last = 0
+    try:
+        while last != count:
+            value = unpack(buffer, 0)[0]
+            if value != last:
+                last = value
+                pack(buffer, 64, value)
+    finally:
+        del buffer
+        memory.close()
+
+
+def measure_spin_floor(calls: int) -> tuple:
+    from multiprocessing import shared_memory
+
+    memory = shared_memory.SharedMemory(create=True, size=128)
+    buffer = memory.buf
+    total = calls + 1000
+    echo = multiprocessing.get_context("spawn").Process(target=spin_echo,
+                                                        args=(memory.name, total))
+    echo.start()
+    unpack, pack = SLOT.unpack_from, SLOT.pack_into
+    clock = time.perf_counter_ns
+    samples = []
+    try:
+        for value in range(1, total + 1):
+            start = clock()
+            pack(buffer, 0, value)
+            while unpack(buffer, 64)[0] != value:
+                pass
+            if value > 1000:
+                samples.append(clock() - start)
+        echo.join()
+    finally:
+        del buffer
+        memory.close()
+        memory.unlink()
+    # One value in flight at a time: the "pipelined" rate is one over the median.
+    p50, p99 = percentiles(samples)
+    return p50, p99, 1e6 / p50
+
+
+# ------------------------------------------------------------------ a busy peer
+
+_servers: list = []
+
+
+async def start_busy_server(work_us: float) -> int:
+    async def serve(reader, writer) -> None:
+        while line := await reader.readline():
+            end = time.perf_counter() + work_us / 1e6
+            while time.perf_counter() < end:
+                pass
+            writer.write(line)
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    _servers.append(server)
+    return server.sockets[0].getsockname()[1]
+
+
+def busy_accounting() -> tuple[float, float]:
+    return time.thread_time(), shardio.current_reactor().stats.sleep_seconds
+
+
+async def paced_calls(count: int) -> tuple[int, float]:
+    link = shardio.current_reactor().links[1]
+    rung, cpu = link.doorbells_rung, time.thread_time()
+    for i in range(count):
+        await shardio.submit_to(1, noop, i)
+        await asyncio.sleep(0.0005)
+    return link.doorbells_rung - rung, time.thread_time() - cpu
+
+
+def measure_busy_peer(calls: int, hooked: bool) -> tuple[float, float, float]:
+    """(doorbells per message, sender CPU us per message, receiver asleep share)."""
+    import socket
+    import threading
+
+    loop = "auto" if hooked else uvloop.new_event_loop
+    with shardio.ShardGroup(2, idle_poll_us=0, loop=loop, stall_threshold_ms=None) as group:
+        port = group.submit(1, start_busy_server, 500).result()
+        stop = threading.Event()
+
+        def client() -> None:
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                reader = sock.makefile("rb")
+                while not stop.is_set():
+                    sock.sendall(b"x\n")
+                    reader.readline()
+
+        thread = threading.Thread(target=client)
+        thread.start()
+        time.sleep(0.2)
+        started = time.monotonic()
+        _, slept = group.submit(1, busy_accounting).result()
+        rung, cpu = group.submit(0, paced_calls, calls).result()
+        _, slept_after = group.submit(1, busy_accounting).result()
+        asleep = (slept_after - slept) / (time.monotonic() - started)
+        stop.set()
+        thread.join()
+    return rung / calls, cpu / calls * 1e6, asleep
+
+
 # ------------------------------------------------------------------ to_thread
 
 
@@ -194,6 +319,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="cross-shard call benchmark")
     parser.add_argument("--calls", type=int, default=20000, help="round trips for latency")
     parser.add_argument("--pipelined", type=int, default=100000, help="calls for throughput")
+    parser.add_argument("--busy-calls", type=int, default=1000,
+                        help="messages to a shard busy with sockets")
     options = parser.parse_args()
     rows = measure_shardio(options.calls, options.pipelined)
     rows["multiprocessing.Pipe (echo process)"] = measure_pipe(options.calls, options.pipelined)
@@ -203,6 +330,8 @@ def main() -> None:
         asyncio.new_event_loop, options.calls, options.pipelined)
     rows["asyncio.to_thread (uvloop)"] = measure_to_thread(
         uvloop.new_event_loop, options.calls, options.pipelined)
+    rows["floor: Python spin on shared memory, 2 procs"] = measure_spin_floor(
+        options.calls)
 
     base_p50 = rows["shardio submit_to (shard 0 -> shard 1)"][0]
     base_rate = rows["shardio submit_to (shard 0 -> shard 1)"][2]
@@ -215,6 +344,16 @@ def main() -> None:
     for name, (p50, p99, rate) in rows.items():
         print(f"| {name:48} | {p50:8.1f} | {p99:8.1f} | {rate:17,.0f} "
               f"| {p50 / base_p50:15.1f}x | {base_rate / rate:16.2f}x |")
+
+    print()
+    print(f"messages to a shard busy serving sockets (idle_poll_us=0), {options.busy_calls} "
+          "paced calls")
+    print("| loop | doorbells per message | sender CPU us per message | receiver asleep |")
+    print("|---|---|---|---|")
+    for label, hooked in (("before: no wake hook (loop factory)", False),
+                          ("after: wake hook (shardio's loop)", True)):
+        rung, cpu, asleep = measure_busy_peer(options.busy_calls, hooked)
+        print(f"| {label} | {rung:.2f} | {cpu:.1f} | {asleep:.0%} |")
 
 
 if __name__ == "__main__":

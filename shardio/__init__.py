@@ -3,24 +3,21 @@
 One reactor (an asyncio loop) per core; shards share nothing and talk by
 messages over SPSC rings in shared memory; unmodified blocking code runs
 on tame greenlet stacks.  See README.md for the tour.
+
+The subsystems are attributes too, imported on first use so that
+``import shardio`` stays light: ``shardio.tame``, ``shardio.metrics``,
+``shardio.testing``, ``shardio.osd``, ``shardio.io``, ``shardio.fabric``.
+Every exception shardio raises is reachable from :mod:`shardio.errors`.
 """
 
-from .errors import (
-    GroupStateError,
-    MessageTooLarge,
-    NotInShardError,
-    RemoteError,
-    ShardDied,
-    ShardioError,
-    ShardStartError,
-    WrongThreadError,
-)
-from .fabric.messages import CannotCrossError
-from .group import ShardGroup
-from .reactor import current_reactor
-from .run import run
-from .sharded import ServiceNotRunning, Sharded
-from .submit import (
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from . import errors
+from .app import run
+from .calls import (
     bind_thread,
     external_submit,
     invoke_on_all,
@@ -29,9 +26,38 @@ from .submit import (
     submit_to,
     this_shard,
 )
+from .errors import (
+    CannotCrossError,
+    GroupStateError,
+    MessageTooLarge,
+    NotInShardError,
+    RemoteError,
+    ServiceNotRunning,
+    ShardDied,
+    ShardioError,
+    ShardStartError,
+    WrongThreadError,
+)
+from .group import Endpoint, ShardGroup
+from .reactor import current_reactor
+from .sharded import Sharded
+
+_SUBPACKAGES = frozenset({"tame", "metrics", "testing", "osd", "io", "fabric"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_SUBPACKAGES])
+
 
 __all__ = [
     "CannotCrossError",
+    "Endpoint",
     "GroupStateError",
     "MessageTooLarge",
     "NotInShardError",
@@ -45,6 +71,7 @@ __all__ = [
     "WrongThreadError",
     "bind_thread",
     "current_reactor",
+    "errors",
     "external_submit",
     "invoke_on_all",
     "map_reduce",

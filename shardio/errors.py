@@ -1,6 +1,22 @@
-"""The exceptions shardio raises, all under :class:`ShardioError`."""
+"""The exceptions shardio raises, all under :class:`ShardioError`: the one place to find them.
+
+The core's are defined here.  Each subsystem defines its own next to its
+code and they are reachable from here too, imported on first use (so that
+``shardio.errors`` stays free of the subsystems' imports)::
+
+    from shardio.errors import ShardDied, CannotCrossError   # the core
+    from shardio.errors import TameError, ClockError         # tame, testing: loaded on use
+
+The OSD prototype's errors (frames, the map, the store, the client) live in
+its own modules (``shardio.osd.protocol``, ``.osdmap``, ``.objectstore``,
+``.client``, ``.server``), see docs/osd.md; they too derive from
+:class:`ShardioError`.
+"""
 
 from __future__ import annotations
+
+import importlib
+from typing import Any
 
 
 class ShardioError(Exception):
@@ -59,3 +75,32 @@ class ShardStartError(ShardioError):
 
 class MessageTooLarge(ShardioError, ValueError):
     """A message is larger than the group's ``max_message_bytes``."""
+
+
+class CannotCrossError(ShardioError, TypeError):
+    """A function, argument or result cannot be pickled to cross to another shard."""
+
+
+class ServiceNotRunning(ShardioError, LookupError):
+    """The Sharded service has no instance on this shard (not started, or stopped)."""
+
+
+_SUBSYSTEM_ERRORS = {
+    "MetricsError": "shardio.metrics",
+    "TameError": "shardio.tame.stacks",
+    "NotOnTameStack": "shardio.tame.stacks",
+    "StackKilled": "shardio.tame.stacks",
+    "ClockError": "shardio.testing.clock",
+    "NoMatchingMessage": "shardio.testing.intercept",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _SUBSYSTEM_ERRORS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_SUBSYSTEM_ERRORS])

@@ -7,6 +7,11 @@ once.  One receiver thread sleeps on the owner's doorbell (it never spins),
 takes the replies off the rings and completes the futures.  The same thread
 watches the shard processes: a shard that dies fails every call waiting on
 it with :class:`~shardio.errors.ShardDied` and tells the other shards.
+
+Submissions are bounded per shard like a shard's own calls: beyond the
+link's bound a call waits, not yet pickled, and the receiver thread sends it
+(in submission order) when replies make room; a call that then turns out
+not to pickle fails its future instead of raising at ``submit``.
 """
 
 from __future__ import annotations
@@ -17,11 +22,15 @@ import os
 import pickle
 import select
 import threading
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from .errors import RemoteError, ShardDied
-from .fabric.link import Link
+from .errors import GroupStateError, RemoteError, ShardDied
+from .fabric._ring import Flag
+from .fabric.doorbell import Doorbell
+from .fabric.endpoint import EndpointSegment
+from .fabric.link import DEFAULT_MAX_BYTES, DEFAULT_MAX_CALLS, Link
 from .fabric.mesh import Mesh
 from .fabric.messages import HEADER, REPLY_ERROR, REPLY_OK, decode_error, encode_request
 
@@ -39,21 +48,25 @@ def _peer_died(shard: int, detail: str) -> None:
 
 
 class OwnerEndpoint:
-    """The last endpoint of the mesh, driven by plain threads."""
+    """An endpoint outside the shards, driven by plain threads.
 
-    def __init__(self, mesh: Mesh, shard_count: int, *, max_message_bytes: int,
-                 on_death: Callable[[int, str], None] | None = None) -> None:
-        me = mesh.layout.endpoints - 1
-        self.shard_count = shard_count
+    The group's owner is one (the last endpoint of the mesh: it also watches
+    the shard processes and tells the shards of a death); an endpoint added
+    to a running group (:meth:`ShardGroup.add_endpoint`) is another, made
+    with :meth:`attached`.
+    """
+
+    def __init__(self, links: list[Link], sleeping: Flag, doorbell: Doorbell, *,
+                 max_message_bytes: int, alive: list[Flag] | None = None,
+                 on_death: Callable[[int, str], None] | None = None,
+                 name: str = "owner") -> None:
+        self.shard_count = len(links)
         self.max_message_bytes = max_message_bytes
-        self.links = [
-            Link(shard, mesh.ring(me, shard), mesh.ring(shard, me), mesh.sleeping_flag(shard),
-                 mesh.doorbells[shard].fd)
-            for shard in range(shard_count)
-        ]
-        self.alive = [mesh.alive_flag(shard) for shard in range(shard_count)]
-        self.sleeping = mesh.sleeping_flag(me)
-        self.doorbell = mesh.doorbells[me]
+        self.links = links
+        self.alive = alive or []
+        self.is_owner = alive is not None
+        self.sleeping = sleeping
+        self.doorbell = doorbell
         self.on_death = on_death
         self.lock = threading.Lock()
         self._next_request_id = 1
@@ -62,14 +75,42 @@ class OwnerEndpoint:
         self._expected_exit = False
         self._closing = False
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._thread = threading.Thread(target=self._receive, name="shardio-owner-receiver",
+        self._thread = threading.Thread(target=self._receive, name=f"shardio-{name}-receiver",
                                         daemon=True)
         self._thread.start()
 
+    @classmethod
+    def of_mesh(cls, mesh: Mesh, shard_count: int, *, max_message_bytes: int,
+                max_calls_per_peer: int = DEFAULT_MAX_CALLS,
+                max_queued_bytes_per_peer: int = DEFAULT_MAX_BYTES,
+                on_death: Callable[[int, str], None] | None = None) -> OwnerEndpoint:
+        """The group owner's endpoint: the mesh's last."""
+        me = mesh.layout.endpoints - 1
+        links = [Link(shard, mesh.ring(me, shard), mesh.ring(shard, me),
+                      mesh.sleeping_flag(shard), mesh.doorbells[shard].fd,
+                      max_calls=max_calls_per_peer, max_bytes=max_queued_bytes_per_peer)
+                 for shard in range(shard_count)]
+        return cls(links, mesh.sleeping_flag(me), mesh.doorbells[me],
+                   max_message_bytes=max_message_bytes, on_death=on_death,
+                   alive=[mesh.alive_flag(shard) for shard in range(shard_count)])
+
+    @classmethod
+    def attached(cls, mesh: Mesh, segment: EndpointSegment, *, max_message_bytes: int,
+                 max_calls_per_peer: int, max_queued_bytes_per_peer: int) -> OwnerEndpoint:
+        """The client side of an endpoint added to a running group, in this process."""
+        shard_count = segment.layout.shard_count
+        links = [Link(shard, segment.to_shard(shard), segment.from_shard(shard),
+                      mesh.sleeping_flag(shard), mesh.doorbells[shard].fd,
+                      max_calls=max_calls_per_peer, max_bytes=max_queued_bytes_per_peer)
+                 for shard in range(shard_count)]
+        return cls(links, segment.sleeping_flag(), segment.doorbell,
+                   max_message_bytes=max_message_bytes, name=f"endpoint-{segment.number}")
     # ------------------------------------------------------------ submitting
 
     def submit(self, shard: int, func: Callable, args: tuple, kwargs: dict | None
                ) -> concurrent.futures.Future:
+        if self._closing:
+            raise GroupStateError("cannot submit: this endpoint was closed")
         if not 0 <= shard < self.shard_count:
             raise ValueError(f"no shard {shard}: this group has shards 0..{self.shard_count - 1}")
         future: concurrent.futures.Future = concurrent.futures.Future()
@@ -78,21 +119,49 @@ class OwnerEndpoint:
             future.set_exception(ShardDied(shard))
             return future
         with self.lock:
-            request_id = self._next_request_id
-            self._next_request_id = request_id + 1
-        with self.lock:
-            payload = encode_request(request_id, func, args, kwargs, f"shard {shard}",
-                                     link.interned, self.max_message_bytes)
             if link.dead:
                 future.set_exception(ShardDied(shard))
                 return future
-            link.pending[request_id] = future
-            link.send(payload)
+            if not link.has_room():
+                link.waiting.append((future, func, args, kwargs))
+                link.bound_waits += 1
+                return future
+            self._send_call(link, future, func, args, kwargs)
         return future
 
-    def in_flight(self) -> int:
+    def _send_call(self, link: Link, future: concurrent.futures.Future, func: Callable,
+                   args: tuple, kwargs: dict | None) -> None:
+        """Pickle and send one call (under the lock)."""
+        request_id = self._next_request_id
+        self._next_request_id = request_id + 1
+        payload = encode_request(request_id, func, args, kwargs, f"shard {link.peer}",
+                                 link.interned, self.max_message_bytes)
+        link.pending[request_id] = future
+        link.send(payload)
+
+    def _admit(self, link: Link) -> None:
+        """Send waiting calls, oldest first, while the bound allows (receiver thread)."""
+        failed = []
         with self.lock:
-            return sum(len(link.pending) for link in self.links)
+            waiting = link.waiting
+            while waiting and link.room_for_waiting() and not link.dead:
+                future, func, args, kwargs = waiting.popleft()
+                if future.cancelled():
+                    continue
+                try:
+                    self._send_call(link, future, func, args, kwargs)
+                except Exception as error:  # cannot be pickled, too large
+                    failed.append((future, error))
+        for future, error in failed:  # outside the lock: callbacks may submit again
+            try:
+                future.set_exception(error)
+            except concurrent.futures.InvalidStateError:
+                pass
+
+    def in_flight(self) -> int:
+        """Calls submitted from outside that wait for their result (sent or held back)."""
+        with self.lock:
+            return sum(len(link.pending) + len(link.waiting) for link in self.links)
 
     # ------------------------------------------------------------ watching
 
@@ -168,11 +237,16 @@ class OwnerEndpoint:
                 except Exception:  # one bad reply must not stop the receiver
                     log.exception("the owner could not handle a reply of %d bytes from shard %d",
                                   len(message), link.peer)
+            if link.waiting:
+                self._admit(link)
         for link in self.links:
             if link.backlog:
                 with self.lock:
-                    if link.flush():
-                        did = True
+                    moved = link.flush()
+                if moved:
+                    did = True
+                    if link.waiting:
+                        self._admit(link)
         return did
 
     def _complete(self, link: Link, message: bytes) -> None:
@@ -204,15 +278,17 @@ class OwnerEndpoint:
         with self.lock:
             link.dead = True
             pending, link.pending = link.pending, {}
-            link.backlog.clear()
-        self.alive[shard].clear()
+            waiting, link.waiting = link.waiting, deque()
+            link.drop_backlog()
+        if self.is_owner:
+            self.alive[shard].clear()
         link.inbound.reset_consumer()
-        for future in pending.values():
+        for future in [*pending.values(), *(entry[0] for entry in waiting)]:
             try:
                 future.set_exception(ShardDied(shard, detail))
             except concurrent.futures.InvalidStateError:
                 pass
-        for other in range(self.shard_count):
+        for other in range(self.shard_count if self.is_owner else 0):
             if other != shard and not self.links[other].dead:
                 self.submit(other, _peer_died, (shard, detail), None)
         if self.on_death is not None:
@@ -226,18 +302,20 @@ class OwnerEndpoint:
 
     # ------------------------------------------------------------ closing
 
-    def close(self) -> None:
+    def close(self, reason: str = "the group stopped before the call returned") -> None:
         """Stop the receiver thread, fail what is left, release the rings."""
         self._closing = True
         self._poke()
         self._thread.join(timeout=5)
         with self.lock:
             leftovers = [f for link in self.links for f in link.pending.values()]
+            leftovers += [entry[0] for link in self.links for entry in link.waiting]
             for link in self.links:
                 link.pending = {}
+                link.waiting = deque()
         for future in leftovers:
             try:
-                future.set_exception(ShardDied(-1, "the group stopped before the call returned"))
+                future.set_exception(ShardDied(-1, reason))
             except concurrent.futures.InvalidStateError:
                 pass
         for link in self.links:

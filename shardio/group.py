@@ -7,6 +7,7 @@ import atexit
 import concurrent.futures
 import logging
 import os
+import socket
 import threading
 import time
 import weakref
@@ -16,7 +17,9 @@ from typing import Any, Literal
 
 from .errors import GroupStateError, ShardDied, ShardStartError
 from .external import OwnerEndpoint, describe_exit
-from .fabric.mesh import Mesh
+from .fabric.endpoint import EndpointLayout, EndpointSegment
+from .fabric.link import DEFAULT_MAX_BYTES, DEFAULT_MAX_CALLS
+from .fabric.mesh import Mesh, default_ring_bytes
 from .launch import ShardOptions, start_process, start_thread
 from .reactor import require_reactor
 
@@ -28,6 +31,14 @@ _running_groups: weakref.WeakSet[ShardGroup] = weakref.WeakSet()
 
 class ShardGroup:
     """A group of shards, each a reactor; one per CPU by default.
+
+    ``ring_bytes`` is the size of each ring; by default it follows the shard
+    count (1 MiB each for up to 10 shards, less beyond, so that the N x N
+    rings stay near 128 MiB in all).  ``max_calls_per_peer`` and
+    ``max_queued_bytes_per_peer`` bound what one endpoint queues toward one
+    peer: calls waiting for their result, and pickled bytes waiting for ring
+    space; a call beyond either waits, not yet pickled, in submission order
+    (docs/design.md, "Bounded cross-shard calls").
 
     ``warm_up_tame=True`` imports :mod:`shardio.tame` and sets up each shard's
     io_uring ring before the shard reports ready (~100 ms per shard), so that
@@ -49,7 +60,7 @@ class ShardGroup:
         *,
         backend: Literal["process", "thread"] = "process",
         idle_poll_us: float | None = None,
-        ring_bytes: int = 1 << 20,
+        ring_bytes: int | None = None,
         loop: Literal["auto", "uvloop", "asyncio"] | Callable[[], asyncio.AbstractEventLoop]
         = "auto",
         pin: bool | None = None,
@@ -62,6 +73,8 @@ class ShardGroup:
         warm_up_tame: bool = False,
         tame_quota_ms: float | None = 0.5,
         preload: tuple[str, ...] | list[str] = (),
+        max_calls_per_peer: int = DEFAULT_MAX_CALLS,
+        max_queued_bytes_per_peer: int = DEFAULT_MAX_BYTES,
     ) -> None:
         if shards is None:
             shards = len(os.sched_getaffinity(0))
@@ -81,6 +94,12 @@ class ShardGroup:
                 isinstance(tame_quota_ms, int | float) and 0 < tame_quota_ms < float("inf")):
             raise ValueError(f"tame_quota_ms must be a positive number of milliseconds or None "
                              f"(no preemption), got {tame_quota_ms!r}")
+        for name, value in (("max_calls_per_peer", max_calls_per_peer),
+                            ("max_queued_bytes_per_peer", max_queued_bytes_per_peer)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if ring_bytes is None:
+            ring_bytes = default_ring_bytes(shards + 1)
         self.shards = shards
         self.backend = backend
         self.ring_bytes = ring_bytes
@@ -95,12 +114,18 @@ class ShardGroup:
             max_message_bytes=max_message_bytes, cpus=cpus if pin else None,
             log_level=log_level, stall_threshold_ms=stall_threshold_ms,
             warm_up_tame=warm_up_tame, tame_quota_ms=tame_quota_ms, preload=tuple(preload),
+            max_calls_per_peer=max_calls_per_peer,
+            max_queued_bytes_per_peer=max_queued_bytes_per_peer,
         )
         self._state = "new"
         self._mesh: Mesh | None = None
         self._owner: OwnerEndpoint | None = None
         self._processes: list[Any] = []
         self._lifelines: list[int] = []
+        self._controls: list[socket.socket] = []
+        self._endpoints: dict[int, Endpoint] = {}
+        self._next_endpoint = shards + 1  # 0..shards-1 are the shards, `shards` the owner
+        self._endpoint_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._metrics_server: Any = None
         self._lock = threading.Lock()
@@ -115,13 +140,17 @@ class ShardGroup:
             self._state = "starting"
         try:
             self._mesh = Mesh.create(self.shards + 1, self.ring_bytes)
-            self._owner = OwnerEndpoint(self._mesh, self.shards,
-                                        max_message_bytes=self.options.max_message_bytes)
+            self._owner = OwnerEndpoint.of_mesh(
+                self._mesh, self.shards, max_message_bytes=self.options.max_message_bytes,
+                max_calls_per_peer=self.options.max_calls_per_peer,
+                max_queued_bytes_per_peer=self.options.max_queued_bytes_per_peer,
+                on_death=self._tell_endpoints)
             for shard in range(self.shards):
                 if self.backend == "process":
-                    process, lifeline = start_process(shard, self._mesh, self.options)
+                    process, lifeline, control = start_process(shard, self._mesh, self.options)
                     self._processes.append(process)
                     self._lifelines.append(lifeline)
+                    self._controls.append(control)
                     self._owner.watch(process.sentinel, shard, describe_exit(process))
                 else:
                     thread, _ = start_thread(shard, self._mesh, self.options,
@@ -167,6 +196,8 @@ class ShardGroup:
         timeout = self.stop_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         try:
+            for endpoint in list(self._endpoints.values()):
+                self._remove_endpoint(endpoint, deadline)
             owner = self._owner
             while owner.in_flight() and time.monotonic() < deadline:
                 time.sleep(0.002)
@@ -206,6 +237,11 @@ class ShardGroup:
             process.close()
         for fd in self._lifelines:
             os.close(fd)
+        for control in self._controls:
+            control.close()
+        for endpoint in list(self._endpoints.values()):  # a failed stop: release ours
+            endpoint._release()
+        self._endpoints.clear()
         for thread in self._threads:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
         if self._owner is not None:
@@ -216,7 +252,7 @@ class ShardGroup:
             except BufferError:
                 log.error("a shard thread did not exit; its shared memory stays mapped until "
                           "the process exits")
-        self._processes, self._lifelines, self._threads = [], [], []
+        self._processes, self._lifelines, self._threads, self._controls = [], [], [], []
         self._state = "stopped"
         _running_groups.discard(self)
 
@@ -255,6 +291,80 @@ class ShardGroup:
                       ) -> list[concurrent.futures.Future]:
         """:meth:`submit` to every shard; the futures in shard order."""
         return [self.submit(shard, func, *args, **kwargs) for shard in range(self.shards)]
+
+    # ------------------------------------------------------------ endpoints
+
+    def add_endpoint(self) -> Endpoint:
+        """Add an endpoint to the running group: rings to and from every shard.
+
+        The endpoint submits calls like the owner (:meth:`Endpoint.submit`,
+        :meth:`Endpoint.call`) through rings of its own, so its traffic does
+        not share the owner's rings or bounds.  Remove it with
+        :meth:`remove_endpoint` (or ``endpoint.close()``); :meth:`stop`
+        removes the ones left.
+        """
+        with self._endpoint_lock:
+            if self._state != "running":
+                raise GroupStateError(f"cannot add an endpoint: the group is {self._state}")
+            number = self._next_endpoint
+            self._next_endpoint += 1
+            segment = EndpointSegment.create(number, self.shards, self.ring_bytes)
+            futures = []
+            try:
+                for shard in range(self.shards):
+                    if self.backend == "process":
+                        # The descriptors go first; the call that adopts them follows.
+                        socket.send_fds(self._controls[shard], [str(number).encode()],
+                                        [segment.segment.fd, segment.doorbell.fd])
+                        descriptors = None
+                    else:
+                        descriptors = (os.dup(segment.segment.fd), os.dup(segment.doorbell.fd))
+                    futures.append(self._owner.submit(shard, _attach_endpoint,
+                                                      (number, segment.layout, descriptors),
+                                                      None))
+                for future in futures:
+                    future.result(timeout=self.start_timeout)
+            except BaseException:
+                for shard in range(len(futures)):
+                    self._owner.submit(shard, _detach_endpoint, (number,), None)
+                segment.close()
+                raise
+            client = OwnerEndpoint.attached(
+                self._mesh, segment, max_message_bytes=self.options.max_message_bytes,
+                max_calls_per_peer=self.options.max_calls_per_peer,
+                max_queued_bytes_per_peer=self.options.max_queued_bytes_per_peer)
+            endpoint = Endpoint(self, number, segment, client)
+            self._endpoints[number] = endpoint
+            return endpoint
+
+    def remove_endpoint(self, endpoint: Endpoint) -> None:
+        """Detach ``endpoint`` from every shard and free its rings; its calls still
+        waiting fail with :class:`~shardio.errors.ShardDied`."""
+        with self._endpoint_lock:
+            if self._endpoints.get(endpoint.number) is not endpoint:
+                raise GroupStateError(f"endpoint {endpoint.number} is not part of this group "
+                                      "(already removed?)")
+            self._remove_endpoint(endpoint, time.monotonic() + self.stop_timeout)
+
+    def _remove_endpoint(self, endpoint: Endpoint, deadline: float) -> None:
+        del self._endpoints[endpoint.number]
+        futures = [self._owner.submit(shard, _detach_endpoint, (endpoint.number,), None)
+                   for shard in range(self.shards) if not self._owner.is_dead(shard)]
+        for future in futures:
+            try:
+                future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except Exception as error:
+                log.warning("detaching endpoint %d failed: %r", endpoint.number, error)
+        endpoint._release()
+
+    def _tell_endpoints(self, shard: int, detail: str) -> None:
+        for endpoint in list(self._endpoints.values()):
+            endpoint.client.report_death(shard, detail)
+
+    @property
+    def endpoints(self) -> list[Endpoint]:
+        """The endpoints added with :meth:`add_endpoint` and not yet removed."""
+        return list(self._endpoints.values())
 
     # ------------------------------------------------------------ state
 
@@ -307,6 +417,66 @@ async def _stop_shard_services() -> None:
 
 def _exit_shard() -> None:
     require_reactor().request_exit()
+
+
+def _attach_endpoint(number: int, layout: EndpointLayout,
+                     descriptors: tuple[int, int] | None) -> None:
+    reactor = require_reactor()
+    if descriptors is None:  # process backend: they wait on the control socket
+        message, descriptors, _flags, _address = socket.recv_fds(reactor.control_socket, 64, 2)
+        if message != str(number).encode() or len(descriptors) != 2:
+            for fd in descriptors:
+                os.close(fd)
+            raise ShardStartError(f"shard {reactor.shard_id} expected the descriptors of "
+                                  f"endpoint {number}, got {message!r}")
+    reactor.attach_endpoint(EndpointSegment.adopt(number, layout, *descriptors))
+
+
+def _detach_endpoint(number: int) -> None:
+    require_reactor().detach_endpoint(number)
+
+
+class Endpoint:
+    """An endpoint added to a running group (:meth:`ShardGroup.add_endpoint`).
+
+    Calls made through it cross rings of its own, with the group's bounds;
+    thread-safe like ``group.submit``.
+    """
+
+    def __init__(self, group: ShardGroup, number: int, segment: EndpointSegment,
+                 client: OwnerEndpoint) -> None:
+        self.group = group
+        self.number = number
+        """Its number on the shards' side (a shard's ``links[number]``)."""
+        self.segment = segment
+        self.client = client
+
+    def submit(self, shard: int, func: Callable, /, *args: Any, **kwargs: Any
+               ) -> concurrent.futures.Future:
+        """Run ``func(*args, **kwargs)`` on ``shard`` through this endpoint."""
+        return self.client.submit(shard, func, args, kwargs or None)
+
+    async def call(self, shard: int, func: Callable, /, *args: Any, **kwargs: Any) -> Any:
+        """Await :meth:`submit` from the caller's own asyncio loop."""
+        return await asyncio.wrap_future(self.submit(shard, func, *args, **kwargs))
+
+    def close(self) -> None:
+        """Remove this endpoint from its group."""
+        self.group.remove_endpoint(self)
+
+    def _release(self) -> None:
+        self.client.close("the endpoint was removed before the call returned")
+        self.segment.close()
+
+    def __enter__(self) -> Endpoint:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self.group._endpoints.get(self.number) is self:
+            self.close()
+
+    def __repr__(self) -> str:
+        return f"<Endpoint {self.number} of {self.group!r}>"
 
 
 @atexit.register

@@ -17,12 +17,14 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 from .fabric.handles import FdHandle
+from .fabric.link import DEFAULT_MAX_BYTES, DEFAULT_MAX_CALLS
 from .fabric.mesh import Mesh
 from .reactor import Reactor, home_reactor, set_process_reactor
 
@@ -43,6 +45,8 @@ class ShardOptions:
     warm_up_tame: bool = False
     tame_quota_ms: float | None = 0.5  # shardio.tame.DEFAULT_QUOTA; None: no preemption
     preload: tuple[str, ...] = ()
+    max_calls_per_peer: int = DEFAULT_MAX_CALLS
+    max_queued_bytes_per_peer: int = DEFAULT_MAX_BYTES
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -52,7 +56,9 @@ def make_reactor(shard: int, mesh: Mesh, options: ShardOptions) -> Reactor:
         importlib.import_module(module)
     reactor = Reactor(shard, options.shard_count, mesh, idle_poll_us=options.idle_poll_us,
                       loop=options.loop, max_message_bytes=options.max_message_bytes,
-                      stall_threshold_ms=options.stall_threshold_ms)
+                      stall_threshold_ms=options.stall_threshold_ms,
+                      max_calls_per_peer=options.max_calls_per_peer,
+                      max_queued_bytes_per_peer=options.max_queued_bytes_per_peer)
     from .tame.shard_hook import start_hook  # tame hooks into the reactor, not the reverse
 
     quota = None if options.tame_quota_ms is None else options.tame_quota_ms / 1000.0
@@ -63,25 +69,33 @@ def make_reactor(shard: int, mesh: Mesh, options: ShardOptions) -> Reactor:
 # ---------------------------------------------------------------- processes
 
 
-def start_process(shard: int, mesh: Mesh, options: ShardOptions) -> tuple[Any, int]:
-    """Spawn shard ``shard``; returns the process and the parent's lifeline fd."""
+def start_process(shard: int, mesh: Mesh, options: ShardOptions
+                  ) -> tuple[Any, int, socket.socket]:
+    """Spawn shard ``shard``; returns the process, the parent's lifeline fd and the
+    parent's end of the control socket (descriptors for added endpoints go there)."""
     lifeline_read, lifeline_write = os.pipe2(os.O_CLOEXEC)
+    control, control_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     context = multiprocessing.get_context("spawn")
     process = context.Process(
         target=shard_process_main,
-        args=(shard, mesh.handle(), FdHandle(lifeline_read), options),
+        args=(shard, mesh.handle(), FdHandle(lifeline_read), options,
+              FdHandle(control_child.fileno())),
         name=f"shardio-shard-{shard}",
         daemon=True,
     )
     try:
         process.start()
+    except BaseException:
+        control.close()
+        raise
     finally:
         os.close(lifeline_read)
-    return process, lifeline_write
+        control_child.close()
+    return process, lifeline_write, control
 
 
 def shard_process_main(shard: int, mesh_handle: tuple, lifeline: FdHandle,
-                       options: ShardOptions) -> None:
+                       options: ShardOptions, control: FdHandle | None = None) -> None:
     """The body of a shard process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when shards stop
     _watch_lifeline(lifeline.detach())
@@ -96,6 +110,9 @@ def shard_process_main(shard: int, mesh_handle: tuple, lifeline: FdHandle,
     configure_logging(options.log_level)
     mesh = Mesh.attach(mesh_handle)
     reactor = make_reactor(shard, mesh, options)
+    if control is not None:
+        reactor.control_socket = socket.socket(fileno=control.detach())
+        reactor.control_socket.setblocking(False)
     set_process_reactor(reactor)
     try:
         reactor.run()

@@ -13,7 +13,8 @@ so they cost nothing on the hot path; the shard imports nothing to produce
 them (prometheus_client takes ~100 ms to import, a stall on a reactor).
 
 Reactor (``shard`` label): ``shardio_reactor_polls_total``, ``_idle_spins_total``,
-``_sleeps_total``, ``_doorbell_wakeups_total``, ``_sleep_seconds_total``,
+``_sleeps_total``, ``_doorbell_wakeups_total``, ``_work_wakeups_total``,
+``_sleep_seconds_total``,
 ``_busy_seconds_total`` (wall time minus sleep), ``_cpu_seconds_total`` (the
 reactor thread's CPU time), ``_requests_total``, ``_tasks_started_total``,
 ``_inbox_items_total``, ``_inbox_length``, ``_batches_total``,
@@ -22,9 +23,11 @@ reactor thread's CPU time), ``_requests_total``, ``_tasks_started_total``,
 Fabric (``shard`` and ``peer`` labels; the owner is ``"outside"``):
 ``shardio_fabric_sent_messages_total``, ``_sent_bytes_total``,
 ``_received_messages_total``, ``_received_bytes_total``,
-``_producer_waits_total``, ``_doorbells_rung_total``, ``_ring_used_bytes`` (the
-ring from ``shard`` to ``peer``), ``_backlog_messages``, ``_pending_calls``,
-``_peer_up``; ``shardio_fabric_ring_capacity_bytes`` (``shard`` only).
+``_producer_waits_total``, ``_doorbells_rung_total``, ``_bound_waits_total``,
+``_ring_used_bytes`` (the ring from ``shard`` to ``peer``), ``_backlog_messages``,
+``_backlog_bytes`` (the queue depth outside the ring), ``_pending_calls``,
+``_waiting_calls`` (callers held back by the bound), ``_peer_up``;
+``shardio_fabric_ring_capacity_bytes`` (``shard`` only).
 
 External path: ``shardio_external_submissions_total`` (on a shard: calls made
 with ``external_submit`` from its non-reactor threads; ``shard="outside"``:
@@ -128,8 +131,10 @@ _REACTOR_COUNTERS = (
     ("shardio_reactor_sleeps", "sleeps", "Times the reactor went to sleep in epoll."),
     ("shardio_reactor_doorbell_wakeups", "doorbell_wakeups",
      "Times a doorbell woke the sleeping reactor."),
+    ("shardio_reactor_work_wakeups", "work_wakeups",
+     "Times other work (sockets, timers, tasks) woke the sleeping reactor before a doorbell."),
     ("shardio_reactor_sleep_seconds", "sleep_seconds",
-     "Time asleep waiting for the doorbell (timer and fd callbacks meanwhile count as asleep)."),
+     "Time blocked asleep: wall time asleep minus the CPU time the thread used meanwhile."),
     ("shardio_reactor_requests", "requests_run",
      "Calls from other shards and from outside run on this shard."),
     ("shardio_reactor_tasks_started", "tasks_started",
@@ -157,6 +162,9 @@ _LINK_COUNTERS = (
      "Sends that found the ring to the peer full and waited in the backlog."),
     ("shardio_fabric_doorbells_rung", "doorbells_rung",
      "Doorbells rung to wake the sleeping peer."),
+    ("shardio_fabric_bound_waits", "bound_waits",
+     "Calls to the peer that waited for room under max_calls_per_peer / "
+     "max_queued_bytes_per_peer."),
 )
 _BUILTIN_NAMES = frozenset(
     [name for name, _, _ in _REACTOR_COUNTERS + _LINK_COUNTERS]
@@ -164,6 +172,7 @@ _BUILTIN_NAMES = frozenset(
        "shardio_reactor_inbox_length",
        "shardio_fabric_ring_used_bytes", "shardio_fabric_ring_capacity_bytes",
        "shardio_fabric_backlog_messages", "shardio_fabric_pending_calls",
+       "shardio_fabric_backlog_bytes", "shardio_fabric_waiting_calls",
        "shardio_fabric_peer_up", "shardio_external_in_flight", "shardio_shard_up"])
 
 # A gathered family on the wire: (name, type, help, unit, [(sample name, labels, value)]).
@@ -217,8 +226,14 @@ def _link_series(out: _Families, link: Link, shard: str, peer: str) -> None:
               link.outbound.used(), shard=shard, peer=peer)
     out.gauge("shardio_fabric_backlog_messages", "Messages to the peer waiting for ring space.",
               len(link.backlog), shard=shard, peer=peer)
+    out.gauge("shardio_fabric_backlog_bytes",
+              "Bytes of messages to the peer waiting for ring space.",
+              link.backlog_bytes, shard=shard, peer=peer)
     out.gauge("shardio_fabric_pending_calls", "Calls to the peer waiting for their result.",
               len(link.pending), shard=shard, peer=peer)
+    out.gauge("shardio_fabric_waiting_calls",
+              "Calls to the peer held back by the bound, not yet pickled.",
+              len(link.waiting), shard=shard, peer=peer)
     out.gauge("shardio_fabric_peer_up", "1 while the peer is alive, 0 once it is known dead.",
               0 if link.dead else 1, shard=shard, peer=peer)
 

@@ -8,13 +8,23 @@ with nothing found, it sleeps: it sets its ``sleeping`` flag, issues a full
 fence, polls once more, and only then lets the loop block in epoll, where
 its doorbell (an eventfd) wakes it.  A producer rings the doorbell only if
 it flips that flag from set to clear, so no wake-up is lost and a busy
-reactor costs its peers nothing (DESIGN.md, section 4).
+reactor costs its peers nothing (docs/design.md, section 4).
+
+Asleep means asleep: the loop wakes for sockets and timers too, and the
+first callback it schedules after such a wake (every task wake-up and
+future completion goes through ``call_soon``) clears the flag and resumes
+polling, so a shard busy with other work is not rung for each message.  The
+loops shardio makes (``loop="auto"/"uvloop"/"asyncio"``) carry that hook; a
+loop from a user's factory does not, and keeps the flag set until its
+doorbell rings.  Sleep time is the wall time asleep minus the CPU time the
+thread used meanwhile, so work done between wakes counts as busy.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import logging
 import os
 import pickle
@@ -27,19 +37,20 @@ from inspect import isawaitable
 from typing import Any
 
 from .errors import (
+    CannotCrossError,
     NotInShardError,
     RemoteError,
     ShardDied,
     WrongThreadError,
 )
-from .fabric.link import Link
+from .fabric.link import DEFAULT_MAX_BYTES, DEFAULT_MAX_CALLS, Link
 from .fabric.mesh import Mesh
 from .fabric.messages import (
     HEADER,
     REPLY_ERROR,
     REPLY_OK,
     REQUEST,
-    CannotCrossError,
+    REQUEST_WITH_FUNCTION,
     decode_error,
     decode_request,
     encode_error,
@@ -48,6 +59,10 @@ from .fabric.messages import (
 )
 
 log = logging.getLogger("shardio.reactor")
+
+SPIN_SECONDS = 20e-6
+"""While idle-polling, how long one poll callback keeps polling before it lets the loop
+run (its timers and I/O) again."""
 
 BATCH = 64
 """Messages taken from one inbound ring per poll.  They run back to back, so the
@@ -60,6 +75,12 @@ _unpack_header = HEADER.unpack_from
 _HEADER_SIZE = HEADER.size
 _CoroutineType = types.CoroutineType
 _perf_counter = time.perf_counter
+_thread_time = time.thread_time
+
+_serving_shard_request: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "shardio_serving_shard_request", default=False)
+"""True in a task that serves a call from another shard: its own calls are nested
+and not held back by the bound (docs/design.md, "Bounded cross-shard calls")."""
 
 
 def current_reactor() -> Reactor | None:
@@ -97,7 +118,7 @@ class ReactorStats:
     """Plain counters, read by the metrics layer at scrape time."""
 
     __slots__ = (
-        "polls", "idle_spins", "sleeps", "doorbell_wakeups", "sleep_seconds",
+        "polls", "idle_spins", "sleeps", "doorbell_wakeups", "work_wakeups", "sleep_seconds",
         "requests_run", "tasks_started", "external_submissions", "inbox_items",
         "batches", "batch_messages", "started_at", "stalls",
     )
@@ -107,6 +128,7 @@ class ReactorStats:
         self.idle_spins = 0
         self.sleeps = 0
         self.doorbell_wakeups = 0
+        self.work_wakeups = 0
         self.sleep_seconds = 0.0
         self.requests_run = 0
         self.tasks_started = 0
@@ -133,10 +155,30 @@ def new_event_loop(kind: str | Callable[[], asyncio.AbstractEventLoop] = "auto"
             if kind == "uvloop":
                 raise
         else:
-            return uvloop.new_event_loop()
+            return _wake_hooked(uvloop.Loop)()
     elif kind != "asyncio":
         raise ValueError(f"loop must be 'auto', 'uvloop' or 'asyncio', got {kind!r}")
-    return asyncio.new_event_loop()
+    return _wake_hooked(asyncio.SelectorEventLoop)()
+
+
+_hookable_classes: dict[type, type] = {}
+
+
+def _wake_hooked(base: type) -> type:
+    """``base`` with an instance ``__dict__``, so a reactor can shadow ``call_soon``.
+
+    While the reactor sleeps (or confirms it is idle) it sets the instance
+    attribute ``call_soon`` to a hook that schedules the callback and then
+    tells the reactor it is awake; awake, the attribute is deleted and
+    ``call_soon`` is the loop's own method again, at no cost.
+    """
+    hookable = _hookable_classes.get(base)
+    if hookable is None:
+        hookable = type(f"Shard{base.__name__}", (base,), {
+            "__doc__": f"{base.__name__} whose call_soon a sleeping shardio reactor can hook.",
+            "shardio_hookable": True})
+        _hookable_classes[base] = hookable
+    return hookable
 
 
 class Reactor:
@@ -145,7 +187,9 @@ class Reactor:
     def __init__(self, shard_id: int, shard_count: int, mesh: Mesh, *,
                  idle_poll_us: float, loop: str | Callable = "auto",
                  max_message_bytes: int = 256 << 20,
-                 stall_threshold_ms: float | None = 25.0) -> None:
+                 stall_threshold_ms: float | None = 25.0,
+                 max_calls_per_peer: int = DEFAULT_MAX_CALLS,
+                 max_queued_bytes_per_peer: int = DEFAULT_MAX_BYTES) -> None:
         self.shard_id = shard_id
         self.shard_count = shard_count
         self.owner_endpoint = mesh.layout.endpoints - 1
@@ -169,10 +213,15 @@ class Reactor:
                 self.links.append(None)
                 continue
             self.links.append(Link(peer, mesh.ring(shard_id, peer), mesh.ring(peer, shard_id),
-                                   mesh.sleeping_flag(peer), mesh.doorbells[peer].fd))
-        self._active_links = [link for link in self.links if link is not None]
-        self._inbound = [(link, link.inbound.get, link.inbound.take_space_waiter)
-                         for link in self._active_links]
+                                   mesh.sleeping_flag(peer), mesh.doorbells[peer].fd,
+                                   max_calls=max_calls_per_peer,
+                                   max_bytes=max_queued_bytes_per_peer))
+        self.max_calls_per_peer = max_calls_per_peer
+        self.max_queued_bytes_per_peer = max_queued_bytes_per_peer
+        self.control_socket: Any = None
+        """Process backend: the socket the owner passes descriptors on (added endpoints)."""
+        self._endpoints: dict[int, Any] = {}
+        self._rebuild_links()
         self._backlogged: set[Link] = set()
         self._inbox: deque[tuple[Callable, tuple]] = deque()
         self._pollers: list[Callable[[], bool]] = []
@@ -182,6 +231,13 @@ class Reactor:
         self._idle_since = 0.0
         self._asleep = False
         self._asleep_since = 0.0
+        self._asleep_cpu = 0.0
+        self._wake_hook = False
+        self._on_wake: Callable[[], None] | None = None
+        self._confirming = False  # one idle loop iteration away from sleeping
+        self._quiet_link: Link | None = None  # replies to it wait for one wake check
+        self._serving_context: contextvars.Context | None = None
+        self._root_context: contextvars.Context | None = None
         self._exit: asyncio.Future | None = None
         self._call_soon: Callable | None = None
 
@@ -192,7 +248,16 @@ class Reactor:
         loop = new_event_loop(self.loop_kind)
         self.loop = loop
         self.thread_id = threading.get_ident()
+        self._wake_hook = getattr(type(loop), "shardio_hookable", False)
+        # Bound now: the reactor's own re-polls never go through the wake hook.
         self._call_soon = loop.call_soon
+        # The reactor's own callbacks run in a context of their own: scheduled from
+        # wherever (the wake hook runs inside other code's callbacks), they would
+        # otherwise inherit that code's context, _serving_shard_request included.
+        self._root_context = contextvars.copy_context()
+        self._root_context.run(_serving_shard_request.set, False)
+        self._serving_context = self._root_context.copy()
+        self._serving_context.run(_serving_shard_request.set, True)
         asyncio.set_event_loop(loop)
         _local.reactor = self
         self.sleeping.clear()
@@ -206,7 +271,7 @@ class Reactor:
             if self.stall_detector is not None:
                 self.stall_detector.start()
             loop.add_reader(self.doorbell.fd, self._on_doorbell)
-            loop.call_soon(self._poll)
+            loop.call_soon(self._poll, context=self._root_context)
             loop.run_until_complete(self._exit)
             loop.run_until_complete(self.run_shutdown_hooks())
             self._cancel_remaining_tasks()
@@ -231,7 +296,12 @@ class Reactor:
         """Release this reactor's views of the shared segment."""
         for link in self._active_links:
             link.close()
+        for endpoint in self._endpoints.values():
+            endpoint.close()
+        self._endpoints.clear()
         self.sleeping.close()
+        if self.control_socket is not None:
+            self.control_socket.close()
 
     async def _run_start_hooks(self) -> None:
         for hook in self._start_hooks:
@@ -276,36 +346,102 @@ class Reactor:
         stats.polls += 1
         if self._drain():
             self._idle_since = 0.0
-            self._call_soon(self._poll)
+            if self._confirming:
+                self._confirming = False
+                self._unhook()
+            self._call_soon(self._poll, context=self._root_context)
             return
         now = _perf_counter()
         if not self._idle_since:
             self._idle_since = now
-        if now - self._idle_since < self.idle_poll_seconds:
+        window_end = self._idle_since + self.idle_poll_seconds
+        if now < window_end:
             stats.idle_spins += 1
-            self._call_soon(self._poll)
+            # Poll again right here for a few microseconds before going round the
+            # loop: a reply that is on its way is handled without the cost of a
+            # loop iteration (an epoll call and a handle), and I/O waits at most
+            # SPIN_SECONDS for its turn.
+            spin_end = min(now + SPIN_SECONDS, window_end)
+            drain = self._drain
+            while _perf_counter() < spin_end:
+                if drain():
+                    self._idle_since = 0.0
+                    break
+            self._call_soon(self._poll, context=self._root_context)
             return
+        if self._wake_hook and not self._confirming:
+            # Callbacks queued before this poll still run after it.  Go round the
+            # loop once more (a zero-timeout epoll): if nothing calls call_soon
+            # meanwhile, the next poll is the last callback before the loop blocks.
+            self._confirming = True
+            self._hook(self._saw_work)
+            self._call_soon(self._poll, context=self._root_context)
+            return
+        self._confirming = False
         # Sleep protocol: flag, full fence (inside set()), one more poll.
         self.sleeping.set()
         if self._drain():
             self.sleeping.clear()
             self._idle_since = 0.0
-            self._call_soon(self._poll)
+            self._unhook()
+            self._call_soon(self._poll, context=self._root_context)
             return
         self._asleep = True
-        self._asleep_since = now
+        self._asleep_since = _perf_counter()
+        self._asleep_cpu = _thread_time()
         stats.sleeps += 1
+        if self._wake_hook:
+            self._hook(self._woken_by_work)
+
+    def _hook(self, on_wake: Callable[[], None]) -> None:
+        """Run ``on_wake`` after the loop's next ``call_soon`` (see :func:`_wake_hooked`)."""
+        if self._on_wake is None:
+            self.loop.call_soon = self._hooked_call_soon
+        self._on_wake = on_wake
+
+    def _unhook(self) -> None:
+        if self._on_wake is not None:
+            self._on_wake = None
+            del self.loop.call_soon
+
+    def _hooked_call_soon(self, callback: Callable, *args: Any,
+                          context: contextvars.Context | None = None) -> asyncio.Handle:
+        handle = self._call_soon(callback, *args, context=context)
+        on_wake = self._on_wake
+        if on_wake is not None:  # after the callback: the poll then follows its work
+            self._unhook()
+            on_wake()
+        return handle
+
+    def _saw_work(self) -> None:
+        """Something was scheduled while the reactor confirmed it is idle: not yet."""
+        self._confirming = False
+
+    def _wake(self) -> None:
+        """Leave the sleep state: clear the flag, account the time truly asleep."""
+        self._asleep = False
+        self.sleeping.clear()
+        self._unhook()
+        # Wall time minus the CPU this thread spent meanwhile (socket and timer
+        # callbacks that ran before anything woke the reactor) is time blocked.
+        asleep = (_perf_counter() - self._asleep_since) - (_thread_time() - self._asleep_cpu)
+        if asleep > 0.0:
+            self.stats.sleep_seconds += asleep
+        self._idle_since = 0.0
 
     def _on_doorbell(self) -> None:
         self.doorbell.drain()
         if self._asleep:
-            self._asleep = False
-            self.sleeping.clear()
-            stats = self.stats
-            stats.doorbell_wakeups += 1
-            stats.sleep_seconds += _perf_counter() - self._asleep_since
-            self._idle_since = 0.0
+            self._wake()
+            self.stats.doorbell_wakeups += 1
             self._poll()
+
+    def _woken_by_work(self) -> None:
+        """The loop scheduled a callback while the reactor slept: it is awake, so poll."""
+        if self._asleep:
+            self._wake()
+            self.stats.work_wakeups += 1
+            self._call_soon(self._poll, context=self._root_context)
 
     def _drain(self) -> bool:
         """Poll everything once; True if any work was found."""
@@ -326,6 +462,8 @@ class Reactor:
             for link in list(self._backlogged):
                 if link.flush():
                     did = True
+                    if link.waiting:
+                        self._admit(link)
                 if not link.backlog:
                     self._backlogged.discard(link)
         for poller in self._pollers:
@@ -344,13 +482,24 @@ class Reactor:
         stats.batch_messages += len(messages)
         link.received_messages += len(messages)
         handle = self._handle
-        for message in messages:
-            link.received_bytes += len(message)
-            try:
-                handle(link, message)
-            except Exception:  # one bad message must not stop the poll loop
-                log.exception("shard %d could not handle a message of %d bytes from endpoint %d",
-                              self.shard_id, len(message), link.peer)
+        sent = link.sent_messages
+        # Replies to this batch's requests are published without a wake check
+        # each; one check after the batch covers them all (see Link.send).
+        self._quiet_link = link
+        try:
+            for message in messages:
+                link.received_bytes += len(message)
+                try:
+                    handle(link, message)
+                except Exception:  # one bad message must not stop the poll loop
+                    log.exception("shard %d could not handle a message of %d bytes from "
+                                  "endpoint %d", self.shard_id, len(message), link.peer)
+        finally:
+            self._quiet_link = None
+        if link.sent_messages != sent:
+            link.wake_peer()
+        if link.waiting:  # replies made room
+            self._admit(link)
 
     def _run_inbox(self) -> None:
         inbox = self._inbox
@@ -376,9 +525,9 @@ class Reactor:
                 except Exception as error:
                     future.set_exception(RemoteError(
                         f"the result from endpoint {link.peer} could not be unpickled: {error!r}"))
-        elif kind == REQUEST:
+        elif kind in (REQUEST, REQUEST_WITH_FUNCTION):
             try:
-                func, args, kwargs = decode_request(body, link.functions)
+                func, args, kwargs = decode_request(kind, body, link.functions)
             except Exception as error:
                 self._send(link, encode_error(request_id, CannotCrossError(
                     f"shard {self.shard_id} could not unpickle the call: {error!r} (is the "
@@ -396,8 +545,13 @@ class Reactor:
     def _execute(self, link: Link, request_id: int, func: Callable, args: tuple,
                  kwargs: dict | None) -> None:
         self.stats.requests_run += 1
+        from_shard = link.peer < self.shard_count
         try:
-            result = func(*args, **kwargs) if kwargs else func(*args)
+            if from_shard:  # in the serving context: its calls, and its tasks', are nested
+                result = self._serving_context.run(func, *args, **kwargs) if kwargs else \
+                    self._serving_context.run(func, *args)
+            else:
+                result = func(*args, **kwargs) if kwargs else func(*args)
         except BaseException as error:
             self._send(link, encode_error(request_id, error, self.shard_id))
             return
@@ -405,7 +559,12 @@ class Reactor:
         if type(result) is _CoroutineType or (
                 result is not None and hasattr(type(result), "__await__")):
             self.stats.tasks_started += 1
-            task = asyncio.ensure_future(result, loop=self.loop)
+            if type(result) is _CoroutineType:
+                # The task and the tasks it starts know whether they serve another shard.
+                task = self.loop.create_task(result, context=(
+                    self._serving_context if from_shard else self._root_context).copy())
+            else:
+                task = asyncio.ensure_future(result, loop=self.loop)
             task.add_done_callback(lambda done: self._reply_from_task(link, request_id, done))
             return
         self._reply(link, request_id, result)
@@ -434,7 +593,7 @@ class Reactor:
     def _send(self, link: Link, payload: bytes) -> None:
         if link.dead:
             return
-        if link.send(payload):
+        if link.send(payload, link is not self._quiet_link):
             self._backlogged.add(link)
 
     # ------------------------------------------------------------ public API
@@ -452,20 +611,47 @@ class Reactor:
 
     def send_call(self, shard: int, func: Callable, args: tuple, kwargs: dict | None
                   ) -> asyncio.Future:
-        """Put a call on the ring to another shard (no interception)."""
+        """Put a call on the ring to another shard (no interception).
+
+        Beyond the link's bound the call waits, unpickled, behind the calls
+        already waiting; a call nested in the handling of another shard's
+        request never waits (docs/design.md explains why).
+        """
         link = self.links[shard]
         future = self.loop.create_future()
         if link.dead:
             future.set_exception(ShardDied(shard))
             return future
+        if (link.waiting or len(link.pending) >= link.max_calls
+                or link.backlog_bytes >= link.max_bytes  # link.has_room(), inlined
+                ) and not _serving_shard_request.get():
+            link.waiting.append((future, func, args, kwargs))
+            link.bound_waits += 1
+            return future
+        self._send_call(link, future, func, args, kwargs)
+        return future
+
+    def _send_call(self, link: Link, future: asyncio.Future, func: Callable, args: tuple,
+                   kwargs: dict | None) -> None:
         request_id = self._next_request_id
         self._next_request_id = request_id + 1
-        payload = encode_request(request_id, func, args, kwargs, f"shard {shard}",
+        payload = encode_request(request_id, func, args, kwargs, f"shard {link.peer}",
                                  link.interned, self.max_message_bytes)
         link.pending[request_id] = future
         if link.send(payload):
             self._backlogged.add(link)
-        return future
+
+    def _admit(self, link: Link) -> None:
+        """Send waiting calls, oldest first, while the bound allows."""
+        waiting = link.waiting
+        while waiting and link.room_for_waiting():
+            future, func, args, kwargs = waiting.popleft()
+            if future.done():  # cancelled while it waited: it never crosses
+                continue
+            try:
+                self._send_call(link, future, func, args, kwargs)
+            except Exception as error:  # cannot be pickled, too large
+                future.set_exception(error)
 
     def _run_local(self, func: Callable, args: tuple, kwargs: dict | None) -> asyncio.Future:
         try:
@@ -538,6 +724,42 @@ class Reactor:
         """Run ``hook()`` (sync or async) when the shard stops; last added runs first."""
         self._shutdown_hooks.append(hook)
 
+    def _rebuild_links(self) -> None:
+        # A new list each time: a _drain() in progress keeps iterating the old one.
+        self._active_links = [link for link in self.links if link is not None]
+        self._inbound = [(link, link.inbound.get, link.inbound.take_space_waiter)
+                         for link in self._active_links]
+
+    def attach_endpoint(self, endpoint: Any) -> None:
+        """Serve an endpoint added to the running group (an ``EndpointSegment`` it now owns)."""
+        number = endpoint.number
+        while len(self.links) <= number:
+            self.links.append(None)
+        if self.links[number] is not None:
+            raise ValueError(f"endpoint {number} is already attached to shard {self.shard_id}")
+        self.links[number] = Link(
+            number, endpoint.from_shard(self.shard_id), endpoint.to_shard(self.shard_id),
+            endpoint.sleeping_flag(), endpoint.doorbell.fd, max_calls=self.max_calls_per_peer,
+            max_bytes=self.max_queued_bytes_per_peer)
+        self._endpoints[number] = endpoint
+        self._rebuild_links()
+
+    def detach_endpoint(self, number: int) -> None:
+        """Stop serving an added endpoint and release its rings (reactor thread)."""
+        endpoint = self._endpoints.pop(number, None)
+        if endpoint is None:
+            raise ValueError(f"endpoint {number} is not attached to shard {self.shard_id}")
+        self.peer_died(number, "the endpoint was removed")
+        link = self.links[number]
+        self.links[number] = None
+        self._rebuild_links()
+
+        def release() -> None:  # after the _drain() that may still hold the old list
+            link.close()
+            endpoint.close()
+
+        self._call_soon(release, context=self._root_context)
+
     def peer_died(self, shard: int, detail: str = "") -> None:
         """Fail every call waiting on ``shard`` and refuse new ones (reactor thread)."""
         link = self.links[shard]
@@ -545,10 +767,11 @@ class Reactor:
             return
         link.dead = True
         pending, link.pending = link.pending, {}
-        for future in pending.values():
+        waiting, link.waiting = link.waiting, deque()
+        for future in [*pending.values(), *(entry[0] for entry in waiting)]:
             if not future.done():
                 future.set_exception(ShardDied(shard, detail))
-        link.backlog.clear()
+        link.drop_backlog()
         self._backlogged.discard(link)
         link.inbound.reset_consumer()
 
@@ -557,7 +780,8 @@ class Reactor:
         return len(self._inbox)
 
     def pending_calls(self) -> int:
-        return sum(len(link.pending) for link in self._active_links)
+        """Calls this shard made that wait for their result (sent or held by the bound)."""
+        return sum(len(link.pending) + len(link.waiting) for link in self._active_links)
 
 
 def assert_reactor_thread(owner: Reactor, what: str) -> None:

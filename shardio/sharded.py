@@ -10,15 +10,11 @@ from collections.abc import Callable
 from inspect import isawaitable
 from typing import Any, Generic, TypeVar
 
-from .errors import ShardioError
+from .errors import ServiceNotRunning
 from .reactor import require_reactor
 
 T = TypeVar("T")
 _service_numbers = itertools.count(1)
-
-
-class ServiceNotRunning(ShardioError, LookupError):
-    """The Sharded service has no instance on this shard (not started, or stopped)."""
 
 
 class Sharded(Generic[T]):

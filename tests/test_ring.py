@@ -187,5 +187,20 @@ def test_layout_rejects_bad_sizes():
     with pytest.raises(ValueError, match="two endpoints"):
         MeshLayout(1, 4096)
     layout = MeshLayout(3, 4096)
-    offsets = {layout.ring_offset(i, j) for i in range(3) for j in range(3)}
-    assert len(offsets) == 9 and all(o % 4096 == 0 for o in offsets)
+    offsets = {layout.ring_offset(i, j) for i in range(3) for j in range(3) if i != j}
+    assert len(offsets) == 6 and all(o % 4096 == 0 for o in offsets)
+    # No diagonal: the six rings fill the segment exactly.
+    assert max(offsets) + layout.ring_stride == layout.size
+    with pytest.raises(ValueError, match="no ring from endpoint 1 to endpoint 1"):
+        layout.ring_offset(1, 1)
+
+
+def test_default_ring_size_follows_the_shard_count():
+    from shardio.fabric.mesh import default_ring_bytes
+
+    assert default_ring_bytes(3) == 1 << 20
+    sizes = [default_ring_bytes(shards + 1) for shards in (1, 2, 8, 16, 32, 64)]
+    assert sizes == sorted(sizes, reverse=True)
+    for shards in (16, 32):
+        layout = MeshLayout(shards + 1, default_ring_bytes(shards + 1))
+        assert layout.size <= 256 << 20, (shards, layout.size)

@@ -1,11 +1,16 @@
-"""The fabric's layout: an N x N matrix of SPSC rings in one shared segment.
+"""The fabric's layout: an N x (N-1) matrix of SPSC rings in one shared segment.
 
 Endpoints 0..N-2 are the shards; the last endpoint is the group's owner
 (the "outside": the process that started the group and its threads).  Each
-ordered pair (i, j) has its own ring, written only by i and read only by j,
-as seastar's ``smp_message_queue`` does.  Each endpoint has a control block
-with its ``sleeping`` flag (set while it may block in epoll) and its
-``alive`` flag (cleared when the shard is known to be dead).
+ordered pair (i, j), i != j, has its own ring, written only by i and read
+only by j, as seastar's ``smp_message_queue`` does; no endpoint has a ring
+to itself.  Each endpoint has a control block with its ``sleeping`` flag
+(set while it may block in epoll) and its ``alive`` flag (cleared when the
+shard is known to be dead).
+
+Rings cost N x (N-1) times their size, so by default the size follows the
+endpoint count (:func:`default_ring_bytes`): 1 MiB each up to 11 endpoints,
+smaller beyond, keeping the whole mesh within ``RING_MEMORY_BUDGET``.
 """
 
 from __future__ import annotations
@@ -18,6 +23,20 @@ from .segment import SharedSegment
 
 CONTROL_BLOCK_BYTES = 64
 _PAGE = 4096
+MAX_DEFAULT_RING_BYTES = 1 << 20
+MIN_DEFAULT_RING_BYTES = 64 << 10
+RING_MEMORY_BUDGET = 128 << 20
+"""Total ring memory the default ring size aims at (it never goes below 64 KiB a ring)."""
+
+
+def default_ring_bytes(endpoints: int) -> int:
+    """The largest power of two <= 1 MiB whose N x (N-1) rings fit the budget."""
+    rings = max(1, endpoints * (endpoints - 1))
+    size = MAX_DEFAULT_RING_BYTES
+    while size > MIN_DEFAULT_RING_BYTES and rings * (HEADER_BYTES + size + _PAGE) > \
+            RING_MEMORY_BUDGET:
+        size //= 2
+    return size
 
 
 @dataclass(frozen=True)
@@ -44,7 +63,7 @@ class MeshLayout:
 
     @property
     def size(self) -> int:
-        return self.rings_offset + self.ring_stride * self.endpoints * self.endpoints
+        return self.rings_offset + self.ring_stride * self.endpoints * (self.endpoints - 1)
 
     def sleeping_offset(self, endpoint: int) -> int:
         return CONTROL_BLOCK_BYTES * endpoint
@@ -53,7 +72,12 @@ class MeshLayout:
         return CONTROL_BLOCK_BYTES * endpoint + 4
 
     def ring_offset(self, source: int, destination: int) -> int:
-        return self.rings_offset + self.ring_stride * (source * self.endpoints + destination)
+        if source == destination or not (0 <= source < self.endpoints
+                                          and 0 <= destination < self.endpoints):
+            raise ValueError(f"no ring from endpoint {source} to endpoint {destination} in a "
+                             f"mesh of {self.endpoints}")
+        column = destination if destination < source else destination - 1
+        return self.rings_offset + self.ring_stride * (source * (self.endpoints - 1) + column)
 
 
 class Mesh:

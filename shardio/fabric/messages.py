@@ -4,31 +4,38 @@ The header stays outside the pickle so that a body which cannot be
 unpickled on the other side (a function the shard cannot import, an
 exception class with an unusual constructor) still fails the right call
 instead of leaving it waiting forever.
+
+A call that introduces an interned function (``REQUEST_WITH_FUNCTION``)
+carries the function's number (4 bytes) and two pickles back to back: the
+function, then ``(args, kwargs)``.  The receiver learns the function before
+it tries the arguments, so arguments that fail to unpickle fail only their own
+call, never the function's later calls on the link.
 """
 
 from __future__ import annotations
 
+import io
 import pickle
 import struct
 import traceback
 import types
 from typing import Any
 
-from ..errors import MessageTooLarge, RemoteError
+from ..errors import CannotCrossError, MessageTooLarge, RemoteError
 
 REQUEST = 1
 REPLY_OK = 2
 REPLY_ERROR = 3
+REQUEST_WITH_FUNCTION = 4
 HEADER = struct.Struct("<BQ")
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 
+NUMBER = struct.Struct("<I")
+
 _pack_header = HEADER.pack
+_pack_number = NUMBER.pack
 _dumps = pickle.dumps
 _INTERNABLE = frozenset({types.FunctionType, types.BuiltinFunctionType})
-
-
-class CannotCrossError(TypeError):
-    """A function, argument or result cannot be pickled to cross to another shard."""
 
 
 def encode_request(request_id: int, func: Any, args: tuple, kwargs: dict | None,
@@ -38,8 +45,9 @@ def encode_request(request_id: int, func: Any, args: tuple, kwargs: dict | None,
     Pickling a function by reference costs microseconds on both sides (a
     module lookup and an identity check), so each link interns plain
     functions: the first call on the link carries the function and a number
-    for it, later calls carry only the number.  Rings are ordered, so the
-    receiver always learns the number before its first use.
+    for it (in a pickle of its own, see the module's docstring), later calls
+    carry only the number.  Rings are ordered, so the receiver always learns
+    the number before its first use.
     """
     number = interned.get(func) if type(func) in _INTERNABLE else None
     try:
@@ -48,8 +56,8 @@ def encode_request(request_id: int, func: Any, args: tuple, kwargs: dict | None,
                 (number, None, args, kwargs), PROTOCOL)
         elif type(func) in _INTERNABLE:
             number = len(interned) + 1
-            payload = _pack_header(REQUEST, request_id) + _dumps(
-                (number, func, args, kwargs), PROTOCOL)
+            payload = (_pack_header(REQUEST_WITH_FUNCTION, request_id) + _pack_number(number)
+                       + _dumps(func, PROTOCOL) + _dumps((args, kwargs), PROTOCOL))
             _check_size(payload, max_bytes, destination)
             interned[func] = number
             return payload
@@ -72,18 +80,40 @@ def _check_size(payload: bytes, max_bytes: int, destination: str) -> None:
             "storage, or raise max_message_bytes")
 
 
-def decode_request(body, table: dict) -> tuple:
-    """The receiving side of :func:`encode_request`: (func, args, kwargs)."""
+class _Unlearned:
+    """A table entry for a function whose introduction could not be unpickled."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def decode_request(kind: int, body, table: dict) -> tuple:
+    """The receiving side of :func:`encode_request`: (func, args, kwargs).
+
+    ``table`` is the receiving link's function table; it learns a function
+    from a ``REQUEST_WITH_FUNCTION`` message even when its arguments fail.
+    """
+    if kind == REQUEST_WITH_FUNCTION:
+        (number,) = NUMBER.unpack_from(body)
+        stream = io.BytesIO(body)
+        stream.seek(NUMBER.size)
+        try:
+            func = pickle.Unpickler(stream).load()
+        except Exception as error:
+            table[number] = _Unlearned(repr(error))
+            raise
+        table[number] = func
+        args, kwargs = pickle.Unpickler(stream).load()
+        return func, args, kwargs
     number, func, args, kwargs = pickle.loads(body)
     if number:
-        if func is None:
-            try:
-                func = table[number]
-            except KeyError:
-                raise LookupError(f"function #{number} is unknown here: the first call that "
-                                  "carried it could not be unpickled") from None
-        else:
-            table[number] = func
+        func = table.get(number)
+        if func is None or type(func) is _Unlearned:
+            reason = func.reason if func is not None else "it never arrived"
+            raise LookupError(f"function #{number} is unknown here: the call that introduced "
+                              f"it could not be unpickled ({reason})")
     return func, args, kwargs
 
 

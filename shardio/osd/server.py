@@ -39,11 +39,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from shardio import tame
+from shardio.calls import submit_to
 from shardio.errors import ShardDied, ShardioError
 from shardio.group import ShardGroup
 from shardio.net import WaitingRequests, listen
 from shardio.reactor import require_reactor
-from shardio.submit import submit_to
 
 from .dirlock import DirectoryLock
 from .messenger import Limits, OSDConnection, Result

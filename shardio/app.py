@@ -1,4 +1,4 @@
-"""shardio.run: start a group, run main on shard 0, stop (seastar's app_template)."""
+"""shardio.app: start a group, run main on shard 0, stop (seastar's app_template)."""
 
 from __future__ import annotations
 
