@@ -535,6 +535,10 @@ Ring_openat(Ring *self, PyObject *const *args, Py_ssize_t nargs)
     s->keep = args[1];
     s->kind = RESULT_FD;
     sqe->opcode = IORING_OP_OPENAT;
+    /* Straight to an io-wq worker: the inline attempt would add O_NONBLOCK, and a FIFO
+       would then open at once for reading and fail with ENXIO for writing, where
+       open(2) waits for the other end. */
+    sqe->flags = IOSQE_ASYNC;
     sqe->fd = dir_fd;
     sqe->addr = (uint64_t)(uintptr_t)path;
     sqe->len = (uint32_t)mode;
@@ -728,23 +732,6 @@ Ring_submit(Ring *self, PyObject *noargs)
     return PyLong_FromLong(ret);
 }
 
-PyDoc_STRVAR(get_events_doc,
-"get_events() -> None\n\n"
-"io_uring_enter(GETEVENTS) without waiting: on a DEFER_TASKRUN ring this runs the\n"
-"completions the kernel deferred to us, posting their CQEs.");
-
-static PyObject *
-Ring_get_events(Ring *self, PyObject *noargs)
-{
-    if (check_open(self) < 0) return NULL;
-    long ret;
-    do {
-        ret = sys_enter(self->fd, 0, 0, IORING_ENTER_GETEVENTS);
-    } while (ret < 0 && errno == EINTR);
-    if (ret < 0) return PyErr_SetFromErrnoWithFilename(PyExc_OSError, "io_uring_enter");
-    Py_RETURN_NONE;
-}
-
 PyDoc_STRVAR(retract_doc,
 "retract() -> list of tokens\n\n"
 "Take back the SQEs the kernel has not consumed (after a failed submit):\n"
@@ -910,7 +897,6 @@ static PyMethodDef Ring_methods[] = {
     {"cancel", (PyCFunction)(void (*)(void))Ring_cancel, METH_FASTCALL, cancel_doc},
     {"submit", (PyCFunction)Ring_submit, METH_NOARGS, submit_doc},
     {"retract", (PyCFunction)Ring_retract, METH_NOARGS, retract_doc},
-    {"get_events", (PyCFunction)Ring_get_events, METH_NOARGS, get_events_doc},
     {"reap", (PyCFunction)Ring_reap, METH_NOARGS, reap_doc},
     {"ready", (PyCFunction)Ring_ready, METH_NOARGS, ready_doc},
     {"wait", (PyCFunction)Ring_wait, METH_O, wait_doc},
@@ -924,7 +910,8 @@ static PyMethodDef Ring_methods[] = {
 static PyTypeObject RingType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "shardio.io._uring.Ring",
-    .tp_doc = PyDoc_STR("Ring(entries=128): one io_uring instance (see the module docstring)."),
+    .tp_doc = PyDoc_STR("Ring(entries=128, flags=0): one io_uring instance; flags are extra\n"
+                        "IORING_SETUP_* flags (see the module docstring)."),
     .tp_basicsize = sizeof(Ring),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_new = Ring_new,

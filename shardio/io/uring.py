@@ -685,7 +685,7 @@ class ThreadPoolDriver:
         dir_fd: int | None = None,
     ) -> int:
         self.counters.metadata += 1
-        return self._run(os.open, path, flags, mode, dir_fd)  # type: ignore[no-any-return]
+        return self._run(_open, path, flags, mode, dir_fd)  # type: ignore[no-any-return]
 
     def close_fd(self, fd: int) -> None:
         self.counters.metadata += 1
@@ -723,6 +723,10 @@ class ThreadPoolDriver:
         if not self.closed:
             self.closed = True
             self._pool.shutdown(wait=True)
+
+
+def _open(path: Any, flags: int, mode: int, dir_fd: int | None) -> int:
+    return os.open(path, flags, mode, dir_fd=dir_fd)
 
 
 def _stat(path: Any, follow_symlinks: bool) -> os.stat_result:
