@@ -39,7 +39,7 @@ from shardio.osd.objectstore import (
     StoreFailed,
 )
 from shardio.osd.osdmap import OSDMap
-from shardio.tame.env import Env, PosixEnv, posix_env
+from shardio.tame import Env, PosixEnv, posix_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,7 +78,7 @@ class TameWorld(World):
 
 def _have_tame_env() -> bool:
     try:
-        from shardio.tame.env import TameEnv  # noqa: F401
+        from shardio.tame import TameEnv  # noqa: F401
     except ImportError:
         return False
     return True
@@ -518,7 +518,7 @@ _CRASH_CHILD = textwrap.dedent(
             h.join()
 
     if world == "posix":
-        from shardio.tame.env import posix_env
+        from shardio.tame import posix_env
         main(posix_env)
     else:
         async def amain():

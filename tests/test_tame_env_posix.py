@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from shardio.tame.env import DIRECT_ALIGN, PosixEnv, posix_env
+from shardio.tame import DIRECT_ALIGN, PosixEnv, posix_env
 
 
 @pytest.fixture

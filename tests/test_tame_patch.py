@@ -19,7 +19,8 @@ import pytest
 import uvloop
 
 from shardio import tame
-from shardio.tame.env import TameEvent, TameLock, TameQueue, TameSocket
+from shardio.tame import TameSocket
+from shardio.tame.sync import TameEvent, TameLock, TameQueue
 
 FOREIGN_SOURCE = """
 import io as _io

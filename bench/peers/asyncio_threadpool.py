@@ -33,7 +33,7 @@ from shardio.osd.osdmap import OSDMap, object_hash
 from shardio.osd.protocol import Status
 from shardio.osd.server import apply_op
 from shardio.osd.stats import OSDStats
-from shardio.tame.env import posix_env
+from shardio.tame import posix_env
 
 
 class ThreadPoolNode:

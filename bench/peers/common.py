@@ -48,7 +48,7 @@ from shardio.osd.protocol import (
     encode_frame_parts,
 )
 from shardio.osd.server import apply_op
-from shardio.tame.env import posix_env
+from shardio.tame import posix_env
 
 __all__ = [
     "MAX_INFLIGHT",

@@ -95,7 +95,7 @@ from dataclasses import dataclass
 from typing import NamedTuple, NoReturn
 
 from shardio.errors import ShardioError
-from shardio.tame.env import Env, EnvFile
+from shardio.tame import Env, EnvFile
 
 __all__ = [
     "BLOCK_SIZE",

@@ -75,18 +75,11 @@ the stall detector with the reactor thread's Python stack.
 from __future__ import annotations
 
 from .alien import AlienPool, alien
-from .env import (
-    DIRECT_ALIGN,
-    Env,
-    EnvFile,
-    PosixEnv,
-    TameEnv,
-    TameFile,
-    TameSocket,
-    ThreadHandle,
-    posix_env,
-)
-from .patch import is_patched, patch, patched, tame_open, unpatch
+from .env import DIRECT_ALIGN, Env, EnvFile, ThreadHandle
+from .files import TameFile, tame_open
+from .patch import is_patched, patch, patched, unpatch
+from .posix_env import PosixEnv, posix_env
+from .sockets import TameSocket
 from .stacks import (
     DEFAULT_MAX_STACKS,
     NotOnTameStack,
@@ -100,6 +93,7 @@ from .stacks import (
     wait,
     warm_up,
 )
+from .tame_env import TameEnv
 
 __all__ = [
     "DEFAULT_MAX_STACKS",

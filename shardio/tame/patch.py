@@ -71,15 +71,11 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import errno
-import importlib
 import io
 import os
 import queue
 import select
 import socket
-import stat
-import sys
 import threading
 import time
 import types
@@ -88,446 +84,23 @@ from typing import Any
 
 from greenlet import getcurrent
 
-from .stacks import Parked, TameError, TameGreenlet
-
-__all__ = ["is_patched", "patch", "patched", "tame_open", "unpatch"]
-
-
-def _rt() -> Any:
-    g = getcurrent()
-    return g.rt if type(g) is TameGreenlet else None
-
-
-# ---------------------------------------------------------------------------
-# Tame implementations
-# ---------------------------------------------------------------------------
-
-
-class TameRawFile(io.RawIOBase):
-    """A raw file (FileIO's role) whose I/O goes through io_uring on a tame stack.
-
-    Positional reads/writes at a Python-side position (like FileIO's use of
-    the kernel position, but without an lseek per call); plain os.pread/
-    os.pwrite off a stack.
-    """
-
-    def __init__(
-        self,
-        file: str | bytes | os.PathLike[Any],
-        mode: str = "r",
-        closefd: bool = True,
-        opener: Callable[..., int] | None = None,
-    ) -> None:
-        super().__init__()
-        self._fd = -1
-        plus = "+" in mode
-        self._readable = "r" in mode or plus
-        self._writable = any(c in mode for c in "wax") or plus
-        self._append = "a" in mode
-        if "x" in mode:
-            flags = os.O_EXCL | os.O_CREAT
-        elif "r" in mode:
-            flags = 0
-        elif "w" in mode:
-            flags = os.O_CREAT | os.O_TRUNC
-        else:
-            flags = os.O_CREAT | os.O_APPEND
-        flags |= os.O_RDWR if plus else (os.O_RDONLY if mode == "r" else os.O_WRONLY)
-        flags |= os.O_CLOEXEC
-        self.name = file
-        self._closefd = closefd
-        self._fd = opener(file, flags) if opener is not None else os.open(file, flags, 0o666)
-        self._pos = os.fstat(self._fd).st_size if self._append else 0
-        self._mode = (
-            "xb" if "x" in mode else "ab" if self._append else "rb" if "r" in mode else "wb"
-        ) + ("+" if plus else "")
-
-    @property
-    def mode(self) -> str:
-        return self._mode
-
-    def _check_open(self) -> int:
-        if self._fd < 0:
-            raise ValueError("I/O operation on closed file")
-        return self._fd
-
-    def readable(self) -> bool:
-        self._check_open()
-        return self._readable
-
-    def writable(self) -> bool:
-        self._check_open()
-        return self._writable
-
-    def seekable(self) -> bool:
-        self._check_open()
-        return True
-
-    def fileno(self) -> int:
-        return self._check_open()
-
-    def isatty(self) -> bool:
-        return os.isatty(self._check_open())
-
-    def readinto(self, b: Any) -> int:
-        fd = self._check_open()
-        if not self._readable:
-            raise io.UnsupportedOperation("File not open for reading")
-        view = memoryview(b).cast("B")
-        rt = _rt()
-        data = (
-            rt.uring.read(fd, len(view), self._pos)
-            if rt is not None
-            else os.pread(fd, len(view), self._pos)
-        )
-        n = len(data)
-        view[:n] = data
-        self._pos += n
-        return n
-
-    def readall(self) -> bytes:
-        fd = self._check_open()
-        chunks = []
-        while True:
-            want = max(os.fstat(fd).st_size - self._pos, 0) or io.DEFAULT_BUFFER_SIZE
-            buf = bytearray(want)
-            n = self.readinto(buf)
-            if not n:
-                return b"".join(chunks)
-            chunks.append(bytes(buf[:n]))
-
-    def write(self, b: Any) -> int:
-        fd = self._check_open()
-        if not self._writable:
-            raise io.UnsupportedOperation("File not open for writing")
-        rt = _rt()
-        view = memoryview(b).cast("B")
-        if rt is not None:
-            n = rt.uring.write(fd, view, self._pos)  # O_APPEND: the kernel appends
-        else:
-            n = 0
-            while n < len(view):
-                n += os.pwrite(fd, view[n:], self._pos + n)
-        self._pos = os.fstat(fd).st_size if self._append else self._pos + n
-        return n  # type: ignore[no-any-return]
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        fd = self._check_open()
-        if whence == os.SEEK_SET:
-            new = pos
-        elif whence == os.SEEK_CUR:
-            new = self._pos + pos
-        elif whence == os.SEEK_END:
-            new = os.fstat(fd).st_size + pos
-        else:
-            raise ValueError(f"invalid whence ({whence}, should be 0, 1 or 2)")
-        if new < 0:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        self._pos = new
-        return new
-
-    def tell(self) -> int:
-        self._check_open()
-        return self._pos
-
-    def truncate(self, size: int | None = None) -> int:
-        fd = self._check_open()
-        if size is None:
-            size = self._pos
-        os.ftruncate(fd, size)
-        return size
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            try:
-                super().close()
-            finally:
-                if self._closefd:
-                    os.close(fd)
-        else:
-            super().close()
-
-    def __repr__(self) -> str:
-        return f"<TameRawFile name={self.name!r} mode={self._mode!r}>"
-
-
-_real_open = builtins.open
-
-
-def tame_open(
-    file: Any,
-    mode: str = "r",
-    buffering: int = -1,
-    encoding: str | None = None,
-    errors: str | None = None,
-    newline: str | None = None,
-    closefd: bool = True,
-    opener: Callable[..., int] | None = None,
-) -> Any:
-    """builtins.open for tame stacks (io's buffered/text layers over TameRawFile)."""
-    if isinstance(file, int) or not _is_regular_or_new(file):
-        return _real_open(file, mode, buffering, encoding, errors, newline, closefd, opener)
-    modes = set(mode)
-    if modes - set("axrwb+t") or len(mode) > len(modes):
-        raise ValueError(f"invalid mode: {mode!r}")
-    creating, reading, writing, appending = "x" in modes, "r" in modes, "w" in modes, "a" in modes
-    updating, text, binary = "+" in modes, "t" in modes, "b" in modes
-    if text and binary:
-        raise ValueError("can't have text and binary mode at once")
-    if creating + reading + writing + appending > 1:
-        raise ValueError("must have exactly one of create/read/write/append mode")
-    if not (creating or reading or writing or appending):
-        raise ValueError(
-            "Must have exactly one of create/read/write/append mode and at most one plus"
-        )
-    if binary and (encoding is not None or errors is not None or newline is not None):
-        raise ValueError("binary mode doesn't take an encoding, errors or newline argument")
-    rawmode = (
-        ("x" if creating else "")
-        + ("r" if reading else "")
-        + ("w" if writing else "")
-        + ("a" if appending else "")
-        + ("+" if updating else "")
-    )
-    raw = TameRawFile(file, rawmode, closefd, opener)
-    result: Any = raw
-    try:
-        line_buffering = False
-        if buffering == 1 or (buffering < 0 and raw.isatty()):
-            buffering = -1
-            line_buffering = True
-        if buffering < 0:
-            buffering = io.DEFAULT_BUFFER_SIZE
-            try:
-                bs = os.fstat(raw.fileno()).st_blksize
-                if bs > 1:
-                    buffering = bs
-            except OSError:
-                pass
-        if buffering == 0:
-            if binary:
-                return result
-            raise ValueError("can't have unbuffered text I/O")
-        if updating:
-            buffer: Any = io.BufferedRandom(raw, buffering)
-        elif creating or writing or appending:
-            buffer = io.BufferedWriter(raw, buffering)
-        else:
-            buffer = io.BufferedReader(raw, buffering)
-        result = buffer
-        if binary:
-            return result
-        text_io = io.TextIOWrapper(
-            buffer, io.text_encoding(encoding), errors, newline, line_buffering
-        )
-        result = text_io
-        text_io.mode = mode  # type: ignore[misc]
-        return result
-    except BaseException:
-        result.close()
-        raise
-
-
-def _is_regular_or_new(file: Any) -> bool:
-    try:
-        return stat.S_ISREG(os.stat(file).st_mode)
-    except FileNotFoundError:
-        return True  # will be created as a regular file (or fail like open does)
-    except (OSError, TypeError, ValueError):
-        return False
-
-
-def _seekable_regular(fd: int) -> bool:
-    try:
-        return stat.S_ISREG(os.fstat(fd).st_mode)
-    except OSError:
-        return False
-
-
-def _wait_fd(fd: int, write: bool) -> None:
-    rt = _rt()
-    p = Parked()
-    loop = rt.loop
-    (loop.add_writer if write else loop.add_reader)(fd, p.wake, None)
-    try:
-        p.park()
-    finally:
-        (loop.remove_writer if write else loop.remove_reader)(fd)
-
-
-def _ready_now(fd: int, write: bool) -> bool:
-    r, w, _ = select.select([] if write else [fd], [fd] if write else [], [], 0)
-    return bool(r or w)
-
-
-def tame_os_read(fd: int, n: int) -> bytes:
-    rt = _rt()
-    if _seekable_regular(fd):
-        pos = os.lseek(fd, 0, os.SEEK_CUR)
-        data: bytes = rt.uring.read(fd, n, pos, _is_direct(fd))
-        os.lseek(fd, pos + len(data), os.SEEK_SET)
-        return data
-    if not _ready_now(fd, False):
-        _wait_fd(fd, False)
-    return os.read(fd, n)
-
-
-def tame_os_write(fd: int, data: Any) -> int:
-    rt = _rt()
-    if _seekable_regular(fd):
-        if _fd_appends(fd):
-            n: int = rt.uring.write(fd, data, 0)
-            os.lseek(fd, 0, os.SEEK_END)
-            return n
-        pos = os.lseek(fd, 0, os.SEEK_CUR)
-        n = rt.uring.write(fd, data, pos, _is_direct(fd))
-        os.lseek(fd, pos + n, os.SEEK_SET)
-        return n
-    if not _ready_now(fd, True):
-        _wait_fd(fd, True)
-    return os.write(fd, data)
-
-
-def _fd_appends(fd: int) -> bool:
-    import fcntl
-
-    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND)
-
-
-def _is_direct(fd: int) -> bool:
-    import fcntl
-
-    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
-
-
-def tame_os_pread(fd: int, n: int, offset: int) -> bytes:
-    return _rt().uring.read(fd, n, offset, _is_direct(fd))  # type: ignore[no-any-return]
-
-
-def tame_os_pwrite(fd: int, data: Any, offset: int) -> int:
-    return _rt().uring.write(fd, data, offset, _is_direct(fd))  # type: ignore[no-any-return]
-
-
-def tame_os_fsync(fd: Any) -> None:
-    if not isinstance(fd, int):
-        fd = fd.fileno()
-    _rt().uring.fsync(fd, False)
-
-
-def tame_os_fdatasync(fd: Any) -> None:
-    if not isinstance(fd, int):
-        fd = fd.fileno()
-    _rt().uring.fsync(fd, True)
-
-
-def tame_sleep(seconds: float) -> None:
-    _rt().env.sleep(seconds)
-
-
-def tame_select(
-    rlist: Any, wlist: Any, xlist: Any, timeout: float | None = None
-) -> tuple[list[Any], list[Any], list[Any]]:
-    """select.select on a tame stack: the wait happens in the loop (read/write sets)."""
-    r, w, x = select.select(rlist, wlist, xlist, 0)
-    if r or w or x or timeout == 0:
-        return r, w, x
-    rt = _rt()
-    loop = rt.loop
-    p = Parked()
-    rfds = [o if isinstance(o, int) else o.fileno() for o in rlist]
-    wfds = [o if isinstance(o, int) else o.fileno() for o in wlist]
-    for fd in rfds:
-        loop.add_reader(fd, p.wake, None)
-    for fd in wfds:
-        loop.add_writer(fd, p.wake, None)
-    timer = None if timeout is None else loop.call_later(timeout, p.wake, None)
-    try:
-        p.park()
-    finally:
-        for fd in rfds:
-            loop.remove_reader(fd)
-        for fd in wfds:
-            loop.remove_writer(fd)
-        if timer is not None:
-            timer.cancel()
-    return select.select(rlist, wlist, xlist, 0)
-
-
-class TameThread:
-    """threading.Thread's API on a tame stack: a tame thread of the same reactor."""
-
-    _count = 0
-
-    def __init__(
-        self,
-        group: None = None,
-        target: Callable[..., Any] | None = None,
-        name: str | None = None,
-        args: Any = (),
-        kwargs: dict[str, Any] | None = None,
-        *,
-        daemon: bool | None = None,
-    ) -> None:
-        TameThread._count += 1
-        self._target = target
-        self._args = tuple(args)
-        self._kwargs = kwargs or {}
-        self._name = name or f"TameThread-{TameThread._count}"
-        self.daemon = bool(daemon)
-        self._handle: Any = None
-        self.ident: int | None = None
-        self.native_id: int | None = None
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @name.setter
-    def name(self, value: str) -> None:
-        self._name = str(value)
-
-    def getName(self) -> str:  # noqa: N802
-        return self._name
-
-    def setName(self, name: str) -> None:  # noqa: N802
-        self._name = name
-
-    def isDaemon(self) -> bool:  # noqa: N802
-        return self.daemon
-
-    def setDaemon(self, daemonic: bool) -> None:  # noqa: N802
-        self.daemon = daemonic
-
-    def start(self) -> None:
-        if self._handle is not None:
-            raise RuntimeError("threads can only be started once")
-        rt = _rt()
-        if rt is None:
-            raise TameError("a TameThread can only be started on a tame stack")
-        self._handle = rt.env.start_thread(self._bootstrap, name=self._name)
-        self.ident = id(self._handle)
-
-    def _bootstrap(self) -> None:
-        try:
-            self.run()
-        except BaseException:
-            threading.excepthook(threading.ExceptHookArgs([*sys.exc_info(), self]))  # type: ignore[attr-defined]
-
-    def run(self) -> None:
-        if self._target is not None:
-            self._target(*self._args, **self._kwargs)
-
-    def join(self, timeout: float | None = None) -> None:
-        if self._handle is None:
-            raise RuntimeError("cannot join thread before it is started")
-        self._handle.join(timeout)
-
-    def is_alive(self) -> bool:
-        return self._handle is not None and self._handle.is_alive()
-
-    def __repr__(self) -> str:
-        return f"<TameThread({self._name}, {'started' if self._handle else 'initial'})>"
+from . import sync
+from .files import (
+    tame_open,
+    tame_os_fdatasync,
+    tame_os_fsync,
+    tame_os_pread,
+    tame_os_pwrite,
+    tame_os_read,
+    tame_os_write,
+)
+from .readiness import tame_select
+from .sockets import TameSocket, tame_create_connection, tame_getaddrinfo
+from .stacks import TameError, TameGreenlet, current_runtime
+from .threads import TameThread
+from .timers import tame_sleep
+
+__all__ = ["is_patched", "patch", "patched", "unpatch"]
 
 
 # ---------------------------------------------------------------------------
@@ -587,25 +160,24 @@ def _dispatch_class(
 
 def _env_factory(attr: str) -> Callable[..., Any]:
     def make(*args: Any, **kwargs: Any) -> Any:
-        return getattr(_rt().env, attr)(*args, **kwargs)
+        return getattr(current_runtime().env, attr)(*args, **kwargs)
 
     return make
 
 
 def _build_overrides() -> dict[types.ModuleType, dict[str, Any]]:
     """Per real module: intercepted attribute name -> dispatcher."""
-    e = importlib.import_module("shardio.tame.env")  # (the package's `env` is the function)
-    sync = {
-        "Lock": ("Lock", (e.TameLock,)),
-        "RLock": ("RLock", (e.TameRLock,)),
-        "Condition": ("Condition", (e.TameCondition,)),
-        "Event": ("Event", (e.TameEvent,)),
-        "Semaphore": ("Semaphore", (e.TameSemaphore,)),
-        "BoundedSemaphore": ("BoundedSemaphore", (e.TameBoundedSemaphore,)),
+    primitives = {
+        "Lock": ("Lock", (sync.TameLock,)),
+        "RLock": ("RLock", (sync.TameRLock,)),
+        "Condition": ("Condition", (sync.TameCondition,)),
+        "Event": ("Event", (sync.TameEvent,)),
+        "Semaphore": ("Semaphore", (sync.TameSemaphore,)),
+        "BoundedSemaphore": ("BoundedSemaphore", (sync.TameBoundedSemaphore,)),
     }
     th: dict[str, Any] = {
         name: _dispatch_class(getattr(threading, name), _env_factory(attr), types_)
-        for name, (attr, types_) in sync.items()
+        for name, (attr, types_) in primitives.items()
     }
     th["Thread"] = _dispatch_class(threading.Thread, TameThread, (TameThread,))
     return {
@@ -621,13 +193,13 @@ def _build_overrides() -> dict[types.ModuleType, dict[str, Any]]:
         },
         time: {"sleep": _dispatch_function(time.sleep, tame_sleep)},
         threading: th,
-        queue: {"Queue": _dispatch_class(queue.Queue, _env_factory("Queue"), (e.TameQueue,))},
+        queue: {"Queue": _dispatch_class(queue.Queue, _env_factory("Queue"), (sync.TameQueue,))},
         socket: {
-            "socket": _dispatch_class(socket.socket, e.TameSocket.create, (e.TameSocket,)),
+            "socket": _dispatch_class(socket.socket, TameSocket.create, (TameSocket,)),
             "create_connection": _dispatch_function(
-                socket.create_connection, e.tame_create_connection
+                socket.create_connection, tame_create_connection
             ),
-            "getaddrinfo": _dispatch_function(socket.getaddrinfo, e.tame_getaddrinfo),
+            "getaddrinfo": _dispatch_function(socket.getaddrinfo, tame_getaddrinfo),
         },
         select: {"select": _dispatch_function(select.select, tame_select)},
     }

@@ -300,7 +300,7 @@ class Runtime:
     def env(self) -> Any:
         """This loop's TameEnv."""
         if self._env is None:
-            from .env import TameEnv
+            from .tame_env import TameEnv
 
             self._env = TameEnv(self)
         return self._env
