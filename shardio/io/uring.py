@@ -337,8 +337,10 @@ class UringDriver:
         return self._submit(self._ring.openat, (d, name, flags | _CLOEXEC, mode), path)
 
     def close_fd(self, fd: int) -> None:
-        """os.close(fd)."""
+        """os.close(fd) (inline once the driver is closed or broken: the fd must not leak)."""
         self.counters.metadata += 1
+        if self._unusable:
+            return os.close(fd)
         if not self._has["close"]:
             return self._thread_pool().close_fd(fd)
         self._submit(self._ring.close_fd, (fd,))

@@ -2,6 +2,11 @@
 
 On a tame stack their I/O goes through the loop's file driver
 (``shardio.io.uring``); anywhere else they are the plain blocking calls.
+That includes the metadata calls: open, close, fstat/stat, ftruncate,
+rename, unlink/rmdir and the fsync of a directory (the ``tame_*`` functions
+below, which the TameEnv's filesystem methods use). Left inline: ``lseek``
+and the ``fstat`` that routes a tamed ``os.read``/``os.write`` (in-memory
+inode reads, paid on every call).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import stat
 from collections.abc import Callable
 from typing import Any
 
-from .env import DIRECT_ALIGN, check_direct
+from .env import DIRECT_ALIGN, check_direct, parse_mode
 from .posix_env import PosixFile
 from .readiness import ready_now, wait_fd
 from .stacks import current_runtime
@@ -25,11 +30,25 @@ class TameFile(PosixFile):
 
     On a tame stack, reads go through ``preadv2(RWF_NOWAIT)`` then io_uring,
     and writes/fsync through io_uring, using the driver of the loop running
-    the caller's stack. Anywhere else (plain threads, the reactor's own
-    coroutines) the calls are PosixFile's plain blocking ones. The file
-    position is the kernel's, as with PosixFile. open/close/truncate/fstat
-    are short metadata calls made inline.
+    the caller's stack, and so do open, close, truncate and size. Anywhere
+    else (plain threads, the reactor's own coroutines) the calls are
+    PosixFile's plain blocking ones. The file position is the kernel's, as
+    with PosixFile.
     """
+
+    def __init__(
+        self, path: str | os.PathLike[str], mode: str = "rb", *, direct: bool = False
+    ) -> None:
+        rt = current_runtime()
+        if rt is None:
+            super().__init__(path, mode, direct=direct)
+            return
+        flags, self._readable, self._writable, self._append = parse_mode(mode, direct)
+        self.name = os.fspath(path)
+        self.mode = mode
+        self.direct = direct
+        self._fd = -1
+        self._fd = rt.uring.open(self.name, flags, 0o666)
 
     def pread(self, n: int, offset: int) -> bytes:
         rt = current_runtime()
@@ -55,7 +74,7 @@ class TameFile(PosixFile):
         fd = self._check(read=True)
         pos = os.lseek(fd, 0, os.SEEK_CUR)
         if n < 0:
-            n = max(0, os.fstat(fd).st_size - pos)
+            n = max(0, self.size() - pos)
             if self.direct:
                 n = (n + DIRECT_ALIGN - 1) // DIRECT_ALIGN * DIRECT_ALIGN
         data = self.pread(n, pos)
@@ -67,7 +86,7 @@ class TameFile(PosixFile):
             return super().write(data)
         fd = self._check(write=True)
         if self._append:
-            n = self.pwrite(data, os.fstat(fd).st_size)  # O_APPEND: the kernel appends
+            n = self.pwrite(data, 0)  # O_APPEND: the kernel appends, whatever the offset
             os.lseek(fd, 0, os.SEEK_END)
             return n
         pos = os.lseek(fd, 0, os.SEEK_CUR)
@@ -86,6 +105,28 @@ class TameFile(PosixFile):
         if rt is None:
             return super().fdatasync()
         rt.uring.fsync(self._check(), True)
+
+    def truncate(self, size: int) -> None:
+        rt = current_runtime()
+        if rt is None:
+            return super().truncate(size)
+        rt.uring.ftruncate(self._check(write=True), size)
+        return None
+
+    def size(self) -> int:
+        rt = current_runtime()
+        if rt is None:
+            return super().size()
+        return rt.uring.stat(self._check()).st_size  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        rt = current_runtime()
+        if rt is None:
+            return super().close()
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            rt.uring.close_fd(fd)
+        return None
 
 
 class TameRawFile(io.RawIOBase):
@@ -121,8 +162,11 @@ class TameRawFile(io.RawIOBase):
         flags |= os.O_CLOEXEC
         self.name = file
         self._closefd = closefd
-        self._fd = opener(file, flags) if opener is not None else os.open(file, flags, 0o666)
-        self._pos = os.fstat(self._fd).st_size if self._append else 0
+        if opener is not None:
+            self._fd = opener(file, flags)
+        else:
+            self._fd = tame_os_open(file, flags, 0o666)
+        self._pos = _fstat(self._fd).st_size if self._append else 0
         self._mode = (
             "xb" if "x" in mode else "ab" if self._append else "rb" if "r" in mode else "wb"
         ) + ("+" if plus else "")
@@ -174,7 +218,7 @@ class TameRawFile(io.RawIOBase):
         fd = self._check_open()
         chunks = []
         while True:
-            want = max(os.fstat(fd).st_size - self._pos, 0) or io.DEFAULT_BUFFER_SIZE
+            want = max(_fstat(fd).st_size - self._pos, 0) or io.DEFAULT_BUFFER_SIZE
             buf = bytearray(want)
             n = self.readinto(buf)
             if not n:
@@ -193,7 +237,8 @@ class TameRawFile(io.RawIOBase):
             n = 0
             while n < len(view):
                 n += os.pwrite(fd, view[n:], self._pos + n)
-        self._pos = os.fstat(fd).st_size if self._append else self._pos + n
+        # after an append, the end of the file (lseek: no second ring round trip)
+        self._pos = os.lseek(fd, 0, os.SEEK_END) if self._append else self._pos + n
         return n  # type: ignore[no-any-return]
 
     def seek(self, pos: int, whence: int = 0) -> int:
@@ -203,7 +248,7 @@ class TameRawFile(io.RawIOBase):
         elif whence == os.SEEK_CUR:
             new = self._pos + pos
         elif whence == os.SEEK_END:
-            new = os.fstat(fd).st_size + pos
+            new = _fstat(fd).st_size + pos
         else:
             raise ValueError(f"invalid whence ({whence}, should be 0, 1 or 2)")
         if new < 0:
@@ -219,7 +264,11 @@ class TameRawFile(io.RawIOBase):
         fd = self._check_open()
         if size is None:
             size = self._pos
-        os.ftruncate(fd, size)
+        rt = current_runtime()
+        if rt is None:
+            os.ftruncate(fd, size)
+        else:
+            rt.uring.ftruncate(fd, size)
         return size
 
     def close(self) -> None:
@@ -229,7 +278,7 @@ class TameRawFile(io.RawIOBase):
                 super().close()
             finally:
                 if self._closefd:
-                    os.close(fd)
+                    tame_os_close(fd)
         else:
             super().close()
 
@@ -285,7 +334,7 @@ def tame_open(
         if buffering < 0:
             buffering = io.DEFAULT_BUFFER_SIZE
             try:
-                bs = os.fstat(raw.fileno()).st_blksize
+                bs = _fstat(raw.fileno()).st_blksize
                 if bs > 1:
                     buffering = bs
             except OSError:
@@ -316,7 +365,7 @@ def tame_open(
 
 def _is_regular_or_new(file: Any) -> bool:
     try:
-        return stat.S_ISREG(os.stat(file).st_mode)
+        return stat.S_ISREG(tame_stat(file).st_mode)
     except FileNotFoundError:
         return True  # will be created as a regular file (or fail like open does)
     except (OSError, TypeError, ValueError):
@@ -388,3 +437,67 @@ def tame_os_fdatasync(fd: Any) -> None:
     if not isinstance(fd, int):
         fd = fd.fileno()
     current_runtime().uring.fsync(fd, True)
+
+
+# -- metadata: through the driver on a tame stack, the os call elsewhere ----------
+
+
+def _fstat(fd: int) -> os.stat_result:
+    rt = current_runtime()
+    return os.fstat(fd) if rt is None else rt.uring.stat(fd)
+
+
+def tame_os_open(path: Any, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
+    """os.open, through the driver on a tame stack."""
+    rt = current_runtime()
+    if rt is None:
+        return os.open(path, flags, mode, dir_fd=dir_fd)
+    return rt.uring.open(path, flags, mode, dir_fd)  # type: ignore[no-any-return]
+
+
+def tame_os_close(fd: int) -> None:
+    """os.close, through the driver on a tame stack."""
+    rt = current_runtime()
+    if rt is None:
+        os.close(fd)
+    else:
+        rt.uring.close_fd(fd)
+
+
+def tame_stat(path: Any, follow_symlinks: bool = True) -> os.stat_result:
+    """os.stat (an int is an fd: os.fstat), through the driver on a tame stack."""
+    rt = current_runtime()
+    if rt is None:
+        return os.stat(path, follow_symlinks=follow_symlinks)
+    return rt.uring.stat(path, follow_symlinks)  # type: ignore[no-any-return]
+
+
+def tame_replace(src: Any, dst: Any) -> None:
+    """os.replace, through the driver on a tame stack."""
+    rt = current_runtime()
+    if rt is None:
+        os.replace(src, dst)
+    else:
+        rt.uring.rename(src, dst)
+
+
+def tame_unlink(path: Any, rmdir: bool = False) -> None:
+    """os.unlink (os.rmdir with rmdir=True), through the driver on a tame stack."""
+    rt = current_runtime()
+    if rt is None:
+        (os.rmdir if rmdir else os.unlink)(path)
+    else:
+        rt.uring.unlink(path, rmdir)
+
+
+def tame_fsync_dir(path: Any) -> None:
+    """Open the directory at path, fsync it, close it: all through the driver on a tame stack."""
+    fd = tame_os_open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        rt = current_runtime()
+        if rt is None:
+            os.fsync(fd)
+        else:
+            rt.uring.fsync(fd, False)
+    finally:
+        tame_os_close(fd)
