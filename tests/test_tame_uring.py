@@ -428,3 +428,73 @@ def test_no_uring_env_gives_the_thread_pool(run: Any, data_file: str, monkeypatc
 
     st = run(main)
     assert st["fallback"] == 1 and st["read_thread"] == 1
+
+
+# -- the TameEnv's file metadata ---------------------------------------------------
+
+
+@pytest.mark.parametrize("no_uring", [False, True], ids=["io_uring", "threads"])
+def test_tame_env_metadata_goes_through_the_driver(
+    run: Any, tmp_path: Any, monkeypatch: Any, no_uring: bool
+) -> None:
+    if no_uring:
+        monkeypatch.setenv("SHARDIO_NO_URING", "1")
+    d = str(tmp_path)
+    a, b = os.path.join(d, "a"), os.path.join(d, "b")
+
+    def work() -> None:
+        env = tame.env()
+        with env.open(a, "wb") as f:
+            f.write(b"y" * 5000)
+            assert f.size() == 5000
+            f.truncate(100)
+            assert f.size() == 100 == os.path.getsize(a)
+        assert env.exists(a) and not env.exists(b) and env.isdir(d) and not env.isdir(a)
+        assert env.getsize(a) == 100 and env.stat(a) == os.stat(a)
+        env.rename(a, b)
+        env.fsync_dir(d)
+        with env.open(b, "rb") as f:
+            assert f.read() == b"y" * 100
+        env.remove(b)
+        os.mkdir(a)
+        env.rmdir(a)
+        assert os.listdir(d) == []
+
+    async def main() -> dict[str, int]:
+        await tame.call(work)
+        return stacks.runtime().uring.stats()
+
+    st = run(main)
+    assert st["fallback"] == int(no_uring)
+    # open x2, close x2, size x3, truncate, stat x5, rename, fsync_dir (open, close), remove, rmdir
+    assert st["metadata"] >= 16
+
+
+def test_tame_env_open_of_a_fifo_does_not_block_the_reactor(run: Any, tmp_path: Any) -> None:
+    fifo = os.path.join(str(tmp_path), "fifo")
+    os.mkfifo(fifo)
+    unblock = threading.Timer(5.0, _open_writer, (fifo,))  # rescues a blocked reactor
+    unblock.start()
+
+    def reader() -> bytes:
+        with tame.env().open(fifo, "rb") as f:  # waits for a writer, like open(2)
+            return b"opened" if not f.closed else b"closed"
+
+    async def main() -> bool:
+        ticks = 0
+        opening = asyncio.ensure_future(tame.call(reader))
+        for _ in range(5000):
+            await asyncio.sleep(0.001)
+            ticks += 1
+            if ticks >= 20 or opening.done():
+                break
+        ticked_while_open = ticks >= 20 and not opening.done()
+        writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        assert await asyncio.wait_for(opening, 5) == b"opened"
+        os.close(writer)
+        return ticked_while_open
+
+    try:
+        assert run(main)
+    finally:
+        unblock.cancel()
