@@ -258,7 +258,7 @@ def test_blocking_open_does_not_block_the_reactor(run: Any, tmp_path: Any, kind:
                 if ticks >= 20 or opening.done():
                     break
             ticked_while_open = ticks >= 20 and not opening.done()
-            writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # the reader is in open()
+            writer = await _open_writer_when_read_side_waits(fifo)
             fd = await asyncio.wait_for(opening, 5)
             os.close(writer)
             await tame.call(drv.close_fd, fd)
@@ -276,6 +276,18 @@ def test_blocking_open_does_not_block_the_reactor(run: Any, tmp_path: Any, kind:
 
 def _open_writer(fifo: str) -> None:
     os.close(os.open(fifo, os.O_WRONLY))
+
+
+async def _open_writer_when_read_side_waits(fifo: str) -> int:
+    """The write end, opened without blocking once the reader's open(2) waits in the kernel."""
+    for _ in range(5000):
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as exc:  # ENXIO: the read side's open has not reached the FIFO yet
+            if exc.errno != errno.ENXIO:
+                raise
+        await asyncio.sleep(0.001)
+    raise AssertionError(f"nobody opened {fifo} for reading within 5 s")
 
 
 def test_cancelling_a_blocked_open_cancels_it_in_the_kernel(run: Any, tmp_path: Any) -> None:
@@ -489,7 +501,7 @@ def test_tame_env_open_of_a_fifo_does_not_block_the_reactor(run: Any, tmp_path: 
             if ticks >= 20 or opening.done():
                 break
         ticked_while_open = ticks >= 20 and not opening.done()
-        writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        writer = await _open_writer_when_read_side_waits(fifo)
         assert await asyncio.wait_for(opening, 5) == b"opened"
         os.close(writer)
         return ticked_while_open

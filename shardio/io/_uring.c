@@ -774,9 +774,10 @@ static PyObject *statx_tuple(const struct statx *st)
 }
 
 PyDoc_STRVAR(reap_doc,
-"reap() -> list of (token, result)\n\n"
-"Collect every posted CQE. Results are ints (>= 0, or -errno), bytes for reads\n"
-"and a tuple for statx (see statx). Cancelled ops free their slots silently.");
+"reap() -> [token, result, token, result, ...]\n\n"
+"Collect every posted CQE, as one flat list (no tuple per op). Results are ints\n"
+"(>= 0, or -errno), bytes for reads and a tuple for statx (see statx). Cancelled\n"
+"ops free their slots silently.");
 
 static PyObject *
 Ring_reap(Ring *self, PyObject *noargs)
@@ -803,17 +804,15 @@ Ring_reap(Ring *self, PyObject *noargs)
             value = PyBytes_FromStringAndSize(s->mem, res);
         else
             value = statx_tuple(s->mem);
-        PyObject *pair = value ? PyTuple_Pack(2, s->token, value) : NULL;
-        Py_XDECREF(value);
-        if (!pair || PyList_Append(done, pair) < 0) {
+        if (!value || PyList_Append(done, s->token) < 0 || PyList_Append(done, value) < 0) {
             /* Out of memory: this CQE is lost to its caller but its slot is freed. */
-            Py_XDECREF(pair);
+            Py_XDECREF(value);
             slot_release(self, (uint32_t)ud);
             atomic_store_explicit(self->cq_head, head + 1, memory_order_release);
             Py_DECREF(done);
             return NULL;
         }
-        Py_DECREF(pair);
+        Py_DECREF(value);
         slot_release(self, (uint32_t)ud);
     }
     atomic_store_explicit(self->cq_head, head, memory_order_release);

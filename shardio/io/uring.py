@@ -250,7 +250,7 @@ class UringDriver:
         if not ring.wait(2000):
             raise OSError(errno.ETIMEDOUT, "io_uring self-test: ring fd never became readable")
         done = ring.reap()
-        if done != [(token, 0)]:
+        if done != [token, 0]:
             raise OSError(errno.EPROTO, f"io_uring self-test: unexpected completions {done!r}")
 
     def supports(self, op: str) -> bool:
@@ -540,11 +540,13 @@ class UringDriver:
             return 0
         c = self.counters
         c.reaps += 1
-        c.cqes += len(done)
+        n = len(done) >> 1
+        c.cqes += n
         self._in_reap = True
         try:
-            for p, res in done:
-                p.wake(res)
+            it = iter(done)
+            for p in it:  # [parked, result, parked, result, ...]
+                p.wake(next(it))
                 if ring.unsubmitted >= self.submit_batch:
                     self._flush()  # keep the device busy while we resume the rest
         finally:
@@ -556,7 +558,7 @@ class UringDriver:
             free -= 1
         if ring.unsubmitted:
             self._flush()
-        return len(done)
+        return n
 
     def _on_readable(self) -> None:
         if not self.closed:
