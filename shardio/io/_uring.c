@@ -51,7 +51,7 @@
 #define CANCEL_TAG UINT64_MAX
 #define PAGE 4096u
 #define POOL_CLASSES 11     /* 4 KiB .. 4 MiB */
-#define POOL_KEEP 32        /* free buffers kept per size class */
+#define POOL_KEEP 32        /* free buffers kept per size class, up to 32 KiB; fewer above */
 #define MAX_IO (4u << 20)   /* one read/write op moves at most this much */
 
 enum result_kind { RESULT_INT, RESULT_BYTES, RESULT_STATX, RESULT_FD };
@@ -121,7 +121,9 @@ static void *pool_get(Ring *r, unsigned c)
 
 static void pool_put(Ring *r, void *mem, unsigned c)
 {
-    if (r->pool_len[c] < POOL_KEEP)
+    /* 32 of 4..32 KiB, then halving: 16 of 64 KiB ... 1 of 1 MiB and above */
+    unsigned keep = c <= 3 ? POOL_KEEP : (c - 3 >= 5 ? 1 : POOL_KEEP >> (c - 3));
+    if (r->pool_len[c] < keep)
         r->pool[c][r->pool_len[c]++] = mem;
     else
         free(mem);
@@ -223,7 +225,7 @@ Ring_init(Ring *self, PyObject *args, PyObject *kwds)
     unsigned entries = 128, extra_flags = 0;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "|II", kwlist, &entries, &extra_flags))
         return -1;
-    if (self->fd > 0 || self->slots) {
+    if (self->fd >= 0 || self->slots) {
         PyErr_SetString(PyExc_RuntimeError, "Ring.__init__ called twice");
         return -1;
     }
