@@ -504,8 +504,7 @@ class UringDriver:
         try:
             ring.submit()
         except OSError as exc:
-            if exc.errno in _TRANSIENT:
-                self._reap()  # completions may free what the kernel ran out of; try once more
+            if exc.errno in _TRANSIENT:  # out of memory for a moment: try once more
                 try:
                     ring.submit()
                     return
