@@ -9,6 +9,7 @@ import os
 import random
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -237,8 +238,7 @@ def test_blocking_open_does_not_block_the_reactor(run: Any, tmp_path: Any, kind:
     """open() of a FIFO blocks until a writer comes: the loop must keep running meanwhile."""
     fifo = os.path.join(str(tmp_path), "fifo")
     os.mkfifo(fifo)
-    unblock = threading.Timer(5.0, _open_writer, (fifo,))  # rescues a blocked reactor
-    unblock.start()
+    unblock = _rescue(fifo)
 
     async def main() -> tuple[int, bool]:
         drv = _make_driver(stacks.runtime(), kind)
@@ -275,7 +275,21 @@ def test_blocking_open_does_not_block_the_reactor(run: Any, tmp_path: Any, kind:
 
 
 def _open_writer(fifo: str) -> None:
-    os.close(os.open(fifo, os.O_WRONLY))
+    """Open and close the write end (for a reader blocked in open); give up after 10 s."""
+    for _ in range(1000):
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            return
+        except OSError:  # ENXIO: no reader (yet, or any more)
+            time.sleep(0.01)
+
+
+def _rescue(fifo: str) -> threading.Timer:
+    """A timer that unblocks a reactor stuck in open(fifo) after 5 s (the failure case)."""
+    timer = threading.Timer(5.0, _open_writer, (fifo,))
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 async def _open_writer_when_read_side_waits(fifo: str) -> int:
@@ -485,8 +499,7 @@ def test_tame_env_metadata_goes_through_the_driver(
 def test_tame_env_open_of_a_fifo_does_not_block_the_reactor(run: Any, tmp_path: Any) -> None:
     fifo = os.path.join(str(tmp_path), "fifo")
     os.mkfifo(fifo)
-    unblock = threading.Timer(5.0, _open_writer, (fifo,))  # rescues a blocked reactor
-    unblock.start()
+    unblock = _rescue(fifo)
 
     def reader() -> bytes:
         with tame.env().open(fifo, "rb") as f:  # waits for a writer, like open(2)
