@@ -8,10 +8,13 @@ Rows (per-op rows in CPU time of the loop's thread, to_thread in wall-clock time
     (monkey-patched ``time.sleep(0)`` in a greenlet; run in a subprocess,
     since monkey-patching is global), on asyncio and uvloop;
   * a cached 4 KiB read through TameEnv (``f.pread``) vs ``os.pread``;
-  * cold 4 KiB random reads (O_DIRECT) at queue depth 32 through TameEnv
-    (32 tame stacks) vs sequential ``os.preadv`` vs fio (io_uring, iodepth
-    32, direct=1) on the same file, plus buffered cold reads (file evicted
-    with posix_fadvise DONTNEED before the run) through TameEnv at QD32.
+  * cold QD32 vs fio: 4 KiB random reads, O_DIRECT, queue depth 32, through
+    TameEnv (32 tame stacks, each ``f.pread``) and through fio (io_uring,
+    iodepth 32, direct=1) on the same file with the same access pattern
+    (every block once per pass in random order, fio's random map), in
+    ``--cold-rounds`` alternating runs; the table gives the median of the
+    per-round ratios. Also sequential ``os.preadv`` (QD1) and buffered cold
+    reads (file evicted with posix_fadvise DONTNEED) through TameEnv at QD32.
 
   * the quota (issue 10): the max gap seen by a 1 ms heartbeat task while 48
     tame stacks each read a 1 MiB member of a cached zip file through a tamed
@@ -24,8 +27,8 @@ Rows (per-op rows in CPU time of the loop's thread, to_thread in wall-clock time
     of one run, with their ratio (before/after a change, same machine state).
 
 Targets (issue 3): tame op >= 20x cheaper than to_thread; cached tame read
-<= 3 us; cold QD32 through TameEnv >= 50% of fio's IOPS. Issue 10: per-op
-cost not worse than the baseline; heartbeat gap ~ the quota, not the load.
+<= 3 us. Issue 10: cold QD32 through TameEnv >= 95% of fio; per-op cost not
+worse than the baseline; heartbeat gap ~ the quota, not the load.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import uvloop
@@ -328,13 +331,26 @@ def offsets(size: int, count: int, seed: int) -> list[int]:
     return [rng.randrange(size // 4096) * 4096 for _ in range(count)]
 
 
+def random_map(size: int, seed: int) -> Iterator[int]:
+    """Every 4 KiB block of the file once per pass, in random order (fio's random map)."""
+    blocks = list(range(size // 4096))
+    rng = random.Random(seed)
+    while True:
+        rng.shuffle(blocks)
+        for b in blocks:
+            yield b * 4096
+
+
 async def tame_qd_iops(
     path: str, size: int, seconds: float, qd: int, direct: bool
 ) -> tuple[float, dict[str, int]]:
-    evict(path)
-    offs = iter(offsets(size, 10_000_000, 7))
-    deadline = time.perf_counter() + seconds
+    """IOPS of qd tame stacks reading 4 KiB blocks of path at random through TameEnv."""
+    if not direct:
+        evict(path)
+    offs = random_map(size, 7)
     done = 0
+    await tame.call(noop)  # the runtime and its driver exist before the clock starts
+    deadline = time.perf_counter() + seconds
 
     def worker() -> None:
         nonlocal done
@@ -378,6 +394,7 @@ def fio_iops(path: str, size: int, seconds: float) -> float | None:
         "--iodepth=32",
         "--ioengine=io_uring",
         "--direct=1",
+        "--numjobs=1",
         f"--runtime={seconds}",
         "--time_based",
         f"--size={size}",
@@ -428,6 +445,9 @@ def main() -> None:
     )
     ap.add_argument("--size-mb", type=int, default=512)
     ap.add_argument("--seconds", type=float, default=3.0, help="duration of each cold-read run")
+    ap.add_argument(
+        "--cold-rounds", type=int, default=5, help="alternating fio/TameEnv rounds (median ratio)"
+    )
     ap.add_argument(
         "--rounds", type=int, default=5, help="alternating rounds for the per-op rows (medians)"
     )
@@ -529,16 +549,29 @@ def main() -> None:
                     "PASS" if t <= 3.0 else "FAIL (<= 3 us)",
                 )
             )
-        # 3. cold random reads
-        fio = fio_iops(path, size, args.seconds)
-        seq = sequential_direct_iops(path, size, args.seconds)
-        for name, runner in LOOPS.items():
-            iops, st = runner(tame_qd_iops(path, size, args.seconds, 32, True))
-            if fio is None:
-                verdict = "fio not installed (apt-get install fio)"
+        # 3. cold QD32 vs fio: alternate fio and TameEnv runs, keep the median ratio
+        # (a run on a shared machine is as fast as its neighbours let it be).
+        cold: dict[str, list[float]] = {name: [] for name in LOOPS}
+        fio_runs: list[float] = []
+        ratios: dict[str, list[float]] = {name: [] for name in LOOPS}
+        for _ in range(args.cold_rounds):
+            fio = fio_iops(path, size, args.seconds)
+            for name, runner in LOOPS.items():
+                iops, _st = runner(tame_qd_iops(path, size, args.seconds, 32, True))
+                cold[name].append(iops)
+                if fio is not None:
+                    ratios[name].append(iops / fio)
+            if fio is not None:
+                fio_runs.append(fio)
+        for name in LOOPS:
+            iops = statistics.median(cold[name])
+            if not fio_runs:
+                share, verdict = "", "fio not installed (apt-get install fio)"
             else:
-                verdict = "PASS" if iops >= 0.5 * fio else "FAIL (>= 50% of fio)"
-            share = "" if fio is None else f"{iops / fio:.0%} of fio"
+                ratio = statistics.median(ratios[name])
+                spread = f"{min(ratios[name]):.0%}-{max(ratios[name]):.0%}"
+                share = f"{ratio:.0%} of fio (median of {len(ratios[name])}; {spread})"
+                verdict = "PASS" if ratio >= 0.95 else "FAIL (>= 95% of fio)"
             rows.append(
                 (
                     f"cold 4 KiB random read, O_DIRECT, QD32, TameEnv ({name})",
@@ -547,6 +580,17 @@ def main() -> None:
                     verdict,
                 )
             )
+        rows.append(
+            (
+                "cold 4 KiB random read, O_DIRECT, fio io_uring QD32",
+                "fio not installed (apt-get install fio)"
+                if not fio_runs
+                else f"{statistics.median(fio_runs) / 1000:.1f}k IOPS",
+                "",
+                "",
+            )
+        )
+        seq = sequential_direct_iops(path, size, args.seconds)
         for name, runner in LOOPS.items():
             iops, st = runner(tame_qd_iops(path, size, args.seconds, 32, False))
             rows.append(
@@ -561,16 +605,6 @@ def main() -> None:
             (
                 "cold 4 KiB random read, O_DIRECT, sequential os.preadv (QD1)",
                 f"{seq / 1000:.1f}k IOPS",
-                "",
-                "",
-            )
-        )
-        rows.append(
-            (
-                "cold 4 KiB random read, O_DIRECT, fio io_uring QD32",
-                "fio not installed (apt-get install fio)"
-                if fio is None
-                else f"{fio / 1000:.1f}k IOPS",
                 "",
                 "",
             )

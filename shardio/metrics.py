@@ -283,6 +283,10 @@ _URING_COUNTERS = (
     ("fdatasync", "fdatasyncs submitted."),
     ("slot_waits", "Operations that waited for a free queue slot (queue depth bound)."),
     ("submit_calls", "io_uring_submit calls."),
+    ("submit_failures", "io_uring_enter failures (their waiting calls failed with UringSubmitError)."),
+    ("cancels", "Operations whose caller was cancelled while they were in the kernel."),
+    ("metadata", "File metadata operations (open, close, stat, truncate, rename, unlink)."),
+    ("metadata_thread", "Metadata operations run on the thread pool (opcode missing)."),
     ("cqes", "Completions reaped."),
 )
 

@@ -1,10 +1,15 @@
-"""The io_uring driver: bounded queue depth, cancellation with ops in flight, errors."""
+"""The io_uring driver: queue depth, cancellation with ops in flight, errors, metadata
+ops, submit failures, and the thread-pool fallback."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import random
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -12,7 +17,7 @@ import pytest
 import uvloop
 
 from shardio import tame
-from shardio.io.uring import UringDriver
+from shardio.io.uring import ThreadPoolDriver, UringDriver, UringSubmitError
 from shardio.tame import stacks
 
 
@@ -130,3 +135,391 @@ def test_reaped_on_ring_fd_readability_without_a_reactor(run: Any, data_file: st
             os.close(fd)
 
     run(main)
+
+
+# -- metadata operations --------------------------------------------------------
+
+DRIVERS = ["io_uring", "io_uring+thread_ops", "threads"]
+
+
+def _make_driver(rt: Any, kind: str) -> Any:
+    if kind == "io_uring":
+        return UringDriver(rt)
+    if kind == "io_uring+thread_ops":  # what a kernel without these opcodes gets
+        return UringDriver(rt, thread_ops=UringDriver.METADATA_OPS)
+    return ThreadPoolDriver(rt)
+
+
+@pytest.mark.parametrize("kind", DRIVERS)
+def test_metadata_ops_behave_like_os(run: Any, tmp_path: Any, kind: str) -> None:
+    d = str(tmp_path)
+    path, other = os.path.join(d, "a"), os.path.join(d, "b")
+
+    def work(drv: Any) -> None:
+        fd = drv.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
+        assert not os.get_inheritable(fd)  # like os.open
+        assert drv.write(fd, b"x" * 10000, 0) == 10000
+        st, ref = drv.stat(fd), os.fstat(fd)
+        for field in (
+            "st_mode",
+            "st_ino",
+            "st_dev",
+            "st_nlink",
+            "st_uid",
+            "st_gid",
+            "st_size",
+            "st_atime",
+            "st_mtime",
+            "st_ctime",
+            "st_atime_ns",
+            "st_mtime_ns",
+            "st_ctime_ns",
+            "st_blksize",
+            "st_blocks",
+            "st_rdev",
+        ):
+            assert getattr(st, field) == getattr(ref, field), field
+        assert st == ref and drv.stat(path) == os.stat(path)
+        drv.ftruncate(fd, 123)
+        assert os.fstat(fd).st_size == 123
+        drv.fsync(fd, True)
+        drv.close_fd(fd)
+        with pytest.raises(OSError) as info:
+            os.fstat(fd)
+        assert info.value.errno == errno.EBADF
+        with open(other, "wb") as f:
+            f.write(b"old")
+        drv.rename(path, other)  # replaces other, like os.replace
+        assert not os.path.exists(path) and os.path.getsize(other) == 123
+        dfd = drv.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        drv.fsync(dfd)  # fsync of a directory
+        drv.close_fd(dfd)
+        os.symlink(other, path)
+        assert drv.stat(path, follow_symlinks=False) == os.lstat(path)
+        drv.unlink(path)
+        drv.unlink(other)
+        os.mkdir(path)
+        with pytest.raises(IsADirectoryError):
+            drv.unlink(path)
+        drv.unlink(path, rmdir=True)
+        assert os.listdir(d) == []
+        # errors are the OSError subclasses os.* raises, naming the file(s)
+        with pytest.raises(FileNotFoundError) as missing:
+            drv.open(path, os.O_RDONLY)
+        assert missing.value.filename == path
+        with pytest.raises(FileNotFoundError) as missing:
+            drv.rename(path, other)
+        assert (missing.value.filename, missing.value.filename2) == (path, other)
+        with pytest.raises(FileNotFoundError):
+            drv.stat(path)
+        with pytest.raises(OSError) as bad:
+            drv.ftruncate(12345, 0)
+        assert bad.value.errno == errno.EBADF
+
+    async def main() -> dict[str, int]:
+        rt = stacks.runtime()
+        drv = _make_driver(rt, kind)
+        try:
+            await tame.call(work, drv)
+            return drv.stats()
+        finally:
+            drv.close()
+
+    st = run(main)
+    assert st["metadata"] >= 14
+    if kind == "io_uring":
+        assert st["metadata_thread"] == 0  # this kernel (6.9+) has every opcode
+    elif kind == "io_uring+thread_ops":
+        assert st["metadata_thread"] == st["metadata"]
+
+
+@pytest.mark.parametrize("kind", DRIVERS)
+def test_blocking_open_does_not_block_the_reactor(run: Any, tmp_path: Any, kind: str) -> None:
+    """open() of a FIFO blocks until a writer comes: the loop must keep running meanwhile."""
+    fifo = os.path.join(str(tmp_path), "fifo")
+    os.mkfifo(fifo)
+    unblock = _rescue(fifo)
+
+    async def main() -> tuple[int, bool]:
+        drv = _make_driver(stacks.runtime(), kind)
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.001)
+                ticks += 1
+
+        tick = asyncio.ensure_future(ticker())
+        try:
+            opening = asyncio.ensure_future(tame.call(drv.open, fifo, os.O_RDONLY))
+            for _ in range(5000):
+                await asyncio.sleep(0.001)
+                if ticks >= 20 or opening.done():
+                    break
+            ticked_while_open = ticks >= 20 and not opening.done()
+            writer = await _open_writer_when_read_side_waits(fifo)
+            fd = await asyncio.wait_for(opening, 5)
+            os.close(writer)
+            await tame.call(drv.close_fd, fd)
+            return ticks, ticked_while_open
+        finally:
+            tick.cancel()
+            drv.close()
+
+    try:
+        _ticks, ticked_while_open = run(main)
+    finally:
+        unblock.cancel()
+    assert ticked_while_open
+
+
+def _open_writer(fifo: str) -> None:
+    """Open and close the write end (for a reader blocked in open); give up after 10 s."""
+    for _ in range(1000):
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            return
+        except OSError:  # ENXIO: no reader (yet, or any more)
+            time.sleep(0.01)
+
+
+def _rescue(fifo: str) -> threading.Timer:
+    """A timer that unblocks a reactor stuck in open(fifo) after 5 s (the failure case)."""
+    timer = threading.Timer(5.0, _open_writer, (fifo,))
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+async def _open_writer_when_read_side_waits(fifo: str) -> int:
+    """The write end, opened without blocking once the reader's open(2) waits in the kernel."""
+    for _ in range(5000):
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as exc:  # ENXIO: the read side's open has not reached the FIFO yet
+            if exc.errno != errno.ENXIO:
+                raise
+        await asyncio.sleep(0.001)
+    raise AssertionError(f"nobody opened {fifo} for reading within 5 s")
+
+
+def test_cancelling_a_blocked_open_cancels_it_in_the_kernel(run: Any, tmp_path: Any) -> None:
+    """A cancelled wait sends IORING_OP_ASYNC_CANCEL: the open blocked in the kernel ends."""
+    fifo = os.path.join(str(tmp_path), "fifo")
+    os.mkfifo(fifo)
+
+    async def main() -> dict[str, int]:
+        drv = stacks.runtime().uring
+        opening = asyncio.ensure_future(tame.call(drv.open, fifo, os.O_RDONLY))
+        while not drv.stats()["inflight"]:
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.05)  # it is in the kernel, blocked on the FIFO
+        opening.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await opening
+        for _ in range(1000):  # no writer ever comes: only the cancel can end the op
+            if not drv.stats()["inflight"]:
+                break
+            await asyncio.sleep(0.002)
+        return drv.stats()
+
+    st = run(main)
+    assert st["cancels"] == 1 and st["inflight"] == 0
+
+
+# -- submit failures ------------------------------------------------------------
+
+
+def test_submit_failure_fails_the_waiting_stacks(run: Any, data_file: str) -> None:
+    """io_uring_enter fails (the ring fd replaced under the driver): waiters get an error."""
+    fd = _direct_fd(data_file)
+
+    async def main() -> None:
+        drv = stacks.runtime().uring
+        assert await tame.call(drv.read, fd, 4096, 0, True)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, drv.ring_fd)  # io_uring_enter now fails with EOPNOTSUPP
+        os.close(devnull)
+        results = await asyncio.wait_for(
+            asyncio.gather(
+                *(tame.call(drv.read, fd, 4096, i * 4096, True) for i in range(8)),
+                return_exceptions=True,
+            ),
+            10,
+        )
+        for r in results:
+            assert isinstance(r, UringSubmitError) and isinstance(r, OSError), r
+            assert r.errno == errno.EOPNOTSUPP and "never started" in str(r)
+        with pytest.raises(UringSubmitError, match="unusable since a submit failed"):
+            await asyncio.wait_for(tame.call(drv.fsync, fd), 10)
+        st = drv.stats()
+        assert st["submit_failures"] == 1 and st["inflight"] == 0
+
+    try:
+        run(main)
+    finally:
+        os.close(fd)
+
+
+def test_an_opcode_the_kernel_rejects_fails_only_its_caller(run: Any) -> None:
+    async def main() -> None:
+        drv = stacks.runtime().uring
+        ring = drv._ring
+
+        def nop(opcode: int) -> Any:
+            return drv._submit(ring.nop, (opcode,))
+
+        got = await asyncio.gather(
+            tame.call(nop, 0), tame.call(nop, 250), tame.call(nop, 0), return_exceptions=True
+        )
+        assert got[0] == 0 and got[2] == 0
+        assert isinstance(got[1], OSError) and got[1].errno == errno.EINVAL
+
+    run(main)
+
+
+# -- stress ---------------------------------------------------------------------
+
+
+def test_stress_reads_writes_and_cancellations(run: Any, tmp_path: Any) -> None:
+    """Many stacks read, write and get cancelled at random: data stays right, nothing leaks."""
+    n_stacks, rounds, block = 64, int(os.environ.get("SHARDIO_STRESS_ROUNDS", "30")), 8192
+    path = os.path.join(str(tmp_path), "stress")
+    with open(path, "wb") as f:
+        f.write(b"".join(bytes([i % 251]) * block for i in range(n_stacks)))
+
+    def worker(drv: Any, i: int, rng: random.Random) -> int:
+        fd = drv.open(path, os.O_RDWR)
+        try:
+            n = 0
+            for r in range(rounds):
+                value = bytes([(i + r) % 251]) * block
+                assert drv.read(fd, block, i * block, rng.random() < 0.5) in (
+                    bytes([(i + r - 1) % 251]) * block,
+                    bytes([i % 251]) * block,
+                )
+                assert drv.write(fd, value, i * block, rng.random() < 0.5) == block
+                n += 1
+            return n
+        finally:
+            drv.close_fd(fd)
+
+    async def main() -> dict[str, int]:
+        rt = stacks.runtime()
+        drv = UringDriver(rt, max_inflight=16)
+        rng = random.Random(1)
+        try:
+            tasks = [
+                asyncio.ensure_future(tame.call(worker, drv, i, random.Random(i)))
+                for i in range(n_stacks)
+            ]
+            for _ in range(20):
+                await asyncio.sleep(rng.random() * 0.002)
+                rng.choice(tasks).cancel()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            for r in results:
+                assert isinstance(r, int | asyncio.CancelledError), r
+            for _ in range(500):
+                if not drv.stats()["inflight"]:
+                    break
+                await asyncio.sleep(0.002)
+            st = drv.stats()
+            assert st["inflight"] == 0 and tame.stats()["free_stacks"] == tame.stats()["stacks"]
+            return st
+        finally:
+            drv.close()
+            assert drv._ring.leaked == 0
+
+    st = run(main)
+    assert st["cqes"] > n_stacks * 2 and st["inflight_peak"] <= 16
+
+
+# -- the fallback -----------------------------------------------------------------
+
+
+def test_no_uring_env_gives_the_thread_pool(run: Any, data_file: str, monkeypatch: Any) -> None:
+    monkeypatch.setenv("SHARDIO_NO_URING", "1")
+
+    async def main() -> dict[str, int]:
+        drv = stacks.runtime().uring
+        assert isinstance(drv, ThreadPoolDriver) and drv.kind == "threads"
+        fd = _direct_fd(data_file)
+        try:
+            want = os.pread(os.open(data_file, os.O_RDONLY), 4096, 4096)
+            assert await tame.call(drv.read, fd, 4096, 4096, True) == want
+        finally:
+            os.close(fd)
+        return drv.stats()
+
+    st = run(main)
+    assert st["fallback"] == 1 and st["read_thread"] == 1
+
+
+# -- the TameEnv's file metadata ---------------------------------------------------
+
+
+@pytest.mark.parametrize("no_uring", [False, True], ids=["io_uring", "threads"])
+def test_tame_env_metadata_goes_through_the_driver(
+    run: Any, tmp_path: Any, monkeypatch: Any, no_uring: bool
+) -> None:
+    if no_uring:
+        monkeypatch.setenv("SHARDIO_NO_URING", "1")
+    d = str(tmp_path)
+    a, b = os.path.join(d, "a"), os.path.join(d, "b")
+
+    def work() -> None:
+        env = tame.env()
+        with env.open(a, "wb") as f:
+            f.write(b"y" * 5000)
+            assert f.size() == 5000
+            f.truncate(100)
+            assert f.size() == 100 == os.path.getsize(a)
+        assert env.exists(a) and not env.exists(b) and env.isdir(d) and not env.isdir(a)
+        assert env.getsize(a) == 100 and env.stat(a) == os.stat(a)
+        env.rename(a, b)
+        env.fsync_dir(d)
+        with env.open(b, "rb") as f:
+            assert f.read() == b"y" * 100
+        env.remove(b)
+        os.mkdir(a)
+        env.rmdir(a)
+        assert os.listdir(d) == []
+
+    async def main() -> dict[str, int]:
+        await tame.call(work)
+        return stacks.runtime().uring.stats()
+
+    st = run(main)
+    assert st["fallback"] == int(no_uring)
+    # open x2, close x2, size x3, truncate, stat x5, rename, fsync_dir (open, close), remove, rmdir
+    assert st["metadata"] >= 16
+
+
+def test_tame_env_open_of_a_fifo_does_not_block_the_reactor(run: Any, tmp_path: Any) -> None:
+    fifo = os.path.join(str(tmp_path), "fifo")
+    os.mkfifo(fifo)
+    unblock = _rescue(fifo)
+
+    def reader() -> bytes:
+        with tame.env().open(fifo, "rb") as f:  # waits for a writer, like open(2)
+            return b"opened" if not f.closed else b"closed"
+
+    async def main() -> bool:
+        ticks = 0
+        opening = asyncio.ensure_future(tame.call(reader))
+        for _ in range(5000):
+            await asyncio.sleep(0.001)
+            ticks += 1
+            if ticks >= 20 or opening.done():
+                break
+        ticked_while_open = ticks >= 20 and not opening.done()
+        writer = await _open_writer_when_read_side_waits(fifo)
+        assert await asyncio.wait_for(opening, 5) == b"opened"
+        os.close(writer)
+        return ticked_while_open
+
+    try:
+        assert run(main)
+    finally:
+        unblock.cancel()

@@ -51,7 +51,7 @@
 #define CANCEL_TAG UINT64_MAX
 #define PAGE 4096u
 #define POOL_CLASSES 11     /* 4 KiB .. 4 MiB */
-#define POOL_KEEP 32        /* free buffers kept per size class */
+#define POOL_KEEP 32        /* free buffers kept per size class, up to 32 KiB; fewer above */
 #define MAX_IO (4u << 20)   /* one read/write op moves at most this much */
 
 enum result_kind { RESULT_INT, RESULT_BYTES, RESULT_STATX, RESULT_FD };
@@ -121,7 +121,9 @@ static void *pool_get(Ring *r, unsigned c)
 
 static void pool_put(Ring *r, void *mem, unsigned c)
 {
-    if (r->pool_len[c] < POOL_KEEP)
+    /* 32 of 4..32 KiB, then halving: 16 of 64 KiB ... 1 of 1 MiB and above */
+    unsigned keep = c <= 3 ? POOL_KEEP : (c - 3 >= 5 ? 1 : POOL_KEEP >> (c - 3));
+    if (r->pool_len[c] < keep)
         r->pool[c][r->pool_len[c]++] = mem;
     else
         free(mem);
@@ -223,7 +225,7 @@ Ring_init(Ring *self, PyObject *args, PyObject *kwds)
     unsigned entries = 128, extra_flags = 0;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "|II", kwlist, &entries, &extra_flags))
         return -1;
-    if (self->fd > 0 || self->slots) {
+    if (self->fd >= 0 || self->slots) {
         PyErr_SetString(PyExc_RuntimeError, "Ring.__init__ called twice");
         return -1;
     }
@@ -535,6 +537,10 @@ Ring_openat(Ring *self, PyObject *const *args, Py_ssize_t nargs)
     s->keep = args[1];
     s->kind = RESULT_FD;
     sqe->opcode = IORING_OP_OPENAT;
+    /* Straight to an io-wq worker: the inline attempt would add O_NONBLOCK, and a FIFO
+       would then open at once for reading and fail with ENXIO for writing, where
+       open(2) waits for the other end. */
+    sqe->flags = IOSQE_ASYNC;
     sqe->fd = dir_fd;
     sqe->addr = (uint64_t)(uintptr_t)path;
     sqe->len = (uint32_t)mode;
@@ -728,23 +734,6 @@ Ring_submit(Ring *self, PyObject *noargs)
     return PyLong_FromLong(ret);
 }
 
-PyDoc_STRVAR(get_events_doc,
-"get_events() -> None\n\n"
-"io_uring_enter(GETEVENTS) without waiting: on a DEFER_TASKRUN ring this runs the\n"
-"completions the kernel deferred to us, posting their CQEs.");
-
-static PyObject *
-Ring_get_events(Ring *self, PyObject *noargs)
-{
-    if (check_open(self) < 0) return NULL;
-    long ret;
-    do {
-        ret = sys_enter(self->fd, 0, 0, IORING_ENTER_GETEVENTS);
-    } while (ret < 0 && errno == EINTR);
-    if (ret < 0) return PyErr_SetFromErrnoWithFilename(PyExc_OSError, "io_uring_enter");
-    Py_RETURN_NONE;
-}
-
 PyDoc_STRVAR(retract_doc,
 "retract() -> list of tokens\n\n"
 "Take back the SQEs the kernel has not consumed (after a failed submit):\n"
@@ -787,9 +776,10 @@ static PyObject *statx_tuple(const struct statx *st)
 }
 
 PyDoc_STRVAR(reap_doc,
-"reap() -> list of (token, result)\n\n"
-"Collect every posted CQE. Results are ints (>= 0, or -errno), bytes for reads\n"
-"and a tuple for statx (see statx). Cancelled ops free their slots silently.");
+"reap() -> [token, result, token, result, ...]\n\n"
+"Collect every posted CQE, as one flat list (no tuple per op). Results are ints\n"
+"(>= 0, or -errno), bytes for reads and a tuple for statx (see statx). Cancelled\n"
+"ops free their slots silently.");
 
 static PyObject *
 Ring_reap(Ring *self, PyObject *noargs)
@@ -816,17 +806,15 @@ Ring_reap(Ring *self, PyObject *noargs)
             value = PyBytes_FromStringAndSize(s->mem, res);
         else
             value = statx_tuple(s->mem);
-        PyObject *pair = value ? PyTuple_Pack(2, s->token, value) : NULL;
-        Py_XDECREF(value);
-        if (!pair || PyList_Append(done, pair) < 0) {
+        if (!value || PyList_Append(done, s->token) < 0 || PyList_Append(done, value) < 0) {
             /* Out of memory: this CQE is lost to its caller but its slot is freed. */
-            Py_XDECREF(pair);
+            Py_XDECREF(value);
             slot_release(self, (uint32_t)ud);
             atomic_store_explicit(self->cq_head, head + 1, memory_order_release);
             Py_DECREF(done);
             return NULL;
         }
-        Py_DECREF(pair);
+        Py_DECREF(value);
         slot_release(self, (uint32_t)ud);
     }
     atomic_store_explicit(self->cq_head, head, memory_order_release);
@@ -910,7 +898,6 @@ static PyMethodDef Ring_methods[] = {
     {"cancel", (PyCFunction)(void (*)(void))Ring_cancel, METH_FASTCALL, cancel_doc},
     {"submit", (PyCFunction)Ring_submit, METH_NOARGS, submit_doc},
     {"retract", (PyCFunction)Ring_retract, METH_NOARGS, retract_doc},
-    {"get_events", (PyCFunction)Ring_get_events, METH_NOARGS, get_events_doc},
     {"reap", (PyCFunction)Ring_reap, METH_NOARGS, reap_doc},
     {"ready", (PyCFunction)Ring_ready, METH_NOARGS, ready_doc},
     {"wait", (PyCFunction)Ring_wait, METH_O, wait_doc},
@@ -924,7 +911,8 @@ static PyMethodDef Ring_methods[] = {
 static PyTypeObject RingType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "shardio.io._uring.Ring",
-    .tp_doc = PyDoc_STR("Ring(entries=128): one io_uring instance (see the module docstring)."),
+    .tp_doc = PyDoc_STR("Ring(entries=128, flags=0): one io_uring instance; flags are extra\n"
+                        "IORING_SETUP_* flags (see the module docstring)."),
     .tp_basicsize = sizeof(Ring),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_new = Ring_new,

@@ -250,7 +250,7 @@ class UringDriver:
         if not ring.wait(2000):
             raise OSError(errno.ETIMEDOUT, "io_uring self-test: ring fd never became readable")
         done = ring.reap()
-        if done != [(token, 0)]:
+        if done != [token, 0]:
             raise OSError(errno.EPROTO, f"io_uring self-test: unexpected completions {done!r}")
 
     def supports(self, op: str) -> bool:
@@ -337,8 +337,10 @@ class UringDriver:
         return self._submit(self._ring.openat, (d, name, flags | _CLOEXEC, mode), path)
 
     def close_fd(self, fd: int) -> None:
-        """os.close(fd)."""
+        """os.close(fd) (inline once the driver is closed or broken: the fd must not leak)."""
         self.counters.metadata += 1
+        if self._unusable:
+            return os.close(fd)
         if not self._has["close"]:
             return self._thread_pool().close_fd(fd)
         self._submit(self._ring.close_fd, (fd,))
@@ -502,8 +504,7 @@ class UringDriver:
         try:
             ring.submit()
         except OSError as exc:
-            if exc.errno in _TRANSIENT:
-                self._reap()  # completions may free what the kernel ran out of; try once more
+            if exc.errno in _TRANSIENT:  # out of memory for a moment: try once more
                 try:
                     ring.submit()
                     return
@@ -538,11 +539,13 @@ class UringDriver:
             return 0
         c = self.counters
         c.reaps += 1
-        c.cqes += len(done)
+        n = len(done) >> 1
+        c.cqes += n
         self._in_reap = True
         try:
-            for p, res in done:
-                p.wake(res)
+            it = iter(done)
+            for p in it:  # [parked, result, parked, result, ...]
+                p.wake(next(it))
                 if ring.unsubmitted >= self.submit_batch:
                     self._flush()  # keep the device busy while we resume the rest
         finally:
@@ -554,7 +557,7 @@ class UringDriver:
             free -= 1
         if ring.unsubmitted:
             self._flush()
-        return len(done)
+        return n
 
     def _on_readable(self) -> None:
         if not self.closed:
@@ -685,7 +688,7 @@ class ThreadPoolDriver:
         dir_fd: int | None = None,
     ) -> int:
         self.counters.metadata += 1
-        return self._run(os.open, path, flags, mode, dir_fd)  # type: ignore[no-any-return]
+        return self._run(_open, path, flags, mode, dir_fd)  # type: ignore[no-any-return]
 
     def close_fd(self, fd: int) -> None:
         self.counters.metadata += 1
@@ -723,6 +726,10 @@ class ThreadPoolDriver:
         if not self.closed:
             self.closed = True
             self._pool.shutdown(wait=True)
+
+
+def _open(path: Any, flags: int, mode: int, dir_fd: int | None) -> int:
+    return os.open(path, flags, mode, dir_fd=dir_fd)
 
 
 def _stat(path: Any, follow_symlinks: bool) -> os.stat_result:

@@ -79,10 +79,9 @@ log = logging.getLogger("shardio.osd.server")
 
 _NODE_KEY = ("shardio.osd", "node")
 _META = "osd.json"
-#: Imported by each shard before its reactor starts (~130 ms, pyuring alone
-#: ~70 ms), so that the imports do not stall a running reactor.
-_PRELOAD = ("shardio.osd.server", "shardio.io.uring", "pyuring", "shardio.metrics",
-            "prometheus_client")
+#: Imported by each shard before its reactor starts, so that the imports do
+#: not stall a running reactor.
+_PRELOAD = ("shardio.osd.server", "shardio.io.uring", "shardio.metrics", "prometheus_client")
 _META_FORMAT = 1
 
 

@@ -8,6 +8,13 @@ All three have the stdlib's position semantics, from one implementation:
 ``_write_at_position``); ``pread``/``pwrite`` leave it alone. So a file
 object, its ``fileno()`` used with ``os.lseek``/``os.read``, and a patched
 ``open`` all see the same position, on a stack and off it.
+
+The metadata calls go through the driver too: open, close, fstat/stat,
+ftruncate, rename, unlink/rmdir and the fsync of a directory (the ``tame_*``
+functions below, which the TameEnv's filesystem methods use). Left inline:
+``lseek`` and the ``fstat`` that routes a tamed ``os.read``/``os.write``
+(in-memory inode reads, paid on every call), and closing a patched
+``open``'s file.
 """
 
 from __future__ import annotations
@@ -20,10 +27,10 @@ import stat
 from collections.abc import Callable
 from typing import Any
 
-from .env import DIRECT_ALIGN, check_direct
+from .env import DIRECT_ALIGN, check_direct, parse_mode
 from .posix_env import PosixFile
 from .readiness import ready_now, wait_fd
-from .stacks import Runtime, checkpoint
+from .stacks import Runtime, checkpoint, current_runtime
 
 
 def _read_at_position(rt: Runtime, fd: int, n: int, direct: bool) -> bytes:
@@ -53,11 +60,25 @@ class TameFile(PosixFile):
 
     On a tame stack, reads go through ``preadv2(RWF_NOWAIT)`` then io_uring,
     and writes/fsync through io_uring, using the driver of the loop running
-    the caller's stack. Anywhere else (plain threads, the reactor's own
-    coroutines) the calls are PosixFile's plain blocking ones. The file
-    position is the kernel's, as with PosixFile. open/close/truncate/fstat
-    are short metadata calls made inline.
+    the caller's stack, and so do open, close, truncate and size. Anywhere
+    else (plain threads, the reactor's own coroutines) the calls are
+    PosixFile's plain blocking ones. The file position is the kernel's, as
+    with PosixFile.
     """
+
+    def __init__(
+        self, path: str | os.PathLike[str], mode: str = "rb", *, direct: bool = False
+    ) -> None:
+        rt = current_runtime()
+        if rt is None:
+            super().__init__(path, mode, direct=direct)
+            return
+        flags, self._readable, self._writable, self._append = parse_mode(mode, direct)
+        self.name = os.fspath(path)
+        self.mode = mode
+        self.direct = direct
+        self._fd = -1
+        self._fd = rt.uring.open(self.name, flags, 0o666)
 
     def pread(self, n: int, offset: int) -> bytes:
         rt = checkpoint()
@@ -85,7 +106,7 @@ class TameFile(PosixFile):
         if n < 0 or self.direct:
             pos = os.lseek(fd, 0, os.SEEK_CUR)
             if n < 0:
-                n = max(0, os.fstat(fd).st_size - pos)
+                n = max(0, self.size() - pos)
                 if self.direct:
                     n = (n + DIRECT_ALIGN - 1) // DIRECT_ALIGN * DIRECT_ALIGN
             if self.direct:
@@ -113,6 +134,28 @@ class TameFile(PosixFile):
             return super().fdatasync()
         rt.uring.fsync(self._check(), True)
 
+    def truncate(self, size: int) -> None:
+        rt = current_runtime()
+        if rt is None:
+            return super().truncate(size)
+        rt.uring.ftruncate(self._check(write=True), size)
+        return None
+
+    def size(self) -> int:
+        rt = current_runtime()
+        if rt is None:
+            return super().size()
+        return rt.uring.stat(self._check()).st_size  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        rt = current_runtime()
+        if rt is None:
+            return super().close()
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            rt.uring.close_fd(fd)
+        return None
+
 
 class TameRawFile(io.FileIO):
     """``io.FileIO`` whose reads and writes go through the loop's file driver on a tame
@@ -129,6 +172,8 @@ class TameRawFile(io.FileIO):
         closefd: bool = True,
         opener: Callable[..., int] | None = None,
     ) -> None:
+        if opener is None and current_runtime() is not None:
+            opener = _driver_opener  # the open(2) through the loop's file driver
         super().__init__(file, mode, closefd, opener)
         flags = fcntl.fcntl(self.fileno(), fcntl.F_GETFL)
         self._appending = bool(flags & os.O_APPEND)
@@ -314,3 +359,66 @@ def tame_os_fdatasync(fd: Any) -> None:
     if not isinstance(fd, int):
         fd = fd.fileno()
     checkpoint().uring.fsync(fd, True)
+
+
+# -- metadata: through the driver on a tame stack, the os call elsewhere ----------
+
+
+def tame_os_open(path: Any, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
+    """os.open, through the driver on a tame stack."""
+    rt = current_runtime()
+    if rt is None:
+        return os.open(path, flags, mode, dir_fd=dir_fd)
+    return rt.uring.open(path, flags, mode, dir_fd)  # type: ignore[no-any-return]
+
+
+def tame_os_close(fd: int) -> None:
+    """os.close, through the driver on a tame stack."""
+    rt = current_runtime()
+    if rt is None:
+        os.close(fd)
+    else:
+        rt.uring.close_fd(fd)
+
+
+def tame_stat(path: Any, follow_symlinks: bool = True) -> os.stat_result:
+    """os.stat (an int is an fd: os.fstat), through the driver on a tame stack."""
+    rt = current_runtime()
+    if rt is None:
+        return os.stat(path, follow_symlinks=follow_symlinks)
+    return rt.uring.stat(path, follow_symlinks)  # type: ignore[no-any-return]
+
+
+def tame_replace(src: Any, dst: Any) -> None:
+    """os.replace, through the driver on a tame stack."""
+    rt = current_runtime()
+    if rt is None:
+        os.replace(src, dst)
+    else:
+        rt.uring.rename(src, dst)
+
+
+def tame_unlink(path: Any, rmdir: bool = False) -> None:
+    """os.unlink (os.rmdir with rmdir=True), through the driver on a tame stack."""
+    rt = current_runtime()
+    if rt is None:
+        (os.rmdir if rmdir else os.unlink)(path)
+    else:
+        rt.uring.unlink(path, rmdir)
+
+
+def tame_fsync_dir(path: Any) -> None:
+    """Open the directory at path, fsync it, close it: all through the driver on a tame stack."""
+    fd = tame_os_open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        rt = current_runtime()
+        if rt is None:
+            os.fsync(fd)
+        else:
+            rt.uring.fsync(fd, False)
+    finally:
+        tame_os_close(fd)
+
+
+def _driver_opener(path: Any, flags: int) -> int:
+    return tame_os_open(path, flags, 0o666)

@@ -681,7 +681,7 @@ def loop_runtime(loop: asyncio.AbstractEventLoop) -> Runtime | None:
 
 def warm_up(stacks: int = 0, file_io: bool = True) -> Runtime:
     """Create the running loop's tame runtime now: its file I/O driver (setting up
-    the io_uring ring costs ~11 ms, mostly pyuring binding its ctypes functions)
+    the io_uring ring and its registered buffers takes ~1 ms)
     and up to ``stacks`` pooled stacks (~8 µs each). Call it when a shard starts,
     so the first tame call does not pay for this on the reactor."""
     rt = runtime()

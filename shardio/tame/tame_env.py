@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 from collections.abc import Callable
 from typing import Any
 
 from .env import Env
-from .files import TameFile
+from .files import TameFile, tame_fsync_dir, tame_replace, tame_stat, tame_unlink
 from .sockets import TameSocket, tame_create_connection
-from .stacks import Runtime, current_runtime
+from .stacks import Runtime
 from .sync import (
     TameBoundedSemaphore,
     TameCondition,
@@ -46,12 +47,37 @@ class TameEnv(Env):
     ) -> TameFile:
         return TameFile(path, mode, direct=direct)
 
-    def _fsync_fd(self, fd: int) -> None:
-        rt = current_runtime()
-        if rt is None:
-            os.fsync(fd)
-        else:
-            rt.uring.fsync(fd, False)
+    # Filesystem metadata through the file driver (io_uring) on a tame stack.
+    def exists(self, path: str | os.PathLike[str]) -> bool:
+        try:
+            tame_stat(path)
+        except (OSError, ValueError):
+            return False
+        return True
+
+    def isdir(self, path: str | os.PathLike[str]) -> bool:
+        try:
+            return stat.S_ISDIR(tame_stat(path).st_mode)
+        except (OSError, ValueError):
+            return False
+
+    def getsize(self, path: str | os.PathLike[str]) -> int:
+        return tame_stat(path).st_size
+
+    def stat(self, path: str | os.PathLike[str]) -> os.stat_result:
+        return tame_stat(path)
+
+    def remove(self, path: str | os.PathLike[str]) -> None:
+        tame_unlink(path)
+
+    def rmdir(self, path: str | os.PathLike[str]) -> None:
+        tame_unlink(path, rmdir=True)
+
+    def rename(self, src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        tame_replace(src, dst)
+
+    def fsync_dir(self, path: str | os.PathLike[str]) -> None:
+        tame_fsync_dir(path)
 
     sleep = staticmethod(tame_sleep)  # no extra frame on the cheapest blocking call
 
