@@ -200,8 +200,6 @@ class UringDriver:
     ) -> None:
         """thread_ops: metadata ops (see METADATA_OPS) to run on the thread pool even
         where the kernel has their opcode, as happens by itself where it does not."""
-        from shardio.tame.stacks import Parked
-
         unknown = set(thread_ops) - set(self.METADATA_OPS)
         if unknown:
             raise ValueError(
@@ -209,7 +207,7 @@ class UringDriver:
             )
         if _uring is None:
             raise OSError(errno.ENOSYS, "shardio.io._uring is not built (run pip install -e .)")
-        self._Parked = Parked
+        self._Parked = rt.Parked  # the runtime hands its wake-up token: no tame import here
         self.rt = rt
         self.loop = rt.loop
         self._ring = ring = _uring.Ring(entries)
@@ -422,7 +420,7 @@ class UringDriver:
         self.counters.slot_waits += 1
         first = False
         while self._ring.inflight >= self.max_inflight or (self._slot_waiters and not first):
-            w = self._Parked()
+            w = self._Parked("io_uring", "a free slot")
             if first:
                 self._slot_waiters.appendleft(w)  # woken but beaten to the slot: keep our place
             else:
@@ -464,7 +462,7 @@ class UringDriver:
         ring = self._ring
         if self._slot_waiters or ring.inflight >= self.max_inflight:
             self._wait_for_slot()
-        p = self._Parked()
+        p = self._Parked("io_uring", getattr(prep, "__name__", prep))
         slot = prep(*args, p)
         if slot is None:  # the SQ is full of prepared SQEs: hand them over and retry
             self._flush()
@@ -628,9 +626,7 @@ class ThreadPoolDriver:
     kind = "threads"
 
     def __init__(self, rt: Any, workers: int = 4) -> None:
-        from shardio.tame.stacks import Parked
-
-        self._Parked = Parked
+        self._Parked = rt.Parked
         self.rt = rt
         self.loop = rt.loop
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shardio-file-io")
@@ -644,7 +640,7 @@ class ThreadPoolDriver:
     def _run(self, fn: Any, *args: Any) -> Any:
         if self.closed:
             raise OSError(errno.EBADF, "the file I/O thread pool is closed")
-        p = self._Parked()
+        p = self._Parked("file thread")
         reactor = self.rt.reactor
         post = reactor.call_threadsafe if reactor is not None else self.loop.call_soon_threadsafe
 
