@@ -30,7 +30,7 @@ import uvloop
 from shardio import tame
 from shardio.tame import TameSocket
 from shardio.tame.readiness import TamePoll, TameSelector, _registries, tame_select
-from shardio.tame.sockets import tame_create_connection, tame_socketpair
+from shardio.tame.sockets import tame_create_connection, tame_create_server, tame_socketpair
 from shardio.tame.tls import TameSSLSocket, tame_context
 
 LOOPS = ["asyncio", "uvloop"]
@@ -450,6 +450,31 @@ def test_descriptors_above_fd_setsize_work(high_fds, loop) -> None:
     ]
 
 
+def test_accept_waits_on_the_loop_and_times_out() -> None:
+    async def main() -> Any:
+        server = tame_create_server(("127.0.0.1", 0))
+        server.settimeout(5)
+
+        def accept() -> Any:
+            conn, _ = server.accept()
+            data = conn.recv(5)
+            timeout = conn.gettimeout()
+            conn.close()
+            server.settimeout(0.05)
+            return type(conn), data, timeout, outcome(server.accept)
+
+        call = asyncio.ensure_future(tame.call(accept))
+        await asyncio.sleep(0.02)  # the stack is parked in accept: this loop must run
+        _, writer = await asyncio.open_connection(*server.getsockname())
+        writer.write(b"hello")
+        result = await asyncio.wait_for(call, 10)
+        writer.close()
+        server.close()
+        return result
+
+    assert run(main) == (TameSocket, b"hello", None, ("TimeoutError", None))
+
+
 def test_tame_socket_off_a_stack_waits_in_poll_on_high_fds(high_fds) -> None:
     """Used from a plain thread a TameSocket blocks like socket.socket (poll(2), not select)."""
     a, b = tame_socketpair()
@@ -567,12 +592,19 @@ def test_patched_module_gets_tame_sockets_only_on_a_stack() -> None:
         "def make():\n"
         "    return (socket.socket(), select.poll(), selectors.DefaultSelector(),\n"
         "            ssl.create_default_context(), ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT),\n"
-        "            socket.socketpair())\n",
+        "            socket.socketpair(), socket.create_server(('127.0.0.1', 0)))\n",
     )
 
     def kinds() -> list[Any]:
-        sock, poll, sel, ctx1, ctx2, pair = mod.make()
+        sock, poll, sel, ctx1, ctx2, pair, server = mod.make()
+        with server, socket.socket() as other:
+            other.connect(server.getsockname())
+            conn, _ = server.accept()
+            accepted = type(conn)
+            conn.close()
         out = [
+            type(server),
+            accepted,
             type(sock),
             type(poll).__name__,
             type(sel),
@@ -592,6 +624,8 @@ def test_patched_module_gets_tame_sockets_only_on_a_stack() -> None:
         tamed = on_stack(kinds)
     assert off_stack == [
         socket.socket,
+        socket.socket,
+        socket.socket,
         "poll",
         selectors.EpollSelector,
         ssl.SSLSocket,
@@ -600,6 +634,8 @@ def test_patched_module_gets_tame_sockets_only_on_a_stack() -> None:
         True,
     ]
     assert tamed == [
+        TameSocket,
+        TameSocket,
         TameSocket,
         "TamePoll",
         TameSelector,
