@@ -22,12 +22,11 @@ import io
 import os
 import socket
 import stat
-import time
 from collections.abc import Callable
 from typing import Any
 
 from . import stacks
-from .readiness import wait_fd
+from .readiness import deadline_after, wait_fd
 from .stacks import checkpoint
 
 __all__ = [
@@ -136,8 +135,7 @@ class TameSocket(socket.socket):
         return self._tame_timeout
 
     def _deadline(self) -> float | None:
-        timeout = self._tame_timeout
-        return None if timeout is None else time.monotonic() + timeout
+        return deadline_after(self._tame_timeout)
 
     def _wait(self, write: bool, deadline: float | None) -> None:
         fd = self.fileno()
