@@ -1,4 +1,5 @@
-"""Builds the ring's C extension; all other metadata lives in pyproject.toml."""
+"""Builds the C extensions (the fabric's ring, the io_uring driver's ring); all other
+metadata lives in pyproject.toml."""
 
 from setuptools import Extension, setup
 
@@ -8,6 +9,11 @@ setup(
             "shardio.fabric._ring",
             sources=["shardio/fabric/_ring.c"],
             extra_compile_args=["-O2", "-std=c11", "-Wall"],
-        )
+        ),
+        Extension(
+            "shardio.io._uring",
+            sources=["shardio/io/_uring.c"],
+            extra_compile_args=["-O2", "-std=c11", "-Wall"],
+        ),
     ]
 )

@@ -2,7 +2,7 @@
 
     python bench/tame.py [--dir DIR] [--size-mb 512] [--seconds 3]
 
-Rows:
+Rows (per-op rows in CPU time of the loop's thread, to_thread in wall-clock time):
   * per-op overhead of a blocking call: a tame stack (TameEnv.sleep(0): park,
     loop iteration, resume) vs ``await asyncio.to_thread(noop)`` vs gevent
     (monkey-patched ``time.sleep(0)`` in a greenlet; run in a subprocess,
@@ -13,8 +13,19 @@ Rows:
     32, direct=1) on the same file, plus buffered cold reads (file evicted
     with posix_fadvise DONTNEED before the run) through TameEnv at QD32.
 
+  * the quota (issue 10): the max gap seen by a 1 ms heartbeat task while 48
+    tame stacks each read a 1 MiB member of a cached zip file through a tamed
+    ``zipfile`` and hash it, with the default quota and with preemption off
+    (``tame.configure(quota=None)``), plus the scheduler's own accounting
+    (longest slice and longest loop turn, thread CPU time);
+  * with ``--baseline DIR`` (a source tree of an earlier shardio, e.g.
+    ``git archive <commit> shardio | tar -x -C DIR``): the per-op rows and the
+    heartbeat gap measured for this tree and DIR in alternating subprocesses
+    of one run, with their ratio (before/after a change, same machine state).
+
 Targets (issue 3): tame op >= 20x cheaper than to_thread; cached tame read
-<= 3 us; cold QD32 through TameEnv >= 50% of fio's IOPS.
+<= 3 us; cold QD32 through TameEnv >= 50% of fio's IOPS. Issue 10: per-op
+cost not worse than the baseline; heartbeat gap ~ the quota, not the load.
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -49,16 +61,21 @@ def noop() -> None:
     return None
 
 
+# The per-op rows measure the CPU time of the loop's thread: on a shared machine,
+# wall-clock time also counts the time other processes held the CPU.
+_cpu_clock = time.thread_time
+
+
 # -- per-op overhead --------------------------------------------------------------
 
 
 async def tame_blocking_op_us(n: int = 50_000) -> float:
     def work() -> float:
         env = tame.env()
-        t0 = time.perf_counter()
+        t0 = _cpu_clock()
         for _ in range(n):
             env.sleep(0)
-        return (time.perf_counter() - t0) / n * 1e6
+        return (_cpu_clock() - t0) / n * 1e6
 
     await tame.call(work)  # warm-up
     return await tame.call(work)
@@ -66,10 +83,10 @@ async def tame_blocking_op_us(n: int = 50_000) -> float:
 
 async def tame_call_us(n: int = 50_000) -> float:
     await tame.call(noop)
-    t0 = time.perf_counter()
+    t0 = _cpu_clock()
     for _ in range(n):
         await tame.call(noop)
-    return (time.perf_counter() - t0) / n * 1e6
+    return (_cpu_clock() - t0) / n * 1e6
 
 
 async def to_thread_us(n: int = 3_000) -> float:
@@ -114,10 +131,10 @@ def os_pread_us(path: str, n: int = 200_000) -> float:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.pread(fd, 4096, 0)
-        t0 = time.perf_counter()
+        t0 = _cpu_clock()
         for i in range(n):
             os.pread(fd, 4096, (i & 255) * 4096)
-        return (time.perf_counter() - t0) / n * 1e6
+        return (_cpu_clock() - t0) / n * 1e6
     finally:
         os.close(fd)
 
@@ -127,15 +144,183 @@ async def tame_cached_read_us(path: str, n: int = 200_000) -> float:
         with tame.env().open(path, "rb") as f:
             for i in range(256):
                 f.pread(4096, i * 4096)
-            t0 = time.perf_counter()
+            t0 = _cpu_clock()
             for i in range(n):
                 f.pread(4096, (i & 255) * 4096)
-            return (time.perf_counter() - t0) / n * 1e6
+            return (_cpu_clock() - t0) / n * 1e6
 
     return await tame.call(work)
 
 
-# -- cold random reads ----------------------------------------------------------------
+# -- uncontended lock -------------------------------------------------------------------
+
+
+async def tame_lock_us(n: int = 200_000) -> float:
+    def work() -> float:
+        lock = tame.env().Lock()
+        t0 = _cpu_clock()
+        for _ in range(n):
+            lock.acquire()
+            lock.release()
+        return (_cpu_clock() - t0) / n * 1e6
+
+    await tame.call(work)
+    return await tame.call(work)
+
+
+# -- heartbeat gap under a tame load -----------------------------------------------------
+
+MEMBER_BYTES = 1 << 20
+
+
+def make_zip(path: str) -> None:
+    data = os.urandom(MEMBER_BYTES)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("blob", data)
+    with open(path, "rb") as f:  # written back and in the page cache
+        os.fsync(f.fileno())
+        f.read()
+
+
+def read_and_hash(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with zipfile.ZipFile(path) as z, z.open("blob") as member:
+        while data := member.read(1 << 16):
+            h.update(data)
+    return h.hexdigest()
+
+
+async def heartbeat_gap(
+    path: str, quota: Any, stacks_n: int = 48, rounds: int = 3
+) -> dict[str, float]:
+    """Max gap (ms) of a 1 ms heartbeat task while the zip load runs; the accounting."""
+    has_quota = hasattr(tame, "DEFAULT_QUOTA")  # a baseline tree may predate the quota
+    if has_quota:
+        tame.configure(quota=quota, account_cpu=True)
+    tame.warm_up()
+    loop = asyncio.get_running_loop()
+    gaps: list[float] = []
+    with tame.patched(zipfile):
+        await asyncio.gather(*(tame.call(read_and_hash, path) for _ in range(2)))
+        if has_quota:
+            tame.reset_accounting()
+        for _ in range(rounds):
+            stop = asyncio.Event()
+
+            async def heartbeat(stop: asyncio.Event = stop) -> float:
+                worst, last = 0.0, loop.time()
+                while not stop.is_set():
+                    await asyncio.sleep(0.001)
+                    now = loop.time()
+                    worst, last = max(worst, now - last), now
+                return worst
+
+            beat = loop.create_task(heartbeat())
+            await asyncio.sleep(0.005)
+            await asyncio.gather(*(tame.call(read_and_hash, path) for _ in range(stacks_n)))
+            stop.set()
+            gaps.append(await beat)
+    st = tame.stats()
+    return {
+        "gap_ms": max(gaps) * 1e3,
+        "gap_median_ms": statistics.median(gaps) * 1e3,
+        "longest_slice_ms": st.get("longest_slice_ns", float("nan")) / 1e6,
+        "longest_turn_ms": st.get("longest_turn_ns", float("nan")) / 1e6,
+    }
+
+
+# -- child mode: one tree's per-op and gap figures, as JSON ------------------------------
+
+
+def child(kind: str, path: str, rounds: int) -> None:
+    out: dict[str, Any] = {}
+    for name, runner in LOOPS.items():
+        if kind == "per-op":
+
+            async def per_op() -> dict[str, float]:
+                samples: dict[str, list[float]] = {"op": [], "call": [], "read": [], "lock": []}
+                for _ in range(rounds):
+                    samples["op"].append(await tame_blocking_op_us(20_000))
+                    samples["call"].append(await tame_call_us(20_000))
+                    samples["read"].append(await tame_cached_read_us(path, 50_000))
+                    samples["lock"].append(await tame_lock_us(50_000))
+                return {k: statistics.median(v) for k, v in samples.items()}
+
+            out[name] = runner(per_op())
+        else:
+            out[name] = runner(
+                heartbeat_gap(path, tame.DEFAULT_QUOTA if hasattr(tame, "DEFAULT_QUOTA") else None)
+            )
+    print(json.dumps(out))
+
+
+def run_child(tree: str, kind: str, path: str, rounds: int) -> dict[str, Any]:
+    env = dict(os.environ, PYTHONPATH=tree)
+    out = subprocess.run(
+        [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--child",
+            kind,
+            "--child-file",
+            path,
+            "--rounds",
+            str(rounds),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=True,
+        cwd=tree,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def compare_trees(
+    baseline: str, path: str, zip_path: str, rounds: int
+) -> list[tuple[str, str, str, str]]:
+    """Per-op and gap rows for this tree vs the baseline, alternating subprocesses."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    trees = {"after": here, "before": os.path.abspath(baseline)}
+    per_op: dict[str, list[dict[str, Any]]] = {"after": [], "before": []}
+    gap: dict[str, list[dict[str, Any]]] = {"after": [], "before": []}
+    for _ in range(3):
+        for label, tree in trees.items():
+            per_op[label].append(run_child(tree, "per-op", path, rounds))
+            gap[label].append(run_child(tree, "gap", zip_path, rounds))
+    rows: list[tuple[str, str, str, str]] = []
+    names = {
+        "op": "blocking op (sleep(0))",
+        "call": "tame.call(noop)",
+        "read": "cached 4 KiB read",
+        "lock": "uncontended Lock acquire+release",
+    }
+    for loop_name in LOOPS:
+        for key, label in names.items():
+            b = statistics.median(r[loop_name][key] for r in per_op["before"])
+            a = statistics.median(r[loop_name][key] for r in per_op["after"])
+            rows.append(
+                (
+                    f"{label} ({loop_name}), before -> after",
+                    f"{b:.2f} -> {a:.2f} us",
+                    f"after/before {a / b:.2f}",
+                    "PASS" if a <= b * 1.05 else "WORSE (> 5%)",
+                )
+            )
+        b = max(r[loop_name]["gap_ms"] for r in gap["before"])
+        a = max(r[loop_name]["gap_ms"] for r in gap["after"])
+        rows.append(
+            (
+                f"1 ms heartbeat, max gap under the zip load ({loop_name}), before -> after",
+                f"{b:.1f} -> {a:.1f} ms",
+                f"{b / a:.0f}x shorter",
+                "",
+            )
+        )
+    return rows
 
 
 def offsets(size: int, count: int, seed: int) -> list[int]:
@@ -246,7 +431,13 @@ def main() -> None:
     ap.add_argument(
         "--rounds", type=int, default=5, help="alternating rounds for the per-op rows (medians)"
     )
+    ap.add_argument("--baseline", help="source tree of an earlier shardio to compare with")
+    ap.add_argument("--child", choices=["per-op", "gap"], help=argparse.SUPPRESS)
+    ap.add_argument("--child-file", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        child(args.child, args.child_file, args.rounds)
+        return
     size = args.size_mb << 20
     workdir = tempfile.mkdtemp(prefix="shardio-bench-tame-", dir=args.dir)
     path = os.path.join(workdir, "data")
@@ -290,6 +481,36 @@ def main() -> None:
                 "",
             )
         )
+        for name, runner in LOOPS.items():
+            lock_us = statistics.median(runner(tame_lock_us(50_000)) for _ in range(args.rounds))
+            rows.append(
+                (f"uncontended TameLock acquire+release ({name})", f"{lock_us:.2f} us", "", "")
+            )
+        # 1b. the quota: heartbeat gap under the zip load, preemption off vs the default quota
+        zip_path = os.path.join(workdir, "member.zip")
+        make_zip(zip_path)
+        for name, runner in LOOPS.items():
+            off = runner(heartbeat_gap(zip_path, None))
+            on = runner(heartbeat_gap(zip_path, tame.DEFAULT_QUOTA))
+            rows.append(
+                (
+                    f"1 ms heartbeat, max gap, 48 stacks x 1 MiB zip member + sha256, quota off ({name})",
+                    f"{off['gap_ms']:.1f} ms",
+                    f"longest slice {off['longest_slice_ms']:.2f} ms, turn {off['longest_turn_ms']:.1f} ms (CPU)",
+                    "",
+                )
+            )
+            rows.append(
+                (
+                    f"1 ms heartbeat, max gap, same load, quota {tame.DEFAULT_QUOTA * 1e3:g} ms ({name})",
+                    f"{on['gap_ms']:.1f} ms",
+                    f"longest slice {on['longest_slice_ms']:.2f} ms, turn {on['longest_turn_ms']:.2f} ms (CPU); "
+                    f"{off['gap_ms'] / on['gap_ms']:.0f}x shorter gap",
+                    "",
+                )
+            )
+        if args.baseline:
+            rows += compare_trees(args.baseline, path, zip_path, max(1, args.rounds // 2))
         # 2. cached read
         pread = statistics.median(os_pread_us(path, 50_000) for _ in range(args.rounds))
         for name, runner in LOOPS.items():

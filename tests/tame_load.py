@@ -4,6 +4,7 @@ file through a patched ``zipfile`` and hash it (the quota tests and bench/tame.p
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import os
 import zipfile
@@ -20,40 +21,53 @@ def make_zip(path: str, size: int = 1 << 20, seed: int = 1) -> str:
     data = bytes(b ^ (i & 0xFF) for i, b in enumerate(data[:4096])) + data[4096:]
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
         z.writestr(MEMBER, data)
-    with open(path, "rb") as f:  # into the page cache
+    with open(path, "rb") as f:  # written back (not dirty), then read into the page cache
+        os.fsync(f.fileno())
         f.read()
     return hashlib.sha256(data).hexdigest()
 
 
-def read_and_hash(path: str, chunk: int = 1 << 16) -> str:
+def read_and_hash(path: str, times: int = 1, chunk: int = 1 << 16) -> str:
     """Read the member through zipfile in ``chunk``-byte reads, hashing as it goes."""
     h = hashlib.sha256()
-    with zipfile.ZipFile(path) as z, z.open(MEMBER) as member:
-        while data := member.read(chunk):
-            h.update(data)
+    for _ in range(times):
+        h = hashlib.sha256()
+        with zipfile.ZipFile(path) as z, z.open(MEMBER) as member:
+            while data := member.read(chunk):
+                h.update(data)
     return h.hexdigest()
 
 
-async def run_load(path: str, stacks: int = 48, rounds: int = 2) -> list[str]:
+async def run_load(path: str, stacks: int = 48, rounds: int = 1, times: int = 1) -> list[str]:
     """``stacks`` concurrent read_and_hash calls, ``rounds`` times, with zipfile tamed."""
     digests: list[str] = []
     with tame.patched(zipfile):
         for _ in range(rounds):
-            digests += await asyncio.gather(*(tame.call(read_and_hash, path) for _ in range(stacks)))
+            calls = (tame.call(read_and_hash, path, times) for _ in range(stacks))
+            digests += await asyncio.gather(*calls)
     return digests
 
 
 async def measured_load(
-    path: str, quota: float | None, stacks: int = 48, rounds: int = 2
+    path: str, quota: float | None, stacks: int = 48, rounds: int = 1, times: int = 1
 ) -> dict[str, Any]:
-    """The load under ``quota`` on the running loop; the scheduler's CPU-time accounting."""
+    """The load under ``quota`` on the running loop; the scheduler's CPU-time accounting.
+
+    The cyclic GC is off while it runs: a collection pass is not a slice the
+    scheduler could have cut, and on a shared VM it would only add noise.
+    """
     tame.configure(quota=quota, account_cpu=True)
     tame.warm_up()
     await run_load(path, 2, 1)  # first-use costs (imports, buffers) are not the load's
-    tame.reset_accounting()
-    before = tame.stats()
-    digests = await run_load(path, stacks, rounds)
-    after = tame.stats()
+    gc.collect()
+    gc.disable()
+    try:
+        tame.reset_accounting()
+        before = tame.stats()
+        digests = await run_load(path, stacks, rounds, times)
+        after = tame.stats()
+    finally:
+        gc.enable()
     return {
         "digests": sorted(set(digests)),
         "calls": len(digests),
@@ -61,7 +75,9 @@ async def measured_load(
         "longest_turn_ns": after["longest_turn_ns"],
         "slice_clock": after["slice_clock"],
         "quota_yields": after["quota_yields"] - before["quota_yields"],
-        "deferred": after["deferred_resumes"] - before["deferred_resumes"]
-        + after["deferred_starts"] - before["deferred_starts"],
+        "deferred": after["deferred_resumes"]
+        - before["deferred_resumes"]
+        + after["deferred_starts"]
+        - before["deferred_starts"],
         "pid": os.getpid(),
     }

@@ -152,15 +152,14 @@ async def scenario_cold_reads_overlap(tmp: str) -> dict[str, Any]:
         os.fsync(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
 
-        from shardio.io.uring import _CacheStat
+        from shardio.io.uring import cached_pages as cachestat
 
-        cachestat = _CacheStat.probe()
         file_size = os.fstat(fd).st_size
 
         def cached_pages() -> int:
-            if cachestat is not None:  # cachestat(2) looks without starting any I/O
-                cachestat.cached(fd, 0, file_size)
-                return int(cachestat._stat.nr_cache)
+            cached = cachestat(fd, 0, file_size)  # cachestat(2) looks without starting any I/O
+            if cached is not None:
+                return cached
             try:  # older kernels: one probe (RWF_NOWAIT may start readahead itself)
                 os.preadv(fd, [bytearray(4096)], 7 * spacing, os.RWF_NOWAIT)
                 return 1

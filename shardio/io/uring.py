@@ -1,53 +1,53 @@
-"""Per-reactor file I/O for tame stacks: io_uring through pyuring 0.3.0.
+"""Per-reactor file I/O for tame stacks: io_uring through shardio's own ring.
 
-One driver per event loop (the tame runtime owns it; pyuring rings are
-single-thread). A tame stack that reads, writes or fsyncs parks until its
-completion arrives; the reactor keeps running meanwhile.
+One driver per event loop (the tame runtime owns it; a ring is used from
+its loop's thread only). A tame stack that reads, writes, fsyncs, opens,
+stats, truncates, renames or unlinks parks until its completion arrives;
+the reactor keeps running meanwhile.
+
+The ring is :mod:`shardio.io._uring`, a C extension on the kernel's
+io_uring interface (``<linux/io_uring.h>``, the syscalls, mmap of the
+rings, C11 acquire/release on the ring indices; no liburing). It keeps
+whatever the kernel may still touch (buffers, paths, the statx buffer)
+in the op's slot until the op's CQE is reaped, so a cancelled caller
+never frees memory the kernel writes into.
 
 * **Reads** first try ``preadv2(..., RWF_NOWAIT)``: page-cached data costs
   ~1.5 µs and no ring round trip. On EAGAIN (or a short, non-EOF result) the
   read goes to io_uring. O_DIRECT reads go straight to io_uring.
   Measured on this kernel (6.x, ext4 on virtio): a preadv2(RWF_NOWAIT) that
   misses *starts* the read itself (readahead from the syscall path), and the
-  io_uring read that follows then no longer overlaps with its neighbours
-  (96 concurrent cold 4 KiB reads took as long as 96 sequential ones; QD32
-  buffered cold reads: 20k IOPS). So after a miss the driver switches to
-  asking the page cache first with ``cachestat(2)`` (Linux >= 6.5, 0.8 µs)
-  and sends cold reads straight to io_uring (2x overlap, 40k IOPS), until
-  64 reads in a row were cached again. Without cachestat it stays with
-  RWF_NOWAIT-first.
-* **Writes and fsync/fdatasync** always go through io_uring.
+  io_uring read that follows then no longer overlaps with its neighbours.
+  So after a miss the driver switches to asking the page cache first with
+  ``cachestat(2)`` (Linux >= 6.5) and sends cold reads straight to
+  io_uring, until 64 reads in a row were cached again. Without cachestat it
+  stays with RWF_NOWAIT-first.
+* **Writes, fsync/fdatasync and metadata** (openat, close, statx, renameat,
+  unlinkat, ftruncate) go through io_uring. An opcode this kernel lacks
+  (``IORING_REGISTER_PROBE`` says so; IORING_OP_FTRUNCATE needs Linux 6.9)
+  runs on the driver's small thread pool instead, so it still does not
+  block the reactor.
 * **Submission** is batched: SQEs prepared during one pass of the loop are
   submitted with one ``io_uring_enter`` (from a ``call_soon`` scheduled by
-  the first SQE, or at the end of a completion pass). While a completion
+  the first SQE, or at the end of a completion pass); while a completion
   pass resumes many stacks, every ``submit_batch`` (8) new SQEs are
-  submitted at once so the device is not left idle while Python runs
-  (measured, 4 KiB O_DIRECT random reads at QD32: 45k IOPS when the whole
-  pass was submitted at its end, 57k with batches of 8; fio: 77k).
-* **Completions** are reaped when the ring fd becomes readable (measured:
-  the io_uring fd polls POLLIN as soon as a CQE is posted, under asyncio and
-  uvloop alike, so ``loop.add_reader(ring_fd)`` suffices and no eventfd is
-  registered) and, inside a shard, by a reactor poller while ops are in
+  submitted at once so the device is not left idle while Python runs.
+  If ``io_uring_enter`` fails, the stacks whose SQEs the kernel did not
+  take fail with :class:`UringSubmitError`; unless the error was a
+  transient one (EAGAIN, EBUSY, ENOMEM) the driver is then broken and every
+  later operation fails with the same error.
+* **Completions** are reaped when the ring fd becomes readable
+  (``loop.add_reader(ring_fd)``: the io_uring fd polls POLLIN once a CQE is
+  posted) and, inside a shard, by a reactor poller while ops are in
   flight, so a polling reactor sees completions without an epoll round.
 * **Queue depth** is bounded (``max_inflight``, default 128 = ring size):
   further ops wait in FIFO order for a slot; the CQ ring (2x entries) never
   overflows.
-* **Buffers** come from a pool of page-aligned anonymous mappings, so
-  O_DIRECT works for any caller; a buffer stays referenced until its CQE
-  arrives even if the waiting call was cancelled.
+* **Cancellation** of a waiting stack drops its interest and queues an
+  ``IORING_OP_ASYNC_CANCEL``; the op's memory stays with its slot until its
+  CQE, and a cancelled open that succeeded anyway has its fd closed.
 
-Why SQEs are prepared here: pyuring 0.3.0 offers asynchronous submission
-only for read/write (``read_async``/``write_async``, each of which calls
-``io_uring_submit`` at once) and only a *synchronous* fsync (it submits and
-waits, which would block the reactor). Its ring handle is liburing's
-``struct io_uring *`` (checked by disassembling ``uring_ring_fd``/
-``uring_read_async``: ``ring_fd`` at 0xc4, the SQ at 0), and its shared
-library exports liburing's ``io_uring_get_sqe``/``io_uring_submit``; the
-driver uses those on the ring pyuring created and fills the 64-byte SQE
-itself (the kernel ABI), and reads completions straight from the mapped CQ
-ring (a memory read when nothing is ready, instead of a 1.3 µs ctypes call).
-
-Where io_uring cannot be set up (seccomp, old kernel, no pyuring wheel) or
+Where io_uring cannot be set up (seccomp, old kernel) or
 ``SHARDIO_NO_URING=1`` is set, :class:`ThreadPoolDriver` runs the same
 operations on a small thread pool; this is announced once in the log and
 reported by ``driver.stats()["fallback"] == 1``.
@@ -56,162 +56,100 @@ reported by ``driver.stats()["fallback"] == 1``.
 from __future__ import annotations
 
 import collections
-import ctypes
 import errno
 import logging
 import mmap
 import os
-import select
-import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from shardio.errors import ShardioError
+
 log = logging.getLogger("shardio.io.uring")
 
-__all__ = ["BufferPool", "ThreadPoolDriver", "UringDriver", "open_driver"]
+__all__ = [
+    "ThreadPoolDriver",
+    "UringDriver",
+    "UringSubmitError",
+    "cached_pages",
+    "open_driver",
+]
 
 PAGE = 4096
-
-# io_uring opcodes and flags (kernel ABI, include/uapi/linux/io_uring.h)
-_OP_NOP = 0
-_OP_FSYNC = 3
-_OP_READ = 22
-_OP_WRITE = 23
-_FSYNC_DATASYNC = 1
-
-# struct io_uring_sqe: opcode u8, flags u8, ioprio u16, fd s32, off u64, addr u64,
-# len u32, op_flags u32, user_data u64, buf_index u16, personality u16,
-# splice_fd_in s32, addr3 u64, pad u64  -> 64 bytes
-_SQE = struct.Struct("<BBHiQQIIQHHiQQ")
-assert _SQE.size == 64
-
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_AT_FDCWD = -100
+_AT_REMOVEDIR = 0x200
+_AT_EMPTY_PATH = 0x1000
+_AT_SYMLINK_NOFOLLOW = 0x100
+_STATX_BASIC_STATS = 0x7FF
+_MAX_IO = 4 << 20  # one io_uring read/write moves at most this much (the ring's MAX_IO)
+_TRANSIENT = (errno.EAGAIN, errno.EBUSY, errno.ENOMEM)
+
+try:
+    from shardio.io import _uring
+except ImportError:  # not built (e.g. a source tree without build_ext): thread pool only
+    _uring = None  # type: ignore[assignment]
 
 _announced_fallback = False
 _announce_lock = threading.Lock()
 
 
-class BufferPool:
-    """Page-aligned buffers (anonymous mmaps) with stable addresses, pooled by size class."""
+class UringSubmitError(ShardioError, OSError):
+    """``io_uring_enter`` failed: the operations it did not take were never started.
 
-    def __init__(self, keep_per_class: int = 64) -> None:
-        self._free: dict[int, list[tuple[mmap.mmap, Any, int]]] = collections.defaultdict(list)
-        self._keep = keep_per_class
-
-    @staticmethod
-    def size_class(n: int) -> int:
-        size = PAGE
-        while size < n:
-            size <<= 1
-        return size
-
-    def get(self, n: int) -> tuple[mmap.mmap, Any, int]:
-        """A buffer of at least n bytes: (mmap, ctypes anchor, address)."""
-        size = self.size_class(n)
-        free = self._free.get(size)
-        if free:
-            return free.pop()
-        mm = mmap.mmap(-1, size)
-        anchor = ctypes.c_char.from_buffer(mm)
-        return mm, anchor, ctypes.addressof(anchor)
-
-    def put(self, buf: tuple[mmap.mmap, Any, int]) -> None:
-        """Return a buffer (the kernel must be done with it)."""
-        mm = buf[0]
-        free = self._free[len(mm)]
-        if len(free) < self._keep and len(mm) <= (4 << 20):
-            free.append(buf)
-        else:
-            _release_buffer(buf)
-
-    def close(self) -> None:
-        for free in self._free.values():
-            for buf in free:
-                _release_buffer(buf)
-        self._free.clear()
+    Raised in every tame stack that waited for one of those operations, and
+    (unless the failure was transient: EAGAIN, EBUSY, ENOMEM) by every later
+    operation on the same driver, since its ring is unusable. ``errno`` is
+    the failure's.
+    """
 
 
-def _release_buffer(buf: tuple[mmap.mmap, Any, int]) -> None:
-    mm, anchor, _ = buf
-    del anchor
+def cached_pages(fd: int, offset: int, length: int) -> int | None:
+    """How many pages of [offset, offset + length) are in the page cache.
+
+    Uses cachestat(2) (Linux >= 6.5), which looks without starting any I/O;
+    None where the kernel (or seccomp) does not allow it.
+    """
+    if _uring is None:
+        return None
     try:
-        mm.close()
-    except BufferError:  # still exported somewhere; the GC will unmap it
-        pass
+        return _uring.cachestat(fd, offset, length)  # type: ignore[no-any-return]
+    except OSError:
+        return None
 
 
-class _CacheStat:
-    """cachestat(2) (Linux >= 6.5): is a file range in the page cache, without starting I/O?"""
-
-    _SYSCALL_X86_64 = 451
-
-    class _Range(ctypes.Structure):
-        _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
-
-    class _Stat(ctypes.Structure):
-        _fields_ = [
-            (name, ctypes.c_uint64)
-            for name in (
-                "nr_cache",
-                "nr_dirty",
-                "nr_writeback",
-                "nr_evicted",
-                "nr_recently_evicted",
-            )
-        ]
-
-    def __init__(self) -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        self._syscall = libc.syscall
-        self._syscall.restype = ctypes.c_long
-        self._range = self._Range()
-        self._stat = self._Stat()
-        self._range_ref = ctypes.byref(self._range)
-        self._stat_ref = ctypes.byref(self._stat)
-
-    @classmethod
-    def probe(cls) -> _CacheStat | None:
-        """A working cachestat, or None (other architecture, kernel < 6.5, seccomp)."""
-        if os.uname().machine != "x86_64":
-            return None
-        try:
-            cs = cls()
-            fd = os.open("/proc/self/exe", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                ok = cs._syscall(cls._SYSCALL_X86_64, fd, cs._range_ref, cs._stat_ref, 0) == 0
-            finally:
-                os.close(fd)
-        except OSError:
-            return None
-        return cs if ok else None
-
-    def cached(self, fd: int, offset: int, n: int) -> bool:
-        """True if every page of [offset, offset + n) is in the page cache."""
-        first = offset // PAGE
-        pages = (offset + n + PAGE - 1) // PAGE - first
-        r = self._range
-        r.off = first * PAGE
-        r.len = pages * PAGE
-        if self._syscall(self._SYSCALL_X86_64, fd, self._range_ref, self._stat_ref, 0) != 0:
-            return True  # cannot tell: let preadv2(RWF_NOWAIT) decide
-        return self._stat.nr_cache >= pages  # type: ignore[no-any-return]
-
-
-class _Op:
-    """One SQE in flight: who waits for it and what memory it uses."""
-
-    __slots__ = ("parked", "buf")
-
-    def __init__(self, parked: Any, buf: Any) -> None:
-        self.parked = parked
-        self.buf = buf
-
-
-def _oserror(res: int, what: str) -> OSError:
+def _oserror(res: int, filename: Any = None, filename2: Any = None) -> OSError:
+    """The OSError subclass os.* would raise for -res (FileNotFoundError for ENOENT...)."""
     code = -res
-    return OSError(code, f"{what}: {os.strerror(code)}")
+    if filename2 is not None:
+        return OSError(code, os.strerror(code), filename, None, filename2)
+    if filename is not None:
+        return OSError(code, os.strerror(code), filename)
+    return OSError(code, os.strerror(code))
+
+
+def _stat_result(t: tuple[int, ...]) -> os.stat_result:
+    """An os.stat_result from the ring's statx tuple, with os.stat's float/ns fields."""
+    mode, ino, dev, nlink, uid, gid, size, a_ns, m_ns, c_ns, blksize, blocks, rdev = t
+    a_s, a_n = divmod(a_ns, 1_000_000_000)
+    m_s, m_n = divmod(m_ns, 1_000_000_000)
+    c_s, c_n = divmod(c_ns, 1_000_000_000)
+    extra = {
+        "st_atime": a_s + a_n * 1e-9,
+        "st_mtime": m_s + m_n * 1e-9,
+        "st_ctime": c_s + c_n * 1e-9,
+        "st_atime_ns": a_ns,
+        "st_mtime_ns": m_ns,
+        "st_ctime_ns": c_ns,
+        "st_blksize": blksize,
+        "st_blocks": blocks,
+        "st_rdev": rdev,
+    }
+    # (sequence, dict): the constructor pickling uses; the dict fills the named-only fields
+    return os.stat_result((mode, ino, dev, nlink, uid, gid, size, a_s, m_s, c_s), extra)
 
 
 class _Counters:
@@ -225,8 +163,12 @@ class _Counters:
         "write",
         "fsync",
         "fdatasync",
+        "metadata",
+        "metadata_thread",
         "slot_waits",
         "submit_calls",
+        "submit_failures",
+        "cancels",
         "reaps",
         "cqes",
         "inflight_peak",
@@ -240,54 +182,58 @@ class _Counters:
         return {name: getattr(self, name) for name in self.__slots__}
 
 
-# Offsets in liburing's struct io_uring (x86_64, liburing 2.x as bundled by pyuring 0.3.0):
-# struct io_uring_sq sq (0x00..0x68), struct io_uring_cq cq (0x68..0xc0), flags, ring_fd.
-_CQ_KHEAD = 0x68
-_CQ_KTAIL = 0x70
-_CQ_CQES = 0x98
-_CQ_RING_MASK = 0xB0
-_CQ_RING_ENTRIES = 0xB4
-_RING_FLAGS = 0xC0
-_RING_FD = 0xC4
-_SETUP_CQE32 = 1 << 11
-_CQE = struct.Struct("<Qi")  # user_data u64, res s32 (then flags u32): 16 bytes
-
-
 class UringDriver:
     """The io_uring driver of one event loop. Its I/O methods run on that loop's tame stacks."""
 
     kind = "io_uring"
 
-    def __init__(
-        self, rt: Any, entries: int = 128, max_inflight: int | None = None, submit_batch: int = 8
-    ) -> None:
-        import pyuring  # the import itself fails where no wheel exists
+    #: The metadata operations, each named after its io_uring opcode.
+    METADATA_OPS = ("openat", "close", "statx", "renameat", "unlinkat", "ftruncate")
 
+    def __init__(
+        self,
+        rt: Any,
+        entries: int = 128,
+        max_inflight: int | None = None,
+        submit_batch: int = 8,
+        thread_ops: tuple[str, ...] = (),
+    ) -> None:
+        """thread_ops: metadata ops (see METADATA_OPS) to run on the thread pool even
+        where the kernel has their opcode, as happens by itself where it does not."""
         from shardio.tame.stacks import Parked
 
+        unknown = set(thread_ops) - set(self.METADATA_OPS)
+        if unknown:
+            raise ValueError(
+                f"thread_ops: unknown operation(s) {sorted(unknown)}; known: {self.METADATA_OPS}"
+            )
+        if _uring is None:
+            raise OSError(errno.ENOSYS, "shardio.io._uring is not built (run pip install -e .)")
         self._Parked = Parked
         self.rt = rt
         self.loop = rt.loop
-        self._ctx = pyuring.UringCtx(entries=entries)
+        self._ring = ring = _uring.Ring(entries)
         try:
-            self._bind_ring(entries)
+            self._self_test()
         except BaseException:
-            self._ctx.close()
+            ring.close()
             raise
-        self.max_inflight = min(max_inflight or entries, self._cq_entries // 2)
-        self._ops: dict[int, _Op] = {}
-        self._next_ud = 1
-        self._unsubmitted = 0
+        self.ring_fd: int = ring.fd
+        self.max_inflight = min(max_inflight or entries, ring.slots)
+        self.submit_batch = submit_batch
         self._flush_scheduled = False
         self._in_reap = False
-        self.submit_batch = submit_batch
-        self._cachestat = _CacheStat.probe()
+        self._broken: UringSubmitError | None = None
+        self._unusable = False  # broken or closed (one test on the hot path)
+        self._cachestat = cached_pages(ring.fd, 0, 0) is not None
         self._probe_first = False
         self._probe_hits = 0
         self._slot_waiters: collections.deque[Any] = collections.deque()
-        self._bufs = BufferPool()
-        self._scratch = bytearray(1 << 16)
-        self._scratch_view = memoryview(self._scratch)
+        self._threads: ThreadPoolDriver | None = None  # for opcodes this kernel lacks
+        self._has = {
+            name: name not in thread_ops and ring.supported(getattr(_uring, "OP_" + name.upper()))
+            for name in self.METADATA_OPS
+        }
         self.closed = False
         self.counters = _Counters()
         self.loop.add_reader(self.ring_fd, self._on_readable)
@@ -295,52 +241,21 @@ class UringDriver:
         if self._reactor is not None:
             self._reactor.add_poller(self._poll)
 
-    def _bind_ring(self, entries: int) -> None:
-        """Bind liburing's exported SQE functions and map the CQ ring; verify with a NOP."""
-        lib = self._ctx._lib
-        ring = self._ring = int(self._ctx._ctx)
-        self.ring_fd = self._ctx.ring_fd
-        if ctypes.c_int.from_address(ring + _RING_FD).value != self.ring_fd:
-            raise OSError(errno.EPROTO, "unexpected struct io_uring layout (ring_fd offset)")
-        if ctypes.c_uint32.from_address(ring + _RING_FLAGS).value & _SETUP_CQE32:
-            raise OSError(errno.EPROTO, "unexpected io_uring setup (CQE32)")
-        get_sqe = lib.io_uring_get_sqe
-        get_sqe.argtypes = [ctypes.c_void_p]
-        get_sqe.restype = ctypes.c_void_p
-        submit = lib.io_uring_submit
-        submit.argtypes = [ctypes.c_void_p]
-        submit.restype = ctypes.c_int
-        self._get_sqe = get_sqe
-        self._submit = submit
-        u64 = ctypes.c_uint64
-        self._khead = ctypes.c_uint32.from_address(u64.from_address(ring + _CQ_KHEAD).value)
-        self._ktail = ctypes.c_uint32.from_address(u64.from_address(ring + _CQ_KTAIL).value)
-        self._cq_mask = ctypes.c_uint32.from_address(ring + _CQ_RING_MASK).value
-        self._cq_entries = ctypes.c_uint32.from_address(ring + _CQ_RING_ENTRIES).value
-        if self._cq_entries < entries or self._cq_mask != self._cq_entries - 1:
-            raise OSError(errno.EPROTO, "unexpected struct io_uring layout (CQ ring)")
-        cqes = u64.from_address(ring + _CQ_CQES).value
-        self._cqes = memoryview((ctypes.c_char * (16 * self._cq_entries)).from_address(cqes)).cast(
-            "B"
-        )
-        # self-test: a NOP through our SQE path, reaped from our view of the CQ ring
-        sqe = get_sqe(ring)
-        if not sqe:
-            raise OSError(errno.EBUSY, "io_uring self-test: no free SQE")
-        ctypes.memmove(sqe, _SQE.pack(_OP_NOP, 0, 0, -1, 0, 0, 0, 0, 0xFEED, 0, 0, 0, 0, 0), 64)
-        if submit(ring) != 1:
+    def _self_test(self) -> None:
+        """One NOP through submit, the ring fd's readability and reap."""
+        ring = self._ring
+        token = object()
+        if ring.nop(_uring.OP_NOP, token) is None or ring.submit() != 1:
             raise OSError(errno.EIO, "io_uring self-test: NOP not submitted")
-        poller = select.poll()
-        poller.register(self.ring_fd, select.POLLIN)
-        if not poller.poll(2000):
+        if not ring.wait(2000):
             raise OSError(errno.ETIMEDOUT, "io_uring self-test: ring fd never became readable")
-        head = self._khead.value
-        if self._ktail.value - head != 1:
-            raise OSError(errno.EPROTO, "io_uring self-test: CQ ring view is wrong")
-        ud, res = _CQE.unpack_from(self._cqes, (head & self._cq_mask) << 4)
-        self._khead.value = head + 1
-        if ud != 0xFEED or res != 0:
-            raise OSError(errno.EPROTO, f"io_uring self-test: unexpected CQE ({ud:#x}, {res})")
+        done = ring.reap()
+        if done != [(token, 0)]:
+            raise OSError(errno.EPROTO, f"io_uring self-test: unexpected completions {done!r}")
+
+    def supports(self, op: str) -> bool:
+        """True if op (openat, close, statx, renameat, unlinkat, ftruncate) uses io_uring here."""
+        return self._has[op]
 
     # -- public operations (on a tame stack) ------------------------------------
     def read(self, fd: int, n: int, offset: int, direct: bool = False) -> bytes:
@@ -352,43 +267,46 @@ class UringDriver:
         if self._probe_first:
             # After a miss, ask the page cache first, so that a cold read does not
             # start its I/O from preadv2 (see the module docstring).
-            if not self._cachestat.cached(fd, offset, n):  # type: ignore[union-attr]
+            first = offset // PAGE
+            pages = (offset + n + PAGE - 1) // PAGE - first
+            cached = _uring.cachestat(fd, first * PAGE, pages * PAGE)
+            if cached is not None and cached < pages:
+                self._probe_hits = 0
                 self.counters.read_cold_probed += 1
                 return self._read_uring(fd, n, offset)
             self._probe_hits += 1
             if self._probe_hits >= 64:
                 self._probe_first = False
-        view = self._scratch_view[:n] if n <= 65536 else memoryview(bytearray(n))
-        try:
-            got = os.preadv(fd, [view], offset, _RWF_NOWAIT)
-        except BlockingIOError:
+        data = _uring.pread_nowait(fd, n, offset)
+        if data is not None:
+            got = len(data)
+            if got == n or (got and offset + got >= os.fstat(fd).st_size):
+                self.counters.read_cached += 1
+                return data  # all of it, or the end of the file
+        else:
+            data = b""
             got = 0
-        if got == n:
-            self.counters.read_cached += 1
-            return view.tobytes()
-        head = view[:got].tobytes()
-        if got and offset + got >= os.fstat(fd).st_size:
-            self.counters.read_cached += 1
-            return head  # end of file
-        if self._cachestat is not None:
+        if self._cachestat:
             self._probe_first = True
             self._probe_hits = 0
         rest = self._read_uring(fd, n - got, offset + got)
-        return head + rest if head else rest
+        return data + rest if data else rest
 
     def write(
         self, fd: int, data: bytes | bytearray | memoryview, offset: int, direct: bool = False
     ) -> int:
-        """pwrite(fd, data, offset) through io_uring; writes all of data."""
+        """pwrite(fd, data, offset) through io_uring; writes all of data.
+
+        O_DIRECT data is copied into the ring's page-aligned buffers; other
+        data is handed to the kernel in place (the ring holds it until done).
+        """
         view = memoryview(data).cast("B")
         total = len(view)
         done = 0
+        prep = self._ring.write
         while done < total:
-            chunk = min(total - done, 1 << 22)
-            buf = self._bufs.get(chunk)
-            buf[0][:chunk] = view[done : done + chunk]
-            res = self._submit_op(_OP_WRITE, fd, offset + done, buf, chunk, 0, "pwrite")
-            self._bufs.put(buf)
+            chunk = view[done : done + _MAX_IO] if total - done > _MAX_IO or done else view
+            res = self._submit(prep, (fd, chunk, offset + done, direct))
             if res == 0:
                 raise OSError(errno.EIO, "pwrite through io_uring wrote 0 bytes")
             done += res
@@ -397,35 +315,111 @@ class UringDriver:
 
     def fsync(self, fd: int, datasync: bool = False) -> None:
         """fsync (or fdatasync) through io_uring."""
-        self._submit_op(_OP_FSYNC, fd, 0, None, 0, _FSYNC_DATASYNC if datasync else 0, "fsync")
+        self._submit(self._ring.fsync, (fd, datasync))
         if datasync:
             self.counters.fdatasync += 1
         else:
             self.counters.fsync += 1
 
+    def open(
+        self,
+        path: str | bytes | os.PathLike[Any],
+        flags: int,
+        mode: int = 0o777,
+        dir_fd: int | None = None,
+    ) -> int:
+        """os.open(path, flags, mode, dir_fd=dir_fd), non-inheritable like os.open's fds."""
+        self.counters.metadata += 1
+        if not self._has["openat"]:
+            return self._thread_pool().open(path, flags, mode, dir_fd)
+        name = os.fsencode(path)
+        d = _AT_FDCWD if dir_fd is None else dir_fd
+        return self._submit(self._ring.openat, (d, name, flags | _CLOEXEC, mode), path)
+
+    def close_fd(self, fd: int) -> None:
+        """os.close(fd)."""
+        self.counters.metadata += 1
+        if not self._has["close"]:
+            return self._thread_pool().close_fd(fd)
+        self._submit(self._ring.close_fd, (fd,))
+        return None
+
+    def stat(
+        self, path: int | str | bytes | os.PathLike[Any], follow_symlinks: bool = True
+    ) -> os.stat_result:
+        """os.stat(path) (an int path is an fd: os.fstat)."""
+        self.counters.metadata += 1
+        if not self._has["statx"]:
+            return self._thread_pool().stat(path, follow_symlinks)
+        if isinstance(path, int):
+            args: tuple[Any, ...] = (path, b"", _AT_EMPTY_PATH, _STATX_BASIC_STATS)
+            what: Any = None
+        else:
+            flags = 0 if follow_symlinks else _AT_SYMLINK_NOFOLLOW
+            args = (_AT_FDCWD, os.fsencode(path), flags, _STATX_BASIC_STATS)
+            what = path
+        return _stat_result(self._submit(self._ring.statx, args, what))
+
+    def ftruncate(self, fd: int, length: int) -> None:
+        """os.ftruncate(fd, length) (IORING_OP_FTRUNCATE needs Linux 6.9)."""
+        self.counters.metadata += 1
+        if not self._has["ftruncate"]:
+            return self._thread_pool().ftruncate(fd, length)
+        self._submit(self._ring.ftruncate, (fd, length))
+        return None
+
+    def rename(
+        self, src: str | bytes | os.PathLike[Any], dst: str | bytes | os.PathLike[Any]
+    ) -> None:
+        """os.replace(src, dst): atomically, replacing dst."""
+        self.counters.metadata += 1
+        if not self._has["renameat"]:
+            return self._thread_pool().rename(src, dst)
+        args = (_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), 0)
+        self._submit(self._ring.renameat, args, src, dst)
+        return None
+
+    def unlink(self, path: str | bytes | os.PathLike[Any], rmdir: bool = False) -> None:
+        """os.unlink(path), or os.rmdir(path) with rmdir=True."""
+        self.counters.metadata += 1
+        if not self._has["unlinkat"]:
+            return self._thread_pool().unlink(path, rmdir)
+        flags = _AT_REMOVEDIR if rmdir else 0
+        self._submit(self._ring.unlinkat, (_AT_FDCWD, os.fsencode(path), flags), path)
+        return None
+
     # -- internals --------------------------------------------------------------
+    def _thread_pool(self) -> ThreadPoolDriver:
+        if self._threads is None:
+            self._threads = ThreadPoolDriver(self.rt, workers=2)
+        self.counters.metadata_thread += 1
+        return self._threads
+
     def _read_uring(self, fd: int, n: int, offset: int) -> bytes:
+        prep = self._ring.read
+        if n <= _MAX_IO:
+            data: bytes = self._submit(prep, (fd, n, offset))
+            self.counters.read_uring += 1
+            if len(data) == n or not data or offset + len(data) >= os.fstat(fd).st_size:
+                return data
+            return data + self._read_uring(fd, n - len(data), offset + len(data))
         chunks = []
         while n > 0:
-            chunk = min(n, 1 << 22)
-            buf = self._bufs.get(chunk)
-            res = self._submit_op(_OP_READ, fd, offset, buf, chunk, 0, "pread")
-            data = buf[0][:res]
-            self._bufs.put(buf)
+            chunk = self._submit(prep, (fd, min(n, _MAX_IO), offset))
             self.counters.read_uring += 1
-            if not res:
+            if not chunk:
                 break
-            chunks.append(data)
-            n -= res
-            offset += res
-            if res < chunk and offset >= os.fstat(fd).st_size:
+            chunks.append(chunk)
+            n -= len(chunk)
+            offset += len(chunk)
+            if len(chunk) < _MAX_IO and offset >= os.fstat(fd).st_size:
                 break
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return b"".join(chunks)
 
-    def _wait_for_slot(self, what: str) -> None:
+    def _wait_for_slot(self) -> None:
         self.counters.slot_waits += 1
         first = False
-        while len(self._ops) >= self.max_inflight or (self._slot_waiters and not first):
+        while self._ring.inflight >= self.max_inflight or (self._slot_waiters and not first):
             w = self._Parked()
             if first:
                 self._slot_waiters.appendleft(w)  # woken but beaten to the slot: keep our place
@@ -441,106 +435,124 @@ class UringDriver:
                         self._slot_waiters.popleft().wake_soon()
                 raise
             first = True
-            if self.closed:
-                raise OSError(errno.EBADF, f"{what}: the io_uring driver is closed")
+            self._check_usable()
 
-    def _submit_op(
-        self, opcode: int, fd: int, offset: int, buf: Any, n: int, op_flags: int, what: str
-    ) -> int:
-        """Queue one SQE and park until its CQE; return its result (>= 0).
+    def _check_usable(self) -> None:
+        if self._broken is not None:
+            raise UringSubmitError(
+                self._broken.errno,
+                f"the io_uring driver is unusable since a submit failed ({self._broken.strerror})",
+            )
+        if self.closed:
+            raise OSError(errno.EBADF, "the io_uring driver is closed")
 
-        Buffer ownership: on a normal return the caller owns ``buf`` again; if
-        the wait is interrupted (cancellation) after submission, the op keeps
-        it until the kernel completes and the reaper pools it; on any other
-        failure the buffer has been pooled here.
+    def _submit(
+        self, prep: Any, args: tuple[Any, ...], filename: Any = None, filename2: Any = None
+    ) -> Any:
+        """Queue one op (``prep(*args, parked)``), park until its CQE, return its result.
+
+        A negative result raises the OSError os.* would (naming filename).
+
+        The op's memory belongs to its ring slot until the CQE is reaped, even
+        if this wait is cancelled (the ring then drops our token and asks the
+        kernel to cancel the op).
         """
-        try:
-            if self.closed:
-                raise OSError(errno.EBADF, f"{what}: the io_uring driver is closed")
-            if self._slot_waiters or len(self._ops) >= self.max_inflight:
-                self._wait_for_slot(what)
-            p = self._Parked()
-            sqe = self._get_sqe(self._ring)
-            if not sqe:
-                self._flush()
-                sqe = self._get_sqe(self._ring)
-                if not sqe:
-                    raise OSError(errno.EBUSY, f"{what}: io_uring submission queue full")
-        except BaseException:
-            if buf is not None:
-                self._bufs.put(buf)
-            raise
-        ud = self._next_ud
-        self._next_ud = ud + 1
-        ctypes.memmove(
-            sqe,
-            _SQE.pack(
-                opcode, 0, 0, fd, offset, buf[2] if buf else 0, n, op_flags, ud, 0, 0, 0, 0, 0
-            ),
-            64,
-        )
-        ops = self._ops
-        ops[ud] = _Op(p, buf)
-        self._unsubmitted += 1
-        if len(ops) > self.counters.inflight_peak:
-            self.counters.inflight_peak = len(ops)
+        if self._unusable:
+            self._check_usable()
+        ring = self._ring
+        if self._slot_waiters or ring.inflight >= self.max_inflight:
+            self._wait_for_slot()
+        p = self._Parked()
+        slot = prep(*args, p)
+        if slot is None:  # the SQ is full of prepared SQEs: hand them over and retry
+            self._flush()
+            slot = prep(*args, p)
+            if slot is None:
+                self._check_usable()
+                raise OSError(errno.EBUSY, "io_uring submission queue full")
+        inflight = ring.inflight
+        if inflight > self.counters.inflight_peak:
+            self.counters.inflight_peak = inflight
         if not self._in_reap and not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
-        res: int = p.park()  # the CQE's result; buf is ours again
-        if res < 0:
-            if buf is not None:
-                self._bufs.put(buf)
-            raise _oserror(res, what)
+        try:
+            res = p.park()
+        except BaseException:
+            if ring.cancel(slot, p):
+                self.counters.cancels += 1
+                if not self._flush_scheduled and not self.closed:
+                    self._flush_scheduled = True
+                    self.loop.call_soon(self._flush)
+            raise
+        if res.__class__ is int:
+            if res < 0:
+                raise _oserror(res, filename, filename2)
+            return res
+        if isinstance(res, BaseException):
+            raise res
         return res
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if self._unsubmitted and not self.closed:
-            ret = self._submit(self._ring)
-            self.counters.submit_calls += 1
-            if ret < 0:
-                log.error("io_uring_submit failed: %s", os.strerror(-ret))
-                return
-            self._unsubmitted = max(0, self._unsubmitted - ret)
+        ring = self._ring
+        if self.closed or self._broken is not None or not ring.unsubmitted:
+            return
+        self.counters.submit_calls += 1
+        try:
+            ring.submit()
+        except OSError as exc:
+            if exc.errno in _TRANSIENT:
+                self._reap()  # completions may free what the kernel ran out of; try once more
+                try:
+                    ring.submit()
+                    return
+                except OSError as again:
+                    exc = again
+            self._submit_failed(exc)
+
+    def _submit_failed(self, exc: OSError) -> None:
+        """Fail the stacks whose SQEs the kernel did not take; break the driver unless transient."""
+        self.counters.submit_failures += 1
+        waiting = self._ring.retract()
+        error = UringSubmitError(
+            exc.errno,
+            f"io_uring_enter failed ({exc.strerror}): {len(waiting)} queued operation(s) were "
+            "never started",
+        )
+        if exc.errno not in _TRANSIENT:
+            self._broken = error
+            self._unusable = True
+            log.error("io_uring driver broken: %s", error)
+            for w in self._slot_waiters:
+                w.wake_soon()
+            self._slot_waiters.clear()
+        for p in waiting:
+            p.wake_soon(error)
 
     def _reap(self) -> int:
         """Collect every posted CQE, resume the stacks waiting for them; return how many."""
-        khead = self._khead
-        head = khead.value
-        tail = self._ktail.value
-        if head == tail:
+        ring = self._ring
+        done = ring.reap()
+        if not done:
             return 0
-        cqes, mask, unpack = self._cqes, self._cq_mask, _CQE.unpack_from
-        done = []
-        while head != tail:
-            done.append(unpack(cqes, (head & mask) << 4))
-            head = (head + 1) & 0xFFFFFFFF
-        khead.value = head  # the CQ slots are free again (x86-64: stores are ordered)
         c = self.counters
         c.reaps += 1
         c.cqes += len(done)
-        ops = self._ops
         self._in_reap = True
         try:
-            for ud, res in done:
-                op = ops.pop(ud, None)
-                if op is None:
-                    continue
-                if op.parked.armed:
-                    op.parked.wake(res)
-                    if self._unsubmitted >= self.submit_batch:
-                        self._flush()  # keep the device busy while we resume the rest
-                elif op.buf is not None:
-                    self._bufs.put(op.buf)  # its waiter was cancelled; the kernel is done with it
+            for p, res in done:
+                p.wake(res)
+                if ring.unsubmitted >= self.submit_batch:
+                    self._flush()  # keep the device busy while we resume the rest
         finally:
             self._in_reap = False
         waiters = self._slot_waiters
-        free = self.max_inflight - len(ops)
+        free = self.max_inflight - ring.inflight
         while free > 0 and waiters:
             waiters.popleft().wake_soon()
             free -= 1
-        if self._unsubmitted:
+        if ring.unsubmitted:
             self._flush()
         return len(done)
 
@@ -550,14 +562,21 @@ class UringDriver:
 
     def _poll(self) -> bool:
         """Reactor poller: reap without an epoll round while ops are in flight."""
-        if not self._ops or self.closed or self._khead.value == self._ktail.value:
+        ring = self._ring
+        if self.closed or not ring.inflight or not ring.ready():
             return False
         return self._reap() > 0
 
     def stats(self) -> dict[str, int]:
         """Counters plus current occupancy; ``fallback`` is 0 (io_uring in use)."""
         d = self.counters.as_dict()
-        d.update(inflight=len(self._ops), max_inflight=self.max_inflight, fallback=0)
+        ring = self._ring
+        d.update(
+            inflight=ring.inflight,
+            max_inflight=self.max_inflight,
+            fixed_buffers=int(ring.fixed_buffers),
+            fallback=0,
+        )
         return d
 
     def close(self) -> None:
@@ -565,44 +584,39 @@ class UringDriver:
         if self.closed:
             return
         self.closed = True
+        self._unusable = True
         try:
             self.loop.remove_reader(self.ring_fd)
-        except Exception:  # the loop may already be closed
+        except Exception:  # the loop may already be closed, or the fd replaced
             pass
         if self._reactor is not None:
             try:
                 self._reactor.remove_poller(self._poll)
             except Exception:
                 pass
-        if self._unsubmitted:
-            self._submit(self._ring)
-        # The kernel may still write into buffers of ops in flight: wait for them.
-        for _ in range(500):
-            head, tail = self._khead.value, self._ktail.value
-            while head != tail:
-                ud, _res = _CQE.unpack_from(self._cqes, (head & self._cq_mask) << 4)
-                self._ops.pop(ud, None)
-                head = (head + 1) & 0xFFFFFFFF
-            self._khead.value = head
-            if not self._ops:
-                break
-            time.sleep(0.01)
-        if self._ops:
+        ring = self._ring
+        if ring.unsubmitted:
+            try:
+                ring.submit()
+            except OSError:
+                ring.retract()  # never started: nothing of theirs is in the kernel
+        # The kernel may still write into the memory of ops in flight: wait for them.
+        deadline = time.monotonic() + 5.0
+        while ring.inflight and time.monotonic() < deadline:
+            if not ring.wait(10) or not ring.ready():
+                time.sleep(0.001)
+            ring.reap()  # results nobody waits for any more
+        leaked = ring.close()
+        if leaked:
             log.error(
-                "io_uring driver closed with %d ops still in the kernel; leaking their buffers",
-                len(self._ops),
+                "io_uring driver closed with %d ops still in the kernel; leaking their memory",
+                leaked,
             )
-            _leaked.extend(self._ops.values())
-        self._ops.clear()
         for w in self._slot_waiters:
             w.wake_soon()
         self._slot_waiters.clear()
-        self._cqes.release()
-        self._ctx.close()
-        self._bufs.close()
-
-
-_leaked: list[Any] = []
+        if self._threads is not None:
+            self._threads.close()
 
 
 class ThreadPoolDriver:
@@ -619,8 +633,10 @@ class ThreadPoolDriver:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shardio-file-io")
         self.closed = False
         self.counters = _Counters()
-        self._scratch = bytearray(1 << 16)
-        self._scratch_view = memoryview(self._scratch)
+
+    def supports(self, op: str) -> bool:
+        """False: no operation uses io_uring here."""
+        return False
 
     def _run(self, fn: Any, *args: Any) -> Any:
         if self.closed:
@@ -638,15 +654,13 @@ class ThreadPoolDriver:
     def read(self, fd: int, n: int, offset: int, direct: bool = False) -> bytes:
         if n <= 0:
             return b""
-        if not direct and n <= len(self._scratch):
-            view = self._scratch_view[:n]
-            try:
-                got = os.preadv(fd, [view], offset, _RWF_NOWAIT)
-            except (BlockingIOError, OSError):
-                got = -1
-            if got == n or (got >= 0 and offset + got >= os.fstat(fd).st_size):
+        if not direct and _uring is not None:
+            data = _uring.pread_nowait(fd, n, offset)
+            if data is not None and (
+                len(data) == n or (data and offset + len(data) >= os.fstat(fd).st_size)
+            ):
                 self.counters.read_cached += 1
-                return view[:got].tobytes()
+                return data  # type: ignore[no-any-return]
         self.counters.read_thread += 1
         return self._run(_blocking_read, fd, n, offset, direct)  # type: ignore[no-any-return]
 
@@ -663,6 +677,42 @@ class ThreadPoolDriver:
             self.counters.fsync += 1
         self._run(os.fdatasync if datasync else os.fsync, fd)
 
+    def open(
+        self,
+        path: str | bytes | os.PathLike[Any],
+        flags: int,
+        mode: int = 0o777,
+        dir_fd: int | None = None,
+    ) -> int:
+        self.counters.metadata += 1
+        return self._run(os.open, path, flags, mode, dir_fd)  # type: ignore[no-any-return]
+
+    def close_fd(self, fd: int) -> None:
+        self.counters.metadata += 1
+        self._run(os.close, fd)
+
+    def stat(
+        self, path: int | str | bytes | os.PathLike[Any], follow_symlinks: bool = True
+    ) -> os.stat_result:
+        self.counters.metadata += 1
+        if isinstance(path, int):
+            return self._run(os.fstat, path)  # type: ignore[no-any-return]
+        return self._run(_stat, path, follow_symlinks)  # type: ignore[no-any-return]
+
+    def ftruncate(self, fd: int, length: int) -> None:
+        self.counters.metadata += 1
+        self._run(os.ftruncate, fd, length)
+
+    def rename(
+        self, src: str | bytes | os.PathLike[Any], dst: str | bytes | os.PathLike[Any]
+    ) -> None:
+        self.counters.metadata += 1
+        self._run(os.replace, src, dst)
+
+    def unlink(self, path: str | bytes | os.PathLike[Any], rmdir: bool = False) -> None:
+        self.counters.metadata += 1
+        self._run(os.rmdir if rmdir else os.unlink, path)
+
     def stats(self) -> dict[str, int]:
         """Counters; ``fallback`` is 1 (thread pool in use)."""
         d = self.counters.as_dict()
@@ -675,10 +725,13 @@ class ThreadPoolDriver:
             self._pool.shutdown(wait=True)
 
 
+def _stat(path: Any, follow_symlinks: bool) -> os.stat_result:
+    return os.stat(path, follow_symlinks=follow_symlinks)
+
+
 def _blocking_read(fd: int, n: int, offset: int, direct: bool) -> bytes:
     if direct:
-        size = BufferPool.size_class(n)
-        mm = mmap.mmap(-1, size)
+        mm = mmap.mmap(-1, (n + PAGE - 1) // PAGE * PAGE)
         try:
             got = os.preadv(fd, [memoryview(mm)[:n]], offset)
             return mm[:got]
@@ -698,7 +751,7 @@ def _blocking_read(fd: int, n: int, offset: int, direct: bool) -> bytes:
 def _blocking_write(fd: int, data: bytes, offset: int, direct: bool) -> int:
     total = len(data)
     if direct:
-        mm = mmap.mmap(-1, BufferPool.size_class(total))
+        mm = mmap.mmap(-1, (total + PAGE - 1) // PAGE * PAGE)
         try:
             mm[:total] = data
             view = memoryview(mm)[:total]
@@ -723,7 +776,7 @@ def open_driver(rt: Any) -> UringDriver | ThreadPoolDriver:
     else:
         try:
             return UringDriver(rt)
-        except Exception as exc:  # ImportError, UringError, OSError (seccomp, ENOSYS, EPERM)
+        except OSError as exc:  # ENOSYS (old kernel, not built), EPERM (seccomp), ENOMEM
             reason = f"{type(exc).__name__}: {exc}"
     global _announced_fallback
     with _announce_lock:

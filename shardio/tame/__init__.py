@@ -50,6 +50,13 @@ Yield to the reactor (on a tame stack):
   per module namespace and scoped; the same names still resolve to the
   originals when the module runs anywhere other than a tame stack.
 
+The quota: once the loop turn has spent ``tame.DEFAULT_QUOTA`` (0.5 ms;
+``tame.configure(quota=...)``, ``ShardGroup(tame_quota_ms=...)``) on tame
+work, a stack also yields at its next file, lock, event, semaphore, queue,
+thread-join or ``tame.wait`` call that could complete at once
+(``tame.checkpoint()``); docs/tame.md lists them. ``tame.dump_stacks()``
+shows what every stack of the loop waits on.
+
 Do NOT yield (they block the whole reactor thread while they wait):
 
 * a real ``threading.Lock`` (or Condition, Event, ``queue.Queue``...)

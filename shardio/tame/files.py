@@ -2,12 +2,18 @@
 
 On a tame stack their I/O goes through the loop's file driver
 (``shardio.io.uring``); anywhere else they are the plain blocking calls.
+All three have the stdlib's position semantics, from one implementation:
+``read``/``write`` use and advance the kernel file position, as ``os.read``,
+``os.write`` and ``io.FileIO`` do (``_read_at_position`` and
+``_write_at_position``); ``pread``/``pwrite`` leave it alone. So a file
+object, its ``fileno()`` used with ``os.lseek``/``os.read``, and a patched
+``open`` all see the same position, on a stack and off it.
 """
 
 from __future__ import annotations
 
 import builtins
-import errno
+import fcntl
 import io
 import os
 import stat
@@ -17,7 +23,29 @@ from typing import Any
 from .env import DIRECT_ALIGN, check_direct
 from .posix_env import PosixFile
 from .readiness import ready_now, wait_fd
-from .stacks import checkpoint
+from .stacks import Runtime, checkpoint
+
+
+def _read_at_position(rt: Runtime, fd: int, n: int, direct: bool) -> bytes:
+    """read(2) through the driver: at the kernel file position, advancing it."""
+    pos = os.lseek(fd, 0, os.SEEK_CUR)
+    data: bytes = rt.uring.read(fd, n, pos, direct)
+    if data:
+        os.lseek(fd, pos + len(data), os.SEEK_SET)
+    return data
+
+
+def _write_at_position(rt: Runtime, fd: int, data: Any, append: bool, direct: bool) -> int:
+    """write(2) through the driver: at the kernel file position (with O_APPEND at the
+    end: the kernel appends whatever offset a write names), advancing it."""
+    if append:
+        n: int = rt.uring.write(fd, data, 0, direct)
+        os.lseek(fd, 0, os.SEEK_END)
+        return n
+    pos = os.lseek(fd, 0, os.SEEK_CUR)
+    n = rt.uring.write(fd, data, pos, direct)
+    os.lseek(fd, pos + n, os.SEEK_SET)
+    return n
 
 
 class TameFile(PosixFile):
@@ -50,30 +78,28 @@ class TameFile(PosixFile):
         return rt.uring.write(fd, data, offset, self.direct)  # type: ignore[no-any-return]
 
     def read(self, n: int = -1) -> bytes:
-        if checkpoint() is None:
+        rt = checkpoint()
+        if rt is None:
             return super().read(n)
         fd = self._check(read=True)
-        pos = os.lseek(fd, 0, os.SEEK_CUR)
-        if n < 0:
-            n = max(0, os.fstat(fd).st_size - pos)
+        if n < 0 or self.direct:
+            pos = os.lseek(fd, 0, os.SEEK_CUR)
+            if n < 0:
+                n = max(0, os.fstat(fd).st_size - pos)
+                if self.direct:
+                    n = (n + DIRECT_ALIGN - 1) // DIRECT_ALIGN * DIRECT_ALIGN
             if self.direct:
-                n = (n + DIRECT_ALIGN - 1) // DIRECT_ALIGN * DIRECT_ALIGN
-        data = self.pread(n, pos)
-        os.lseek(fd, pos + len(data), os.SEEK_SET)
-        return data
+                check_direct(n, pos)
+        return _read_at_position(rt, fd, n, self.direct)
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
-        if checkpoint() is None:
+        rt = checkpoint()
+        if rt is None:
             return super().write(data)
         fd = self._check(write=True)
-        if self._append:
-            n = self.pwrite(data, os.fstat(fd).st_size)  # O_APPEND: the kernel appends
-            os.lseek(fd, 0, os.SEEK_END)
-            return n
-        pos = os.lseek(fd, 0, os.SEEK_CUR)
-        n = self.pwrite(data, pos)
-        os.lseek(fd, pos + n, os.SEEK_SET)
-        return n
+        if self.direct:
+            check_direct(memoryview(data).nbytes, os.lseek(fd, 0, os.SEEK_CUR))
+        return _write_at_position(rt, fd, data, self._append, self.direct)
 
     def fsync(self) -> None:
         rt = checkpoint()
@@ -88,153 +114,67 @@ class TameFile(PosixFile):
         rt.uring.fsync(self._check(), True)
 
 
-class TameRawFile(io.RawIOBase):
-    """A raw file (FileIO's role) whose I/O goes through io_uring on a tame stack.
+class TameRawFile(io.FileIO):
+    """``io.FileIO`` whose reads and writes go through the loop's file driver on a tame
+    stack (the raw layer of a patched ``open``).
 
-    Positional reads/writes at a Python-side position (like FileIO's use of
-    the kernel position, but without an lseek per call); plain os.pread/
-    os.pwrite off a stack.
+    Everything else is FileIO's own (opening, modes, ``seek``/``tell``/``truncate``
+    on the kernel file position, closing); off a stack, so are reads and writes.
     """
 
     def __init__(
         self,
-        file: str | bytes | os.PathLike[Any],
+        file: str | bytes | os.PathLike[Any] | int,
         mode: str = "r",
         closefd: bool = True,
         opener: Callable[..., int] | None = None,
     ) -> None:
-        super().__init__()
-        self._fd = -1
-        plus = "+" in mode
-        self._readable = "r" in mode or plus
-        self._writable = any(c in mode for c in "wax") or plus
-        self._append = "a" in mode
-        if "x" in mode:
-            flags = os.O_EXCL | os.O_CREAT
-        elif "r" in mode:
-            flags = 0
-        elif "w" in mode:
-            flags = os.O_CREAT | os.O_TRUNC
-        else:
-            flags = os.O_CREAT | os.O_APPEND
-        flags |= os.O_RDWR if plus else (os.O_RDONLY if mode == "r" else os.O_WRONLY)
-        flags |= os.O_CLOEXEC
-        self.name = file
-        self._closefd = closefd
-        self._fd = opener(file, flags) if opener is not None else os.open(file, flags, 0o666)
-        self._pos = os.fstat(self._fd).st_size if self._append else 0
-        self._mode = (
-            "xb" if "x" in mode else "ab" if self._append else "rb" if "r" in mode else "wb"
-        ) + ("+" if plus else "")
-
-    @property
-    def mode(self) -> str:
-        return self._mode
-
-    def _check_open(self) -> int:
-        if self._fd < 0:
-            raise ValueError("I/O operation on closed file")
-        return self._fd
-
-    def readable(self) -> bool:
-        self._check_open()
-        return self._readable
-
-    def writable(self) -> bool:
-        self._check_open()
-        return self._writable
-
-    def seekable(self) -> bool:
-        self._check_open()
-        return True
-
-    def fileno(self) -> int:
-        return self._check_open()
-
-    def isatty(self) -> bool:
-        return os.isatty(self._check_open())
+        super().__init__(file, mode, closefd, opener)
+        flags = fcntl.fcntl(self.fileno(), fcntl.F_GETFL)
+        self._appending = bool(flags & os.O_APPEND)
+        self._direct = bool(flags & os.O_DIRECT)
 
     def readinto(self, b: Any) -> int:
-        fd = self._check_open()
-        if not self._readable:
+        rt = checkpoint()
+        if rt is None:
+            return super().readinto(b)
+        if not self.readable():
             raise io.UnsupportedOperation("File not open for reading")
         view = memoryview(b).cast("B")
-        rt = checkpoint()
-        data = (
-            rt.uring.read(fd, len(view), self._pos)
-            if rt is not None
-            else os.pread(fd, len(view), self._pos)
-        )
+        data = _read_at_position(rt, self.fileno(), len(view), self._direct)
         n = len(data)
         view[:n] = data
-        self._pos += n
         return n
 
+    def read(self, size: int | None = -1) -> bytes:
+        if checkpoint() is None:
+            return super().read(size)
+        if size is None or size < 0:
+            return self.readall()
+        buf = bytearray(size)
+        n = self.readinto(buf)
+        return bytes(buf[:n])
+
     def readall(self) -> bytes:
-        fd = self._check_open()
+        if checkpoint() is None:
+            return super().readall()
+        fd = self.fileno()
         chunks = []
         while True:
-            want = max(os.fstat(fd).st_size - self._pos, 0) or io.DEFAULT_BUFFER_SIZE
-            buf = bytearray(want)
-            n = self.readinto(buf)
-            if not n:
+            left = os.fstat(fd).st_size - os.lseek(fd, 0, os.SEEK_CUR)
+            chunk = self.read(max(left, io.DEFAULT_BUFFER_SIZE))
+            if not chunk:
                 return b"".join(chunks)
-            chunks.append(bytes(buf[:n]))
+            chunks.append(chunk)
 
     def write(self, b: Any) -> int:
-        fd = self._check_open()
-        if not self._writable:
-            raise io.UnsupportedOperation("File not open for writing")
         rt = checkpoint()
+        if rt is None:
+            return super().write(b)  # type: ignore[no-any-return]
+        if not self.writable():
+            raise io.UnsupportedOperation("File not open for writing")
         view = memoryview(b).cast("B")
-        if rt is not None:
-            n = rt.uring.write(fd, view, self._pos)  # O_APPEND: the kernel appends
-        else:
-            n = 0
-            while n < len(view):
-                n += os.pwrite(fd, view[n:], self._pos + n)
-        self._pos = os.fstat(fd).st_size if self._append else self._pos + n
-        return n  # type: ignore[no-any-return]
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        fd = self._check_open()
-        if whence == os.SEEK_SET:
-            new = pos
-        elif whence == os.SEEK_CUR:
-            new = self._pos + pos
-        elif whence == os.SEEK_END:
-            new = os.fstat(fd).st_size + pos
-        else:
-            raise ValueError(f"invalid whence ({whence}, should be 0, 1 or 2)")
-        if new < 0:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        self._pos = new
-        return new
-
-    def tell(self) -> int:
-        self._check_open()
-        return self._pos
-
-    def truncate(self, size: int | None = None) -> int:
-        fd = self._check_open()
-        if size is None:
-            size = self._pos
-        os.ftruncate(fd, size)
-        return size
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            try:
-                super().close()
-            finally:
-                if self._closefd:
-                    os.close(fd)
-        else:
-            super().close()
-
-    def __repr__(self) -> str:
-        return f"<TameRawFile name={self.name!r} mode={self._mode!r}>"
+        return _write_at_position(rt, self.fileno(), view, self._appending, self._direct)
 
 
 _real_open = builtins.open
@@ -333,10 +273,7 @@ def _seekable_regular(fd: int) -> bool:
 def tame_os_read(fd: int, n: int) -> bytes:
     rt = checkpoint()
     if _seekable_regular(fd):
-        pos = os.lseek(fd, 0, os.SEEK_CUR)
-        data: bytes = rt.uring.read(fd, n, pos, _is_direct(fd))
-        os.lseek(fd, pos + len(data), os.SEEK_SET)
-        return data
+        return _read_at_position(rt, fd, n, _is_direct(fd))  # type: ignore[arg-type]
     if not ready_now(fd, False):
         wait_fd(fd, False)
     return os.read(fd, n)
@@ -345,28 +282,17 @@ def tame_os_read(fd: int, n: int) -> bytes:
 def tame_os_write(fd: int, data: Any) -> int:
     rt = checkpoint()
     if _seekable_regular(fd):
-        if _fd_appends(fd):
-            n: int = rt.uring.write(fd, data, 0)
-            os.lseek(fd, 0, os.SEEK_END)
-            return n
-        pos = os.lseek(fd, 0, os.SEEK_CUR)
-        n = rt.uring.write(fd, data, pos, _is_direct(fd))
-        os.lseek(fd, pos + n, os.SEEK_SET)
-        return n
+        return _write_at_position(rt, fd, data, _fd_appends(fd), _is_direct(fd))  # type: ignore[arg-type]
     if not ready_now(fd, True):
         wait_fd(fd, True)
     return os.write(fd, data)
 
 
 def _fd_appends(fd: int) -> bool:
-    import fcntl
-
     return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND)
 
 
 def _is_direct(fd: int) -> bool:
-    import fcntl
-
     return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
 
 

@@ -26,8 +26,9 @@ Intercepted names (tame on a tame stack, the original elsewhere)
 ----------------------------------------------------------------
 
 * ``open`` / ``io.open``: regular files get an io-compatible file object
-  (buffered and text layers are io's own) whose raw reads/writes go through
-  the loop's io_uring driver; FIFOs, devices and integer fds get the real
+  (buffered and text layers are io's own; the raw layer is an ``io.FileIO``,
+  with its kernel file position) whose raw reads/writes go through the loop's
+  io_uring driver; FIFOs, devices and integer fds get the real
   ``open``. ``os.fsync/fdatasync`` on its fileno() go through io_uring too.
 * ``os.read``, ``os.write``, ``os.pread``, ``os.pwrite``, ``os.fsync``,
   ``os.fdatasync``: regular files through io_uring (read/write use and

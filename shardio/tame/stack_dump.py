@@ -18,7 +18,7 @@ from typing import Any
 
 from greenlet import getcurrent
 
-from .stacks import Runtime, TameGreenlet, loop_runtime
+from .stacks import Parked, Runtime, TameGreenlet, job_started, loop_runtime
 
 __all__ = ["StackDump", "dump_stacks", "format_dumps", "stall_section"]
 
@@ -62,12 +62,16 @@ def _function_name(g: TameGreenlet) -> str:
 def _describe(g: TameGreenlet, now: float, running: Any) -> StackDump:
     parked = g.parked
     job = g.job
-    if job is not None and not job.started:
+    if job is not None and not job_started(job):
         state, kind, target, seconds = "ready", "start", "", 0.0
         frame = None
-    elif g is running or parked is None:
+    elif g is running or parked is None or g.gr_frame is None:  # running (see Parked.park)
         state, kind, target, seconds = "running", "", "", 0.0
         frame = None
+    elif not isinstance(parked, Parked):  # a sleep: parked is its seconds
+        state, kind, target = "parked", "timer", repr(parked)
+        seconds = max(0.0, now - g.parked_at)
+        frame = g.gr_frame
     else:
         state = "ready" if parked.deferred else "parked"
         kind = parked.kind

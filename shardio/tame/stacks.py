@@ -20,7 +20,7 @@ until the turn has spent ``quota`` on tame work, then defers the remaining
 resumptions to the next turn, so the loop polls its I/O and timers at least
 once per quota. The runtime keeps its own accounting of every slice it
 grants (``stats()["longest_slice_ns"]``, ``["longest_turn_ns"]``), in thread
-CPU time with ``configure(account_cpu=True)``, else in wall-clock time.
+CPU time, when asked to with ``configure(account_cpu=True)``.
 
 Cancellation mirrors an asyncio task: cancelling the task that awaits
 ``tame.call`` raises ``asyncio.CancelledError`` inside the blocking call the
@@ -102,7 +102,12 @@ class StackKilled(TameError):
 
 
 class _Job:
-    """One tame.call: what to run and, once finished, its outcome."""
+    """One tame.call: what to run and, once finished, its outcome.
+
+    ``started`` (False while a deferred start waits for its turn) and
+    ``abandoned`` (cancelled before that start) are set only on deferred
+    starts: read them with ``job_started`` / ``getattr(job, "abandoned", False)``.
+    """
 
     __slots__ = ("func", "args", "kwargs", "fut", "ok", "value", "finished", "started", "abandoned")
 
@@ -116,8 +121,11 @@ class _Job:
         self.ok = False
         self.value: Any = None
         self.finished = False
-        self.started = False
-        self.abandoned = False  # cancelled before its deferred start
+
+
+def job_started(job: _Job) -> bool:
+    """False while a deferred start waits for its turn."""
+    return getattr(job, "started", True)
 
 
 class TameGreenlet(greenlet):
@@ -126,7 +134,8 @@ class TameGreenlet(greenlet):
     def __init__(self, rt: Runtime) -> None:
         super().__init__(self._main, rt.hub)
         self.rt = rt
-        self.parked: Parked | None = None  # what it waits on while parked in an operation
+        # What it waits on while parked in an operation: a Parked, or the seconds of a sleep.
+        self.parked: Parked | float | None = None
         self.parked_at = 0.0  # perf_counter() when its last slice ended
         self.job: _Job | None = None
 
@@ -134,6 +143,8 @@ class TameGreenlet(greenlet):
         rt = self.rt
         hub = rt.hub
         while True:
+            if rt.account_cpu:
+                rt._account_start()
             try:
                 job.value = job.func(*job.args, **job.kwargs)
                 job.ok = True
@@ -149,6 +160,8 @@ class TameGreenlet(greenlet):
             self._finish(job)
             self.job = job = None  # type: ignore[assignment]  # drop references while pooled
             rt._release(self)
+            if rt.account_cpu:
+                rt._account_end()
             job = hub.switch(_DONE)
 
     @staticmethod
@@ -188,34 +201,41 @@ class Parked:
         self.deferred = False
 
     def park(self) -> Any:
-        """Switch to the hub until woken; return the wake value. Disarms on exceptions."""
+        """Switch to the hub until woken; return the wake value. Disarms on exceptions.
+
+        Woken when the window's quota is spent, the stack queues itself for a
+        later turn before it goes on (``Runtime.arrive``).
+        """
         g = self.g
+        rt = self.rt
+        # g.parked stays set while g runs again: dump_stacks tells a running stack by
+        # its gr_frame (None), so the hot path need not clear it.
         g.parked = self  # type: ignore[union-attr]
+        rt.last_end = g.parked_at = _perf_counter()  # type: ignore[union-attr]
+        if rt.account_cpu:
+            rt._account_end()
         try:
-            return self.rt.hub.switch(_BLOCKED)
+            value = rt.hub_switch(_BLOCKED)
         except BaseException:
             self.g = None
+            if rt.account_cpu:
+                rt._account_start()
             raise
-        finally:
-            g.parked = None  # type: ignore[union-attr]
+        # Runtime.arrive, inlined.
+        if rt.account_cpu:
+            rt._account_start()
+        now = _perf_counter()
+        if now > rt.half_deadline and not rt._may_run(now):
+            rt.stats.deferred_resumes += 1
+            rt._requeue()
+        return value
 
     def wake(self, value: Any = None) -> None:
-        """Resume the parked stack now, or next turn if this turn's quota is spent (hub only)."""
+        """Resume the parked stack (hub only; the first wake wins, later ones do nothing)."""
         g = self.g
-        if g is None or self.deferred:
-            return
-        rt = self.rt
-        now = _perf_counter()
-        if rt.turn_open:
-            if now - rt.turn_start > rt.quota:
-                rt.stats.deferred_resumes += 1
-                self.deferred = True
-                rt._defer(self._wake_deferred, value)
-                return
-        else:
-            rt._open_turn(now)
-        self.g = None
-        rt._run_slice(g, value, now)
+        if g is not None:
+            self.g = None
+            g.switch(value)
 
     def _wake_deferred(self, value: Any) -> None:
         self.deferred = False
@@ -241,7 +261,6 @@ class Stats:
         "stack_waits",
         "cancellations",
         "waits",
-        "slices",
         "quota_yields",
         "deferred_resumes",
         "deferred_starts",
@@ -254,7 +273,6 @@ class Stats:
         self.stack_waits = 0
         self.cancellations = 0
         self.waits = 0
-        self.slices = 0  # resumptions of a stack by the hub (slices granted)
         self.quota_yields = 0  # checkpoints that yielded: the stack had used up the quota
         self.deferred_resumes = 0  # wake-ups moved to the next turn: the turn's quota was spent
         self.deferred_starts = 0  # tame.call starts moved to the next turn, likewise
@@ -266,6 +284,10 @@ class Stats:
 class Runtime:
     """The tame state of one event loop: stack pool, FIFO of waiters, Env, drivers."""
 
+    #: The wake-up token of a parking stack, for drivers the runtime owns (``rt.Parked(
+    #: "io_uring", op)``): they need not import tame to park a stack.
+    Parked = Parked
+
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
@@ -275,6 +297,9 @@ class Runtime:
     ) -> None:
         self.loop = loop
         self.hub = getcurrent()
+        self.hub_switch = self.hub.switch  # bound once: the hot paths use them
+        self.call_soon = loop.call_soon
+        self.call_later = loop.call_later
         self.thread_id = threading.get_ident()
         self.max_stacks = max_stacks
         self.free: list[TameGreenlet] = []
@@ -283,16 +308,20 @@ class Runtime:
         self.waiters: collections.deque[asyncio.Future[TameGreenlet]] = collections.deque()
         self.stats = Stats()
         self.closed = False
-        # The scheduler's budget: see the module docstring.
-        self.quota = math.inf if quota is None else quota
+        # The scheduler's budget (see the module docstring): the tame work of one
+        # window, which starts with a loop turn, is limited to the quota.
         self.account_cpu = account_cpu
-        self.deadline = math.inf  # perf_counter() past which the running stack must yield
-        self.turn_open = False  # a stack ran this loop turn (its end marker is scheduled)
-        self.turn_start = 0.0
-        self.turn_used = 0.0  # tame time spent this turn, as accounted
+        self.turn_start = 0.0  # start of the current window
+        self.half_deadline = self.deadline = math.inf  # turn_start + quota / 2, + quota
+        self.turn_used = 0.0  # tame CPU time of the window (account_cpu only)
+        self.quota = self.half_quota = math.inf
+        self.set_quota(quota)
+        self.marker_pending = False  # _close_turn is scheduled: the window's turn goes on
+        self.last_end = 0.0  # perf_counter() at the end of the last slice
         self.longest_slice = 0.0
         self.longest_turn = 0.0
-        # Wake-ups that found the turn's quota spent, resumed in order on later turns.
+        self.slice_cpu = 0.0  # thread_time() when the running slice began (account_cpu)
+        # Wake-ups and starts that found the quota spent, run in order on later turns.
         self.ready: collections.deque[tuple[Callable[[Any], None], Any]] = collections.deque()
         self.ready_scheduled = False
         self.reactor = _reactors.get(loop)
@@ -322,30 +351,57 @@ class Runtime:
             self._sentinel = agen  # the loop keeps only a weak reference
 
     # -- scheduler ---------------------------------------------------------------
-    def _open_turn(self, now: float) -> None:
-        """The first slice of a loop turn: start the turn's budget, mark the turn's end."""
-        self.turn_open = True
-        self.turn_start = now
+    # A window of tame work starts with a loop turn and may run stacks back to back
+    # for ``quota``. Knowing that the loop has turned costs a callback (_close_turn),
+    # so one is scheduled only once a window is half spent, not on every turn; until
+    # it runs, the window is taken to go on (a stack may then yield a little early,
+    # never late). A window also starts afresh when no stack ran for half a quota.
+    def set_quota(self, quota: float | None) -> None:
+        """Seconds of tame work per window (None: no preemption)."""
+        self.quota = math.inf if quota is None else float(quota)
+        self.half_quota = self.quota / 2
+        self._set_window(self.turn_start)
+
+    def _set_window(self, start: float) -> None:
+        # The deadline is the same for every stack of the window: past it, a stack
+        # yields at its next tamed call (checkpoint compares one clock read with it).
+        self.turn_start = start
+        self.half_deadline = start + self.half_quota
+        self.deadline = start + self.quota
         self.turn_used = 0.0
-        self.loop.call_soon(self._close_turn)
+
+    def _may_run(self, now: float) -> bool:
+        """Past half the window: may a stack still be resumed now? (Schedules the marker.)"""
+        if not self.marker_pending:
+            self.marker_pending = True
+            self.loop.call_soon(self._close_turn)
+            if now - self.last_end > self.half_quota:  # idle, or the loop was busy elsewhere
+                self._set_window(now)
+                return True
+        return now - self.turn_start <= self.quota
 
     def _close_turn(self) -> None:
-        # Runs on the next loop iteration: the loop has polled I/O and timers since.
-        self.turn_open = False
+        # Runs on a later loop iteration: the loop has polled I/O and timers since.
+        self.marker_pending = False
+        self._set_window(_perf_counter())
 
     def _defer(self, resume: Callable[[Any], None], arg: Any) -> None:
         """Queue ``resume(arg)`` (a wake-up or a start) for a later turn (safe from a stack)."""
+        if not self.marker_pending:  # first the new window, then the queue
+            self.marker_pending = True
+            self.loop.call_soon(self._close_turn)
         self.ready.append((resume, arg))
         if not self.ready_scheduled:
             self.ready_scheduled = True
             self.loop.call_soon(self._run_ready)
 
     def _run_ready(self) -> None:
-        """Resume deferred stacks, oldest first, while this turn's quota lasts."""
+        """Resume deferred stacks, oldest first, while the window's quota lasts."""
         self.ready_scheduled = False
         ready = self.ready
         while ready:
-            if self.turn_open and _perf_counter() - self.turn_start > self.quota:
+            now = _perf_counter()
+            if now > self.half_deadline and not self._may_run(now):
                 self.ready_scheduled = True
                 self.loop.call_soon(self._run_ready)
                 return
@@ -354,45 +410,49 @@ class Runtime:
 
     def _start_deferred(self, start: tuple[TameGreenlet, _Job]) -> None:
         g, job = start
-        if job.abandoned:
+        if getattr(job, "abandoned", False):
             return
-        now = _perf_counter()
-        if not self.turn_open:
-            self._open_turn(now)
         job.started = True
-        self._run_slice(g, job, now)
+        self.last_end = _perf_counter()
+        g.switch(job)
 
-    def _run_slice(self, g: TameGreenlet, value: Any, now: float) -> Any:
-        """Switch into g (hub only) and account for the slice it runs; g's switch result."""
-        self.deadline = self.turn_start + self.quota
-        self.stats.slices += 1
+    # Stacks keep the books themselves, at their switches (a resumption from the
+    # loop is then just greenlet.switch): arrive() after every resumption, and
+    # before every switch to the hub, last_end/parked_at (and _account_end).
+    def arrive(self) -> None:
+        """On a stack just resumed: start its slice; queue it for a later turn (and
+        switch out at once) if the window's quota is spent. Cheap: one clock read."""
         if self.account_cpu:
-            cpu = _thread_time()
-            result = g.switch(value)
-            used = _thread_time() - cpu
-            end = _perf_counter()
-        else:
-            result = g.switch(value)
-            end = _perf_counter()
-            used = end - now
-        g.parked_at = end
-        self.deadline = math.inf
+            self._account_start()
+        now = _perf_counter()
+        if now > self.half_deadline and not self._may_run(now):
+            self.stats.deferred_resumes += 1
+            self._requeue()
+
+    def _account_start(self) -> None:
+        self.slice_cpu = _thread_time()
+
+    def _account_end(self) -> None:
+        used = _thread_time() - self.slice_cpu
         if used > self.longest_slice:
             self.longest_slice = used
         self.turn_used += used
         if self.turn_used > self.longest_turn:
             self.longest_turn = self.turn_used
-        return result
-
-    def turn_spent(self) -> bool:
-        """True when this loop turn has used up its quota (no more stacks should start now)."""
-        return self.turn_open and _perf_counter() - self.turn_start > self.quota
 
     def yield_now(self) -> None:
-        """On one of this runtime's stacks: let the loop run a turn, then continue."""
-        p = Parked("quota")
+        """On one of this runtime's stacks: let the loop run a turn, then continue.
+
+        Does nothing elsewhere (the hub, where a quota check may also run)."""
+        g = getcurrent()
+        if type(g) is not TameGreenlet or g.rt is not self:
+            return
         self.stats.quota_yields += 1
-        p.deferred = True
+        self._requeue()
+
+    def _requeue(self) -> None:
+        p = Parked("quota")
+        p.deferred = True  # "ready" in dump_stacks
         self._defer(p._wake_deferred, None)
         p.park()
 
@@ -563,13 +623,15 @@ def configure(
     at their next tamed call (default :data:`DEFAULT_QUOTA`, 0.5 ms); None
     turns preemption off. ``account_cpu``: measure every granted slice in
     thread CPU time (``time.thread_time``, a system call per switch: about
-    1 µs each on a VM) instead of wall-clock time. Settings outlive the
+    1 µs each on a VM), for ``stats()``'s longest slice and turn. Settings outlive the
     runtime: a runtime made later on the same loop gets them too.
     """
     if max_stacks is not None and (not isinstance(max_stacks, int) or max_stacks < 1):
         raise TameConfigError(f"max_stacks must be an integer >= 1, got {max_stacks!r}")
-    if quota is not _UNSET and quota is not None and not (
-        isinstance(quota, int | float) and 0 < quota < math.inf
+    if (
+        quota is not _UNSET
+        and quota is not None
+        and not (isinstance(quota, int | float) and 0 < quota < math.inf)
     ):
         raise TameConfigError(
             f"quota must be a positive number of seconds (e.g. 0.0005) or None for no "
@@ -580,7 +642,7 @@ def configure(
     rt = runtime(loop)
     if quota is not _UNSET:
         settings["quota"] = quota
-        rt.quota = math.inf if quota is None else float(quota)
+        rt.set_quota(quota)
     if account_cpu is not None:
         settings["account_cpu"] = bool(account_cpu)
         rt.account_cpu = bool(account_cpu)
@@ -631,9 +693,11 @@ def warm_up(stacks: int = 0, file_io: bool = True) -> Runtime:
 def stats() -> dict[str, Any]:
     """Counters of the running loop's tame runtime, pool occupancy and slice accounting.
 
+    With ``configure(account_cpu=True)`` (else they stay 0):
     ``longest_slice_ns``: the longest slice the scheduler granted one stack;
-    ``longest_turn_ns``: the most tame time one loop turn spent;
-    ``slice_clock``: "thread_cpu" or "wall", how they were measured;
+    ``longest_turn_ns``: the most tame time one window (a loop turn, or a few)
+    spent back to back; both in thread CPU time;
+    ``slice_clock``: "thread_cpu", or "off" when not measured;
     ``quota_ns``: the quota (0 when preemption is off).
     """
     rt = runtime()
@@ -645,7 +709,7 @@ def stats() -> dict[str, Any]:
         stack_waiters=len(rt.waiters),
         longest_slice_ns=round(rt.longest_slice * 1e9),
         longest_turn_ns=round(rt.longest_turn * 1e9),
-        slice_clock="thread_cpu" if rt.account_cpu else "wall",
+        slice_clock="thread_cpu" if rt.account_cpu else "off",
         quota_ns=0 if rt.quota == math.inf else round(rt.quota * 1e9),
     )
     return d
@@ -670,7 +734,8 @@ async def call(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     loop = asyncio.get_running_loop()
     if rt is None or rt.loop is not loop:
         rt = runtime(loop)
-    deferred = rt.turn_open and _perf_counter() - rt.turn_start > rt.quota
+    now = _perf_counter()
+    deferred = now > rt.half_deadline and not rt._may_run(now)
     if rt.free:
         g = rt.free.pop()
     elif rt.n_stacks < rt.max_stacks:
@@ -687,15 +752,13 @@ async def call(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     g.gr_context = contextvars.copy_context()
     if deferred:  # this turn's quota is spent: start in order on a later turn
         rt.stats.deferred_starts += 1
+        job.started = False
         job.fut = loop.create_future()
         rt._defer(rt._start_deferred, (g, job))
         blocked = True
     else:
-        now = _perf_counter()
-        if not rt.turn_open:
-            rt._open_turn(now)
-        job.started = True
-        blocked = rt._run_slice(g, job, now) is not _DONE
+        rt.last_end = now  # a stack runs: the window is not idle (see Runtime._may_run)
+        blocked = g.switch(job) is not _DONE
     if blocked:
         rt.stats.blocked_calls += 1
         fut = job.fut
@@ -707,21 +770,14 @@ async def call(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
             except asyncio.CancelledError as exc:
                 if job.finished:
                     raise
-                if not job.started:  # never ran: nothing to unwind
+                if not job_started(job):  # never ran: nothing to unwind
                     job.abandoned = True
                     g.job = None
                     rt._release(g)
                     raise
                 rt.stats.cancellations += 1
                 fut = job.fut = loop.create_future()
-                now = _perf_counter()
-                if not rt.turn_open:
-                    rt._open_turn(now)
-                rt.deadline = rt.turn_start + rt.quota
-                try:
-                    g.throw(asyncio.CancelledError(*exc.args))
-                finally:
-                    rt.deadline = math.inf
+                g.throw(asyncio.CancelledError(*exc.args))
     if job.ok:
         return job.value  # type: ignore[no-any-return]
     exc = job.value

@@ -11,11 +11,14 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from threading import get_ident
 from typing import Any
 
 from greenlet import getcurrent
 
-from .stacks import NotOnTameStack, Parked, Runtime, TameGreenlet, checkpoint
+from .stacks import NotOnTameStack, Parked, Runtime, TameGreenlet
+
+_perf_counter = time.perf_counter
 
 
 class _Waiter:
@@ -32,6 +35,12 @@ class _TameSync:
     def __init__(self, rt: Runtime) -> None:
         self._rt = rt
         self._waiters: collections.deque[_Waiter] = collections.deque()
+
+    def _quota(self) -> None:
+        """The quota check (stacks.checkpoint), made *after* an operation that completed
+        at once: a stack that yields keeps its place in the object's order."""
+        if _perf_counter() > self._rt.deadline:
+            self._rt.yield_now()
 
     def _check(self) -> None:
         if threading.get_ident() != self._rt.thread_id:
@@ -105,22 +114,28 @@ class TameLock(_TameSync):
         self._locked = False
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        self._check()
+        rt = self._rt  # the owner check and the quota (stacks.checkpoint), inlined: hot
+        if get_ident() != rt.thread_id:
+            rt.check_thread("tame Lock")
         if not blocking and timeout != -1:
             raise ValueError("can't specify a timeout for a non-blocking call")
-        checkpoint()
         if not self._locked and not self._waiters:
             self._locked = True
+            if _perf_counter() > rt.deadline:  # after taking it: arrival order is kept
+                rt.yield_now()
             return True
         if not blocking:
+            if _perf_counter() > rt.deadline:
+                rt.yield_now()
             return False
         return self._block(None if timeout < 0 else timeout, "Lock.acquire")
 
     def release(self) -> None:
-        self._check()
+        if get_ident() != self._rt.thread_id:
+            self._rt.check_thread("tame Lock")
         if not self._locked:
             raise RuntimeError("release unlocked lock")
-        if self._grant(self._waiters) is None:
+        if not self._waiters or self._grant(self._waiters) is None:
             self._locked = False
 
     def locked(self) -> bool:
@@ -161,15 +176,17 @@ class TameRLock(_TameSync):
         self._check()
         if not blocking and timeout != -1:
             raise ValueError("can't specify a timeout for a non-blocking call")
-        checkpoint()
         me = getcurrent()
         if self._owner is me:
             self._count += 1
+            self._quota()
             return True
         if self._owner is None and not self._waiters:
             self._owner, self._count = me, 1
+            self._quota()
             return True
         if not blocking:
+            self._quota()
             return False
         return self._block(None if timeout < 0 else timeout, "RLock.acquire")
 
@@ -250,7 +267,6 @@ class TameCondition(_TameSync):
 
     def wait(self, timeout: float | None = None) -> bool:
         self._check()
-        checkpoint()
         if not self._lock._is_owned():
             raise RuntimeError("cannot wait on un-acquired lock")
         state = self._lock._release_save()
@@ -309,8 +325,8 @@ class TameEvent(_TameSync):
 
     def wait(self, timeout: float | None = None) -> bool:
         self._check()
-        checkpoint()
         if self._flag:
+            self._quota()
             return True
         return self._block(timeout, "Event.wait") or self._flag
 
@@ -331,11 +347,12 @@ class TameSemaphore(_TameSync):
         self._check()
         if not blocking and timeout is not None:
             raise ValueError("can't specify timeout for non-blocking acquire")
-        checkpoint()
         if self._value > 0 and not self._waiters:
             self._value -= 1
+            self._quota()
             return True
         if not blocking:
+            self._quota()
             return False
         return self._block(timeout, "Semaphore.acquire")
 
@@ -417,18 +434,22 @@ class TameQueue(_TameSync):
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         self._check()
-        checkpoint()
-        self._wait_while(self.full, self._putters, block, timeout, "Queue.put", queue.Full)
-        self._items.append(item)
-        self.unfinished_tasks += 1
-        self._grant(self._getters)
+        try:
+            self._wait_while(self.full, self._putters, block, timeout, "Queue.put", queue.Full)
+            self._items.append(item)
+            self.unfinished_tasks += 1
+            self._grant(self._getters)
+        finally:
+            self._quota()
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         self._check()
-        checkpoint()
-        self._wait_while(self.empty, self._getters, block, timeout, "Queue.get", queue.Empty)
-        item = self._items.popleft()
-        self._grant(self._putters)
+        try:
+            self._wait_while(self.empty, self._getters, block, timeout, "Queue.get", queue.Empty)
+            item = self._items.popleft()
+            self._grant(self._putters)
+        finally:
+            self._quota()
         return item
 
     def put_nowait(self, item: Any) -> None:
@@ -448,6 +469,6 @@ class TameQueue(_TameSync):
 
     def join(self) -> None:
         self._check()
-        checkpoint()
         while self.unfinished_tasks:
             self._block(None, "Queue.join", self._joiners)
+        self._quota()

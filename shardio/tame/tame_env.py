@@ -53,8 +53,7 @@ class TameEnv(Env):
         else:
             rt.uring.fsync(fd, False)
 
-    def sleep(self, seconds: float) -> None:
-        tame_sleep(seconds)
+    sleep = staticmethod(tame_sleep)  # no extra frame on the cheapest blocking call
 
     def Lock(self) -> TameLock:  # noqa: N802
         return TameLock(self.runtime)

@@ -1,0 +1,1037 @@
+/*
+ * shardio.io._uring: a small io_uring ring on the kernel's own interface.
+ *
+ * No liburing: io_uring_setup/io_uring_enter/io_uring_register through
+ * syscall(2), the SQ/CQ rings and the SQE array mapped with mmap(2), the
+ * layout and constants from <linux/io_uring.h>.
+ *
+ * One Ring belongs to one thread (an event loop's); it is not locked.
+ *
+ * Ops in flight live in *slots*.  A slot holds what the kernel may still
+ * touch (a page-aligned buffer it reads into or writes from, a Python
+ * buffer it writes from, the path bytes, a struct statx) and the caller's
+ * token (any object, handed back by reap()).  A slot is released only when
+ * its CQE has been reaped, never earlier: not when the caller gives up
+ * (cancel() drops the token and asks the kernel to cancel, the memory stays),
+ * not at close() while ops are still in the kernel (their memory is leaked
+ * on purpose).  user_data is the slot index; ASYNC_CANCEL requests carry
+ * CANCEL_TAG and need no slot.
+ *
+ * Memory ordering (the kernel is the other side of both rings):
+ *   SQ: fill SQEs, then store-release sq.tail (the kernel load-acquires it);
+ *       load-acquire sq.head before reusing an SQE the kernel consumed.
+ *   CQ: load-acquire cq.tail before reading CQEs; store-release cq.head
+ *       after copying them out, so the kernel may overwrite them.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/io_uring.h>
+#include <poll.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/sysmacros.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+/* IORING_OP_FTRUNCATE (Linux 6.9) is newer than some distributions'
+   <linux/io_uring.h> (Debian 12 ships 6.1); the probe says if the kernel has it. */
+#define OP_FTRUNCATE 55
+/* cachestat(2) (Linux 6.5): one number on every architecture but alpha. */
+#ifndef __NR_cachestat
+#define __NR_cachestat 451
+#endif
+
+#define CANCEL_TAG UINT64_MAX
+#define PAGE 4096u
+#define POOL_CLASSES 11     /* 4 KiB .. 4 MiB */
+#define POOL_KEEP 32        /* free buffers kept per size class */
+#define MAX_IO (4u << 20)   /* one read/write op moves at most this much */
+
+enum result_kind { RESULT_INT, RESULT_BYTES, RESULT_STATX, RESULT_FD };
+
+typedef struct {
+    PyObject *token;        /* handed back by reap(); NULL once dropped */
+    PyObject *keep;         /* object kept alive for the kernel (path bytes) */
+    void *mem;              /* buffer the kernel reads into / writes from: the slot's page or a pool buffer */
+    unsigned mem_class;
+    Py_buffer view;         /* a caller's buffer the kernel writes from */
+    int has_view;
+    int in_use;
+    enum result_kind kind;
+} Slot;
+
+typedef struct {
+    PyObject_HEAD
+    int fd;
+    unsigned sq_entries, cq_entries;
+    _Atomic uint32_t *sq_head, *sq_tail;
+    uint32_t sq_mask;
+    uint32_t sq_local_tail;   /* SQEs prepared; published to the kernel at submit() */
+    struct io_uring_sqe *sqes;
+    _Atomic uint32_t *cq_head, *cq_tail;
+    uint32_t cq_mask;
+    struct io_uring_cqe *cqes;
+    void *sq_map, *cq_map, *sqe_map;
+    size_t sq_map_size, cq_map_size, sqe_map_size;
+    Slot *slots;
+    uint32_t *free_slots;
+    unsigned nfree;
+    unsigned inflight;        /* slots in use (prepared, submitted, or cancelled) */
+    char *pages;              /* one 4 KiB page per slot, registered as fixed buffer 0 */
+    size_t pages_size;
+    int pages_registered;     /* reads of <= 4 KiB then use READ_FIXED: no page pinning per op */
+    void *pool[POOL_CLASSES][POOL_KEEP];
+    unsigned pool_len[POOL_CLASSES];
+    uint8_t supported[256];
+    unsigned leaked;          /* slots abandoned at close() with the kernel still on them */
+} Ring;
+
+static long sys_setup(unsigned entries, struct io_uring_params *p)
+{ return syscall(__NR_io_uring_setup, entries, p); }
+
+static long sys_enter(int fd, unsigned to_submit, unsigned min_complete, unsigned flags)
+{ return syscall(__NR_io_uring_enter, fd, to_submit, min_complete, flags, NULL, 0); }
+
+static long sys_register(int fd, unsigned opcode, void *arg, unsigned nr_args)
+{ return syscall(__NR_io_uring_register, fd, opcode, arg, nr_args); }
+
+/* ------------------------------------------------------------ buffer pool */
+
+static unsigned size_class(size_t n)
+{
+    unsigned c = 0;
+    size_t size = PAGE;
+    while (size < n) { size <<= 1; c++; }
+    return c;
+}
+
+static void *pool_get(Ring *r, unsigned c)
+{
+    if (r->pool_len[c])
+        return r->pool[c][--r->pool_len[c]];
+    return aligned_alloc(PAGE, (size_t)PAGE << c);
+}
+
+static void pool_put(Ring *r, void *mem, unsigned c)
+{
+    if (r->pool_len[c] < POOL_KEEP)
+        r->pool[c][r->pool_len[c]++] = mem;
+    else
+        free(mem);
+}
+
+/* ------------------------------------------------------------------ slots */
+
+static void slot_release(Ring *r, uint32_t i)
+{
+    Slot *s = &r->slots[i];
+    Py_CLEAR(s->token);
+    Py_CLEAR(s->keep);
+    if (s->mem && s->mem != r->pages + (size_t)i * PAGE) pool_put(r, s->mem, s->mem_class);
+    s->mem = NULL;
+    if (s->has_view) { PyBuffer_Release(&s->view); s->has_view = 0; }
+    s->in_use = 0;
+    r->free_slots[r->nfree++] = i;
+    r->inflight--;
+}
+
+/* The next SQE and a slot for it, or NULL (with *slot untouched) when either is exhausted. */
+static struct io_uring_sqe *sqe_get(Ring *r, uint32_t *slot)
+{
+    uint32_t head = atomic_load_explicit(r->sq_head, memory_order_acquire);
+    if (r->sq_local_tail - head >= r->sq_entries || (slot && r->nfree == 0))
+        return NULL;
+    struct io_uring_sqe *sqe = &r->sqes[r->sq_local_tail & r->sq_mask];
+    memset(sqe, 0, sizeof(*sqe));
+    if (slot) {
+        uint32_t i = r->free_slots[--r->nfree];
+        Slot *s = &r->slots[i];
+        s->in_use = 1;
+        s->kind = RESULT_INT;
+        r->inflight++;
+        sqe->user_data = i;
+        *slot = i;
+    } else {
+        sqe->user_data = CANCEL_TAG;
+    }
+    return sqe;
+}
+
+/* Commit a filled SQE: its slot takes the token; returns the slot index. */
+static PyObject *sqe_commit(Ring *r, uint32_t slot, PyObject *token)
+{
+    Py_INCREF(token);
+    r->slots[slot].token = token;
+    r->sq_local_tail++;
+    return PyLong_FromUnsignedLong(slot);
+}
+
+static int check_open(Ring *r)
+{
+    if (r->fd < 0) {
+        PyErr_SetString(PyExc_ValueError, "the io_uring ring is closed");
+        return -1;
+    }
+    return 0;
+}
+
+/* A NUL-terminated path from a bytes object, or NULL with ValueError/TypeError set. */
+static const char *path_of(PyObject *path)
+{
+    if (!PyBytes_Check(path)) {
+        PyErr_Format(PyExc_TypeError, "path must be bytes, not %.100s", Py_TYPE(path)->tp_name);
+        return NULL;
+    }
+    const char *p = PyBytes_AS_STRING(path);
+    if ((Py_ssize_t)strlen(p) != PyBytes_GET_SIZE(path)) {
+        PyErr_SetString(PyExc_ValueError, "embedded null byte in path");
+        return NULL;
+    }
+    return p;
+}
+
+/* Most prep methods share this: check the ring, get an SQE and slot, or return None. */
+#define PREP_BEGIN(r, sqe, slot)                                     \
+    if (check_open(r) < 0) return NULL;                              \
+    uint32_t slot;                                                   \
+    struct io_uring_sqe *sqe = sqe_get(r, &slot);                    \
+    if (sqe == NULL) Py_RETURN_NONE
+
+/* ------------------------------------------------------------- lifecycle */
+
+static void ring_unmap(Ring *r)
+{
+    if (r->sqe_map) munmap(r->sqe_map, r->sqe_map_size);
+    if (r->cq_map && r->cq_map != r->sq_map) munmap(r->cq_map, r->cq_map_size);
+    if (r->sq_map) munmap(r->sq_map, r->sq_map_size);
+    r->sqe_map = r->cq_map = r->sq_map = NULL;
+    if (r->fd >= 0) close(r->fd);
+    r->fd = -1;
+}
+
+static int
+Ring_init(Ring *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"entries", "flags", NULL};
+    unsigned entries = 128, extra_flags = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|II", kwlist, &entries, &extra_flags))
+        return -1;
+    if (self->fd > 0 || self->slots) {
+        PyErr_SetString(PyExc_RuntimeError, "Ring.__init__ called twice");
+        return -1;
+    }
+    self->fd = -1;
+    struct io_uring_params p;
+    memset(&p, 0, sizeof(p));
+    /* SUBMIT_ALL (5.18): an SQE that fails early does not stop the rest of the batch. */
+    p.flags = IORING_SETUP_SUBMIT_ALL | extra_flags;
+    long fd = sys_setup(entries, &p);
+    if (fd < 0 && errno == EINVAL) {
+        memset(&p, 0, sizeof(p));
+        fd = sys_setup(entries, &p);
+    }
+    if (fd < 0) {
+        PyErr_SetFromErrnoWithFilename(PyExc_OSError, "io_uring_setup");
+        return -1;
+    }
+    self->fd = (int)fd;
+    if (!(p.features & IORING_FEAT_SINGLE_MMAP) || !(p.features & IORING_FEAT_NODROP)) {
+        ring_unmap(self);
+        errno = ENOSYS;
+        PyErr_SetString(PyExc_OSError, "io_uring too old (needs SINGLE_MMAP and NODROP, Linux 5.5)");
+        return -1;
+    }
+    self->sq_map_size = p.sq_off.array + p.sq_entries * sizeof(uint32_t);
+    size_t cq_size = p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe);
+    if (cq_size > self->sq_map_size) self->sq_map_size = cq_size;
+    self->sq_map = mmap(NULL, self->sq_map_size, PROT_READ | PROT_WRITE,
+                        MAP_SHARED | MAP_POPULATE, self->fd, IORING_OFF_SQ_RING);
+    if (self->sq_map == MAP_FAILED) {
+        self->sq_map = NULL;
+        PyErr_SetFromErrnoWithFilename(PyExc_OSError, "mmap of the io_uring rings");
+        ring_unmap(self);
+        return -1;
+    }
+    self->cq_map = self->sq_map;  /* IORING_FEAT_SINGLE_MMAP: one mapping holds both rings */
+    self->cq_map_size = self->sq_map_size;
+    self->sqe_map_size = p.sq_entries * sizeof(struct io_uring_sqe);
+    self->sqe_map = mmap(NULL, self->sqe_map_size, PROT_READ | PROT_WRITE,
+                         MAP_SHARED | MAP_POPULATE, self->fd, IORING_OFF_SQES);
+    if (self->sqe_map == MAP_FAILED) {
+        self->sqe_map = NULL;
+        PyErr_SetFromErrnoWithFilename(PyExc_OSError, "mmap of the io_uring SQEs");
+        ring_unmap(self);
+        return -1;
+    }
+    char *sq = self->sq_map, *cq = self->cq_map;
+    self->sq_head = (_Atomic uint32_t *)(sq + p.sq_off.head);
+    self->sq_tail = (_Atomic uint32_t *)(sq + p.sq_off.tail);
+    self->sq_mask = *(uint32_t *)(sq + p.sq_off.ring_mask);
+    self->sq_entries = p.sq_entries;
+    self->sq_local_tail = atomic_load_explicit(self->sq_tail, memory_order_relaxed);
+    uint32_t *array = (uint32_t *)(sq + p.sq_off.array);
+    for (uint32_t i = 0; i < p.sq_entries; i++)
+        array[i] = i;  /* SQE i always sits in array slot i; set once, before any submit */
+    self->sqes = self->sqe_map;
+    self->cq_head = (_Atomic uint32_t *)(cq + p.cq_off.head);
+    self->cq_tail = (_Atomic uint32_t *)(cq + p.cq_off.tail);
+    self->cq_mask = *(uint32_t *)(cq + p.cq_off.ring_mask);
+    self->cq_entries = p.cq_entries;
+    self->cqes = (struct io_uring_cqe *)(cq + p.cq_off.cqes);
+
+    /* At most sq_entries ops in flight, at most one cancel each: the CQ (2x) never overflows. */
+    unsigned nslots = p.sq_entries <= p.cq_entries / 2 ? p.sq_entries : p.cq_entries / 2;
+    self->slots = PyMem_Calloc(nslots, sizeof(Slot));
+    self->free_slots = PyMem_Calloc(nslots, sizeof(uint32_t));
+    if (!self->slots || !self->free_slots) {
+        ring_unmap(self);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (unsigned i = 0; i < nslots; i++)
+        self->free_slots[i] = nslots - 1 - i;
+    self->nfree = nslots;
+
+    self->pages = mmap(NULL, (size_t)nslots * PAGE, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+    if (self->pages == MAP_FAILED) {
+        self->pages = NULL;
+        ring_unmap(self);
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    self->pages_size = (size_t)nslots * PAGE;
+    struct iovec pages_iov = {.iov_base = self->pages, .iov_len = self->pages_size};
+    /* Fails under a tight RLIMIT_MEMLOCK: reads then use plain IORING_OP_READ. */
+    self->pages_registered = sys_register(self->fd, IORING_REGISTER_BUFFERS, &pages_iov, 1) == 0;
+
+    /* IORING_REGISTER_PROBE (5.6): which opcodes this kernel has. */
+    size_t probe_size = sizeof(struct io_uring_probe) + 256 * sizeof(struct io_uring_probe_op);
+    struct io_uring_probe *probe = calloc(1, probe_size);
+    if (probe && sys_register(self->fd, IORING_REGISTER_PROBE, probe, 256) == 0) {
+        for (unsigned i = 0; i < probe->ops_len && i < 256; i++)
+            if (probe->ops[i].flags & IO_URING_OP_SUPPORTED)
+                self->supported[probe->ops[i].op] = 1;
+    }
+    free(probe);
+    return 0;
+}
+
+/* Free what no op in flight uses; slots the kernel may still touch are leaked. */
+static void ring_free(Ring *r)
+{
+    if (r->slots) {
+        unsigned nslots = r->nfree + r->inflight;
+        for (unsigned i = 0; i < nslots; i++) {
+            Slot *s = &r->slots[i];
+            if (!s->in_use) continue;
+            Py_CLEAR(s->token);
+            r->leaked++;  /* s->mem, s->keep and s->view stay: the kernel may still use them */
+        }
+        if (r->leaked == 0) {
+            PyMem_Free(r->slots);
+            PyMem_Free(r->free_slots);
+            if (r->pages) munmap(r->pages, r->pages_size);
+        }
+        r->pages = NULL;
+        r->slots = NULL;
+        r->free_slots = NULL;
+    }
+    for (unsigned c = 0; c < POOL_CLASSES; c++) {
+        while (r->pool_len[c]) free(r->pool[c][--r->pool_len[c]]);
+    }
+    ring_unmap(r);
+}
+
+static void
+Ring_dealloc(Ring *self)
+{
+    ring_free(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+Ring_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    Ring *self = (Ring *)type->tp_alloc(type, 0);
+    if (self) self->fd = -1;
+    return (PyObject *)self;
+}
+
+static PyObject *
+Ring_close(Ring *self, PyObject *noargs)
+{
+    unsigned before = self->leaked;
+    ring_free(self);
+    return PyLong_FromUnsignedLong(self->leaked - before);
+}
+
+/* ------------------------------------------------------------------ preps */
+
+static int parse_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, const char *name)
+{
+    if (nargs != want) {
+        PyErr_Format(PyExc_TypeError, "Ring.%s takes %zd arguments (%zd given)", name, want, nargs);
+        return -1;
+    }
+    return 0;
+}
+
+static int as_int(PyObject *o, int *out)
+{
+    long v = PyLong_AsLong(o);
+    if (v == -1 && PyErr_Occurred()) return -1;
+    if (v < INT_MIN || v > INT_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "value does not fit a C int");
+        return -1;
+    }
+    *out = (int)v;
+    return 0;
+}
+
+static int as_u64(PyObject *o, uint64_t *out)
+{
+    long long v = PyLong_AsLongLong(o);
+    if (v == -1 && PyErr_Occurred()) return -1;
+    if (v < 0) {
+        PyErr_SetString(PyExc_ValueError, "offsets and lengths must be >= 0");
+        return -1;
+    }
+    *out = (uint64_t)v;
+    return 0;
+}
+
+PyDoc_STRVAR(read_doc,
+"read(fd, length, offset, token) -> slot or None\n\n"
+"Queue a read of up to length (<= 4 MiB) bytes into a page-aligned buffer of the\n"
+"ring (so O_DIRECT works); its result is the bytes read, or -errno.\n"
+"None when no SQE or slot is free.");
+
+static PyObject *
+Ring_read(Ring *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    int fd; uint64_t length, offset;
+    if (parse_args(args, nargs, 4, "read") < 0 || as_int(args[0], &fd) < 0 ||
+        as_u64(args[1], &length) < 0 || as_u64(args[2], &offset) < 0)
+        return NULL;
+    if (length == 0 || length > MAX_IO) {
+        PyErr_Format(PyExc_ValueError, "read length must be 1..%u bytes", MAX_IO);
+        return NULL;
+    }
+    PREP_BEGIN(self, sqe, slot);
+    Slot *s = &self->slots[slot];
+    if (length <= PAGE) {
+        s->mem = self->pages + (size_t)slot * PAGE;
+        sqe->opcode = self->pages_registered ? IORING_OP_READ_FIXED : IORING_OP_READ;
+        sqe->buf_index = 0;
+    } else {
+        s->mem_class = size_class(length);
+        s->mem = pool_get(self, s->mem_class);
+        if (!s->mem) {
+            slot_release(self, slot);
+            return PyErr_NoMemory();
+        }
+        sqe->opcode = IORING_OP_READ;
+    }
+    s->kind = RESULT_BYTES;
+    sqe->fd = fd;
+    sqe->addr = (uint64_t)(uintptr_t)s->mem;
+    sqe->len = (uint32_t)length;
+    sqe->off = offset;
+    return sqe_commit(self, slot, args[3]);
+}
+
+PyDoc_STRVAR(write_doc,
+"write(fd, data, offset, copy, token) -> slot or None\n\n"
+"Queue a write of data (<= 4 MiB, any buffer). copy=True copies it into a\n"
+"page-aligned buffer of the ring first (needed for O_DIRECT); otherwise the\n"
+"ring holds data's buffer until the completion. Result: bytes written or -errno.");
+
+static PyObject *
+Ring_write(Ring *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    int fd; uint64_t offset;
+    if (parse_args(args, nargs, 5, "write") < 0 || as_int(args[0], &fd) < 0 ||
+        as_u64(args[2], &offset) < 0)
+        return NULL;
+    int copy = PyObject_IsTrue(args[3]);
+    if (copy < 0) return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[1], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (view.len == 0 || (size_t)view.len > MAX_IO) {
+        PyBuffer_Release(&view);
+        PyErr_Format(PyExc_ValueError, "write length must be 1..%u bytes", MAX_IO);
+        return NULL;
+    }
+    if (check_open(self) < 0) { PyBuffer_Release(&view); return NULL; }
+    uint32_t slot;
+    struct io_uring_sqe *sqe = sqe_get(self, &slot);
+    if (sqe == NULL) { PyBuffer_Release(&view); Py_RETURN_NONE; }
+    Slot *s = &self->slots[slot];
+    void *addr = view.buf;
+    if (copy) {
+        s->mem_class = size_class(view.len);
+        s->mem = pool_get(self, s->mem_class);
+        if (!s->mem) {
+            PyBuffer_Release(&view);
+            slot_release(self, slot);
+            return PyErr_NoMemory();
+        }
+        memcpy(s->mem, view.buf, view.len);
+        addr = s->mem;
+    }
+    sqe->opcode = IORING_OP_WRITE;
+    sqe->fd = fd;
+    sqe->addr = (uint64_t)(uintptr_t)addr;
+    sqe->len = (uint32_t)view.len;
+    sqe->off = offset;
+    if (copy) PyBuffer_Release(&view);
+    else { s->view = view; s->has_view = 1; }
+    return sqe_commit(self, slot, args[4]);
+}
+
+PyDoc_STRVAR(fsync_doc,
+"fsync(fd, datasync, token) -> slot or None\n\nQueue an fsync (fdatasync if datasync).");
+
+static PyObject *
+Ring_fsync(Ring *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    int fd;
+    if (parse_args(args, nargs, 3, "fsync") < 0 || as_int(args[0], &fd) < 0) return NULL;
+    int datasync = PyObject_IsTrue(args[1]);
+    if (datasync < 0) return NULL;
+    PREP_BEGIN(self, sqe, slot);
+    sqe->opcode = IORING_OP_FSYNC;
+    sqe->fd = fd;
+    sqe->fsync_flags = datasync ? IORING_FSYNC_DATASYNC : 0;
+    return sqe_commit(self, slot, args[2]);
+}
+
+PyDoc_STRVAR(openat_doc,
+"openat(dir_fd, path, flags, mode, token) -> slot or None\n\n"
+"Queue an openat(2); its result is the new fd or -errno. If the op is\n"
+"cancelled and the open succeeds anyway, the ring closes the fd.");
+
+static PyObject *
+Ring_openat(Ring *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    int dir_fd, flags, mode;
+    if (parse_args(args, nargs, 5, "openat") < 0 || as_int(args[0], &dir_fd) < 0 ||
+        as_int(args[2], &flags) < 0 || as_int(args[3], &mode) < 0)
+        return NULL;
+    const char *path = path_of(args[1]);
+    if (!path) return NULL;
+    PREP_BEGIN(self, sqe, slot);
+    Slot *s = &self->slots[slot];
+    Py_INCREF(args[1]);
+    s->keep = args[1];
+    s->kind = RESULT_FD;
+    sqe->opcode = IORING_OP_OPENAT;
+    sqe->fd = dir_fd;
+    sqe->addr = (uint64_t)(uintptr_t)path;
+    sqe->len = (uint32_t)mode;
+    sqe->open_flags = (uint32_t)flags;
+    return sqe_commit(self, slot, args[4]);
+}
+
+PyDoc_STRVAR(close_fd_doc, "close_fd(fd, token) -> slot or None\n\nQueue a close(2).");
+
+static PyObject *
+Ring_close_fd(Ring *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    int fd;
+    if (parse_args(args, nargs, 2, "close_fd") < 0 || as_int(args[0], &fd) < 0) return NULL;
+    PREP_BEGIN(self, sqe, slot);
+    sqe->opcode = IORING_OP_CLOSE;
+    sqe->fd = fd;
+    return sqe_commit(self, slot, args[1]);
+}
+
+PyDoc_STRVAR(statx_doc,
+"statx(dir_fd, path, flags, mask, token) -> slot or None\n\n"
+"Queue a statx(2); its result is a tuple (mode, ino, dev, nlink, uid, gid,\n"
+"size, atime_ns, mtime_ns, ctime_ns, blksize, blocks, rdev) or -errno.");
+
+static PyObject *
+Ring_statx(Ring *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    int dir_fd, flags, mask;
+    if (parse_args(args, nargs, 5, "statx") < 0 || as_int(args[0], &dir_fd) < 0 ||
+        as_int(args[2], &flags) < 0 || as_int(args[3], &mask) < 0)
+        return NULL;
+    const char *path = path_of(args[1]);
+    if (!path) return NULL;
+    PREP_BEGIN(self, sqe, slot);
+    Slot *s = &self->slots[slot];
+    s->mem = self->pages + (size_t)slot * PAGE;  /* struct statx is 256 bytes */
+    Py_INCREF(args[1]);
+    s->keep = args[1];
+    s->kind = RESULT_STATX;
+    sqe->opcode = IORING_OP_STATX;
+    sqe->fd = dir_fd;
+    sqe->addr = (uint64_t)(uintptr_t)path;
+    sqe->len = (uint32_t)mask;
+    sqe->statx_flags = (uint32_t)flags;
+    sqe->addr2 = (uint64_t)(uintptr_t)s->mem;
+    return sqe_commit(self, slot, args[4]);
+}
+
+PyDoc_STRVAR(renameat_doc,
+"renameat(old_dir_fd, old, new_dir_fd, new, flags, token) -> slot or None\n\n"
+"Queue a renameat2(2) (flags 0: replace new, like os.replace).");
+
+static PyObject *
+Ring_renameat(Ring *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    int old_dir_fd, new_dir_fd, flags;
+    if (parse_args(args, nargs, 6, "renameat") < 0 || as_int(args[0], &old_dir_fd) < 0 ||
+        as_int(args[2], &new_dir_fd) < 0 || as_int(args[4], &flags) < 0)
+        return NULL;
+    const char *old_path = path_of(args[1]), *new_path = old_path ? path_of(args[3]) : NULL;
+    if (!new_path) return NULL;
+    PyObject *keep = PyTuple_Pack(2, args[1], args[3]);
+    if (!keep) return NULL;
+    if (check_open(self) < 0) { Py_DECREF(keep); return NULL; }
+    uint32_t slot;
+    struct io_uring_sqe *sqe = sqe_get(self, &slot);
+    if (sqe == NULL) { Py_DECREF(keep); Py_RETURN_NONE; }
+    self->slots[slot].keep = keep;
+    sqe->opcode = IORING_OP_RENAMEAT;
+    sqe->fd = old_dir_fd;
+    sqe->addr = (uint64_t)(uintptr_t)old_path;
+    sqe->len = (uint32_t)new_dir_fd;
+    sqe->addr2 = (uint64_t)(uintptr_t)new_path;
+    sqe->rename_flags = (uint32_t)flags;
+    return sqe_commit(self, slot, args[5]);
+}
+
+PyDoc_STRVAR(unlinkat_doc,
+"unlinkat(dir_fd, path, flags, token) -> slot or None\n\n"
+"Queue an unlinkat(2) (flags AT_REMOVEDIR removes a directory).");
+
+static PyObject *
+Ring_unlinkat(Ring *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    int dir_fd, flags;
+    if (parse_args(args, nargs, 4, "unlinkat") < 0 || as_int(args[0], &dir_fd) < 0 ||
+        as_int(args[2], &flags) < 0)
+        return NULL;
+    const char *path = path_of(args[1]);
+    if (!path) return NULL;
+    PREP_BEGIN(self, sqe, slot);
+    Py_INCREF(args[1]);
+    self->slots[slot].keep = args[1];
+    sqe->opcode = IORING_OP_UNLINKAT;
+    sqe->fd = dir_fd;
+    sqe->addr = (uint64_t)(uintptr_t)path;
+    sqe->unlink_flags = (uint32_t)flags;
+    return sqe_commit(self, slot, args[3]);
+}
+
+PyDoc_STRVAR(ftruncate_doc,
+"ftruncate(fd, length, token) -> slot or None\n\nQueue an ftruncate(2) (Linux 6.9).");
+
+static PyObject *
+Ring_ftruncate(Ring *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    int fd; uint64_t length;
+    if (parse_args(args, nargs, 3, "ftruncate") < 0 || as_int(args[0], &fd) < 0 ||
+        as_u64(args[1], &length) < 0)
+        return NULL;
+    PREP_BEGIN(self, sqe, slot);
+    sqe->opcode = OP_FTRUNCATE;
+    sqe->fd = fd;
+    sqe->off = length;
+    return sqe_commit(self, slot, args[2]);
+}
+
+PyDoc_STRVAR(nop_doc,
+"nop(opcode, token) -> slot or None\n\n"
+"Queue an SQE with only its opcode set: IORING_OP_NOP (0) completes with 0; an\n"
+"opcode the kernel does not know completes with -EINVAL.");
+
+static PyObject *
+Ring_nop(Ring *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    int opcode;
+    if (parse_args(args, nargs, 2, "nop") < 0 || as_int(args[0], &opcode) < 0) return NULL;
+    if (opcode < 0 || opcode > 255) {
+        PyErr_SetString(PyExc_ValueError, "opcode must be 0..255");
+        return NULL;
+    }
+    PREP_BEGIN(self, sqe, slot);
+    sqe->opcode = (uint8_t)opcode;
+    sqe->fd = -1;
+    return sqe_commit(self, slot, args[1]);
+}
+
+PyDoc_STRVAR(cancel_doc,
+"cancel(slot, token) -> bool\n\n"
+"The caller of the op in slot (queued with token) no longer waits: drop the\n"
+"token, so reap() will not hand it back, and queue an IORING_OP_ASYNC_CANCEL\n"
+"for it. The slot's memory stays until the op's own CQE arrives. False if the\n"
+"slot does not hold token (already completed).");
+
+static PyObject *
+Ring_cancel(Ring *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (parse_args(args, nargs, 2, "cancel") < 0) return NULL;
+    long slot = PyLong_AsLong(args[0]);
+    if (slot == -1 && PyErr_Occurred()) return NULL;
+    unsigned nslots = self->nfree + self->inflight;
+    if (self->fd < 0 || slot < 0 || (unsigned long)slot >= nslots ||
+        !self->slots[slot].in_use || self->slots[slot].token != args[1])
+        Py_RETURN_FALSE;
+    Py_CLEAR(self->slots[slot].token);
+    struct io_uring_sqe *sqe = sqe_get(self, NULL);
+    if (sqe) {  /* no free SQE: the op still completes in its own time */
+        sqe->opcode = IORING_OP_ASYNC_CANCEL;
+        sqe->fd = -1;
+        sqe->addr = (uint64_t)slot;
+        self->sq_local_tail++;
+    }
+    Py_RETURN_TRUE;
+}
+
+/* ------------------------------------------------------------ submit/reap */
+
+PyDoc_STRVAR(submit_doc,
+"submit() -> int\n\n"
+"Publish the queued SQEs and hand them to the kernel with io_uring_enter;\n"
+"returns how many it took. Raises OSError if io_uring_enter fails (the SQEs\n"
+"stay queued: retract() takes them back).");
+
+static PyObject *
+Ring_submit(Ring *self, PyObject *noargs)
+{
+    if (check_open(self) < 0) return NULL;
+    atomic_store_explicit(self->sq_tail, self->sq_local_tail, memory_order_release);
+    uint32_t head = atomic_load_explicit(self->sq_head, memory_order_acquire);
+    unsigned to_submit = self->sq_local_tail - head;
+    if (to_submit == 0) return PyLong_FromLong(0);
+    long ret;
+    do {
+        ret = sys_enter(self->fd, to_submit, 0, 0);
+    } while (ret < 0 && errno == EINTR);
+    if (ret < 0) {
+        PyErr_SetFromErrnoWithFilename(PyExc_OSError, "io_uring_enter");
+        return NULL;
+    }
+    return PyLong_FromLong(ret);
+}
+
+PyDoc_STRVAR(get_events_doc,
+"get_events() -> None\n\n"
+"io_uring_enter(GETEVENTS) without waiting: on a DEFER_TASKRUN ring this runs the\n"
+"completions the kernel deferred to us, posting their CQEs.");
+
+static PyObject *
+Ring_get_events(Ring *self, PyObject *noargs)
+{
+    if (check_open(self) < 0) return NULL;
+    long ret;
+    do {
+        ret = sys_enter(self->fd, 0, 0, IORING_ENTER_GETEVENTS);
+    } while (ret < 0 && errno == EINTR);
+    if (ret < 0) return PyErr_SetFromErrnoWithFilename(PyExc_OSError, "io_uring_enter");
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(retract_doc,
+"retract() -> list of tokens\n\n"
+"Take back the SQEs the kernel has not consumed (after a failed submit):\n"
+"their slots are released and their callers' tokens returned.");
+
+static PyObject *
+Ring_retract(Ring *self, PyObject *noargs)
+{
+    PyObject *tokens = PyList_New(0);
+    if (!tokens || self->fd < 0) return tokens;
+    uint32_t head = atomic_load_explicit(self->sq_head, memory_order_acquire);
+    for (uint32_t t = head; t != self->sq_local_tail; t++) {
+        uint64_t ud = self->sqes[t & self->sq_mask].user_data;
+        if (ud == CANCEL_TAG) continue;
+        Slot *s = &self->slots[ud];
+        if (s->token && PyList_Append(tokens, s->token) < 0) {
+            Py_DECREF(tokens);
+            return NULL;
+        }
+        slot_release(self, (uint32_t)ud);
+    }
+    self->sq_local_tail = head;
+    atomic_store_explicit(self->sq_tail, head, memory_order_release);
+    return tokens;
+}
+
+static PyObject *statx_tuple(const struct statx *st)
+{
+    return Py_BuildValue(
+        "(IKKIIIKLLLIKK)",
+        (unsigned)st->stx_mode, (unsigned long long)st->stx_ino,
+        (unsigned long long)makedev(st->stx_dev_major, st->stx_dev_minor),
+        (unsigned)st->stx_nlink, (unsigned)st->stx_uid, (unsigned)st->stx_gid,
+        (unsigned long long)st->stx_size,
+        (long long)st->stx_atime.tv_sec * 1000000000LL + st->stx_atime.tv_nsec,
+        (long long)st->stx_mtime.tv_sec * 1000000000LL + st->stx_mtime.tv_nsec,
+        (long long)st->stx_ctime.tv_sec * 1000000000LL + st->stx_ctime.tv_nsec,
+        (unsigned)st->stx_blksize, (unsigned long long)st->stx_blocks,
+        (unsigned long long)makedev(st->stx_rdev_major, st->stx_rdev_minor));
+}
+
+PyDoc_STRVAR(reap_doc,
+"reap() -> list of (token, result)\n\n"
+"Collect every posted CQE. Results are ints (>= 0, or -errno), bytes for reads\n"
+"and a tuple for statx (see statx). Cancelled ops free their slots silently.");
+
+static PyObject *
+Ring_reap(Ring *self, PyObject *noargs)
+{
+    PyObject *done = PyList_New(0);
+    if (!done || self->fd < 0) return done;
+    uint32_t head = atomic_load_explicit(self->cq_head, memory_order_relaxed);
+    uint32_t tail = atomic_load_explicit(self->cq_tail, memory_order_acquire);
+    for (; head != tail; head++) {
+        const struct io_uring_cqe *cqe = &self->cqes[head & self->cq_mask];
+        uint64_t ud = cqe->user_data;
+        int res = cqe->res;
+        if (ud == CANCEL_TAG) continue;
+        Slot *s = &self->slots[ud];
+        if (s->token == NULL) {  /* its caller gave up */
+            if (s->kind == RESULT_FD && res >= 0) close(res);
+            slot_release(self, (uint32_t)ud);
+            continue;
+        }
+        PyObject *value;
+        if (res < 0 || s->kind == RESULT_INT || s->kind == RESULT_FD)
+            value = PyLong_FromLong(res);
+        else if (s->kind == RESULT_BYTES)
+            value = PyBytes_FromStringAndSize(s->mem, res);
+        else
+            value = statx_tuple(s->mem);
+        PyObject *pair = value ? PyTuple_Pack(2, s->token, value) : NULL;
+        Py_XDECREF(value);
+        if (!pair || PyList_Append(done, pair) < 0) {
+            /* Out of memory: this CQE is lost to its caller but its slot is freed. */
+            Py_XDECREF(pair);
+            slot_release(self, (uint32_t)ud);
+            atomic_store_explicit(self->cq_head, head + 1, memory_order_release);
+            Py_DECREF(done);
+            return NULL;
+        }
+        Py_DECREF(pair);
+        slot_release(self, (uint32_t)ud);
+    }
+    atomic_store_explicit(self->cq_head, head, memory_order_release);
+    return done;
+}
+
+PyDoc_STRVAR(ready_doc, "ready() -> int\n\nHow many CQEs are posted and not yet reaped.");
+
+static PyObject *
+Ring_ready(Ring *self, PyObject *noargs)
+{
+    if (self->fd < 0) return PyLong_FromLong(0);
+    uint32_t head = atomic_load_explicit(self->cq_head, memory_order_relaxed);
+    uint32_t tail = atomic_load_explicit(self->cq_tail, memory_order_acquire);
+    return PyLong_FromUnsignedLong(tail - head);
+}
+
+PyDoc_STRVAR(wait_doc,
+"wait(timeout_ms) -> bool\n\n"
+"Block (without the GIL) until a CQE is posted or timeout_ms passes; True if one is.");
+
+static PyObject *
+Ring_wait(Ring *self, PyObject *arg)
+{
+    int timeout = (int)PyLong_AsLong(arg);
+    if (timeout == -1 && PyErr_Occurred()) return NULL;
+    if (check_open(self) < 0) return NULL;
+    struct pollfd pfd = {.fd = self->fd, .events = POLLIN};
+    int ret;
+    Py_BEGIN_ALLOW_THREADS
+    ret = poll(&pfd, 1, timeout);
+    Py_END_ALLOW_THREADS
+    if (ret < 0 && errno != EINTR) return PyErr_SetFromErrno(PyExc_OSError);
+    return PyBool_FromLong(ret > 0);
+}
+
+PyDoc_STRVAR(supported_doc,
+"supported(opcode) -> bool\n\nTrue if the kernel's IORING_REGISTER_PROBE lists opcode.");
+
+static PyObject *
+Ring_supported(Ring *self, PyObject *arg)
+{
+    long op = PyLong_AsLong(arg);
+    if (op == -1 && PyErr_Occurred()) return NULL;
+    return PyBool_FromLong(op >= 0 && op < 256 && self->supported[op]);
+}
+
+static PyObject *Ring_get_fd(Ring *self, void *c) { return PyLong_FromLong(self->fd); }
+static PyObject *Ring_get_inflight(Ring *self, void *c) { return PyLong_FromUnsignedLong(self->inflight); }
+static PyObject *Ring_get_slots(Ring *self, void *c) { return PyLong_FromUnsignedLong(self->nfree + self->inflight); }
+static PyObject *Ring_get_leaked(Ring *self, void *c) { return PyLong_FromUnsignedLong(self->leaked); }
+static PyObject *Ring_get_fixed(Ring *self, void *c) { return PyBool_FromLong(self->pages_registered); }
+static PyObject *Ring_get_unsubmitted(Ring *self, void *c)
+{
+    if (self->fd < 0) return PyLong_FromLong(0);
+    return PyLong_FromUnsignedLong(
+        self->sq_local_tail - atomic_load_explicit(self->sq_head, memory_order_acquire));
+}
+
+static PyGetSetDef Ring_getset[] = {
+    {"fd", (getter)Ring_get_fd, NULL, "the ring's file descriptor (-1 once closed)", NULL},
+    {"inflight", (getter)Ring_get_inflight, NULL, "slots in use: ops queued or in the kernel", NULL},
+    {"slots", (getter)Ring_get_slots, NULL, "how many ops can be in flight at once", NULL},
+    {"unsubmitted", (getter)Ring_get_unsubmitted, NULL, "SQEs queued but not yet taken by the kernel", NULL},
+    {"fixed_buffers", (getter)Ring_get_fixed, NULL, "True if reads of <= 4 KiB use registered buffers (READ_FIXED)", NULL},
+    {"leaked", (getter)Ring_get_leaked, NULL, "slots abandoned at close() with the kernel still on them", NULL},
+    {NULL},
+};
+
+static PyMethodDef Ring_methods[] = {
+    {"read", (PyCFunction)(void (*)(void))Ring_read, METH_FASTCALL, read_doc},
+    {"write", (PyCFunction)(void (*)(void))Ring_write, METH_FASTCALL, write_doc},
+    {"fsync", (PyCFunction)(void (*)(void))Ring_fsync, METH_FASTCALL, fsync_doc},
+    {"openat", (PyCFunction)(void (*)(void))Ring_openat, METH_FASTCALL, openat_doc},
+    {"close_fd", (PyCFunction)(void (*)(void))Ring_close_fd, METH_FASTCALL, close_fd_doc},
+    {"statx", (PyCFunction)(void (*)(void))Ring_statx, METH_FASTCALL, statx_doc},
+    {"renameat", (PyCFunction)(void (*)(void))Ring_renameat, METH_FASTCALL, renameat_doc},
+    {"unlinkat", (PyCFunction)(void (*)(void))Ring_unlinkat, METH_FASTCALL, unlinkat_doc},
+    {"ftruncate", (PyCFunction)(void (*)(void))Ring_ftruncate, METH_FASTCALL, ftruncate_doc},
+    {"nop", (PyCFunction)(void (*)(void))Ring_nop, METH_FASTCALL, nop_doc},
+    {"cancel", (PyCFunction)(void (*)(void))Ring_cancel, METH_FASTCALL, cancel_doc},
+    {"submit", (PyCFunction)Ring_submit, METH_NOARGS, submit_doc},
+    {"retract", (PyCFunction)Ring_retract, METH_NOARGS, retract_doc},
+    {"get_events", (PyCFunction)Ring_get_events, METH_NOARGS, get_events_doc},
+    {"reap", (PyCFunction)Ring_reap, METH_NOARGS, reap_doc},
+    {"ready", (PyCFunction)Ring_ready, METH_NOARGS, ready_doc},
+    {"wait", (PyCFunction)Ring_wait, METH_O, wait_doc},
+    {"supported", (PyCFunction)Ring_supported, METH_O, supported_doc},
+    {"close", (PyCFunction)Ring_close, METH_NOARGS,
+     "close() -> int\n\nRelease the ring; returns how many slots were leaked because the "
+     "kernel still had them (wait for inflight == 0 first)."},
+    {NULL},
+};
+
+static PyTypeObject RingType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shardio.io._uring.Ring",
+    .tp_doc = PyDoc_STR("Ring(entries=128): one io_uring instance (see the module docstring)."),
+    .tp_basicsize = sizeof(Ring),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = Ring_new,
+    .tp_init = (initproc)Ring_init,
+    .tp_dealloc = (destructor)Ring_dealloc,
+    .tp_methods = Ring_methods,
+    .tp_getset = Ring_getset,
+};
+
+/* ------------------------------------------------------ module functions */
+
+PyDoc_STRVAR(pread_nowait_doc,
+"pread_nowait(fd, length, offset) -> bytes or None\n\n"
+"preadv2(fd, length, offset, RWF_NOWAIT) into a new bytes object: the data if\n"
+"the page cache had it, None if it would block (EAGAIN). Short only at EOF or\n"
+"when only part was cached. Raises OSError on other errors.");
+
+static PyObject *
+pread_nowait(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    int fd; uint64_t length, offset;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "pread_nowait takes 3 arguments");
+        return NULL;
+    }
+    if (as_int(args[0], &fd) < 0 || as_u64(args[1], &length) < 0 || as_u64(args[2], &offset) < 0)
+        return NULL;
+    if (length > PY_SSIZE_T_MAX) return PyErr_NoMemory();
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)length);
+    if (!out) return NULL;
+    struct iovec iov = {.iov_base = PyBytes_AS_STRING(out), .iov_len = length};
+    ssize_t got = preadv2(fd, &iov, 1, (off_t)offset, RWF_NOWAIT);
+    if (got < 0) {
+        Py_DECREF(out);
+        if (errno == EAGAIN) Py_RETURN_NONE;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if ((uint64_t)got < length && _PyBytes_Resize(&out, got) < 0)
+        return NULL;
+    return out;
+}
+
+PyDoc_STRVAR(cachestat_doc,
+"cachestat(fd, offset, length) -> int or None\n\n"
+"How many pages of [offset, offset+length) are in the page cache (cachestat(2),\n"
+"Linux 6.5), without starting any I/O; None where the kernel lacks it.");
+
+static PyObject *
+cachestat_fn(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    struct { uint64_t off, len; } range;
+    struct { uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted; } st;
+    int fd;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "cachestat takes 3 arguments");
+        return NULL;
+    }
+    if (as_int(args[0], &fd) < 0 || as_u64(args[1], &range.off) < 0 || as_u64(args[2], &range.len) < 0)
+        return NULL;
+    if (syscall(__NR_cachestat, fd, &range, &st, 0) != 0) {
+        if (errno == ENOSYS || errno == EPERM) Py_RETURN_NONE;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromUnsignedLongLong(st.nr_cache);
+}
+
+static PyMethodDef module_methods[] = {
+    {"pread_nowait", (PyCFunction)(void (*)(void))pread_nowait, METH_FASTCALL, pread_nowait_doc},
+    {"cachestat", (PyCFunction)(void (*)(void))cachestat_fn, METH_FASTCALL, cachestat_doc},
+    {NULL},
+};
+
+static struct PyModuleDef moduledef = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "shardio.io._uring",
+    .m_doc = PyDoc_STR("io_uring through the kernel's interface (no liburing); see _uring.c."),
+    .m_size = -1,
+    .m_methods = module_methods,
+};
+
+PyMODINIT_FUNC
+PyInit__uring(void)
+{
+    if (PyType_Ready(&RingType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&moduledef);
+    if (!m) return NULL;
+    Py_INCREF(&RingType);
+    if (PyModule_AddObject(m, "Ring", (PyObject *)&RingType) < 0) {
+        Py_DECREF(&RingType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    struct { const char *name; long value; } consts[] = {
+        {"OP_NOP", IORING_OP_NOP}, {"OP_READ", IORING_OP_READ}, {"OP_WRITE", IORING_OP_WRITE},
+        {"OP_FSYNC", IORING_OP_FSYNC}, {"OP_OPENAT", IORING_OP_OPENAT},
+        {"OP_CLOSE", IORING_OP_CLOSE}, {"OP_STATX", IORING_OP_STATX},
+        {"OP_RENAMEAT", IORING_OP_RENAMEAT}, {"OP_UNLINKAT", IORING_OP_UNLINKAT},
+        {"OP_FTRUNCATE", OP_FTRUNCATE}, {"OP_ASYNC_CANCEL", IORING_OP_ASYNC_CANCEL},
+        {"STATX_BASIC_STATS", STATX_BASIC_STATS}, {"AT_EMPTY_PATH", AT_EMPTY_PATH},
+        {"AT_SYMLINK_NOFOLLOW", AT_SYMLINK_NOFOLLOW}, {"AT_REMOVEDIR", AT_REMOVEDIR},
+        {"AT_FDCWD", AT_FDCWD}, {"MAX_IO", MAX_IO},
+    };
+    for (size_t i = 0; i < sizeof(consts) / sizeof(consts[0]); i++) {
+        if (PyModule_AddIntConstant(m, consts[i].name, consts[i].value) < 0) {
+            Py_DECREF(m);
+            return NULL;
+        }
+    }
+    return m;
+}
