@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import glob
 import hashlib
 import io
@@ -263,14 +264,30 @@ def test_redis_py_against_redis_server(redis_port) -> None:
     plain_client = redis.Redis(host="127.0.0.1", port=redis_port, socket_timeout=30)
     plain = run_plain(redis_workload(plain_client, "plain"), modules)
     plain_total = int(plain_client.get("plain:counter"))
-    tame_client = redis.Redis(host="localhost", port=redis_port, socket_timeout=30)
-    tamed, parked = run_tamed(redis_workload(tame_client, "tame"), modules)
-    tame_total = int(plain_client.get("tame:counter"))
     plain_client.close()
+    tame_client = redis.Redis(host="127.0.0.1", port=redis_port, socket_timeout=30)
+    tamed, parked = run_tamed(redis_workload(tame_client, "tame"), modules)
+    pooled = open_sockets_to(redis_port)  # the client's pooled connections, still open
+    tame_total = int(tame_client.get("tame:counter"))
     tame_client.close()
     assert tamed == plain
     assert tame_total == plain_total == 10 * STACKS
     assert parked >= STACKS // 2
+    assert pooled and set(pooled) == {"TameSocket"}
+
+
+def open_sockets_to(port: int) -> list[str]:
+    """Type names of this process's open sockets connected to 127.0.0.1:port."""
+    kinds = []
+    for obj in gc.get_objects():
+        if isinstance(obj, socket.socket) and obj.fileno() >= 0:
+            try:
+                peer = obj.getpeername()
+            except OSError:
+                continue
+            if peer == ("127.0.0.1", port):
+                kinds.append(type(obj).__name__)
+    return kinds
 
 
 # -- pg8000 against PostgreSQL ----------------------------------------------------------
@@ -362,7 +379,8 @@ def pg_workload(port: int, tag: str) -> Callable[[int], Any]:
             big = len(cur.fetchone()[0])
             cur.execute(f"DROP TABLE {table}")
             conn.commit()
-            return summary, blobs, big
+            kinds = sorted(set(open_sockets_to(port))) if i == 0 else None
+            return summary, blobs, big, kinds
         finally:
             conn.close()
 
@@ -375,8 +393,9 @@ def test_pg8000_against_postgresql(postgres_port) -> None:
     modules = [sys.modules["pg8000.core"]]
     plain = run_plain(pg_workload(postgres_port, "plain"), modules)
     tamed, parked = run_tamed(pg_workload(postgres_port, "tame"), modules)
-    assert tamed == plain
+    assert [r[:3] for r in tamed] == [r[:3] for r in plain]
     assert all(r[2] == 1_000_000 for r in tamed)
+    assert (plain[0][3], tamed[0][3]) == (["socket"], ["TameSocket"])
     assert parked >= STACKS // 2
 
 

@@ -30,7 +30,7 @@ import uvloop
 from shardio import tame
 from shardio.tame import TameSocket
 from shardio.tame.readiness import TamePoll, TameSelector, _registries, tame_select
-from shardio.tame.sockets import tame_create_connection, tame_socketpair
+from shardio.tame.sockets import tame_create_connection, tame_create_server, tame_socketpair
 from shardio.tame.tls import TameSSLSocket, tame_context
 
 LOOPS = ["asyncio", "uvloop"]
@@ -277,9 +277,8 @@ def test_connect_times_out_like_the_stdlib() -> None:
 
 
 def slow_reader(conn: socket.socket) -> None:
-    conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    while not _servers_stopped.wait(0.02) and conn.recv(4096):
-        pass  # about 200 KB/s: every send makes progress, the whole call cannot finish
+    while not _servers_stopped.wait(0.01) and conn.recv(65536):
+        pass  # a few MB/s: every wait for buffer space is short, the whole call is not
 
 
 def test_timeout_bounds_the_whole_sendall(thread_server) -> None:
@@ -288,8 +287,7 @@ def test_timeout_bounds_the_whole_sendall(thread_server) -> None:
 
     def scenario(make: Callable[..., socket.socket]) -> Any:
         with make(server.address, 0.5) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-            return outcome(lambda: sock.sendall(b"x" * (16 << 20)))
+            return outcome(lambda: sock.sendall(b"x" * (48 << 20)))
 
     assert on_stack(scenario, tame_create_connection) == scenario(socket.create_connection)
     assert scenario(socket.create_connection) == ("TimeoutError", None)
@@ -300,7 +298,7 @@ def test_timeout_bounds_the_whole_sendall(thread_server) -> None:
 
 def shutdown_and_sendall(make: Callable[..., socket.socket], address: Any, n: int) -> Any:
     data = blob(n, seed=str(n).encode())
-    with make(address) as sock:
+    with make(address, 20) as sock:  # a generous bound: a hang fails instead
         sock.sendall(data)
         sock.shutdown(socket.SHUT_WR)  # the server reads to EOF, then answers
         buf = bytearray(64)
@@ -452,6 +450,31 @@ def test_descriptors_above_fd_setsize_work(high_fds, loop) -> None:
     ]
 
 
+def test_accept_waits_on_the_loop_and_times_out() -> None:
+    async def main() -> Any:
+        server = tame_create_server(("127.0.0.1", 0))
+        server.settimeout(5)
+
+        def accept() -> Any:
+            conn, _ = server.accept()
+            data = conn.recv(5)
+            timeout = conn.gettimeout()
+            conn.close()
+            server.settimeout(0.05)
+            return type(conn), data, timeout, outcome(server.accept)
+
+        call = asyncio.ensure_future(tame.call(accept))
+        await asyncio.sleep(0.02)  # the stack is parked in accept: this loop must run
+        _, writer = await asyncio.open_connection(*server.getsockname())
+        writer.write(b"hello")
+        result = await asyncio.wait_for(call, 10)
+        writer.close()
+        server.close()
+        return result
+
+    assert run(main) == (TameSocket, b"hello", None, ("TimeoutError", None))
+
+
 def test_tame_socket_off_a_stack_waits_in_poll_on_high_fds(high_fds) -> None:
     """Used from a plain thread a TameSocket blocks like socket.socket (poll(2), not select)."""
     a, b = tame_socketpair()
@@ -569,12 +592,19 @@ def test_patched_module_gets_tame_sockets_only_on_a_stack() -> None:
         "def make():\n"
         "    return (socket.socket(), select.poll(), selectors.DefaultSelector(),\n"
         "            ssl.create_default_context(), ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT),\n"
-        "            socket.socketpair())\n",
+        "            socket.socketpair(), socket.create_server(('127.0.0.1', 0)))\n",
     )
 
     def kinds() -> list[Any]:
-        sock, poll, sel, ctx1, ctx2, pair = mod.make()
+        sock, poll, sel, ctx1, ctx2, pair, server = mod.make()
+        with server, socket.socket() as other:
+            other.connect(server.getsockname())
+            conn, _ = server.accept()
+            accepted = type(conn)
+            conn.close()
         out = [
+            type(server),
+            accepted,
             type(sock),
             type(poll).__name__,
             type(sel),
@@ -594,6 +624,8 @@ def test_patched_module_gets_tame_sockets_only_on_a_stack() -> None:
         tamed = on_stack(kinds)
     assert off_stack == [
         socket.socket,
+        socket.socket,
+        socket.socket,
         "poll",
         selectors.EpollSelector,
         ssl.SSLSocket,
@@ -602,6 +634,8 @@ def test_patched_module_gets_tame_sockets_only_on_a_stack() -> None:
         True,
     ]
     assert tamed == [
+        TameSocket,
+        TameSocket,
         TameSocket,
         "TamePoll",
         TameSelector,
@@ -722,7 +756,7 @@ QUOTA_OPS = ["recv", "recv_into", "send", "sendall", "select", "poll", "selector
 def test_calls_that_complete_at_once_yield_after_the_quota(op, tls) -> None:
     """20,000 ready calls take far more than the 0.5 ms quota: the stack must yield
     (the scheduler grants it several slices, and a coroutine gets to run meanwhile)."""
-    n = 20_000 if op != "tls" else 5_000
+    n = 20_000
     server_ctx, cafile = tls
 
     async def main() -> Any:
@@ -742,22 +776,29 @@ def test_calls_that_complete_at_once_yield_after_the_quota(op, tls) -> None:
                 ticks += 1
                 await asyncio.sleep(0)
 
-        def work() -> int:
+        def work() -> tuple[int, int]:
+            """Ticks of the heartbeat and slices granted during n calls that need no wait."""
             if op == "tls":
                 s = ctx.wrap_socket(
                     tame_create_connection(("127.0.0.1", port), 5), server_hostname="localhost"
                 )
                 s.sendall(b"\0" * 8)
-                got = len(s.recv(1))
-                while got < n:  # one byte at a time: the TLS layer has the rest buffered
-                    got += len(s.recv(1))
+                s.recv(1)  # waits for the first record; the rest of it is buffered by OpenSSL
+                start = ticks, tame.stats()["slices"]
+                reads = 0
+                while s.pending():
+                    s.recv(1)
+                    reads += 1
+                end = ticks, tame.stats()["slices"]
                 s.close()
-                return ticks
+                assert reads > 10_000
+                return end[0] - start[0], end[1] - start[1]
             sel = TameSelector()
             sel.register(a, selectors.EVENT_READ)
             poller = TamePoll()
             poller.register(a, select.POLLIN)
             buf = bytearray(1)
+            start = ticks, tame.stats()["slices"]
             for _ in range(n):
                 if op == "recv":
                     a.recv(1)
@@ -775,15 +816,13 @@ def test_calls_that_complete_at_once_yield_after_the_quota(op, tls) -> None:
                     poller.poll(1000)
                 elif op == "selector":
                     sel.select(1)
+            end = ticks, tame.stats()["slices"]
             sel.close()
-            return ticks
+            return end[0] - start[0], end[1] - start[1]
 
         beat = asyncio.ensure_future(heartbeat())
         await asyncio.sleep(0)
-        tame.stacks.reset_accounting()
-        before = tame.stats()["slices"]
-        ticks_seen = await tame.call(work)
-        slices = tame.stats()["slices"] - before
+        ticks_seen, slices = await tame.call(work)
         done = True
         await beat
         if op == "tls":

@@ -66,7 +66,7 @@ Do NOT yield (they block the whole reactor thread while they wait):
 * ``time.sleep``, ``os.read``, ``open(...).read()`` and the like called from
   modules that were not patched;
 * ``threading.local`` (shared by all stacks of a reactor thread),
-  ``queue.LifoQueue/PriorityQueue/SimpleQueue``, ``select.poll/epoll``,
+  ``queue.LifoQueue/PriorityQueue/SimpleQueue``, ``select.epoll``,
   ``os.readv/preadv/writev``, subprocess;
 * anything blocking inside C code (sqlite3, lmdb): run it with
   ``tame.alien``.

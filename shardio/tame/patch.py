@@ -40,9 +40,15 @@ Intercepted names (tame on a tame stack, the original elsewhere)
   tame stack are tame (greenlet-aware, owned by that reactor; a Thread is a
   tame thread: another tame call on the same reactor). ``isinstance`` checks
   against these names accept both kinds.
-* ``socket.socket``, ``socket.create_connection``, ``socket.getaddrinfo``:
-  TameSocket (connect/accept/recv/send yield), resolution off the reactor.
-* ``select.select``: waits with add_reader/add_writer on a tame stack.
+* ``socket.socket``, ``socket.create_connection``, ``socket.create_server``,
+  ``socket.socketpair``, ``socket.fromfd``: TameSocket, a ``socket.socket``
+  subclass whose waits yield (``shardio.tame.sockets``); ``socket.getaddrinfo``
+  (and host names given to ``connect``) resolved off the reactor.
+* ``select.select``, ``select.poll``, ``selectors.DefaultSelector``/
+  ``EpollSelector``/``PollSelector``/``SelectSelector``: wait on the loop,
+  any fd number (``shardio.tame.readiness``).
+* ``ssl.SSLContext``, ``ssl.create_default_context``: contexts whose
+  ``wrap_socket`` returns a TameSSLSocket (``shardio.tame.tls``).
 
 What is NOT intercepted (and what happens)
 ------------------------------------------
@@ -56,9 +62,10 @@ What is NOT intercepted (and what happens)
   an unpatched helper module blocks the reactor. Patch that module too.
 * ``threading.local`` (shared by all tame stacks of one reactor thread),
   ``threading.current_thread``/``get_ident`` (the reactor thread),
-  ``queue.LifoQueue``/``PriorityQueue``/``SimpleQueue``, ``select.poll``/
-  ``epoll``, ``os.readv``/``preadv``/``writev``, subprocess, DNS outside
-  ``socket.getaddrinfo``, and anything blocking inside C code (sqlite3,
+  ``queue.LifoQueue``/``PriorityQueue``/``SimpleQueue``, ``select.epoll``,
+  ``os.readv``/``preadv``/``writev``, subprocess, DNS outside
+  ``socket.getaddrinfo``, sockets and ``ssl`` contexts created off a tame
+  stack (wrap a context with ``shardio.tame.tls.tame_context``), and anything blocking inside C code (sqlite3,
   lmdb, zlib on huge inputs): use ``tame.alien`` for C-level blocking.
 * One buffered file object used by two tame stacks at once raises
   ``RuntimeError: reentrant call`` (io's own check), where threads would
@@ -98,7 +105,14 @@ from .files import (
     tame_os_write,
 )
 from .readiness import TamePoll, TameSelector, tame_select
-from .sockets import TameSocket, tame_create_connection, tame_getaddrinfo, tame_socketpair
+from .sockets import (
+    TameSocket,
+    tame_create_connection,
+    tame_create_server,
+    tame_fromfd,
+    tame_getaddrinfo,
+    tame_socketpair,
+)
 from .stacks import TameError, TameGreenlet, current_runtime
 from .threads import TameThread
 from .timers import tame_sleep
@@ -217,6 +231,8 @@ def _network_overrides() -> dict[types.ModuleType, dict[str, Any]]:
             ),
             "getaddrinfo": _dispatch_function(socket.getaddrinfo, tame_getaddrinfo),
             "socketpair": _dispatch_function(socket.socketpair, tame_socketpair),
+            "create_server": _dispatch_function(socket.create_server, tame_create_server),
+            "fromfd": _dispatch_function(socket.fromfd, tame_fromfd),
         },
         select: {
             "select": _dispatch_function(select.select, tame_select),

@@ -22,15 +22,21 @@ import io
 import os
 import socket
 import stat
-import time
 from collections.abc import Callable
 from typing import Any
 
 from . import stacks
-from .readiness import wait_fd
+from .readiness import deadline_after, wait_fd
 from .stacks import checkpoint
 
-__all__ = ["TameSocket", "tame_create_connection", "tame_getaddrinfo", "tame_socketpair"]
+__all__ = [
+    "TameSocket",
+    "tame_create_connection",
+    "tame_create_server",
+    "tame_fromfd",
+    "tame_getaddrinfo",
+    "tame_socketpair",
+]
 
 
 # The stdlib's "no timeout given" marker (what http.client and others pass on), taken
@@ -129,8 +135,7 @@ class TameSocket(socket.socket):
         return self._tame_timeout
 
     def _deadline(self) -> float | None:
-        timeout = self._tame_timeout
-        return None if timeout is None else time.monotonic() + timeout
+        return deadline_after(self._tame_timeout)
 
     def _wait(self, write: bool, deadline: float | None) -> None:
         fd = self.fileno()
@@ -310,6 +315,31 @@ def tame_socketpair(
         family = socket.AF_UNIX
     a, b = socket.socketpair(family, type, proto)
     return TameSocket.from_socket(a), TameSocket.from_socket(b)
+
+
+def tame_create_server(
+    address: Any,
+    *,
+    family: int = socket.AF_INET,
+    backlog: int | None = None,
+    reuse_port: bool = False,
+    dualstack_ipv6: bool = False,
+) -> TameSocket:
+    """socket.create_server returning a TameSocket (its accept() yields)."""
+    return TameSocket.from_socket(
+        socket.create_server(
+            address,
+            family=family,
+            backlog=backlog,
+            reuse_port=reuse_port,
+            dualstack_ipv6=dualstack_ipv6,
+        )
+    )
+
+
+def tame_fromfd(fd: int, family: int, type: int, proto: int = 0) -> TameSocket:  # noqa: A002
+    """socket.fromfd (a dup of fd) returning a TameSocket."""
+    return TameSocket.from_socket(socket.fromfd(fd, family, type, proto))
 
 
 def tame_create_connection(
