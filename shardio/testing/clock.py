@@ -47,6 +47,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import ShardioError
+from ..fabric import Flag
 from ..fabric.handles import FdHandle
 from ..group import ShardGroup
 from ..reactor import current_reactor, require_reactor
@@ -56,6 +57,9 @@ __all__ = ["Clock", "ClockError", "VirtualTime", "VirtualTimeLoop", "virtual_gro
 _SEQ, _PAUSED, _VALUE = 0, 1, 2
 """Slots of the shared state (int64 each): a seqlock counter, the paused flag,
 and the value: the paused time, or the offset from CLOCK_MONOTONIC, in ns."""
+
+_FENCE_OFFSET = 3 * 8
+"""Byte offset of a scratch word whose Flag gives the writer a full memory fence."""
 
 
 class ClockError(ShardioError):
@@ -89,8 +93,9 @@ class VirtualTime:
             raise
         self._fd = fd
         self._state = memoryview(segment).cast("q")  # aligned 8-byte loads and stores
+        self._fence = Flag(segment, _FENCE_OFFSET)
         self._lock = threading.Lock()
-        self._finalizer = weakref.finalize(self, _release, fd, self._state, segment)
+        self._finalizer = weakref.finalize(self, _release, fd, self._state, self._fence, segment)
 
     def __call__(self) -> VirtualTimeLoop:
         return VirtualTimeLoop(self)
@@ -108,18 +113,37 @@ class VirtualTime:
     # ------------------------------------------------------------ reading
 
     def _read(self) -> tuple[int, int]:
+        """(paused, value), consistent; see now_ns()."""
         state = self._state
-        # A seqlock: retry while a write is in progress or happened meanwhile.  It needs
-        # loads kept in order and stores kept in order, which x86-64 guarantees.
         while True:
             seq = state[_SEQ]
+            if seq & 1:
+                continue
             paused, value = state[_PAUSED], state[_VALUE]
-            if not seq & 1 and state[_SEQ] == seq:
+            if state[_SEQ] == seq:
                 return paused, value
 
     def now_ns(self) -> int:
-        paused, value = self._read()
-        return value if paused else time.monotonic_ns() + value
+        """The virtual time in ns: never later than a pause() that any reader sees next.
+
+        A seqlock whose read section includes reading CLOCK_MONOTONIC: a write
+        (pause, resume, advance) makes the counter odd, fences, and only then
+        reads CLOCK_MONOTONIC itself, so a reader whose section overlaps it
+        retries and one that does not read the clock before the writer did.
+        Without that, a shard could read a running time a few microseconds past
+        the paused one and start an hour-long timer beyond ``pause + 3600``.
+        It needs loads kept in order and stores kept in order (x86-64 does so).
+        """
+        state = self._state
+        monotonic_ns = time.monotonic_ns
+        while True:
+            seq = state[_SEQ]
+            if seq & 1:
+                continue
+            paused, value = state[_PAUSED], state[_VALUE]
+            now = value if paused else monotonic_ns() + value
+            if state[_SEQ] == seq:
+                return now
 
     def now(self) -> float:
         """The virtual time, in seconds, on the CLOCK_MONOTONIC scale."""
@@ -131,31 +155,40 @@ class VirtualTime:
 
     # ------------------------------------------------------------ writing (no wake-ups)
 
-    def _write(self, paused: int, value: int) -> None:
+    def _begin_write(self) -> tuple[int, int, int]:
+        """Make the counter odd (readers wait) and fence; the seq and the state it guards."""
         state = self._state
         seq = state[_SEQ]
         state[_SEQ] = seq + 1
+        self._fence.set()  # the odd counter is visible before we read CLOCK_MONOTONIC
+        return seq, state[_PAUSED], state[_VALUE]
+
+    def _end_write(self, seq: int, paused: int, value: int) -> None:
+        state = self._state
         state[_PAUSED] = paused
         state[_VALUE] = value
         state[_SEQ] = seq + 2
 
     def pause(self) -> None:
         with self._lock:
-            if not self._read()[0]:
-                self._write(1, self.now_ns())
+            seq, paused, value = self._begin_write()
+            if not paused:
+                value += time.monotonic_ns()
+            self._end_write(seq, 1, value)
 
     def resume(self) -> None:
         with self._lock:
-            paused, value = self._read()
+            seq, paused, value = self._begin_write()
             if paused:
-                self._write(0, value - time.monotonic_ns())
+                value -= time.monotonic_ns()
+            self._end_write(seq, 0, value)
 
     def advance(self, seconds: float) -> None:
         if seconds < 0:
             raise ValueError(f"the clock only moves forward; got advance({seconds})")
         with self._lock:
-            paused, value = self._read()
-            self._write(paused, value + round(seconds * 1e9))
+            seq, paused, value = self._begin_write()
+            self._end_write(seq, paused, value + round(seconds * 1e9))
 
 
 def _attach(handle: FdHandle) -> VirtualTime:
@@ -165,8 +198,9 @@ def _attach(handle: FdHandle) -> VirtualTime:
     return virtual_time
 
 
-def _release(fd: int, state: memoryview, segment: mmap.mmap) -> None:
+def _release(fd: int, state: memoryview, fence: Flag, segment: mmap.mmap) -> None:
     state.release()
+    fence.close()
     segment.close()
     os.close(fd)
 
@@ -177,15 +211,10 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
     def __init__(self, virtual_time: VirtualTime) -> None:
         super().__init__()
         self.virtual_time = virtual_time
-        self._last_time = 0.0
 
     def time(self) -> float:
-        now = self.virtual_time.now()
-        # A pause computed just before this read may land slightly earlier: never go back.
-        if now < self._last_time:
-            return self._last_time
-        self._last_time = now
-        return now
+        # Never ahead of a pause (see VirtualTime.now_ns), so it needs no clamping.
+        return self.virtual_time.now()
 
 
 def virtual_group(shards: int | None = None, **options: Any) -> ShardGroup:
