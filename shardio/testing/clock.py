@@ -58,6 +58,8 @@ _SEQ, _PAUSED, _VALUE = 0, 1, 2
 """Slots of the shared state (int64 each): a seqlock counter, the paused flag,
 and the value: the paused time, or the offset from CLOCK_MONOTONIC, in ns."""
 
+_CLOCK_RESOLUTION = time.get_clock_info("monotonic").resolution
+
 _FENCE_OFFSET = 3 * 8
 """Byte offset of a scratch word whose Flag gives the writer a full memory fence."""
 
@@ -216,6 +218,20 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         # Never ahead of a pause (see VirtualTime.now_ns), so it needs no clamping.
         return self.virtual_time.now()
 
+    def pending_work(self) -> str:
+        """What this loop must run at the current time: "ready callbacks", "timers due" or "".
+
+        For :meth:`Clock.settle`'s probe, which runs as one of this loop's
+        callbacks.  asyncio has no public view of a loop's ready queue and timer
+        heap: this reads the ones the class inherits from ``BaseEventLoop``.
+        """
+        if any(not handle.cancelled() for handle in self._ready):
+            return "ready callbacks"
+        due = self.time() + _CLOCK_RESOLUTION  # asyncio's own notion of "due"
+        if any(not timer.cancelled() and timer.when() <= due for timer in self._scheduled):
+            return "timers due"
+        return ""
+
 
 def virtual_group(shards: int | None = None, **options: Any) -> ShardGroup:
     """A :class:`ShardGroup` whose shards run on a fresh :class:`VirtualTime`.
@@ -318,7 +334,7 @@ class Clock:
         me = reactor.shard_id
         deadline = time.monotonic() + self.timeout
         while True:
-            reports = {me: _probe()}  # this shard first, then the others one by one
+            reports = {me: await _probe_here()}  # this shard first, then the others in turn
             for shard in range(reactor.shard_count):
                 if shard != me:
                     reports[shard] = await reactor.send_call(shard, _probe, (), None)
@@ -376,31 +392,34 @@ def _probe() -> tuple[str, list[int], list[int]]:
     """This shard's state for settle(): (what keeps it busy or "", sent, received).
 
     ``sent[j]``/``received[j]``: messages this shard sent to / took from shard j.
+    Runs as a call from the fabric (inside the reactor's poll), so neither the
+    poll nor the caller's task is in the ready queue.
     """
     reactor = require_reactor()
     loop = reactor.loop
-    ready = getattr(loop, "_ready", None)
-    if ready is None:
-        raise ClockError(f"settle() needs pure-asyncio loops; shard {reactor.shard_id} runs "
-                         f"{type(loop).__name__}")
-    poll = reactor._poll
-    busy = ""
-    if any(not handle._cancelled and handle._callback != poll for handle in ready):
-        busy = "ready callbacks"
-    elif reactor._inbox:
-        busy = "its inbox"
-    elif reactor._backlogged:
-        busy = "sends waiting for ring space"
-    elif any(link.inbound.ready() for link in reactor._active_links):
-        busy = "messages waiting in its rings"
-    else:
-        due = loop.time() + loop._clock_resolution
-        if any(not timer._cancelled and timer._when <= due for timer in loop._scheduled):
-            busy = "timers due"
+    if not isinstance(loop, VirtualTimeLoop):
+        raise ClockError(f"settle() needs shards running on a VirtualTimeLoop; shard "
+                         f"{reactor.shard_id} runs {type(loop).__name__}")
+    busy = loop.pending_work()
+    if not busy and not reactor.is_idle():
+        busy = "messages waiting in its inbox or rings, or sends waiting for ring space"
     links = reactor.links[:reactor.shard_count]
     return (busy,
             [link.sent_messages if link is not None else 0 for link in links],
             [link.received_messages if link is not None else 0 for link in links])
+
+
+async def _probe_here() -> tuple[str, list[int], list[int]]:
+    """:func:`_probe` of the calling shard, run from its inbox like a call from outside."""
+    reactor = require_reactor()
+    report: asyncio.Future = reactor.loop.create_future()
+
+    def probe() -> None:
+        if not report.done():
+            report.set_result(_probe())
+
+    reactor.call_threadsafe(probe)
+    return await report
 
 
 def _settled(reports: Sequence[tuple[str, list[int], list[int]]],
