@@ -130,7 +130,7 @@ def test_an_hour_of_sleep_passes_in_an_instant(group, clock):
     assert not any(future.done() for future in naps)
     clock.advance(1)
     assert [future.result(timeout=1) for future in naps] == [0, 1]
-    assert time.monotonic() - start < 1.0
+    assert time.monotonic() - start < 10.0  # far less than the virtual seconds it covered
 
 
 def test_time_stands_still_while_paused_and_goes_on_from_there(group, clock):
@@ -139,10 +139,13 @@ def test_time_stands_still_while_paused_and_goes_on_from_there(group, clock):
     assert group.submit(1, loop_time).result(timeout=5) == before == clock.time()
     clock.advance(10)
     assert group.submit(1, loop_time).result(timeout=5) == pytest.approx(before + 10)
+    resumed_at = time.monotonic()
     clock.resume()
     time.sleep(0.02)
     after = group.submit(0, loop_time).result(timeout=5)
-    assert before + 10.02 <= after < before + 10.5
+    since_resume = time.monotonic() - resumed_at
+    # From where it stood, at the pace of CLOCK_MONOTONIC: no jump, no lost time.
+    assert 0.02 <= after - (before + 10) <= since_resume
 
 
 def test_wait_for_and_timeout_expire_without_real_waiting(group, clock):
@@ -156,7 +159,7 @@ def test_wait_for_and_timeout_expire_without_real_waiting(group, clock):
     assert blocked.result(timeout=1) == "timed out"
     clock.advance(1)
     assert waiting.result(timeout=1) == pytest.approx(30)
-    assert time.monotonic() - start < 1.0
+    assert time.monotonic() - start < 10.0  # far less than the virtual seconds it covered
 
 
 def test_tame_env_sleep_follows_the_virtual_clock(group, clock):
@@ -201,7 +204,7 @@ def cancel_spinners():
 def test_the_clock_works_from_inside_a_shard(group):
     start = time.monotonic()
     assert group.submit(0, in_shard_clock, 1).result(timeout=5) == pytest.approx(120)
-    assert time.monotonic() - start < 1.0
+    assert time.monotonic() - start < 10.0  # far less than the virtual seconds it covered
 
 
 def test_clock_needs_a_virtual_time_group():
