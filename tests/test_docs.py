@@ -64,11 +64,16 @@ def blocks_of(path: Path) -> list[Block]:
             raise AssertionError(f"{path}:{index + 1}: a code block that is never closed")
         marked = MARKER.match(lines[index - 1]) if index else None
         marker = marked.group(1) if marked else None
-        if marker == "fragment" and index > 1 and MARKER.match(lines[index - 2]) and \
-                MARKER.match(lines[index - 2]).group(1) == "layout":
+        if (
+            marker == "fragment"
+            and index > 1
+            and MARKER.match(lines[index - 2])
+            and MARKER.match(lines[index - 2]).group(1) == "layout"
+        ):
             marker = "layout"  # a fragment that is also a layout tree, checked below
-        found.append(Block(path, index + 1, language, marker,
-                           "\n".join(lines[index + 1:end]) + "\n"))
+        found.append(
+            Block(path, index + 1, language, marker, "\n".join(lines[index + 1 : end]) + "\n")
+        )
         index = end + 1
     return found
 
@@ -82,7 +87,7 @@ LAYOUTS = [block for block in ALL if block.marker == "layout"]
 def output_of(block: Block) -> Block | None:
     """The ``<!-- output -->`` block that follows ``block`` in its file, if any."""
     siblings = [other for other in ALL if other.path == block.path]
-    following = siblings[siblings.index(block) + 1:]
+    following = siblings[siblings.index(block) + 1 :]
     if following and following[0].marker == "output":
         return following[0]
     return None
@@ -92,7 +97,8 @@ def test_every_block_is_a_program_or_marked_a_fragment():
     unclassified = []
     for block in ALL:
         if block.marker in ("fragment", "layout", "pytest") or (
-                block.marker is None and block.language == "python"):
+            block.marker is None and block.language == "python"
+        ):
             continue
         if block.marker == "output":
             previous = [other for other in ALL if other.path == block.path]
@@ -102,14 +108,22 @@ def test_every_block_is_a_program_or_marked_a_fragment():
         unclassified.append(f"{block.name} (```{block.language})")
     assert not unclassified, (
         "these code blocks are neither a python program nor marked <!-- fragment --> "
-        "(an <!-- output --> block must follow a program): " + ", ".join(unclassified))
+        "(an <!-- output --> block must follow a program): " + ", ".join(unclassified)
+    )
 
 
 def run(arguments: list[str], cwd: Path) -> subprocess.CompletedProcess:
     environment = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     environment.pop("PYTEST_ADDOPTS", None)
-    return subprocess.run(arguments, cwd=cwd, env=environment, capture_output=True, text=True,
-                          timeout=TIMEOUT, check=False)
+    return subprocess.run(
+        arguments,
+        cwd=cwd,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
 
 
 def matches(expected: list[str], actual: list[str]) -> bool:
@@ -127,21 +141,24 @@ def test_the_program_runs(block, tmp_path):
     script.write_text(block.text)
     result = run([sys.executable, str(script)], tmp_path)
     assert result.returncode == 0, (
-        f"{block.name} exited with {result.returncode}\n{result.stdout}\n{result.stderr}")
+        f"{block.name} exited with {result.returncode}\n{result.stdout}\n{result.stderr}"
+    )
     expected = output_of(block)
     if expected is not None:
         printed = [line.rstrip() for line in result.stdout.splitlines()]
         shown = [line.rstrip() for line in expected.text.splitlines()]
         assert matches(shown, printed), (
-            f"{block.name} printed\n{result.stdout}\nbut the doc shows\n{expected.text}")
+            f"{block.name} printed\n{result.stdout}\nbut the doc shows\n{expected.text}"
+        )
 
 
 @pytest.mark.parametrize("block", TEST_MODULES, ids=[block.name for block in TEST_MODULES])
 def test_the_test_module_passes(block, tmp_path):
     module = tmp_path / "test_from_the_docs.py"
     module.write_text(block.text)
-    result = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                  str(module)], tmp_path)
+    result = run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(module)], tmp_path
+    )
     assert result.returncode == 0, f"{block.name}\n{result.stdout}\n{result.stderr}"
     assert " passed" in result.stdout and " failed" not in result.stdout, result.stdout
 
@@ -169,8 +186,11 @@ def test_the_layout_names_files_that_exist(block):
             names = [name for column in columns for name in column.split(", ")]
         parents = [(depth, name) for depth, name in parents if depth < indent]
         base = ROOT.joinpath(*(name for _, name in parents))
-        missing += [str((base / name).relative_to(ROOT)) for name in names
-                    if not (base / name.rstrip("/")).exists()]
+        missing += [
+            str((base / name).relative_to(ROOT))
+            for name in names
+            if not (base / name.rstrip("/")).exists()
+        ]
         if len(names) == 1 and names[0].endswith("/"):
             parents.append((indent, names[0].rstrip("/")))
     assert not missing, f"{block.name} names what does not exist: {missing}"

@@ -10,9 +10,9 @@ every shard has run what that made due -- without waiting for real time::
         clock = Clock(group)
         clock.pause()
         nap = group.submit(1, asyncio.sleep, 3600, "rested")
+        clock.settle()                   # the call has reached its sleep
         clock.advance(3600)              # every shard's loop jumps an hour
         assert nap.result(timeout=1) == "rested"
-        clock.settle()                   # no shard has anything left to run now
         clock.resume()
 
 How.  uvloop's clock cannot be virtualized (libuv keeps its own time), so the
@@ -304,9 +304,11 @@ class Clock:
         """Wait until no shard has ready work, a timer due, or a message on its way.
 
         From the group's owner.  Each round asks the shards one after the other
-        for their asyncio ready queue, their due timers, their MPSC inbox and
-        their fabric counters; it returns after a round in which every shard
-        was idle and every message a shard sent had been received.  Calls that
+        for their asyncio ready queue, their due timers, their MPSC inbox, the
+        sends waiting for ring space and their fabric counters; it returns
+        after a round in which every shard was idle and every message a shard
+        sent had been received.  A probe travels behind every call the owner
+        submitted before it (one FIFO ring per shard), so those are seen too.  Calls that
         are merely waiting (for a timer not yet due, a dropped message, a
         reply) do not count as work.  I/O in flight is not waited for: bytes
         not yet arrived on a socket, io_uring completions, threads working for
