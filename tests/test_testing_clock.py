@@ -288,3 +288,31 @@ def test_no_reader_sees_a_time_past_a_pause(busy_cpus):
     assert pauses > 100, f"only {pauses} pauses overlapped the readers"
     assert all(values > 100 for _, values in results), results  # they saw it run and stop
     assert [backward for backward, _ in results] == [0, 0]
+
+
+async def hold(data):
+    await asyncio.sleep(3600)
+    return len(data)
+
+
+async def fan_out(calls, size):
+    """Send ``calls`` calls to shard 1 at once: far more than its ring holds."""
+    futures = [shardio.submit_to(1, hold, bytes(size)) for _ in range(calls)]
+    held = shardio.current_reactor().links[1].producer_waits
+    return held, sum(await asyncio.gather(*futures))
+
+
+@pytest.mark.parametrize("backend", ["process", "thread"])
+def test_settle_waits_for_calls_held_by_a_full_ring(backend):
+    """Calls waiting for ring space count as on their way: all reach their sleep."""
+    with virtual_group(2, backend=backend, ring_bytes=16384) as group:
+        clock = Clock(group, timeout=10.0)
+        clock.pause()
+        fanned = group.submit(0, fan_out, 100, 4096)
+        clock.settle()
+        clock.advance(3600)
+        held, total = fanned.result(timeout=10)
+        clock.resume()
+    group.options.loop.close()
+    assert held >= 1  # the ring was full: sends waited in the backlog
+    assert total == 100 * 4096
