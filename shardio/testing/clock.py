@@ -119,7 +119,8 @@ class VirtualTime:
         state = self._state
         while True:
             seq = state[_SEQ]
-            if seq & 1:
+            if seq & 1:  # a write is in progress: let the writer run (it may need the GIL)
+                time.sleep(0)
                 continue
             paused, value = state[_PAUSED], state[_VALUE]
             if state[_SEQ] == seq:
@@ -140,7 +141,8 @@ class VirtualTime:
         monotonic_ns = time.monotonic_ns
         while True:
             seq = state[_SEQ]
-            if seq & 1:
+            if seq & 1:  # a write is in progress: let the writer run (it may need the GIL)
+                time.sleep(0)
                 continue
             paused, value = state[_PAUSED], state[_VALUE]
             now = value if paused else monotonic_ns() + value
