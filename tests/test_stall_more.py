@@ -146,8 +146,8 @@ def test_short_cpu_bound_work_is_not_a_stall(backend):
         return counts
 
     # 100 ms, not 25: on a machine loaded 6x over its 2 CPUs the OS takes a shard (or,
-    # in the thread backend, the GIL) away for 25 ms in most runs; a detector that took
-    # the work below for one stall still reports it, every run, at 100 ms.
+    # in the thread backend, the GIL) away for 25 ms in most runs.  A detector that took
+    # the first workload (~0.2 s) for one stall still reports it every run at 100 ms.
     with shardio.ShardGroup(1, backend=backend, stall_threshold_ms=100) as group:
         warm_up(group)
         # ~0.2 s of pure-Python work in ~50 us pieces, yielding between them
