@@ -81,10 +81,10 @@ def test_stop_with_a_dropped_message_on_a_real_clock_drains_half_the_timeout(loo
         lost = net.drop(0, 1, net.match(func=echo))
         waiting = group.submit(0, wait_on, 1)
         lost.result(timeout=10)
-    took = stop_quickly_and_cleanly(group, 4.0, caplog)
+    took = stop_quickly_and_cleanly(group, 3.0, caplog)
     with pytest.raises(GroupStateError, match=r"call to shard 0 returned \(stop\(\) waited"):
         waiting.result(timeout=0)
-    assert took < 4.0  # it stopped the shards itself, within its timeout
+    assert took < 3.0  # it stopped the shards itself, within its timeout
 
 
 def test_a_paused_clock_does_not_hold_up_a_service_stopping(caplog):
