@@ -186,26 +186,81 @@ class ShardGroup:
         """Drain calls in flight, stop Sharded services, join the shards, free everything.
 
         Safe to call more than once, after a shard crash, and from an exception
-        handler; after ``timeout`` (default ``stop_timeout``) the remaining
-        shards are killed.
+        handler.  Calls in flight get at most half of ``timeout`` (default
+        ``stop_timeout``) to finish, less if they cannot: on a virtual clock
+        that is paused, draining ends once no shard has anything left to run.
+        What is still pending then fails with :class:`GroupStateError`, the
+        clock runs again (so the stop protocol's own timers fire), and the
+        shards stop.  Past ``timeout`` the remaining shards are killed.
         """
         with self._lock:
             if self._state in ("new", "stopped", "stopping"):
                 return
             self._state = "stopping"
         timeout = self.stop_timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
         try:
             for endpoint in list(self._endpoints.values()):
                 self._remove_endpoint(endpoint, deadline)
-            owner = self._owner
-            while owner.in_flight() and time.monotonic() < deadline:
-                time.sleep(0.002)
+            why = self._drain(started + timeout / 2)
+            if why:
+                self._fail_pending(why)
+            resume = getattr(self.options.loop, "resume", None)
+            if getattr(self.options.loop, "paused", False) and resume is not None:
+                resume()  # a paused virtual clock must not hold up the stop protocol's timers
             self._call_all(_stop_shard_services, deadline)
-            owner.expect_exit()
+            self._owner.expect_exit()
             self._call_all(_exit_shard, deadline)
         finally:
             self._teardown(deadline)
+
+    def _drain(self, until: float) -> str:
+        """Wait for the calls in flight until ``until``; why some are left ("" if none)."""
+        owner = self._owner
+        clock = self.options.loop  # a virtual clock (shardio.testing.VirtualTime) has `paused`
+        started = time.monotonic()
+        while owner.in_flight():
+            if getattr(clock, "paused", False) and self._shards_at_rest(until):
+                return "it waits on a paused virtual clock or on a lost message"
+            if time.monotonic() >= until:
+                return f"stop() waited {until - started:.1f} s for it"
+            time.sleep(0.002)
+        return ""
+
+    def _shards_at_rest(self, until: float) -> bool:
+        """One probe round: every shard idle, every message between shards received."""
+        owner = self._owner
+        if any(owner.is_dead(shard) for shard in range(self.shards)):
+            return False
+        futures = [owner.submit(shard, _rest_report, (), None) for shard in range(self.shards)]
+        try:
+            reports = [future.result(timeout=max(0.0, until - time.monotonic()))
+                       for future in futures]
+        except Exception:
+            return False
+        if any(busy for busy, _, _ in reports):
+            return False
+        return all(reports[src][1][dst] == reports[dst][2][src]
+                   for src in range(self.shards) for dst in range(self.shards))
+
+    def _fail_pending(self, why: str) -> None:
+        """Fail the owner's calls still in flight: stop() goes on without them."""
+        owner = self._owner
+        with owner.lock:
+            pending = [(link.peer, future) for link in owner.links
+                       for future in link.pending.values()]
+            pending += [(link.peer, entry[0]) for link in owner.links
+                        for entry in link.waiting]  # held back by the bound, never sent
+            for link in owner.links:
+                link.pending = {}
+                link.waiting.clear()
+        for shard, future in pending:
+            try:
+                future.set_exception(GroupStateError(
+                    f"the group was stopped before this call to shard {shard} returned ({why})"))
+            except concurrent.futures.InvalidStateError:
+                pass  # the caller cancelled it
 
     def _call_all(self, func: Callable, deadline: float) -> None:
         owner = self._owner
@@ -413,6 +468,16 @@ async def _stop_shard_services() -> None:
         except Exception:
             log.exception("stopping %r on shard %d failed", instance, reactor.shard_id)
     await reactor.run_shutdown_hooks()
+
+
+def _rest_report() -> tuple[bool, list[int], list[int]]:
+    """(busy, messages sent to each shard, messages received from each), for stop()."""
+    reactor = require_reactor()
+    pending_work = getattr(reactor.loop, "pending_work", None)  # a VirtualTimeLoop's
+    busy = not reactor.is_idle() or (pending_work is not None and bool(pending_work()))
+    links = reactor.links[:reactor.shard_count]
+    return (busy, [link.sent_messages if link is not None else 0 for link in links],
+            [link.received_messages if link is not None else 0 for link in links])
 
 
 def _exit_shard() -> None:

@@ -775,6 +775,16 @@ class Reactor:
         self._backlogged.discard(link)
         link.inbound.reset_consumer()
 
+    def is_idle(self) -> bool:
+        """True when the fabric gives this shard nothing to do right now (reactor thread).
+
+        Its MPSC inbox is empty, no send waits for ring space, and no message
+        waits in an inbound ring.  The loop's own callbacks and timers are not
+        looked at.  shardio.testing's ``settle()`` and ``stop()`` ask this.
+        """
+        return not self._inbox and not self._backlogged and not any(
+            link.inbound.ready() for link in self._active_links)
+
     def inbox_length(self) -> int:
         """Callbacks waiting in the MPSC inbox (a snapshot, from any thread)."""
         return len(self._inbox)

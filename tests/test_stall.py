@@ -43,13 +43,18 @@ def test_thread_backend_and_the_stall_counter():
 
 
 def test_many_short_tasks_are_not_a_stall():
-    # 100 ms, not 25: on a loaded 2-CPU machine, being descheduled for 25 ms happens,
-    # and it is indistinguishable from a stall.  The tasks themselves take microseconds.
+    # The tasks take microseconds each, the batch far more than 100 ms: a detector that
+    # took the batch for one stall reports one every time.  The OS descheduling the shard
+    # for 100 ms on a loaded machine is indistinguishable from a stall, but it is rare:
+    # one clean batch out of three shows the tasks themselves are not counted.
     out, err = _run("""
         import shardio, shard_functions as sf
         with shardio.ShardGroup(1, stall_threshold_ms=100) as group:
-            print(group.submit(0, sf.many_short_tasks, 20000).result())
-            print(group.submit(0, sf.stall_count).result())
+            for attempt in range(3):
+                before = group.submit(0, sf.stall_count).result()
+                print(group.submit(0, sf.many_short_tasks, 20000).result())
+                if group.submit(0, sf.stall_count).result() == before:
+                    print("clean")
+                    break
     """)
-    assert out.split() == ["20000", "0"]
-    assert "stalled" not in err
+    assert out.split()[-2:] == ["20000", "clean"], out + err

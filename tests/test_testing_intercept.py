@@ -129,7 +129,7 @@ def test_drop_loses_the_call_and_the_callers_timeout_fires(group, clock):
         assert group.submit(0, call_with_timeout, 1, 30, ping, 1).result(5) == ("pong", 1)
         assert group.submit(2, call_with_timeout, 1, 30, record, "kept").result(5) == "kept"
     assert group.submit(1, take_log).result(timeout=5) == [(1, "kept")]
-    assert time.monotonic() - start < 2.0
+    assert time.monotonic() - start < 10.0  # far less than the 30 virtual seconds
 
 
 def test_drop_the_first_attempt_and_the_retry_gets_through(group, clock):

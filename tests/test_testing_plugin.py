@@ -147,3 +147,22 @@ def test_a_leaking_test_fails_at_teardown(pytester):
         "*ERROR at teardown of test_leaks_shared_memory*",
         f"*the test left behind /dev/shm entries ?'{os.path.basename(shm)}'?",
     ])
+
+
+def test_another_users_shm_entries_are_not_leaks():
+    """A database server of another user creates /dev/shm segments at any time."""
+    from shardio.testing.plugin import LeakCheck
+
+    check = LeakCheck()
+    theirs = f"/dev/shm/shardio-plugin-other-user-{os.getpid()}"
+    mine = f"/dev/shm/shardio-plugin-this-user-{os.getpid()}"
+    try:
+        for path in (theirs, mine):
+            with open(path, "wb"):
+                pass
+        os.chown(theirs, 65534, 65534)  # nobody
+        problems = check.leaks(timeout=0)
+    finally:
+        for path in (theirs, mine):
+            os.unlink(path)
+    assert problems == [f"/dev/shm entries ['{os.path.basename(mine)}']"], problems

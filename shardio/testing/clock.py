@@ -10,9 +10,9 @@ every shard has run what that made due -- without waiting for real time::
         clock = Clock(group)
         clock.pause()
         nap = group.submit(1, asyncio.sleep, 3600, "rested")
+        clock.settle()                   # the call has reached its sleep
         clock.advance(3600)              # every shard's loop jumps an hour
         assert nap.result(timeout=1) == "rested"
-        clock.settle()                   # no shard has anything left to run now
         clock.resume()
 
 How.  uvloop's clock cannot be virtualized (libuv keeps its own time), so the
@@ -47,6 +47,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import ShardioError
+from ..fabric import Flag
 from ..fabric.handles import FdHandle
 from ..group import ShardGroup
 from ..reactor import current_reactor, require_reactor
@@ -56,6 +57,11 @@ __all__ = ["Clock", "ClockError", "VirtualTime", "VirtualTimeLoop", "virtual_gro
 _SEQ, _PAUSED, _VALUE = 0, 1, 2
 """Slots of the shared state (int64 each): a seqlock counter, the paused flag,
 and the value: the paused time, or the offset from CLOCK_MONOTONIC, in ns."""
+
+_CLOCK_RESOLUTION = time.get_clock_info("monotonic").resolution
+
+_FENCE_OFFSET = 3 * 8
+"""Byte offset of a scratch word whose Flag gives the writer a full memory fence."""
 
 
 class ClockError(ShardioError):
@@ -89,8 +95,9 @@ class VirtualTime:
             raise
         self._fd = fd
         self._state = memoryview(segment).cast("q")  # aligned 8-byte loads and stores
+        self._fence = Flag(segment, _FENCE_OFFSET)
         self._lock = threading.Lock()
-        self._finalizer = weakref.finalize(self, _release, fd, self._state, segment)
+        self._finalizer = weakref.finalize(self, _release, fd, self._state, self._fence, segment)
 
     def __call__(self) -> VirtualTimeLoop:
         return VirtualTimeLoop(self)
@@ -108,18 +115,39 @@ class VirtualTime:
     # ------------------------------------------------------------ reading
 
     def _read(self) -> tuple[int, int]:
+        """(paused, value), consistent; see now_ns()."""
         state = self._state
-        # A seqlock: retry while a write is in progress or happened meanwhile.  It needs
-        # loads kept in order and stores kept in order, which x86-64 guarantees.
         while True:
             seq = state[_SEQ]
+            if seq & 1:  # a write is in progress: let the writer run (it may need the GIL)
+                time.sleep(0)
+                continue
             paused, value = state[_PAUSED], state[_VALUE]
-            if not seq & 1 and state[_SEQ] == seq:
+            if state[_SEQ] == seq:
                 return paused, value
 
     def now_ns(self) -> int:
-        paused, value = self._read()
-        return value if paused else time.monotonic_ns() + value
+        """The virtual time in ns: never later than a pause() that any reader sees next.
+
+        A seqlock whose read section includes reading CLOCK_MONOTONIC: a write
+        (pause, resume, advance) makes the counter odd, fences, and only then
+        reads CLOCK_MONOTONIC itself, so a reader whose section overlaps it
+        retries and one that does not read the clock before the writer did.
+        Without that, a shard could read a running time a few microseconds past
+        the paused one and start an hour-long timer beyond ``pause + 3600``.
+        It needs loads kept in order and stores kept in order (x86-64 does so).
+        """
+        state = self._state
+        monotonic_ns = time.monotonic_ns
+        while True:
+            seq = state[_SEQ]
+            if seq & 1:  # a write is in progress: let the writer run (it may need the GIL)
+                time.sleep(0)
+                continue
+            paused, value = state[_PAUSED], state[_VALUE]
+            now = value if paused else monotonic_ns() + value
+            if state[_SEQ] == seq:
+                return now
 
     def now(self) -> float:
         """The virtual time, in seconds, on the CLOCK_MONOTONIC scale."""
@@ -131,31 +159,40 @@ class VirtualTime:
 
     # ------------------------------------------------------------ writing (no wake-ups)
 
-    def _write(self, paused: int, value: int) -> None:
+    def _begin_write(self) -> tuple[int, int, int]:
+        """Make the counter odd (readers wait) and fence; the seq and the state it guards."""
         state = self._state
         seq = state[_SEQ]
         state[_SEQ] = seq + 1
+        self._fence.set()  # the odd counter is visible before we read CLOCK_MONOTONIC
+        return seq, state[_PAUSED], state[_VALUE]
+
+    def _end_write(self, seq: int, paused: int, value: int) -> None:
+        state = self._state
         state[_PAUSED] = paused
         state[_VALUE] = value
         state[_SEQ] = seq + 2
 
     def pause(self) -> None:
         with self._lock:
-            if not self._read()[0]:
-                self._write(1, self.now_ns())
+            seq, paused, value = self._begin_write()
+            if not paused:
+                value += time.monotonic_ns()
+            self._end_write(seq, 1, value)
 
     def resume(self) -> None:
         with self._lock:
-            paused, value = self._read()
+            seq, paused, value = self._begin_write()
             if paused:
-                self._write(0, value - time.monotonic_ns())
+                value -= time.monotonic_ns()
+            self._end_write(seq, 0, value)
 
     def advance(self, seconds: float) -> None:
         if seconds < 0:
             raise ValueError(f"the clock only moves forward; got advance({seconds})")
         with self._lock:
-            paused, value = self._read()
-            self._write(paused, value + round(seconds * 1e9))
+            seq, paused, value = self._begin_write()
+            self._end_write(seq, paused, value + round(seconds * 1e9))
 
 
 def _attach(handle: FdHandle) -> VirtualTime:
@@ -165,8 +202,9 @@ def _attach(handle: FdHandle) -> VirtualTime:
     return virtual_time
 
 
-def _release(fd: int, state: memoryview, segment: mmap.mmap) -> None:
+def _release(fd: int, state: memoryview, fence: Flag, segment: mmap.mmap) -> None:
     state.release()
+    fence.close()
     segment.close()
     os.close(fd)
 
@@ -177,15 +215,24 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
     def __init__(self, virtual_time: VirtualTime) -> None:
         super().__init__()
         self.virtual_time = virtual_time
-        self._last_time = 0.0
 
     def time(self) -> float:
-        now = self.virtual_time.now()
-        # A pause computed just before this read may land slightly earlier: never go back.
-        if now < self._last_time:
-            return self._last_time
-        self._last_time = now
-        return now
+        # Never ahead of a pause (see VirtualTime.now_ns), so it needs no clamping.
+        return self.virtual_time.now()
+
+    def pending_work(self) -> str:
+        """What this loop must run at the current time: "ready callbacks", "timers due" or "".
+
+        For :meth:`Clock.settle`'s probe, which runs as one of this loop's
+        callbacks.  asyncio has no public view of a loop's ready queue and timer
+        heap: this reads the ones the class inherits from ``BaseEventLoop``.
+        """
+        if any(not handle.cancelled() for handle in self._ready):
+            return "ready callbacks"
+        due = self.time() + _CLOCK_RESOLUTION  # asyncio's own notion of "due"
+        if any(not timer.cancelled() and timer.when() <= due for timer in self._scheduled):
+            return "timers due"
+        return ""
 
 
 def virtual_group(shards: int | None = None, **options: Any) -> ShardGroup:
@@ -259,9 +306,11 @@ class Clock:
         """Wait until no shard has ready work, a timer due, or a message on its way.
 
         From the group's owner.  Each round asks the shards one after the other
-        for their asyncio ready queue, their due timers, their MPSC inbox and
-        their fabric counters; it returns after a round in which every shard
-        was idle and every message a shard sent had been received.  Calls that
+        for their asyncio ready queue, their due timers, their MPSC inbox, the
+        sends waiting for ring space and their fabric counters; it returns
+        after a round in which every shard was idle and every message a shard
+        sent had been received.  A probe travels behind every call the owner
+        submitted before it (one FIFO ring per shard), so those are seen too.  Calls that
         are merely waiting (for a timer not yet due, a dropped message, a
         reply) do not count as work.  I/O in flight is not waited for: bytes
         not yet arrived on a socket, io_uring completions, threads working for
@@ -289,7 +338,7 @@ class Clock:
         me = reactor.shard_id
         deadline = time.monotonic() + self.timeout
         while True:
-            reports = {me: _probe()}  # this shard first, then the others one by one
+            reports = {me: await _probe_here()}  # this shard first, then the others in turn
             for shard in range(reactor.shard_count):
                 if shard != me:
                     reports[shard] = await reactor.send_call(shard, _probe, (), None)
@@ -347,31 +396,34 @@ def _probe() -> tuple[str, list[int], list[int]]:
     """This shard's state for settle(): (what keeps it busy or "", sent, received).
 
     ``sent[j]``/``received[j]``: messages this shard sent to / took from shard j.
+    Runs as a call from the fabric (inside the reactor's poll), so neither the
+    poll nor the caller's task is in the ready queue.
     """
     reactor = require_reactor()
     loop = reactor.loop
-    ready = getattr(loop, "_ready", None)
-    if ready is None:
-        raise ClockError(f"settle() needs pure-asyncio loops; shard {reactor.shard_id} runs "
-                         f"{type(loop).__name__}")
-    poll = reactor._poll
-    busy = ""
-    if any(not handle._cancelled and handle._callback != poll for handle in ready):
-        busy = "ready callbacks"
-    elif reactor._inbox:
-        busy = "its inbox"
-    elif reactor._backlogged:
-        busy = "sends waiting for ring space"
-    elif any(link.inbound.ready() for link in reactor._active_links):
-        busy = "messages waiting in its rings"
-    else:
-        due = loop.time() + loop._clock_resolution
-        if any(not timer._cancelled and timer._when <= due for timer in loop._scheduled):
-            busy = "timers due"
+    if not isinstance(loop, VirtualTimeLoop):
+        raise ClockError(f"settle() needs shards running on a VirtualTimeLoop; shard "
+                         f"{reactor.shard_id} runs {type(loop).__name__}")
+    busy = loop.pending_work()
+    if not busy and not reactor.is_idle():
+        busy = "messages waiting in its inbox or rings, or sends waiting for ring space"
     links = reactor.links[:reactor.shard_count]
     return (busy,
             [link.sent_messages if link is not None else 0 for link in links],
             [link.received_messages if link is not None else 0 for link in links])
+
+
+async def _probe_here() -> tuple[str, list[int], list[int]]:
+    """:func:`_probe` of the calling shard, run from its inbox like a call from outside."""
+    reactor = require_reactor()
+    report: asyncio.Future = reactor.loop.create_future()
+
+    def probe() -> None:
+        if not report.done():
+            report.set_result(_probe())
+
+    reactor.call_threadsafe(probe)
+    return await report
 
 
 def _settled(reports: Sequence[tuple[str, list[int], list[int]]],

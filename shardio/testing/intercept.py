@@ -305,16 +305,20 @@ class ShardNet:
         return proxy
 
     def _release(self, rule_id: int) -> None:
-        """Send the delayed calls of a rule that are due, in order; re-arm for the rest."""
+        """The timer of the oldest delayed call fired: send it, and those due with it.
+
+        The times in a queue never decrease (one delay, a loop time that does
+        not go back), so this needs no reading of the clock, whose resolution
+        differs between loops (libuv's is a millisecond).  Then arm the next.
+        """
         queue = self.delayed.get(rule_id)
         if not queue:
             return
-        loop = self.reactor.loop
-        due = loop.time() + loop._clock_resolution  # asyncio's own notion of "due"
+        due = queue[0][0]
         while queue and queue[0][0] <= due:
             self._forward(*queue.popleft()[1:])
         if queue:
-            loop.call_at(queue[0][0], self._release, rule_id)
+            self.reactor.loop.call_at(queue[0][0], self._release, rule_id)
 
     def _forward(self, shard: int, func: Callable, args: tuple, kwargs: dict | None,
                  proxy: asyncio.Future) -> None:

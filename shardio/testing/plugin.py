@@ -24,7 +24,7 @@ by indirect parametrization of ``shardio_options``::
     @pytest.mark.parametrize("shardio_options", [{"shards": 1}, {"shards": 3}], indirect=True)
 
 Leak check.  Around each test that uses these fixtures, the plugin notes the
-process's fds, child processes and ``/dev/shm`` entries, and after the
+process's fds, child processes and its user's ``/dev/shm`` entries, and after the
 groups have stopped fails the test (an error at teardown) with whatever is
 new and still there after a short grace period.  Process-wide helpers that
 are created once and kept (multiprocessing's resource tracker, libuv's
@@ -211,7 +211,16 @@ def child_pids() -> set[int]:
 
 
 def shm_entries() -> set[str]:
-    return set(os.listdir("/dev/shm"))
+    """The /dev/shm entries of this user: other users' (a database server) come and go."""
+    mine = set()
+    uid = os.getuid()
+    for entry in os.scandir("/dev/shm"):
+        try:
+            if entry.stat(follow_symlinks=False).st_uid == uid:
+                mine.add(entry.name)
+        except FileNotFoundError:
+            pass  # removed meanwhile
+    return mine
 
 
 class LeakCheck:
