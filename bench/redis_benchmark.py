@@ -1,7 +1,7 @@
 """redis-benchmark against redis-server, a single-process asyncio RESP server, and the
 shardio example (examples/redis_kv) with 1 and 2 shards, in one run.
 
-    python bench/redis.py [--requests 200000] [--clients 50]
+    python bench/redis_benchmark.py [--requests 200000] [--clients 50]
 
 For every server: ``redis-benchmark -t set,get -c CLIENTS -n REQUESTS`` at
 ``-P 1`` and ``-P 16``; for shardio also with ``--cluster`` against the shard
