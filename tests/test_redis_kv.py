@@ -175,3 +175,73 @@ def test_a_password_is_required_when_set() -> None:
             redis.Redis(port=config.shared_port, password="wrong").ping()
         r = redis.Redis(port=config.shared_port, password="s3cret")
         assert r.set("k", "v") and r.get("k") == b"v"
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_fuzzed_resp_never_crashes_a_shard(cluster) -> None:
+    """Random bytes and mutated commands over 300 connections: every shard keeps
+    serving, answers only with RESP, and its memory stays bounded."""
+    import random
+
+    group, config = cluster
+    rng = random.Random(7)
+    valid = [b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n", b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n",
+             b"PING\r\n", b"*1\r\n$4\r\nPING\r\n"]  # fmt: skip
+    rss0 = [_rss_kib(pid) for pid in group.pids]
+    for i in range(300):
+        data = bytearray(rng.choice(valid) * rng.randrange(1, 4))
+        for _ in range(rng.randrange(0, 6)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        if i % 5 == 0:
+            data = bytearray(rng.randbytes(rng.randrange(1, 2000)))
+        port = rng.choice([config.shared_port, *config.shard_ports])
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(bytes(data))
+            s.shutdown(socket.SHUT_WR)
+            s.settimeout(5)
+            reply = b""
+            try:
+                while chunk := s.recv(65536):
+                    reply += chunk
+            except (TimeoutError, ConnectionResetError):
+                pass
+            assert not reply or reply[:1] in b"+-:$*%_", reply[:80]
+    for port in (config.shared_port, *config.shard_ports):
+        assert redis.Redis(port=port).ping()
+    grown = [_rss_kib(pid) - before for pid, before in zip(group.pids, rss0, strict=True)]
+    assert max(grown) < 32 * 1024, f"shard RSS grew by {grown} KiB"
+
+
+def test_a_client_that_never_reads_its_replies_is_held_by_backpressure(cluster) -> None:
+    """1,000,000 pipelined GETs of a 4 KiB value (30 MB of requests, more than the
+    kernel's socket buffers hold), replies never read (4 GB if the shard buffered
+    them): the shard stops reading that client, its memory stays bounded, and other
+    clients are served meanwhile."""
+    group, config = cluster
+    r = redis.Redis(port=config.shared_port)
+    key = next(f"big{i}" for i in range(100) if key_slot(f"big{i}".encode()) < 8192)  # shard 0
+    r.set(key, b"x" * 4096)
+    request = b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(key), key.encode())
+    pid = group.pids[0]
+    rss0 = _rss_kib(pid)
+    hog = socket.create_connection(("127.0.0.1", config.shard_ports[0]))
+    try:
+        hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 10)
+        hog.settimeout(5)
+        sent = 0
+        try:
+            for _ in range(200):
+                hog.sendall(request * 5000)
+                sent += 5000
+        except TimeoutError:
+            pass  # the shard stopped reading: the send buffer filled
+        assert sent < 1_000_000, "the shard kept reading a client that reads nothing"
+        assert redis.Redis(port=config.shard_ports[0]).get(key) == b"x" * 4096
+        grown = _rss_kib(pid) - rss0
+        assert grown < 48 * 1024, f"shard RSS grew {grown} KiB"
+    finally:
+        hog.close()
