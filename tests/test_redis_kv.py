@@ -245,3 +245,26 @@ def test_a_client_that_never_reads_its_replies_is_held_by_backpressure(cluster) 
         assert grown < 48 * 1024, f"shard RSS grew {grown} KiB"
     finally:
         hog.close()
+
+
+def test_expiry_follows_the_virtual_clock() -> None:
+    """SET ... EX 3600 on shards whose loops run on one virtual clock: the key is there
+    until an hour has passed on the clock, and gone (deleted by its shard's timer, not
+    only hidden on read) right after, without waiting an hour."""
+    from shardio.testing import Clock, virtual_group
+
+    config = redis_server.RedisConfig("127.0.0.1", free_port(), (free_port(), free_port()))
+    with virtual_group(2, backend="process", preload=["redis_kv.server"]) as group:
+        for future in group.submit_to_all(redis_server.start_shard, config, ["a" * 40, "b" * 40]):
+            future.result(30)
+        clock = Clock(group)
+        r = redis.Redis(port=config.shared_port)
+        clock.pause()
+        assert r.set("hourly", "v", ex=3600) and r.ttl("hourly") == 3600
+        clock.advance(3599)
+        assert r.get("hourly") == b"v" and r.ttl("hourly") == 1
+        clock.advance(1)
+        clock.settle()
+        assert sum(c["keys"] for c in counters(group)) == 0  # the timer deleted it
+        assert r.dbsize() == 0 and r.get("hourly") is None
+        clock.resume()

@@ -602,6 +602,6 @@ async def start_shard(config: RedisConfig, node_ids: list[str]) -> int:
 
 
 def shard_counters() -> dict[str, int]:
-    """This shard's counters: commands its keyspace ran, and hops it sent."""
+    """This shard's counters: commands its keyspace ran, hops it sent, keys it holds."""
     node = shardio.current_reactor().services[_NODE_KEY]  # type: ignore[union-attr]
-    return {"commands": keyspace().commands, "hops": node.hops}
+    return {"commands": keyspace().commands, "hops": node.hops, "keys": len(keyspace().data)}
