@@ -673,9 +673,10 @@ class ObjectStore:
     def _new_segment(self, seg_id: int) -> BaseException | None:
         """Create the next segment and make its name durable; return an interrupt met meanwhile."""
         p = os.path.join(self.path, _seg_name(seg_id))
-        seg = _Segment(seg_id, p, self.env.open(p, "x+b"))
+        f, opened = self._create(p)
+        seg = _Segment(seg_id, p, f)
         try:
-            interrupt = self._finish(self.env.fsync_dir, self.path)
+            interrupt = self._finish(self.env.fsync_dir, self.path) or opened
         except BaseException:
             seg.f.close()
             try:
@@ -1161,6 +1162,29 @@ class ObjectStore:
         raise StoreError(
             f"object store {self.path!r}: an I/O step was interrupted {_INTERRUPT_RETRIES} "
             "times in a row"
+        ) from interrupt
+
+    def _create(self, path: str) -> tuple[EnvFile, BaseException | None]:
+        """Create a new, empty file despite interrupts; (the file, the first interrupt).
+
+        An interrupted create may still have made the file (an io_uring open is
+        not undone with its waiter), so a retry opens it as it is, empty: the
+        directory is locked and segment numbers only grow, so the name is ours.
+        """
+        interrupt: BaseException | None = None
+        mode = "x+b"
+        for _ in range(_INTERRUPT_RETRIES):
+            try:
+                return self.env.open(path, mode), interrupt
+            except BaseException as exc:
+                if not _is_interrupt(exc):
+                    raise
+                if interrupt is None:
+                    interrupt = exc
+                mode = "w+b"
+        raise StoreError(
+            f"object store {self.path!r}: creating {path!r} was interrupted "
+            f"{_INTERRUPT_RETRIES} times in a row"
         ) from interrupt
 
     def _relock(self) -> BaseException | None:
