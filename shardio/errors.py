@@ -90,7 +90,10 @@ _SUBSYSTEM_ERRORS = {
     "TameError": "shardio.tame.stacks",
     "NotOnTameStack": "shardio.tame.stacks",
     "StackKilled": "shardio.tame.stacks",
+    "TameConfigError": "shardio.tame.stacks",
+    "UringSubmitError": "shardio.io.uring",
     "ClockError": "shardio.testing.clock",
+    "SimulatedCrash": "shardio.testing.crash_env",
     "NoMatchingMessage": "shardio.testing.intercept",
 }
 
