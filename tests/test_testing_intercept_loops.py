@@ -70,7 +70,9 @@ def loop_name():
     loop = asyncio.get_running_loop()
     if hasattr(loop, "virtual_time"):
         return "virtual"
-    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+    import uvloop
+
+    return "uvloop" if isinstance(loop, uvloop.Loop) else "asyncio"  # (shardio subclasses it)
 
 
 def record(item):
