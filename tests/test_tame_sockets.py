@@ -833,3 +833,43 @@ def test_calls_that_complete_at_once_yield_after_the_quota(op, tls) -> None:
 
     ticks_seen, yields = run(main)
     assert ticks_seen >= 3 and yields >= 3
+
+
+def test_tls_server_side_accept_and_handshake_yield() -> None:
+    """A TLS server on a tame stack (SSLSocket.accept over TameSocket.accept), a client
+    coroutine on the same loop: the accept, the handshake and the read must all yield."""
+    trustme = pytest.importorskip("trustme", reason="trustme (the test extra) makes the certs")
+    ca = trustme.CA()
+    server_ctx = tame_context(ssl.create_default_context(ssl.Purpose.CLIENT_AUTH))
+    ca.issue_cert("localhost").configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+
+    async def main() -> Any:
+        listener = server_ctx.wrap_socket(tame_create_server(("127.0.0.1", 0)), server_side=True)
+        listener.settimeout(5)
+
+        def serve() -> Any:
+            conn, _ = listener.accept()
+            data = b""
+            while len(data) < 100_000:
+                data += conn.recv(65536)
+            conn.sendall(hashlib.sha256(data).digest())
+            kind = type(conn)
+            conn.close()
+            return kind
+
+        server = asyncio.ensure_future(tame.call(serve))
+        await asyncio.sleep(0.02)  # the stack is parked in accept
+        reader, writer = await asyncio.open_connection(
+            *listener.getsockname(), ssl=client_ctx, server_hostname="localhost"
+        )
+        payload = blob(100_000)
+        writer.write(payload)
+        answer = await reader.readexactly(32)
+        kind = await asyncio.wait_for(server, 10)
+        writer.close()
+        listener.close()
+        return kind, answer == hashlib.sha256(payload).digest()
+
+    assert run(main) == (TameSSLSocket, True)
