@@ -73,6 +73,12 @@ def tame_getaddrinfo(
     )  # type: ignore[no-any-return]
 
 
+# The kernel calls of socket.socket, without TameSocket's waiting.
+_recv = socket.socket.recv
+_recv_into = socket.socket.recv_into
+_send = socket.socket.send
+
+
 class TameSocket(socket.socket):
     """A socket.socket whose blocking calls yield to the reactor on a tame stack.
 
@@ -164,11 +170,22 @@ class TameSocket(socket.socket):
 
     # -- I/O -------------------------------------------------------------------------
 
+    # recv, recv_into and send are the hot calls: their fast path is inlined.
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
-        return self._call(False, super().recv, bufsize, flags)  # type: ignore[no-any-return]
+        try:
+            data = _recv(self, bufsize, flags)
+        except (BlockingIOError, InterruptedError):
+            return self._call(False, _recv, self, bufsize, flags)  # type: ignore[no-any-return]
+        checkpoint()
+        return data  # type: ignore[no-any-return]
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
-        return self._call(False, super().recv_into, buffer, nbytes, flags)  # type: ignore[no-any-return]
+        try:
+            n = _recv_into(self, buffer, nbytes, flags)
+        except (BlockingIOError, InterruptedError):
+            return self._call(False, _recv_into, self, buffer, nbytes, flags)  # type: ignore[no-any-return]
+        checkpoint()
+        return n  # type: ignore[no-any-return]
 
     def recvfrom(self, bufsize: int, flags: int = 0) -> tuple[bytes, Any]:
         return self._call(False, super().recvfrom, bufsize, flags)  # type: ignore[no-any-return]
@@ -183,7 +200,12 @@ class TameSocket(socket.socket):
         return self._call(False, super().recvmsg_into, *args)
 
     def send(self, data: Any, flags: int = 0) -> int:
-        return self._call(True, super().send, data, flags)  # type: ignore[no-any-return]
+        try:
+            n = _send(self, data, flags)
+        except (BlockingIOError, InterruptedError):
+            return self._call(True, _send, self, data, flags)  # type: ignore[no-any-return]
+        checkpoint()
+        return n  # type: ignore[no-any-return]
 
     def sendto(self, data: Any, *args: Any) -> int:
         return self._call(True, super().sendto, data, *args)  # type: ignore[no-any-return]
