@@ -404,8 +404,9 @@ class Runtime:
         while ready:
             now = _perf_counter()
             if now > self.half_deadline and not self._may_run(now):
-                self.ready_scheduled = True
-                self.loop.call_soon(self._run_ready)
+                if not self.ready_scheduled:  # a stack resumed here may have queued it
+                    self.ready_scheduled = True
+                    self.loop.call_soon(self._run_ready)
                 return
             resume, arg = ready.popleft()
             resume(arg)
