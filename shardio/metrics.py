@@ -246,9 +246,8 @@ def _reactor_series(out: _Families, reactor: Reactor) -> None:
     out.counter("shardio_reactor_busy_seconds",
                 "Wall time since the reactor started, minus its sleep.",
                 max(0.0, time.monotonic() - stats.started_at - stats.sleep_seconds), shard=shard)
-    # The gatherer runs on the reactor thread, so this is that thread's CPU time.
     out.counter("shardio_reactor_cpu_seconds", "CPU time of the reactor thread.",
-                time.thread_time(), shard=shard)
+                stats.cpu_seconds, shard=shard)
     out.gauge("shardio_reactor_inbox_length", "Callbacks waiting in the MPSC inbox.",
               reactor.inbox_length(), shard=shard)
     _tame_series(out, reactor, shard)

@@ -75,7 +75,6 @@ _unpack_header = HEADER.unpack_from
 _HEADER_SIZE = HEADER.size
 _CoroutineType = types.CoroutineType
 _perf_counter = time.perf_counter
-_thread_time = time.thread_time
 
 _serving_shard_request: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "shardio_serving_shard_request", default=False)
@@ -118,9 +117,9 @@ class ReactorStats:
     """Plain counters, read by the metrics layer at scrape time."""
 
     __slots__ = (
-        "polls", "idle_spins", "sleeps", "doorbell_wakeups", "work_wakeups", "sleep_seconds",
+        "polls", "idle_spins", "sleeps", "doorbell_wakeups", "work_wakeups", "asleep_seconds",
         "requests_run", "tasks_started", "external_submissions", "inbox_items",
-        "batches", "batch_messages", "started_at", "stalls",
+        "batches", "batch_messages", "started_at", "stalls", "cpu_clock",
     )
 
     def __init__(self) -> None:
@@ -129,7 +128,8 @@ class ReactorStats:
         self.sleeps = 0
         self.doorbell_wakeups = 0
         self.work_wakeups = 0
-        self.sleep_seconds = 0.0
+        self.asleep_seconds = 0.0  # wall time from sleeping to waking, summed
+        self.cpu_clock: int | None = None  # the reactor thread's CPU-time clock, once it runs
         self.requests_run = 0
         self.tasks_started = 0
         self.external_submissions = 0
@@ -138,6 +138,20 @@ class ReactorStats:
         self.batch_messages = 0
         self.started_at = time.monotonic()
         self.stalls = 0
+
+    @property
+    def cpu_seconds(self) -> float:
+        """CPU time of the reactor thread (readable from any thread)."""
+        return 0.0 if self.cpu_clock is None else time.clock_gettime(self.cpu_clock)
+
+    @property
+    def sleep_seconds(self) -> float:
+        """Time the reactor slept: from setting its sleeping flag to waking, but never
+        more than the time its thread did not use the CPU (callbacks the loop ran
+        before the reactor noticed it was awake are not sleep). Both clocks are
+        read here, not at every sleep: a thread CPU-time read is a system call."""
+        idle = time.monotonic() - self.started_at - self.cpu_seconds
+        return max(0.0, min(self.asleep_seconds, idle))
 
 
 def new_event_loop(kind: str | Callable[[], asyncio.AbstractEventLoop] = "auto"
@@ -231,7 +245,6 @@ class Reactor:
         self._idle_since = 0.0
         self._asleep = False
         self._asleep_since = 0.0
-        self._asleep_cpu = 0.0
         self._wake_hook = False
         self._on_wake: Callable[[], None] | None = None
         self._confirming = False  # one idle loop iteration away from sleeping
@@ -248,6 +261,7 @@ class Reactor:
         loop = new_event_loop(self.loop_kind)
         self.loop = loop
         self.thread_id = threading.get_ident()
+        self.stats.cpu_clock = time.pthread_getcpuclockid(self.thread_id)
         self._wake_hook = getattr(type(loop), "shardio_hookable", False)
         # Bound now: the reactor's own re-polls never go through the wake hook.
         self._call_soon = loop.call_soon
@@ -388,7 +402,6 @@ class Reactor:
             return
         self._asleep = True
         self._asleep_since = _perf_counter()
-        self._asleep_cpu = _thread_time()
         stats.sleeps += 1
         if self._wake_hook:
             self._hook(self._woken_by_work)
@@ -422,11 +435,9 @@ class Reactor:
         self._asleep = False
         self.sleeping.clear()
         self._unhook()
-        # Wall time minus the CPU this thread spent meanwhile (socket and timer
-        # callbacks that ran before anything woke the reactor) is time blocked.
-        asleep = (_perf_counter() - self._asleep_since) - (_thread_time() - self._asleep_cpu)
-        if asleep > 0.0:
-            self.stats.sleep_seconds += asleep
+        # Socket and timer callbacks may have run before anything woke the reactor:
+        # ReactorStats.sleep_seconds takes their CPU time out when it is read.
+        self.stats.asleep_seconds += _perf_counter() - self._asleep_since
         self._idle_since = 0.0
 
     def _on_doorbell(self) -> None:
