@@ -1,0 +1,100 @@
+"""Server CPU per cached read in the fair layout, quickly: the server confined to CPU 0,
+the load generator (``python -m shardio.osd bench``, 32 in flight) on CPU 1.
+
+    python bench/fair_cpu.py [--seconds 5] [--servers shardio,gevent,threaded,shardio-threaded]
+
+Loads a 1-shard OSD data set once (5,000 objects of 4 KiB under /var/tmp), then for
+each server: start it on CPU 0, run the closed loop, and print reads/s and the
+server's user + system CPU (its whole process tree, from /proc) per read. The
+full suite (``bench/latency.py``) measures far more; this is the quick A/B.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+PY = sys.executable
+PEERS = {
+    "gevent": "gevent_server.py",
+    "threaded": "threaded_server.py",
+    "shardio-threaded": "shardio_threaded.py",
+}
+
+
+def tree_cpu(pid: int) -> float:
+    ticks = os.sysconf("SC_CLK_TCK")
+    total, pending = 0.0, [pid]
+    while pending:
+        p = pending.pop()
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                pending += [int(c) for c in f.read().split()]
+        except OSError:
+            continue
+    return total
+
+
+def start(name: str, data: str, port: int) -> subprocess.Popen[str]:
+    if name == "shardio":
+        argv = [PY, "-m", "shardio.osd", "serve", "--shards", "1", "--data", data,
+                "--port", str(port), "--idle-poll-us", "0"]  # fmt: skip
+    else:
+        argv = [PY, os.path.join(HERE, "peers", PEERS[name]), "--data", data, "--port", str(port)]
+    proc = subprocess.Popen(["taskset", "-c", "0", *argv], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "listening on" in line or "serving" in line:
+            return proc
+    raise SystemExit(f"{name} did not start")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--servers", default="shardio,gevent")
+    p.add_argument("--data", default="/var/tmp/shardio-fair-cpu")
+    args = p.parse_args(argv)
+    if not os.path.exists(os.path.join(args.data, "osd.json")):
+        proc = start("shardio", args.data, 17950)
+        subprocess.run([PY, "-m", "shardio.osd", "load", "--addr", "127.0.0.1:17950",
+                        "--objects", "5000", "--size", "4096"], cwd=ROOT, check=True)  # fmt: skip
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+    for name in args.servers.split(","):
+        port = 17951
+        proc = start(name, args.data, port)
+        time.sleep(1)
+        cpu0 = tree_cpu(proc.pid)
+        out = subprocess.run(
+            ["taskset", "-c", "1", PY, "-m", "shardio.osd", "bench", "--addr",
+             f"127.0.0.1:{port}", "--objects", "5000", "--seconds", str(args.seconds),
+             "--concurrency", "32"],
+            cwd=ROOT, capture_output=True, text=True,
+        ).stdout  # fmt: skip
+        cpu = tree_cpu(proc.pid) - cpu0
+        m = re.search(r"closed loop \(32\)\s+(\d+)", out)
+        rate = float(m.group(1)) if m else float("nan")
+        print(f"{name:17s} {rate:>9,.0f} reads/s  server CPU "
+              f"{1e6 * cpu / (rate * args.seconds):6.1f} us/read", flush=True)  # fmt: skip
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
