@@ -107,8 +107,12 @@ class OwnerEndpoint:
                    max_message_bytes=max_message_bytes, name=f"endpoint-{segment.number}")
     # ------------------------------------------------------------ submitting
 
-    def submit(self, shard: int, func: Callable, args: tuple, kwargs: dict | None
-               ) -> concurrent.futures.Future:
+    def submit(self, shard: int, func: Callable, args: tuple, kwargs: dict | None,
+               *, control: bool = False) -> concurrent.futures.Future:
+        """Send a call to ``shard``; a Future of its result. A call beyond the bound waits
+        unpickled in ``link.waiting``; a ``control`` call (shardio's own: the stop protocol,
+        the test clock's probes) is never held back, so the bound cannot hold up what
+        waits on it, and it goes behind every waiting call that has room now."""
         if self._closing:
             raise GroupStateError("cannot submit: this endpoint was closed")
         if not 0 <= shard < self.shard_count:
@@ -122,11 +126,17 @@ class OwnerEndpoint:
             if link.dead:
                 future.set_exception(ShardDied(shard))
                 return future
-            if not link.has_room():
+            failed = self._admit_locked(link) if control and link.waiting else []
+            if not control and not link.has_room():
                 link.waiting.append((future, func, args, kwargs))
                 link.bound_waits += 1
                 return future
             self._send_call(link, future, func, args, kwargs)
+        for waiting_future, error in failed:  # outside the lock, as _admit does
+            try:
+                waiting_future.set_exception(error)
+            except concurrent.futures.InvalidStateError:
+                pass
         return future
 
     def _send_call(self, link: Link, future: concurrent.futures.Future, func: Callable,
@@ -141,22 +151,27 @@ class OwnerEndpoint:
 
     def _admit(self, link: Link) -> None:
         """Send waiting calls, oldest first, while the bound allows (receiver thread)."""
-        failed = []
         with self.lock:
-            waiting = link.waiting
-            while waiting and link.room_for_waiting() and not link.dead:
-                future, func, args, kwargs = waiting.popleft()
-                if future.cancelled():
-                    continue
-                try:
-                    self._send_call(link, future, func, args, kwargs)
-                except Exception as error:  # cannot be pickled, too large
-                    failed.append((future, error))
+            failed = self._admit_locked(link)
         for future, error in failed:  # outside the lock: callbacks may submit again
             try:
                 future.set_exception(error)
             except concurrent.futures.InvalidStateError:
                 pass
+
+    def _admit_locked(self, link: Link) -> list[tuple[concurrent.futures.Future, Exception]]:
+        """Send waiting calls that have room (under the lock); those that failed to go."""
+        failed = []
+        waiting = link.waiting
+        while waiting and link.room_for_waiting() and not link.dead:
+            future, func, args, kwargs = waiting.popleft()
+            if future.cancelled():
+                continue
+            try:
+                self._send_call(link, future, func, args, kwargs)
+            except Exception as error:  # cannot be pickled, too large
+                failed.append((future, error))
+        return failed
 
     def in_flight(self) -> int:
         """Calls submitted from outside that wait for their result (sent or held back)."""

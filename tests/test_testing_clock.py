@@ -316,3 +316,20 @@ def test_settle_waits_for_calls_held_by_a_full_ring(backend):
     group.options.loop.close()
     assert held >= 1  # the ring was full: sends waited in the backlog
     assert total == 100 * 4096
+
+
+def test_settle_accounts_for_calls_held_back_by_the_fabric_bound():
+    """Three 10 s naps from the owner to a shard that may have one call in flight
+    (max_calls_per_peer=1): the second and third wait, unpickled, behind the bound.
+    After each advance(10), settle() must see the next one reach its sleep before the
+    clock moves again, so the three finish after three advances, one each."""
+    with virtual_group(1, backend="process", max_calls_per_peer=1) as group:
+        clock = Clock(group)
+        clock.pause()
+        naps = [group.submit(0, asyncio.sleep, 10, n) for n in range(3)]
+        for n in range(3):
+            clock.settle()
+            assert [nap.done() for nap in naps] == [True] * n + [False] * (3 - n)
+            clock.advance(10)
+            assert naps[n].result(timeout=10) == n
+        clock.resume()

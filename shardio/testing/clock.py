@@ -324,7 +324,7 @@ class Clock:
         group = self.group
         deadline = time.monotonic() + self.timeout
         while True:
-            reports = [self._result(group.submit(shard, _probe), "settle()")
+            reports = [self._result(group._submit_control(shard, _probe), "settle()")
                        for shard in range(group.shards)]
             if _settled(reports):
                 return
@@ -375,7 +375,7 @@ class Clock:
         if not group.running:
             return
         deadline = time.monotonic() + self.timeout
-        futures = [group.submit(shard, _wake) for shard in range(group.shards)]
+        futures = [group._submit_control(shard, _wake) for shard in range(group.shards)]
         for future in futures:
             self._result(future, "waking the shards", deadline)
 
