@@ -19,6 +19,8 @@ import subprocess
 import sys
 import time
 
+from process_cpu import tree_cpu
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PY = sys.executable
@@ -27,22 +29,6 @@ PEERS = {
     "threaded": "threaded_server.py",
     "shardio-threaded": "shardio_threaded.py",
 }
-
-
-def tree_cpu(pid: int) -> float:
-    ticks = os.sysconf("SC_CLK_TCK")
-    total, pending = 0.0, [pid]
-    while pending:
-        p = pending.pop()
-        try:
-            with open(f"/proc/{p}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / ticks
-            with open(f"/proc/{p}/task/{p}/children") as f:
-                pending += [int(c) for c in f.read().split()]
-        except OSError:
-            continue
-    return total
 
 
 def start(name: str, data: str, port: int) -> subprocess.Popen[str]:

@@ -25,6 +25,8 @@ import sys
 import time
 from typing import Any
 
+from process_cpu import tree_cpu
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 _PY = sys.executable
@@ -34,24 +36,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def tree_cpu(pid: int) -> float:
-    """User + system seconds of pid and its descendants."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    pending = [pid]
-    while pending:
-        p = pending.pop()
-        try:
-            with open(f"/proc/{p}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / ticks
-            with open(f"/proc/{p}/task/{p}/children") as f:
-                pending += [int(c) for c in f.read().split()]
-        except OSError:
-            continue
-    return total
 
 
 def wait_port(port: int, timeout: float = 60) -> None:
