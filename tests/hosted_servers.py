@@ -19,12 +19,6 @@ async def host_kv(port: int) -> int:
     return server.address[1]
 
 
-def served() -> int:
-    """Commands this shard's KV server answered."""
-    (server,) = tame.servers.hosted()
-    return server.server.served  # type: ignore[attr-defined,no-any-return]
-
-
 def connection_stacks() -> int:
     """Tame stacks of this shard parked in a connection handler (one per open connection)."""
     return sum(

@@ -78,11 +78,11 @@ class ThreadPoolNode:
 class ThreadPoolConnection(OSDConnection):
     """The OSD protocol, each local request run in the thread pool instead of a tame stack."""
 
-    node: ThreadPoolNode
+    service: ThreadPoolNode
 
     def run_here(self, entry: Entry) -> None:
         frame = entry.request
-        fut = self.node.run_in_pool(
+        fut = self.service.run_in_pool(
             frame.op, frame.name, frame.offset, frame.length, frame.payload
         )
         fut.add_done_callback(lambda fut: self._hop_done(entry, fut))

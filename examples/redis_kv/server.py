@@ -22,6 +22,7 @@ refuses another address unless a password is set (``AUTH``/``HELLO ... AUTH``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import ipaddress
 import os
@@ -92,8 +93,7 @@ class RedisNode:
         self.connections: set[Any] = set()
         self.waiting = WaitingRequests()
         self.servers: list[asyncio.AbstractServer] = []
-        self.node_ids = [os.urandom(20).hex() for _ in range(self.shards)]
-        self.node_ids[self.shard_id] = os.urandom(20).hex()
+        self.node_ids: list[str] = []  # every shard's cluster node id, given by start()
 
     def enter(self) -> None:
         pass
@@ -207,7 +207,6 @@ class RedisConnection(TameBatchConnection):
 
     def __init__(self, node: RedisNode, *, cluster: bool) -> None:
         super().__init__(node)
-        self.node = node
         self.cluster = cluster
         self.parser = resp.RequestParser()
         self.authenticated = node.config.password is None
@@ -270,27 +269,34 @@ class RedisConnection(TameBatchConnection):
 
     def _owner(self, key: bytes) -> tuple[int, int]:
         slot = key_slot(key)
-        return slot, shard_of_slot(slot, self.node.shards)
+        return slot, shard_of_slot(slot, self.service.shards)
 
     def _moved(self, slot: int, owner: int) -> bytes:
-        return b"-MOVED %d %s\r\n" % (slot, self.node.address(owner))
+        return b"-MOVED %d %s\r\n" % (slot, self.service.address(owner))
 
     def _one_key(self, entry: Entry, name: bytes, command: list[bytes]) -> None:
         slot, owner = self._owner(command[1])
         method, args = key_call(name, command, self.null)
-        if owner == self.node.shard_id:
+        if owner == self.service.shard_id:
             self.complete(entry, [getattr(keyspace(), method)(*args)])
         elif self.cluster:
             self.complete(entry, [self._moved(slot, owner)])
         else:
-            self._send(entry, owner, keyspace_module.run, method, *args)
+            self._send(entry, owner, lambda f: self._sent_done(entry, f), method, *args)
 
-    def _send(self, entry: Entry, shard: int, func: Callable[..., Any], *args: Any) -> None:
-        self.node.hops += 1
+    def _send(
+        self,
+        entry: Entry,
+        shard: int,
+        done: Callable[[asyncio.Future[Any]], None],
+        method: str,
+        *args: Any,
+    ) -> None:
+        """Run a KeySpace method on the shard that owns the keys; ``done(future)`` after."""
+        self.service.hops += 1
         self.wait_for(entry, STAGE_SENT.format(shard=shard))
-        future = shardio.submit_to(shard, func, *args)
-        future = asyncio.ensure_future(future)
-        future.add_done_callback(lambda f: self._sent_done(entry, f))
+        future = asyncio.ensure_future(shardio.submit_to(shard, keyspace_module.run, method, *args))
+        future.add_done_callback(done)
 
     def _sent_done(self, entry: Entry, future: asyncio.Future[Any]) -> None:
         if future.cancelled():
@@ -318,7 +324,7 @@ class RedisConnection(TameBatchConnection):
                     "CROSSSLOT Keys in request don't hash to the same slot")])  # fmt: skip
                 return
             ((owner, _),) = owners.items()
-            if owner != self.node.shard_id:
+            if owner != self.service.shard_id:
                 self.complete(entry, [self._moved(slots.pop(), owner)])
                 return
         gather = _Gather(self, entry, name, len(keys), len(owners))
@@ -330,17 +336,11 @@ class RedisConnection(TameBatchConnection):
                 args = [keys[p] for p in positions]
                 method = {b"MGET": "get_many", b"DEL": "delete_many"}.get(name, "exists_many")
             extra = (self.null,) if name == b"MGET" else ()
-            if owner == self.node.shard_id:
+            if owner == self.service.shard_id:
                 gather.part(positions, getattr(keyspace(), method)(args, *extra))
             else:
-                self.node.hops += 1
-                self.wait_for(entry, STAGE_SENT.format(shard=owner))
-                future = asyncio.ensure_future(
-                    shardio.submit_to(owner, keyspace_module.run, method, args, *extra)
-                )
-                future.add_done_callback(
-                    lambda f, positions=positions: gather.part_done(positions, f)
-                )
+                done = functools.partial(gather.part_done, positions)
+                self._send(entry, owner, done, method, args, *extra)
 
     def _every_shard(self, entry: Entry, name: bytes) -> None:
         method = "size" if name == b"DBSIZE" else "flush"
@@ -397,7 +397,7 @@ class RedisConnection(TameBatchConnection):
         self.loop.call_soon(self.close_after_replies)
 
     def _auth(self, password: bytes) -> bytes:
-        expected = self.node.config.password
+        expected = self.service.config.password
         if expected is None:
             return resp.error(
                 "ERR AUTH <password> called without any password configured for the default "
@@ -469,7 +469,7 @@ class RedisConnection(TameBatchConnection):
         return resp.array(out)
 
     def _info(self) -> str:
-        node = self.node
+        node = self.service
         space = keyspace()
         lines = [
             "# Server", "redis_version:7.0.0", "redis_mode:cluster", f"process_id:{os.getpid()}",
@@ -483,7 +483,7 @@ class RedisConnection(TameBatchConnection):
         return "\r\n".join(lines) + "\r\n"
 
     def _cluster(self, args: list[bytes]) -> bytes:
-        node = self.node
+        node = self.service
         sub = args[0].upper()
         host = node.config.host.encode()
         if sub == b"KEYSLOT" and len(args) == 2:

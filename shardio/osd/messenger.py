@@ -154,7 +154,6 @@ class OSDConnection(TameBatchConnection):
 
     def __init__(self, node: Node) -> None:
         super().__init__(node)
-        self.node = node
         limits = node.limits
         self.max_read = limits.max_read
         self.list_charge = limits.max_list * (MAX_NAME + 2)
@@ -225,7 +224,7 @@ class OSDConnection(TameBatchConnection):
     def start(self, entry: Entry) -> None:
         frame: Frame = entry.request
         op = frame.op
-        node = self.node
+        node = self.service
         if frame.flags & FLAG_REPLY:
             self._answer(entry, Status.EINVAL)
             return
@@ -268,7 +267,7 @@ class OSDConnection(TameBatchConnection):
         self.complete(entry, self.finish(entry, result, error))
 
     def execute(self, frame: Frame) -> Result:
-        return self.node.run_op(frame.op, frame.name, frame.offset, frame.length, frame.payload)
+        return self.service.run_op(frame.op, frame.name, frame.offset, frame.length, frame.payload)
 
     def finish(self, entry: Entry, result: Any, error: BaseException | None) -> list[bytes]:
         frame: Frame = entry.request

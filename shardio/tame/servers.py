@@ -18,7 +18,7 @@ connections over them, as with ``SO_REUSEPORT`` workers.
 
 The server stops with the shard (``shutdown()``, then ``server_close()``,
 which joins the connection threads as ``socketserver`` does), or earlier
-with :func:`stop`. What the handler does must be tamed to yield: calls into
+with ``await server.stop()``. What the handler does must be tamed to yield: calls into
 modules that were not patched block the reactor like any untamed call
 (see ``shardio.tame.patch``).
 """
@@ -34,7 +34,7 @@ from typing import Any
 from . import stacks
 from .patch import patch, unpatch
 
-__all__ = ["HostedServer", "host", "hosted", "stop"]
+__all__ = ["HostedServer", "host", "hosted"]
 
 
 class HostedServer:
@@ -137,8 +137,3 @@ async def host(
 def hosted() -> list[HostedServer]:
     """The servers this process hosts on tame stacks and has not stopped."""
     return list(_hosted.values())
-
-
-async def stop(server: HostedServer) -> None:
-    """Stop a hosted server (the same as ``server.stop()``)."""
-    await server.stop()
