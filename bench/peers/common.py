@@ -46,6 +46,7 @@ from shardio.osd.protocol import (
     FrameError,
     Status,
     encode_frame_parts,
+    encode_reply_parts,
 )
 from shardio.osd.server import apply_op
 from shardio.tame import posix_env
@@ -171,14 +172,11 @@ def execute(stores: StoreSet, frame: Frame) -> Result:
     )
 
 
-def reply_parts(frame: Frame, result: Result) -> tuple[bytes, bytes]:
-    """The reply frame of a request as (header + name, payload), ready for ``writelines``."""
+def reply_parts(frame: Frame, result: Result) -> list[bytes]:
+    """The reply frame of a request as [header, payload], ready for ``writelines``
+    (the encoder the shardio messenger uses)."""
     status, payload, length, flags = result
-    head, body = encode_frame_parts(
-        frame.op, frame.tid, payload=payload, status=status, length=length,
-        flags=flags | FLAG_REPLY,
-    )
-    return head, body  # type: ignore[return-value]
+    return encode_reply_parts(frame.op, frame.tid, status, payload, length, flags)
 
 
 def answer_inline(stores: StoreSet, frame: Frame) -> Result | None:
@@ -251,10 +249,7 @@ def handle_blocking(sock: socket.socket, stores: StoreSet, recv_size: int = 256 
             result = answer_inline(stores, frame)
             if result is None:
                 result = execute(stores, frame)
-            head, body = reply_parts(frame, result)
-            out.append(head)
-            if body:
-                out.append(body)
+            out += reply_parts(frame, result)
         if out:
             try:
                 sendall(b"".join(out))

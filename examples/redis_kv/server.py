@@ -222,8 +222,7 @@ class RedisConnection(TameBatchConnection):
             self.reply_now([resp.error(f"ERR {exc}")])
             self.close_after_replies()
             return
-        for command in commands:
-            self.admit(command)
+        self.admit_all(commands)
 
     def charge(self, command: list[bytes]) -> int:
         return 64 + sum(len(a) for a in command)

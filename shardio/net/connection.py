@@ -37,6 +37,7 @@ import logging
 import socket
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -124,9 +125,9 @@ class Entry:
 class TameBatchConnection(asyncio.Protocol):
     """One client connection on the shard that accepted it; subclass it for a protocol.
 
-    Override ``feed`` (decode, then ``admit`` each request), ``charge``,
-    ``start``, ``execute`` and ``finish``; optionally ``feed_eof`` and
-    ``details``.
+    Override ``feed`` (decode, then ``admit_all`` the requests), ``charge``,
+    ``start``, ``execute`` and ``finish``; optionally ``feed_eof``,
+    ``details`` and ``end_of_pass``.
     """
 
     #: replies in request order (protocols without request ids), else as they complete
@@ -158,11 +159,12 @@ class TameBatchConnection(asyncio.Protocol):
         self._in_pass = False  # the loop is inside a pass: it settles (and writes) at the end
         self._stack_wanted = False  # a task waits for a tame stack to run self.local
         self._current: Entry | None = None  # the entry a stack is running now
+        self._waiting = service.waiting.entries  # (read on every completion: empty is cheap)
 
     # -- the protocol: override these ---------------------------------------------
 
     def feed(self, data: bytes) -> None:
-        """Decode ``data``; ``admit`` every complete request, in order."""
+        """Decode ``data``; ``admit_all`` the complete requests, in order."""
         raise NotImplementedError
 
     def feed_eof(self) -> bool:
@@ -190,19 +192,50 @@ class TameBatchConnection(asyncio.Protocol):
         """What a dump of waiting requests says about ``request``."""
         return {}
 
+    def end_of_pass(self) -> None:
+        """A pass over this connection ends, its replies about to leave in one write:
+        e.g. record the pass's per-request statistics in one go."""
+
     # -- what subclasses call -------------------------------------------------------
 
     def admit(self, request: Any) -> None:
         """A decoded request: start it, or hold it back while the limits are reached."""
-        entry = Entry(request, self.charge(request), _perf_counter())
-        if self.backlog or self.write_paused or not self._has_room(entry):
-            self.backlog.append(entry)
-            self._track(entry, STAGE_THROTTLED)
-            if not self.reading_paused:
-                self.stats.inflight_pauses += 1
-            self._pause_reading()
-            return
-        self._begin(entry)
+        self.admit_all((request,))
+
+    def admit_all(self, requests: Iterable[Any]) -> None:
+        """Every request one socket read completed, in order: ``admit`` each (one
+        clock read for all of them: they arrived together)."""
+        started = _perf_counter()
+        charge = self.charge
+        start = self.start
+        max_inflight = self.max_inflight
+        max_bytes = self.max_bytes
+        replies = self.replies if self.ordered else None
+        for request in requests:
+            entry = Entry(request, charge(request), started)
+            inflight = self.inflight
+            if (
+                self.backlog
+                or self.write_paused
+                or (
+                    inflight
+                    and (inflight >= max_inflight or self.charged + entry.charge > max_bytes)
+                )
+            ):
+                self._hold(entry)
+                continue
+            self.inflight = inflight + 1
+            self.charged += entry.charge
+            if replies is not None:
+                replies.append(entry)
+            start(entry)
+
+    def _hold(self, entry: Entry) -> None:
+        self.backlog.append(entry)
+        self._track(entry, STAGE_THROTTLED)
+        if not self.reading_paused:
+            self.stats.inflight_pauses += 1
+        self._pause_reading()
 
     def run_here(self, entry: Entry) -> None:
         """Run ``entry`` on this shard, on a tame stack, in order with the others."""
@@ -214,12 +247,11 @@ class TameBatchConnection(asyncio.Protocol):
 
     def complete(self, entry: Entry, parts: list[bytes]) -> None:
         """``entry``'s reply: send it (now, or in order) and release what it held."""
-        waiting = self.service.waiting.entries
-        if waiting:
-            waiting.pop(id(entry), None)
+        if self._waiting:
+            self._waiting.pop(id(entry), None)
         self.inflight -= 1
         self.charged -= entry.charge
-        if self.transport is None or self.closing:
+        if self.closing:  # (closed by either side: connection_lost sets it too)
             self.stats.replies_dropped += 1
         elif self.ordered:
             entry.parts = parts
@@ -227,7 +259,13 @@ class TameBatchConnection(asyncio.Protocol):
             while replies and replies[0].parts is not None:
                 self._queue(replies.popleft().parts)  # type: ignore[arg-type]
         else:
-            self._queue(parts)
+            self._out.extend(parts)
+            size = self._out_bytes
+            for part in parts:
+                size += len(part)
+            self._out_bytes = size
+            if size >= self.high_water:
+                self._flush()  # see _queue
         if not self._in_pass:
             self._schedule_settle()
 
@@ -288,6 +326,7 @@ class TameBatchConnection(asyncio.Protocol):
             return
         self.service.connections.discard(self)
         self.stats.connections_open -= 1
+        self.end_of_pass()  # what completed since the last pass still counts
         self.transport = None
         self.closing = True
         self._drop_backlog()
@@ -397,6 +436,8 @@ class TameBatchConnection(asyncio.Protocol):
         execute = self.execute
         finish = self.finish
         complete = self.complete
+        runtime = checkpoint()  # (this stack's runtime: its deadline moves with the turns)
+        assert runtime is not None
         service.enter()
         try:
             while local:
@@ -409,8 +450,8 @@ class TameBatchConnection(asyncio.Protocol):
                     error = None
                 self._current = None
                 complete(entry, finish(entry, result, error))
-                if local:
-                    checkpoint()
+                if local and _perf_counter() > runtime.deadline:
+                    runtime.yield_now()  # the turn's quota is spent: let the loop run
         finally:
             service.leave()
         if not self._in_pass:
@@ -459,6 +500,7 @@ class TameBatchConnection(asyncio.Protocol):
                 self._begin(entry)
         finally:
             self._in_pass = False
+        self.end_of_pass()
         if self._out:
             self._flush()
         if not backlog and not self.write_paused and not self.closing:

@@ -76,7 +76,7 @@ from .protocol import (
     Op,
     Status,
     Truncated,
-    encode_frame_parts,
+    encode_reply_parts as _reply,
 )
 from .stats import OSDStats
 
@@ -158,25 +158,25 @@ class OSDConnection(TameBatchConnection):
         self.max_read = limits.max_read
         self.list_charge = limits.max_list * (MAX_NAME + 2)
         self.decoder = FrameDecoder(max_payload=limits.max_payload)
+        # (op, status, started) -> requests answered since the pass began: the pass
+        # records them in the shard's counters at its end, once per key.
+        self._done: dict[tuple[int, int, float], int] = {}
 
     # -- decoding -----------------------------------------------------------------
 
     def feed(self, data: bytes) -> None:
         decoder = self.decoder
-        admit = self.admit
         while True:
             try:
                 frames = decoder.feed(data)
             except FrameError as exc:
-                for frame in exc.frames:
-                    admit(frame)
+                self.admit_all(exc.frames)
                 self._bad_frame(exc)
                 if exc.fatal or self.closing:
                     return
                 data = b""  # the bad frame was skipped: decode the rest
                 continue
-            for frame in frames:
-                admit(frame)
+            self.admit_all(frames)
             return
 
     def feed_eof(self) -> bool:
@@ -250,7 +250,7 @@ class OSDConnection(TameBatchConnection):
             self._answer(entry, Status.EOPNOTSUPP)
             return
         if owner == node.shard_id:
-            self.run_here(entry)
+            self.local.append(entry)  # run_here
             return
         self.wait_for(entry, STAGE_SENT.format(shard=owner))
         fut = node.forward(
@@ -279,19 +279,23 @@ class OSDConnection(TameBatchConnection):
         else:
             log.error("OSD %s request tid %d failed: %r", Op(op).name, frame.tid, error)
             status, payload, length, flags = Status.EIO, b"", 0, 0
-        self.stats.op_done(op, status, _perf_counter() - entry.started)
+        done = self._done
+        key = (op, status, entry.started)
+        done[key] = done.get(key, 0) + 1
         return _reply(op, frame.tid, status, payload, length, flags)
+
+    def end_of_pass(self) -> None:
+        done = self._done
+        if done:
+            # Each reply leaves in this pass's write: its latency ends now.
+            now = _perf_counter()
+            op_done = self.stats.op_done
+            for (op, status, started), count in done.items():
+                op_done(op, status, now - started, count)
+            done.clear()
 
     def _answer(self, entry: Entry, status: int, payload: bytes = b"") -> None:
         """Reply to a request answered without a store op (GET_MAP, PING, refusals)."""
         frame: Frame = entry.request
         self.stats.op_done(frame.op, status, 0.0)
         self.complete(entry, _reply(frame.op, frame.tid, status, payload, 0, 0))
-
-
-def _reply(op: int, tid: int, status: int, payload: bytes, length: int, flags: int) -> list[bytes]:
-    head, body = encode_frame_parts(
-        op, tid, payload=payload, status=status, length=length, flags=flags | FLAG_REPLY
-    )
-    return [head, body] if body else [head]  # type: ignore[list-item]
-

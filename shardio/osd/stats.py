@@ -51,9 +51,10 @@ class Histogram:
         self.counts = [0] * (len(bounds) + 1)
         self.sum = 0.0
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.sum += value
+    def observe(self, value: float, count: int = 1) -> None:
+        """``count`` observations of ``value``."""
+        self.counts[bisect_left(self.bounds, value)] += count
+        self.sum += value * count
 
     @property
     def count(self) -> int:
@@ -111,14 +112,15 @@ class OSDStats(ConnectionCounters):
         self.frame_errors: dict[str, int] = {}  #: FrameError class name -> count
         self.protocol_closes = 0  #: connections closed for a fatal frame error
 
-    def op_done(self, op: int, status: int, seconds: float) -> None:
+    def op_done(self, op: int, status: int, seconds: float, count: int = 1) -> None:
+        """``count`` requests of ``op`` answered with ``status``, each in ``seconds``."""
         key = (op, status)
         ops = self.ops
-        ops[key] = ops.get(key, 0) + 1
+        ops[key] = ops.get(key, 0) + count
         h = self.latency.get(op)
         if h is None:
             h = self.latency[op] = Histogram()
-        h.observe(seconds)
+        h.observe(seconds, count)
 
     def frame_error(self, kind: str) -> None:
         self.frame_errors[kind] = self.frame_errors.get(kind, 0) + 1
