@@ -1,5 +1,5 @@
-"""Builds the C extensions (the fabric's ring, the io_uring driver's ring); all other
-metadata lives in pyproject.toml."""
+"""Builds the C extensions (the fabric's ring, the io_uring driver's ring, the OSD's frame
+codec); all other metadata lives in pyproject.toml."""
 
 from setuptools import Extension, setup
 
@@ -8,6 +8,12 @@ setup(
         Extension(
             "shardio.fabric._ring",
             sources=["shardio/fabric/_ring.c"],
+            extra_compile_args=["-O2", "-std=c11", "-Wall"],
+        ),
+        Extension(
+            "shardio.osd._codec",
+            sources=["shardio/osd/_codec.c"],
+            libraries=["z"],
             extra_compile_args=["-O2", "-std=c11", "-Wall"],
         ),
         Extension(

@@ -61,8 +61,10 @@ def start(key: str) -> tuple[subprocess.Popen[bytes], int, list[int]]:
     else:
         shards = int(key.rsplit("-", 1)[1])
         cluster = [free_port() for _ in range(shards)]
+        # (idle polling off: the shards share their CPUs with redis-benchmark, and a
+        # polling shard takes CPU from it -- the OSD latency suite runs the same way)
         argv = [_PY, "-m", "redis_kv", "--shards", str(shards), "--port", str(port),
-                "--shard-base-port", str(cluster[0])]  # fmt: skip
+                "--shard-base-port", str(cluster[0]), "--idle-poll-us", "0"]  # fmt: skip
         cluster = list(range(cluster[0], cluster[0] + shards))
     env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "examples"))
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)

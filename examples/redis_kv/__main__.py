@@ -41,6 +41,13 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("REDIS_KV_PASSWORD"),
         help="clients must AUTH with it (default: $REDIS_KV_PASSWORD)",
     )
+    p.add_argument(
+        "--idle-poll-us",
+        type=float,
+        default=None,
+        help="how long an idle shard keeps polling before it sleeps (shardio's default: "
+        "200); 0 when the shards share their CPUs with the clients",
+    )
     args = p.parse_args(argv)
     shards = args.shards or len(os.sched_getaffinity(0))
     port = args.port or free_ports(args.host, 1)[0]
@@ -59,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stop.set())
     node_ids = [os.urandom(20).hex() for _ in range(shards)]
-    with shardio.ShardGroup(shards, preload=["redis_kv.server"]) as group:
+    with shardio.ShardGroup(
+        shards, preload=["redis_kv.server"], idle_poll_us=args.idle_poll_us
+    ) as group:
         for future in group.submit_to_all(start_shard, config, node_ids):
             future.result(60)
         ports = ", ".join(str(p) for p in shard_ports)

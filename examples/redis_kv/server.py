@@ -94,6 +94,7 @@ class RedisNode:
         self.waiting = WaitingRequests()
         self.servers: list[asyncio.AbstractServer] = []
         self.node_ids: list[str] = []  # every shard's cluster node id, given by start()
+        self.keys = keyspace()  # this shard's keys
 
     def enter(self) -> None:
         pass
@@ -225,7 +226,7 @@ class RedisConnection(TameBatchConnection):
         self.admit_all(commands)
 
     def charge(self, command: list[bytes]) -> int:
-        return 64 + sum(len(a) for a in command)
+        return 64 + sum(map(len, command))
 
     def details(self, command: list[bytes]) -> dict[str, Any]:
         return {"command": b" ".join(command[:2]).decode("utf-8", "backslashreplace")}
@@ -267,8 +268,11 @@ class RedisConnection(TameBatchConnection):
     # -- where commands run ------------------------------------------------------------
 
     def _owner(self, key: bytes) -> tuple[int, int]:
+        shards = self.service.shards
+        if shards == 1:
+            return -1, 0  # every slot is this shard's (the slot is needed only for MOVED)
         slot = key_slot(key)
-        return slot, shard_of_slot(slot, self.service.shards)
+        return slot, shard_of_slot(slot, shards)
 
     def _moved(self, slot: int, owner: int) -> bytes:
         return b"-MOVED %d %s\r\n" % (slot, self.service.address(owner))
@@ -277,7 +281,7 @@ class RedisConnection(TameBatchConnection):
         slot, owner = self._owner(command[1])
         method, args = key_call(name, command, self.null)
         if owner == self.service.shard_id:
-            self.complete(entry, [getattr(keyspace(), method)(*args)])
+            self.complete(entry, [getattr(self.service.keys, method)(*args)])
         elif self.cluster:
             self.complete(entry, [self._moved(slot, owner)])
         else:
@@ -336,7 +340,7 @@ class RedisConnection(TameBatchConnection):
                 method = {b"MGET": "get_many", b"DEL": "delete_many"}.get(name, "exists_many")
             extra = (self.null,) if name == b"MGET" else ()
             if owner == self.service.shard_id:
-                gather.part(positions, getattr(keyspace(), method)(args, *extra))
+                gather.part(positions, getattr(self.service.keys, method)(args, *extra))
             else:
                 done = functools.partial(gather.part_done, positions)
                 self._send(entry, owner, done, method, args, *extra)

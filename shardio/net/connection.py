@@ -253,19 +253,27 @@ class TameBatchConnection(asyncio.Protocol):
         self.charged -= entry.charge
         if self.closing:  # (closed by either side: connection_lost sets it too)
             self.stats.replies_dropped += 1
-        elif self.ordered:
-            entry.parts = parts
-            replies = self.replies
-            while replies and replies[0].parts is not None:
-                self._queue(replies.popleft().parts)  # type: ignore[arg-type]
-        else:
-            self._out.extend(parts)
+        elif not self.ordered:
+            self._out += parts
             size = self._out_bytes
             for part in parts:
                 size += len(part)
             self._out_bytes = size
             if size >= self.high_water:
                 self._flush()  # see _queue
+        else:
+            entry.parts = parts
+            replies = self.replies
+            if replies[0] is entry:  # else it waits for the replies before it
+                out = self._out
+                size = self._out_bytes
+                while replies and replies[0].parts is not None:
+                    for part in replies.popleft().parts:  # type: ignore[union-attr]
+                        out.append(part)
+                        size += len(part)
+                self._out_bytes = size
+                if size >= self.high_water:
+                    self._flush()  # see _queue
         if not self._in_pass:
             self._schedule_settle()
 

@@ -404,7 +404,7 @@ def encode_frame_parts(
     return hdr + _U32.pack(_crc32(hdr)) + bname, payload
 
 
-def encode_reply_parts(
+def _reply_parts_python(
     op: int, tid: int, status: int, payload: bytes = b"", length: int = 0, flags: int = 0
 ) -> list[bytes]:
     """A reply frame as ``[header, payload]`` (``[header]`` without a payload), for
@@ -427,6 +427,9 @@ def encode_reply_parts(
         raise ValueError(f"frame field out of range: {exc}") from None
     head = hdr + _U32.pack(_crc32(hdr))
     return [head, payload] if plen else [head]
+
+
+encode_reply_parts = _reply_parts_python  # the C codec's, once it is set up (below)
 
 
 def encode_frame(
@@ -636,6 +639,13 @@ class FrameDecoder:
             end = len(mv)
             try:
                 while pos < end:
+                    if _parse_valid is not None:  # the C codec: every valid frame, at once
+                        valid, pos = _parse_valid(mv, pos, max_name, max_payload)
+                        if valid:
+                            frames += valid
+                        if pos >= end:
+                            break
+                    # (the C codec stopped here: incomplete, or a bad frame to raise for)
                     got = _parse_one(mv, pos, end, max_name, max_payload)
                     if got is None:
                         break
@@ -670,6 +680,20 @@ class FrameDecoder:
             n = len(self._buf)
             self._buf.clear()
             raise Truncated(f"connection closed inside a frame ({n} bytes of it received)")
+
+
+# The C codec (shardio/osd/_codec.c) runs the decoder's loop over valid frames and
+# encodes replies; everything else, and every error, stays here. Without it (not
+# built), the Python code above does all of it.
+try:
+    from . import _codec
+except ImportError:  # pragma: no cover - the extension is part of the build
+    _codec = None  # type: ignore[assignment]
+    _parse_valid = None
+else:
+    _codec.setup(Frame, _OPS, MAGIC, VERSION, MAX_PAYLOAD, FrameTooLarge)
+    _parse_valid = _codec.parse
+    encode_reply_parts = _codec.reply_parts  # noqa: F811
 
 
 # ---------------------------------------------------------------------------
