@@ -223,20 +223,20 @@ class OSDConnection(TameBatchConnection):
 
     def start(self, entry: Entry) -> None:
         frame: Frame = entry.request
-        op = frame.op
+        op, flags, _tid, _status, pool, offset, length, name, payload = frame
         node = self.service
-        if frame.flags & FLAG_REPLY:
+        if flags & FLAG_REPLY:
             self._answer(entry, Status.EINVAL)
             return
         if op in _OBJECT_OPS:
             try:
-                owner = node.osdmap.shard_for(frame.name, frame.pool)
+                owner = node.osdmap.shard_for(name, pool)
             except OSDMapError:  # UnknownPool
                 self._answer(entry, Status.EINVAL)
                 return
         elif op == _LIST:
             try:
-                owner = node.osdmap.shard_of_pg(frame.offset, frame.pool)
+                owner = node.osdmap.shard_of_pg(offset, pool)
             except OSDMapError:
                 self._answer(entry, Status.EINVAL)
                 return
@@ -244,7 +244,7 @@ class OSDConnection(TameBatchConnection):
             self._answer(entry, Status.OK, node.map_payload)
             return
         elif op == _PING:
-            self._answer(entry, Status.OK, frame.payload)
+            self._answer(entry, Status.OK, payload)
             return
         else:  # the decoder refuses unknown ops; be safe anyway
             self._answer(entry, Status.EOPNOTSUPP)
@@ -253,9 +253,7 @@ class OSDConnection(TameBatchConnection):
             self.local.append(entry)  # run_here
             return
         self.wait_for(entry, STAGE_SENT.format(shard=owner))
-        fut = node.forward(
-            owner, op, frame.name, frame.offset, frame.length, frame.payload, frame.pool
-        )
+        fut = node.forward(owner, op, name, offset, length, payload, pool)
         fut.add_done_callback(lambda fut: self._hop_done(entry, fut))
 
     def _hop_done(self, entry: Entry, fut: asyncio.Future[Result]) -> None:
@@ -267,11 +265,12 @@ class OSDConnection(TameBatchConnection):
         self.complete(entry, self.finish(entry, result, error))
 
     def execute(self, frame: Frame) -> Result:
-        return self.service.run_op(frame.op, frame.name, frame.offset, frame.length, frame.payload)
+        op, _flags, _tid, _status, _pool, offset, length, name, payload = frame
+        return self.service.run_op(op, name, offset, length, payload)
 
     def finish(self, entry: Entry, result: Any, error: BaseException | None) -> list[bytes]:
         frame: Frame = entry.request
-        op = frame.op
+        op = frame[0]  # (frame.op: a descriptor call)
         if error is None:
             status, payload, length, flags = result
         elif isinstance(error, ShardDied | asyncio.CancelledError):
@@ -282,7 +281,7 @@ class OSDConnection(TameBatchConnection):
         done = self._done
         key = (op, status, entry.started)
         done[key] = done.get(key, 0) + 1
-        return _reply(op, frame.tid, status, payload, length, flags)
+        return _reply(op, frame[2], status, payload, length, flags)  # (frame[2]: its tid)
 
     def end_of_pass(self) -> None:
         done = self._done
