@@ -2,7 +2,8 @@
 
 Bytes arrive in the loop's protocol callback (``data_received``). The
 subclass decodes every request that one socket read delivered and
-``admit``\\ s each; the core applies the connection's limits and hands each
+``admit_all``\\ s them (one clock read for the lot); the core applies the
+connection's limits and hands each
 admitted request to the subclass's ``start``, which either answers it at
 once, sends it elsewhere (another shard) and ``complete``\\ s it later, or
 asks to ``run_here``. Requests run here queue on the connection and run in
@@ -13,7 +14,9 @@ through the TameEnv. When one parks its stack (a read that misses the page
 cache, a write waiting for its sync), the requests behind it continue at
 once on another stack. All of it shares the loop turn's tame quota: once
 the turn has spent it, a stack yields at its next request and no new one
-starts until the loop has run. The replies of one pass leave in one write.
+starts until the loop has run. The replies of one pass leave in one write;
+``end_of_pass`` lets the protocol record the pass's statistics in one go
+just before it.
 
 Replies go out as they complete (a protocol whose replies carry a request
 id) or, with ``ordered = True``, in request order (a protocol without ids:

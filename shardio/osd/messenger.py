@@ -14,7 +14,9 @@ shards' sockets). A connection lives on the shard that accepted it:
    unmodified store for each (``shardio.net.connection``, the connection
    core this protocol is built on).
 3. Replies completed during one pass of the loop leave in one
-   ``writelines`` (one send for many pipelined replies).
+   ``writelines`` (one send for many pipelined replies); the pass records
+   its requests in the shard's op counters and latency histograms at its
+   end, once per (op, status, arrival), the latency ending at that write.
 
 Op semantics beyond ``protocol``'s table: a READ with ``length`` 0 reads to
 the end of the object (up to the server's ``max_read``); a request frame

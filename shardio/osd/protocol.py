@@ -10,8 +10,8 @@ Every message, request or reply, is one frame::
     | name (name_len bytes) | payload (payload_len bytes)                               |
     +-----------------------------------------------------------------------------------+
 
-Checksums are CRC-32 (zlib's ``crc32``, the ISO-HDLC/Ethernet polynomial; not
-CRC-32C, which would need a C extension the project does not depend on).
+Checksums are CRC-32 (zlib's ``crc32``, the ISO-HDLC/Ethernet polynomial, which
+the C codec ``_codec.c`` calls too; not CRC-32C).
 ``body_crc`` covers name + payload; ``header_crc`` covers the 52 header bytes
 before it, ``body_crc`` included, so the two together cover every byte of the
 frame. The header is checked on its own *before* the decoder trusts its
@@ -40,6 +40,11 @@ PING      --                          the request's payload, echoed
 A reply's ``status`` is 0 or a positive errno value (``Status``): ENOENT for a
 missing object, EIO for a corrupt extent, ... A read past the end of an object
 is not an error: it returns the bytes that exist (possibly none).
+
+Decoding and reply encoding run in C when the codec extension is built
+(``_codec.c``: the decoder's loop over valid frames, the reply header); the
+rules stay here: the C loop stops at any frame it does not accept, and the
+Python decoder below raises that frame's error.
 
 Limits: an object name is at most ``MAX_NAME`` (4 KiB) bytes and a payload at
 most ``MAX_PAYLOAD`` (64 MiB). Violations raise ``FrameError`` subclasses;
