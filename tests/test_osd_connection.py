@@ -246,3 +246,34 @@ def test_a_long_batch_yields_to_the_loop_by_the_quota(osd: OSDServer, quota: flo
     else:
         assert stats["quota_yields"] > 0, stats
         assert stats["longest_turn_ns"] <= bound_ns, stats
+
+
+def test_every_request_of_a_pass_is_counted_once_with_its_latency(osd: OSDServer) -> None:
+    """The op counters and latency histograms are written once per pass (per
+    op, status and arrival): a pipelined batch with hits, misses and a PING,
+    in one socket write, then a second batch, must each add exactly their
+    requests, and every latency observation must be a real elapsed time."""
+    with Client(*osd.address) as c:
+        for i in range(8):
+            c.put(f"counted-{i}", b"c" * 512)
+    for round_ in range(2):
+        before = shard_stats(osd)
+        frames = [encode_request(Op.READ, t, f"counted-{t % 8}", length=512) for t in range(40)]
+        frames += [encode_request(Op.READ, 100 + t, f"missing-{t}") for t in range(5)]
+        frames.append(encode_request(Op.PING, 200, payload=b"p"))
+        with RawConn(osd.address) as raw:
+            raw.send(b"".join(frames))
+            replies = by_tid(raw.recv_frames(len(frames)))
+        assert all(replies[t].status == Status.OK for t in range(40))
+        assert all(replies[100 + t].status == Status.ENOENT for t in range(5))
+        after = shard_stats(osd)
+
+        added = {
+            key: after["ops"].get(key, 0) - before["ops"].get(key, 0)
+            for key in ("read/OK", "read/ENOENT", "ping/OK")
+        }
+        assert added == {"read/OK": 40, "read/ENOENT": 5, "ping/OK": 1}, round_
+        hist_before = before["latency"].get("read", {"counts": [0], "sum": 0.0})
+        hist_after = after["latency"]["read"]
+        assert sum(hist_after["counts"]) - sum(hist_before["counts"]) == 45
+        assert hist_after["sum"] - hist_before["sum"] > 0  # elapsed times, not zeros
