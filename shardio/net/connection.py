@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 from shardio import tame
-from shardio.tame.stacks import checkpoint
+from shardio.tame.stacks import current_runtime
 
 from .waiting import STAGE_RUNNING, STAGE_THROTTLED, WaitingRequests
 
@@ -447,7 +447,7 @@ class TameBatchConnection(asyncio.Protocol):
         execute = self.execute
         finish = self.finish
         complete = self.complete
-        runtime = checkpoint()  # (this stack's runtime: its deadline moves with the turns)
+        runtime = current_runtime()  # (its deadline moves with the turns: read it each time)
         assert runtime is not None
         service.enter()
         try:
