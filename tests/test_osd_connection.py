@@ -248,6 +248,36 @@ def test_a_long_batch_yields_to_the_loop_by_the_quota(osd: OSDServer, quota: flo
         assert stats["longest_turn_ns"] <= bound_ns, stats
 
 
+@pytest.mark.parametrize("quota", [tame.DEFAULT_QUOTA, None], ids=["quota", "unbounded"])
+def test_a_long_batch_without_file_io_yields_by_the_quota(
+    osd: OSDServer, quota: float | None
+) -> None:
+    """4,000 pipelined STATs: no request makes a tamed call (the index is in memory),
+    so only the connection core's own quota check between requests can yield;
+    with the quota no loop turn runs more than it, without one turn runs them all."""
+    group = osd.group
+    assert group is not None
+    with Client(*osd.address) as c:
+        c.put("stat-me", b"s")
+    request = b"".join(encode_request(Op.STAT, t, "stat-me") for t in range(4000))
+    group.submit(0, tame.configure, quota=quota, account_cpu=True).result(10)
+    try:
+        group.submit(0, tame.reset_accounting).result(10)
+        with RawConn(osd.address) as raw:
+            raw.send(request)
+            replies = raw.recv_frames(4000)
+        stats = group.submit(0, tame.stats).result(10)
+    finally:
+        group.submit(0, tame.configure, quota=tame.DEFAULT_QUOTA, account_cpu=False).result(10)
+    assert all(r.status == Status.OK for r in replies)
+    bound_ns = (tame.DEFAULT_QUOTA + QUOTA_ALLOWANCE) * 1e9
+    if quota is None:
+        assert stats["longest_turn_ns"] > 3 * bound_ns, stats
+    else:
+        assert stats["quota_yields"] > 0, stats
+        assert stats["longest_turn_ns"] <= bound_ns, stats
+
+
 def test_every_request_of_a_pass_is_counted_once_with_its_latency(osd: OSDServer) -> None:
     """The op counters and latency histograms are written once per pass (per
     op, status and arrival): a pipelined batch with hits, misses and a PING,
