@@ -143,7 +143,12 @@ def test_replies_encode_to_the_python_encoders_bytes() -> None:
             rng.choice([0, protocol.FLAG_MORE]),
         )
         assert protocol._codec.reply_parts(*args) == protocol._reply_parts_python(*args)
-    for bad in [(256, 1, 0), (1, -1, 0), (1, 1, 1 << 31), (1, 1, 0, b"", -1), (1, 1, 0, b"", 0, 1 << 16)]:  # fmt: skip
+    edges = (255, (1 << 64) - 1, -(1 << 31), b"", (1 << 64) - 1, 0xFFFE)
+    assert protocol._codec.reply_parts(*edges) == protocol._reply_parts_python(*edges)
+    edges = (0, 0, (1 << 31) - 1, b"x")
+    assert protocol._codec.reply_parts(*edges) == protocol._reply_parts_python(*edges)
+    for bad in [(256, 1, 0), (1, -1, 0), (1, 1 << 64, 0), (1, 1, 1 << 31), (1, 1, -(1 << 31) - 1),
+                (1, 1, 0, b"", -1), (1, 1, 0, b"", 1 << 64), (1, 1, 0, b"", 0, 1 << 16)]:  # fmt: skip
         with pytest.raises(ValueError, match="out of range"):
             protocol._codec.reply_parts(*bad)
         with pytest.raises(ValueError, match="out of range"):

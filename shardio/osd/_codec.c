@@ -165,16 +165,16 @@ static PyObject *codec_parse(PyObject *self, PyObject *args) {
 static int field(PyObject *value, unsigned long long limit, unsigned long long *out) {
     unsigned long long v = PyLong_AsUnsignedLongLong(value);
     if (v == (unsigned long long)-1 && PyErr_Occurred()) {
-        if (!PyErr_ExceptionMatches(PyExc_OverflowError)) return -1;
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError)) return -1;  /* not an int */
         PyErr_Clear();
-        v = limit + 1;  /* negative or too large: out of range */
+        goto out_of_range;  /* negative, or wider than 64 bits */
     }
-    if (v > limit) {
-        PyErr_SetString(PyExc_ValueError, "frame field out of range");
-        return -1;
-    }
+    if (v > limit) goto out_of_range;
     *out = v;
     return 0;
+out_of_range:
+    PyErr_SetString(PyExc_ValueError, "frame field out of range");
+    return -1;
 }
 
 static PyObject *codec_reply_parts(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -184,8 +184,8 @@ static PyObject *codec_reply_parts(PyObject *self, PyObject *const *args, Py_ssi
         return NULL;
     }
     unsigned long long op, tid, length = 0, flags = 0;
-    if (field(args[0], 0xFF, &op) < 0 || field(args[1], UINT64_MAX - 1, &tid) < 0) return NULL;
-    if (nargs > 4 && field(args[4], UINT64_MAX - 1, &length) < 0) return NULL;
+    if (field(args[0], 0xFF, &op) < 0 || field(args[1], UINT64_MAX, &tid) < 0) return NULL;
+    if (nargs > 4 && field(args[4], UINT64_MAX, &length) < 0) return NULL;
     if (nargs > 5 && field(args[5], 0xFFFF, &flags) < 0) return NULL;
     int overflow = 0;
     long long status = PyLong_AsLongLongAndOverflow(args[2], &overflow);
