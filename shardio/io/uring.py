@@ -30,7 +30,7 @@ never frees memory the kernel writes into.
 * **Submission** is batched: SQEs prepared during one pass of the loop are
   submitted with one ``io_uring_enter`` (from a ``call_soon`` scheduled by
   the first SQE, or at the end of a completion pass); while a completion
-  pass resumes many stacks, every ``submit_batch`` (8) new SQEs are
+  pass resumes many stacks, every ``submit_batch`` (16) new SQEs are
   submitted at once so the device is not left idle while Python runs.
   If ``io_uring_enter`` fails, the stacks whose SQEs the kernel did not
   take fail with :class:`UringSubmitError`; unless the error was a
@@ -185,7 +185,7 @@ class UringDriver:
         rt: Any,
         entries: int = 128,
         max_inflight: int | None = None,
-        submit_batch: int = 8,
+        submit_batch: int = 16,
         thread_ops: tuple[str, ...] = (),
     ) -> None:
         """thread_ops: metadata ops (see METADATA_OPS) to run on the thread pool even
@@ -200,7 +200,7 @@ class UringDriver:
         self._Parked = rt.Parked  # the runtime hands its wake-up token: no tame import here
         self.rt = rt
         self.loop = rt.loop
-        self._ring = ring = _uring.Ring(entries, int(os.environ.get("URINGPERF_FLAGS", "0")))
+        self._ring = ring = _uring.Ring(entries)
         self._prep_read = ring.read  # bound once: the read path uses it per op
         try:
             self._self_test()
