@@ -92,6 +92,7 @@ try:
     from shardio.io import _uring
 except ImportError:  # not built (e.g. a source tree without build_ext): thread pool only
     _uring = None  # type: ignore[assignment]
+_pread_nowait: Any = None if _uring is None else _uring.pread_nowait
 
 _announced_fallback = False
 _announce_lock = threading.Lock()
@@ -248,30 +249,39 @@ class UringDriver:
     # -- public operations (on a tame stack) ------------------------------------
     def read(self, fd: int, n: int, offset: int, direct: bool = False) -> bytes:
         """pread(fd, n, offset): short only at end of file."""
-        if direct and 0 < n <= _MAX_IO:  # the cold hot path: one op, no layers
-            data: bytes = self._submit(self._prep_read, (fd, n, offset))
+        if not direct:
+            if not self._probe_first and n > 0:  # the cached hot path: one C call
+                data = _pread_nowait(fd, n, offset)
+                if data is not None and len(data) == n:
+                    self.counters.read_cached += 1
+                    return data  # type: ignore[no-any-return]
+                return self._read_after_nowait(fd, n, offset, data)
+        elif 0 < n <= _MAX_IO:  # the cold hot path: one op
+            data = self._submit(self._prep_read, (fd, n, offset))
             self.counters.read_uring += 1
             if len(data) == n or not data or offset + len(data) >= os.fstat(fd).st_size:
-                return data
-            return data + self._read_uring(fd, n - len(data), offset + len(data))
+                return data  # type: ignore[no-any-return]
+            return data + self._read_uring(fd, n - len(data), offset + len(data))  # type: ignore[no-any-return]
         if n <= 0:
             return b""
         if direct:
             return self._read_uring(fd, n, offset)
-        if self._probe_first:
-            # After a miss, ask the page cache first, so that a cold read does not
-            # start its I/O from preadv2 (see the module docstring).
-            first = offset // PAGE
-            pages = (offset + n + PAGE - 1) // PAGE - first
-            cached = _uring.cachestat(fd, first * PAGE, pages * PAGE)
-            if cached is not None and cached < pages:
-                self._probe_hits = 0
-                self.counters.read_cold_probed += 1
-                return self._read_uring(fd, n, offset)
-            self._probe_hits += 1
-            if self._probe_hits >= 64:
-                self._probe_first = False
-        data = _uring.pread_nowait(fd, n, offset)
+        # After a miss, ask the page cache first, so that a cold read does not
+        # start its I/O from preadv2 (see the module docstring).
+        first = offset // PAGE
+        pages = (offset + n + PAGE - 1) // PAGE - first
+        cached = _uring.cachestat(fd, first * PAGE, pages * PAGE)
+        if cached is not None and cached < pages:
+            self._probe_hits = 0
+            self.counters.read_cold_probed += 1
+            return self._read_uring(fd, n, offset)
+        self._probe_hits += 1
+        if self._probe_hits >= 64:
+            self._probe_first = False
+        return self._read_after_nowait(fd, n, offset, _pread_nowait(fd, n, offset))
+
+    def _read_after_nowait(self, fd: int, n: int, offset: int, data: bytes | None) -> bytes:
+        """The rest of a read whose RWF_NOWAIT attempt gave data (None: nothing cached)."""
         if data is not None:
             got = len(data)
             if got == n or (got and offset + got >= os.fstat(fd).st_size):
