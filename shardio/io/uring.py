@@ -55,6 +55,7 @@ reported by ``driver.stats()["fallback"] == 1``.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import errno
 import logging
@@ -202,7 +203,8 @@ class UringDriver:
         self.rt = rt
         self.loop = rt.loop
         self._ring = ring = _uring.Ring(entries)
-        self._prep_read = ring.read  # bound once: the read path uses it per op
+        self._prep_read = ring.read  # bound once: the read path uses them per op
+        self._kick_once = self._kick
         try:
             self._self_test()
         except BaseException:
@@ -213,6 +215,7 @@ class UringDriver:
         self.submit_batch = submit_batch
         self._broken: UringSubmitError | None = None
         self._reap_scheduled = False
+        self._reap_inline = isinstance(self.loop, asyncio.BaseEventLoop)
         self._unusable = False  # broken or closed (one test on the hot path)
         self._cachestat = cached_pages(ring.fd, 0, 0) is not None
         self._probe_first = False
@@ -475,12 +478,12 @@ class UringDriver:
         # Queue, kick the pass's submit, park, raise or return the result; cancel on
         # an exception in park: all in C (Ring.await_op).
         if filename is None:
-            res = ring.await_op(prep, args, p, self._kick)
+            res = ring.await_op(prep, args, p, self._kick_once)
         else:
-            res = ring.await_op(prep, args, p, self._kick, filename, filename2)
+            res = ring.await_op(prep, args, p, self._kick_once, filename, filename2)
         if res is None:  # the SQ is full of prepared SQEs: hand them over and retry
             self._flush()
-            res = ring.await_op(prep, args, p, self._kick, filename, filename2)
+            res = ring.await_op(prep, args, p, self._kick_once, filename, filename2)
             if res is None:
                 self._check_usable()
                 raise OSError(errno.EBUSY, "io_uring submission queue full")
@@ -552,12 +555,17 @@ class UringDriver:
         return n
 
     def _on_readable(self) -> None:
-        # Reap from the loop's ready queue, not from here: uvloop runs this inside
-        # libuv's poll phase, whose frame holds a 12 KiB epoll_event array, and a
-        # stack resumed this deep makes greenlet copy ~15 KiB of the loop's C stack
-        # out and back on every switch (measured: 15.6 KiB vs 0.6 KiB per switch;
-        # ~0.8 us per read). Tame stacks start from ready callbacks, as this reap does.
-        if not self._reap_scheduled and not self.closed:
+        # On loops other than asyncio's own, reap from the ready queue, not from
+        # here: uvloop runs this inside libuv's poll phase, whose frame holds a
+        # 12 KiB epoll_event array, and a stack resumed this deep makes greenlet
+        # copy ~15 KiB of the loop's C stack out and back on every switch
+        # (measured: 15.6 KiB vs 0.6 KiB per switch; ~0.8 us per read). Tame
+        # stacks start from ready callbacks, as this reap then does. asyncio's
+        # own loops run reader callbacks from the ready queue already.
+        if self._reap_inline:
+            if not self.closed:
+                self._reap()
+        elif not self._reap_scheduled and not self.closed:
             self._reap_scheduled = True
             self.loop.call_soon(self._reap_ready)
 
