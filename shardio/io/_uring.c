@@ -17,6 +17,12 @@
  * on purpose).  user_data is the slot index; ASYNC_CANCEL requests carry
  * CANCEL_TAG and need no slot.
  *
+ * The hot path is two calls: await_op() on a tame stack (prepare the SQE with
+ * the caller's Parked as token, ask the driver for a submit once per loop
+ * pass, park, raise or return the result) and complete() on the loop (each
+ * CQE's result straight to token.wake(), submitting every `batch` SQEs the
+ * resumed stacks queue).
+ *
  * Memory ordering (the kernel is the other side of both rings):
  *   SQ: fill SQEs, then store-release sq.tail (the kernel load-acquires it);
  *       load-acquire sq.head before reusing an SQE the kernel consumed.

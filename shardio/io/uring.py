@@ -27,19 +27,27 @@ never frees memory the kernel writes into.
   (``IORING_REGISTER_PROBE`` says so; IORING_OP_FTRUNCATE needs Linux 6.9)
   runs on the driver's small thread pool instead, so it still does not
   block the reactor.
-* **Submission** is batched: SQEs prepared during one pass of the loop are
-  submitted with one ``io_uring_enter`` (from a ``call_soon`` scheduled by
-  the first SQE, or at the end of a completion pass); while a completion
-  pass resumes many stacks, every ``submit_batch`` (16) new SQEs are
-  submitted at once so the device is not left idle while Python runs.
-  If ``io_uring_enter`` fails, the stacks whose SQEs the kernel did not
-  take fail with :class:`UringSubmitError`; unless the error was a
-  transient one (EAGAIN, EBUSY, ENOMEM) the driver is then broken and every
-  later operation fails with the same error.
+* **Submission** is batched: every op enters through ``_submit``, which
+  makes one C call (``Ring.await_op``: queue the SQE, ask for a submit,
+  park, then return the result or raise). The first SQE queued since the
+  last ``io_uring_enter`` schedules one submit (``call_soon``) for the end
+  of the loop pass, so the stacks that park in one pass share one
+  ``io_uring_enter``; while a completion pass resumes many stacks, every
+  ``submit_batch`` (16) new SQEs are submitted at once so the device is not
+  left idle while Python runs (8 cost twice the enters and virtio kicks;
+  32 left the device idle). If ``io_uring_enter`` fails, the stacks whose
+  SQEs the kernel did not take fail with :class:`UringSubmitError`; unless
+  the error was a transient one (EAGAIN, EBUSY, ENOMEM) the driver is then
+  broken and every later operation fails with the same error.
 * **Completions** are reaped when the ring fd becomes readable
   (``loop.add_reader(ring_fd)``: the io_uring fd polls POLLIN once a CQE is
   posted) and, inside a shard, by a reactor poller while ops are in
   flight, so a polling reactor sees completions without an epoll round.
+  The ring hands each CQE's result straight to its stack in C
+  (``Ring.complete``: no list, no Python loop). On loops other than
+  asyncio's own (uvloop) the reap runs from the ready queue rather than the
+  reader callback: libuv calls that from deep in its poll phase, and
+  greenlet would copy ~15 KiB of that C stack out and back at every switch.
 * **Queue depth** is bounded (``max_inflight``, default 128 = ring size):
   further ops wait in FIFO order for a slot; the CQ ring (2x entries) never
   overflows.
