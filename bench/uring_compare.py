@@ -8,7 +8,8 @@ dependencies it needs but this tree does not (pyuring 0.3.0 for main before
 issue 10) unpacked next to it, in OLD_TREE/site. Each round runs this tree's
 ``bench/tame.py`` measurements in a fresh ``python -S`` with one tree first
 on ``PYTHONPATH``, old and new in alternating order; the table gives medians
-and the median of the per-round new/old ratios.
+and the median of the per-round new/old ratios. Each round also runs fio (io_uring,
+iodepth 32, O_DIRECT) on the same file first, for the ratio of each tree to fio.
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ out = {}
 for name, run in (("asyncio", asyncio.run), ("uvloop", uvloop.run)):
     out["cached 4 KiB read, TameEnv f.pread (%s), us" % name] = run(
         bench.tame_cached_read_us(path, 50_000))
-    out["cold QD32 O_DIRECT, TameEnv (%s), IOPS" % name] = run(
-        bench.tame_qd_iops(path, size, seconds, 32, True))[0]
+    iops, st = run(bench.tame_qd_iops(path, size, seconds, 32, True))
+    out["cold QD32 O_DIRECT, TameEnv (%s), IOPS" % name] = iops
+    out["cold QD32 O_DIRECT, TameEnv (%s), CPU us per read" % name] = st.get(
+        "cpu_us_per_read", float("nan"))
 print(json.dumps(out))
 """
 
@@ -69,10 +72,19 @@ def main() -> None:
         "new": os.path.dirname(HERE),
     }
     results: dict[str, list[dict[str, float]]] = {"old": [], "new": []}
+    fio: list[tuple[float, float]] = []
+    load = [os.getloadavg()[0]]
     for r in range(args.rounds):
+        run = bench.fio_run(args.file, 512 << 20, args.seconds)
+        if run is not None:
+            fio.append(run)
         for name in ("old", "new") if r % 2 == 0 else ("new", "old"):
             results[name].append(measure(trees[name], args.file, args.seconds))
-    print(f"old: {args.old_tree}; new: {trees['new']}; {args.rounds} alternating rounds")
+    load.append(os.getloadavg()[0])
+    print(
+        f"old: {args.old_tree}; new: {trees['new']}; {args.rounds} alternating rounds; "
+        f"load average {load[0]:.1f} -> {load[1]:.1f}"
+    )
     print()
     print("| what | old | new | new/old, median of rounds |")
     print("|---|---|---|---|")
@@ -84,6 +96,28 @@ def main() -> None:
             f"| {key} | {statistics.median(old):.2f} | {statistics.median(new):.2f} | "
             f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) |"
         )
+    if len(fio) == args.rounds:  # each round's fio run, just before that round's two trees
+        print()
+        print("| cold QD32 O_DIRECT vs fio (same round), median of rounds | old | new |")
+        print("|---|---|---|")
+        fio_iops = statistics.median(f[0] for f in fio)
+        fio_cpu = statistics.median(f[1] for f in fio)
+        print(f"| fio io_uring QD32: {fio_iops / 1000:.1f}k IOPS, CPU {fio_cpu:.1f} us/read | | |")
+        for key in results["new"][0]:
+            if not key.endswith("IOPS"):
+                continue
+            share = {
+                name: [d[key] / f[0] for d, f in zip(results[name], fio, strict=True)]
+                for name in ("old", "new")
+            }
+            print(
+                f"| {key.removesuffix(', IOPS')} | "
+                + " | ".join(
+                    f"{statistics.median(v):.0%} ({min(v):.0%}-{max(v):.0%})"
+                    for v in share.values()
+                )
+                + " |"
+            )
 
 
 if __name__ == "__main__":

@@ -523,3 +523,164 @@ def test_tame_env_open_of_a_fifo_does_not_block_the_reactor(run: Any, tmp_path: 
         assert run(main)
     finally:
         unblock.cancel()
+
+
+# -- batched submission, ring full, cancellation, short reads (the cold-read path) ----
+
+
+def test_stacks_that_park_in_one_turn_share_one_submit(run: Any, data_file: str) -> None:
+    """32 stacks read through TameEnv files in the same loop pass: one io_uring_enter."""
+    want = {}
+    with open(data_file, "rb") as f:
+        for i in range(32):
+            f.seek(i * 12288)
+            want[i] = f.read(4096)
+
+    async def main() -> tuple[int, int]:
+        tame.configure(quota=None)  # all 32 start in one pass (a quota may split them)
+        drv = stacks.runtime().uring
+
+        def open_direct() -> Any:
+            return tame.env().open(data_file, "rb", direct=True)
+
+        # the opens and closes are io_uring ops too: they finish before the reads start
+        files = await asyncio.gather(*(tame.call(open_direct) for _ in range(32)))
+        try:
+            before = drv.stats()
+            got = await asyncio.gather(
+                *(tame.call(f.pread, 4096, i * 12288) for i, f in enumerate(files))
+            )
+            after = drv.stats()
+        finally:
+            await asyncio.gather(*(tame.call(f.close) for f in files))
+        assert got == [want[i] for i in range(32)]
+        return after["submit_calls"] - before["submit_calls"], after["cqes"] - before["cqes"]
+
+    enters, cqes = run(main)
+    assert (enters, cqes) == (1, 32)
+
+
+def test_a_completion_pass_submits_every_batch(run: Any) -> None:
+    """Stacks resumed by one completion pass queue new ops: submitted every submit_batch."""
+
+    async def main() -> int:
+        tame.configure(quota=None)  # one pass each (a quota may split them)
+        rt = stacks.runtime()
+        drv = UringDriver(rt, submit_batch=4)
+        try:
+
+            def two_nops() -> None:
+                for _ in range(2):
+                    assert drv._submit(drv._ring.nop, (0,)) == 0
+
+            before = drv.stats()["submit_calls"]
+            await asyncio.gather(*(tame.call(two_nops) for _ in range(16)))
+            return drv.stats()["submit_calls"] - before  # type: ignore[no-any-return]
+        finally:
+            drv.close()
+
+    # one submit for the 16 first NOPs (one loop pass); the pass that reaps them
+    # resumes the 16 stacks, whose second NOPs go in 4 submits of 4
+    assert run(main) == 1 + 4
+
+
+def test_more_stacks_than_ring_entries_all_complete(run: Any, data_file: str) -> None:
+    """A ring of 8 entries, 64 stacks reading at once: the rest wait for slots, FIFO."""
+    fd = _direct_fd(data_file)
+    with open(data_file, "rb") as f:
+        blob = f.read(64 * 8192)
+
+    async def main() -> dict[str, int]:
+        rt = stacks.runtime()
+        drv = UringDriver(rt, entries=8)
+        try:
+            got = await asyncio.gather(
+                *(tame.call(drv.read, fd, 4096, i * 8192, True) for i in range(64))
+            )
+            assert got == [blob[i * 8192 : i * 8192 + 4096] for i in range(64)]
+            return drv.stats()
+        finally:
+            drv.close()
+
+    try:
+        st = run(main)
+    finally:
+        os.close(fd)
+    assert st["inflight_peak"] <= 8 and st["slot_waits"] > 0 and st["inflight"] == 0
+
+
+def test_cancelled_reads_keep_their_buffers_and_their_completions_are_discarded(
+    run: Any, data_file: str
+) -> None:
+    """Stacks cancelled mid-read while new reads take free slots: every new read gets
+    its own data (a cancelled read's late completion never reaches another stack)."""
+    fd = _direct_fd(data_file)
+    with open(data_file, "rb") as f:
+        blob = f.read(8 << 20)
+
+    async def main() -> dict[str, int]:
+        rt = stacks.runtime()
+        drv = UringDriver(rt, entries=16)
+        try:
+            for rnd in range(20):
+                doomed = [
+                    asyncio.ensure_future(
+                        tame.call(drv.read, fd, 4096, (rnd * 64 + i) * 4096, True)
+                    )
+                    for i in range(8)
+                ]
+                await asyncio.sleep(0)  # they are parked on their reads
+                for t in doomed:
+                    t.cancel()
+                offsets = [((rnd * 64 + 32 + i) * 4096) % (8 << 20) for i in range(16)]
+                got = await asyncio.wait_for(  # a completion sent to the wrong stack hangs
+                    asyncio.gather(*(tame.call(drv.read, fd, 4096, off, True) for off in offsets)),
+                    30,
+                )
+                assert got == [blob[off : off + 4096] for off in offsets]
+                done = await asyncio.wait_for(asyncio.gather(*doomed, return_exceptions=True), 30)
+                assert all(isinstance(r, asyncio.CancelledError | bytes) for r in done)
+            for _ in range(200):
+                if not drv.stats()["inflight"]:
+                    break
+                await asyncio.sleep(0.005)
+            return drv.stats()
+        finally:
+            drv.close()
+            assert drv._ring.leaked == 0
+
+    try:
+        st = run(main)
+    finally:
+        os.close(fd)
+    assert st["cancels"] > 0 and st["inflight"] == 0
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_short_reads_at_the_end_of_the_file(run: Any, tmp_path: Any, direct: bool) -> None:
+    """Reads crossing the end of the file return what is there; past it, b""."""
+    path = os.path.join(str(tmp_path) if not direct else tempfile.mkdtemp(dir="/var/tmp"), "short")
+    body = os.urandom(3 * 4096 + 1000)
+    with open(path, "wb") as f:
+        f.write(body)
+        f.flush()
+        os.fsync(f.fileno())
+
+    async def main() -> dict[str, int]:
+        def reads() -> list[bytes]:
+            with tame.env().open(path, "rb", direct=direct) as f:
+                return [f.pread(8192, 8192), f.pread(4096, 12288), f.pread(4096, 16384)]
+
+        if not direct:  # cold: the reads go to io_uring, not the RWF_NOWAIT path
+            fd = os.open(path, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+        got = await tame.call(reads)
+        assert got == [body[8192:], body[12288:], b""]
+        return stacks.runtime().uring.stats()
+
+    try:
+        st = run(main)
+    finally:
+        os.remove(path)
+    assert st["read_uring"] >= 2

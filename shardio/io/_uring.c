@@ -17,6 +17,12 @@
  * on purpose).  user_data is the slot index; ASYNC_CANCEL requests carry
  * CANCEL_TAG and need no slot.
  *
+ * The hot path is two calls: await_op() on a tame stack (prepare the SQE with
+ * the caller's Parked as token, ask the driver for a submit once per loop
+ * pass, park, raise or return the result) and complete() on the loop (each
+ * CQE's result straight to token.wake(), submitting every `batch` SQEs the
+ * resumed stacks queue).
+ *
  * Memory ordering (the kernel is the other side of both rings):
  *   SQ: fill SQEs, then store-release sq.tail (the kernel load-acquires it);
  *       load-acquire sq.head before reusing an SQE the kernel consumed.
@@ -84,6 +90,11 @@ typedef struct {
     uint32_t *free_slots;
     unsigned nfree;
     unsigned inflight;        /* slots in use (prepared, submitted, or cancelled) */
+    unsigned inflight_peak;   /* the most slots ever in use at once */
+    unsigned long long enters;  /* io_uring_enter calls that submitted */
+    int completing;           /* complete() is running: a nested call returns 0 */
+    int kick_pending;         /* await_op() called kick since the last submit() */
+    unsigned long long cancels;  /* ops whose callers gave up while they were in flight */
     char *pages;              /* one 4 KiB page per slot, registered as fixed buffer 0 */
     size_t pages_size;
     int pages_registered;     /* reads of <= 4 KiB then use READ_FIXED: no page pinning per op */
@@ -157,7 +168,7 @@ static struct io_uring_sqe *sqe_get(Ring *r, uint32_t *slot)
         Slot *s = &r->slots[i];
         s->in_use = 1;
         s->kind = RESULT_INT;
-        r->inflight++;
+        if (++r->inflight > r->inflight_peak) r->inflight_peak = r->inflight;
         sqe->user_data = i;
         *slot = i;
     } else {
@@ -679,6 +690,25 @@ Ring_nop(Ring *self, PyObject *const *args, Py_ssize_t nargs)
     return sqe_commit(self, slot, args[1]);
 }
 
+/* Drop token's interest in slot and queue an ASYNC_CANCEL; 0 if slot does not hold token. */
+static int ring_cancel(Ring *r, long slot, PyObject *token)
+{
+    unsigned nslots = r->nfree + r->inflight;
+    if (r->fd < 0 || slot < 0 || (unsigned long)slot >= nslots ||
+        !r->slots[slot].in_use || r->slots[slot].token != token)
+        return 0;
+    Py_CLEAR(r->slots[slot].token);
+    r->cancels++;
+    struct io_uring_sqe *sqe = sqe_get(r, NULL);
+    if (sqe) {  /* no free SQE: the op still completes in its own time */
+        sqe->opcode = IORING_OP_ASYNC_CANCEL;
+        sqe->fd = -1;
+        sqe->addr = (uint64_t)slot;
+        r->sq_local_tail++;
+    }
+    return 1;
+}
+
 PyDoc_STRVAR(cancel_doc,
 "cancel(slot, token) -> bool\n\n"
 "The caller of the op in slot (queued with token) no longer waits: drop the\n"
@@ -692,19 +722,7 @@ Ring_cancel(Ring *self, PyObject *const *args, Py_ssize_t nargs)
     if (parse_args(args, nargs, 2, "cancel") < 0) return NULL;
     long slot = PyLong_AsLong(args[0]);
     if (slot == -1 && PyErr_Occurred()) return NULL;
-    unsigned nslots = self->nfree + self->inflight;
-    if (self->fd < 0 || slot < 0 || (unsigned long)slot >= nslots ||
-        !self->slots[slot].in_use || self->slots[slot].token != args[1])
-        Py_RETURN_FALSE;
-    Py_CLEAR(self->slots[slot].token);
-    struct io_uring_sqe *sqe = sqe_get(self, NULL);
-    if (sqe) {  /* no free SQE: the op still completes in its own time */
-        sqe->opcode = IORING_OP_ASYNC_CANCEL;
-        sqe->fd = -1;
-        sqe->addr = (uint64_t)slot;
-        self->sq_local_tail++;
-    }
-    Py_RETURN_TRUE;
+    return PyBool_FromLong(ring_cancel(self, slot, args[1]));
 }
 
 /* ------------------------------------------------------------ submit/reap */
@@ -715,18 +733,27 @@ PyDoc_STRVAR(submit_doc,
 "returns how many it took. Raises OSError if io_uring_enter fails (the SQEs\n"
 "stay queued: retract() takes them back).");
 
+/* Publish the prepared SQEs and io_uring_enter them: how many the kernel took, or -1 (errno). */
+static long ring_submit(Ring *r)
+{
+    r->kick_pending = 0;  /* from here on, a new SQE needs a new kick */
+    atomic_store_explicit(r->sq_tail, r->sq_local_tail, memory_order_release);
+    uint32_t head = atomic_load_explicit(r->sq_head, memory_order_acquire);
+    unsigned to_submit = r->sq_local_tail - head;
+    if (to_submit == 0) return 0;
+    long ret;
+    do {
+        ret = sys_enter(r->fd, to_submit, 0, 0);
+    } while (ret < 0 && errno == EINTR);
+    if (ret >= 0) r->enters++;
+    return ret;
+}
+
 static PyObject *
 Ring_submit(Ring *self, PyObject *noargs)
 {
     if (check_open(self) < 0) return NULL;
-    atomic_store_explicit(self->sq_tail, self->sq_local_tail, memory_order_release);
-    uint32_t head = atomic_load_explicit(self->sq_head, memory_order_acquire);
-    unsigned to_submit = self->sq_local_tail - head;
-    if (to_submit == 0) return PyLong_FromLong(0);
-    long ret;
-    do {
-        ret = sys_enter(self->fd, to_submit, 0, 0);
-    } while (ret < 0 && errno == EINTR);
+    long ret = ring_submit(self);
     if (ret < 0) {
         PyErr_SetFromErrnoWithFilename(PyExc_OSError, "io_uring_enter");
         return NULL;
@@ -775,6 +802,16 @@ static PyObject *statx_tuple(const struct statx *st)
         (unsigned long long)makedev(st->stx_rdev_major, st->stx_rdev_minor));
 }
 
+/* The Python result of a CQE for slot s: an int (>= 0 or -errno), bytes, or a statx tuple. */
+static PyObject *cqe_value(const Slot *s, int res)
+{
+    if (res < 0 || s->kind == RESULT_INT || s->kind == RESULT_FD)
+        return PyLong_FromLong(res);
+    if (s->kind == RESULT_BYTES)
+        return PyBytes_FromStringAndSize(s->mem, res);
+    return statx_tuple(s->mem);
+}
+
 PyDoc_STRVAR(reap_doc,
 "reap() -> [token, result, token, result, ...]\n\n"
 "Collect every posted CQE, as one flat list (no tuple per op). Results are ints\n"
@@ -799,13 +836,7 @@ Ring_reap(Ring *self, PyObject *noargs)
             slot_release(self, (uint32_t)ud);
             continue;
         }
-        PyObject *value;
-        if (res < 0 || s->kind == RESULT_INT || s->kind == RESULT_FD)
-            value = PyLong_FromLong(res);
-        else if (s->kind == RESULT_BYTES)
-            value = PyBytes_FromStringAndSize(s->mem, res);
-        else
-            value = statx_tuple(s->mem);
+        PyObject *value = cqe_value(s, res);
         if (!value || PyList_Append(done, s->token) < 0 || PyList_Append(done, value) < 0) {
             /* Out of memory: this CQE is lost to its caller but its slot is freed. */
             Py_XDECREF(value);
@@ -819,6 +850,177 @@ Ring_reap(Ring *self, PyObject *noargs)
     }
     atomic_store_explicit(self->cq_head, head, memory_order_release);
     return done;
+}
+
+static PyObject *str_wake;  /* "wake", interned */
+
+PyDoc_STRVAR(complete_doc,
+"complete(batch) -> int\n\n"
+"Reap the CQEs posted so far and hand each result to its token at once:\n"
+"token.wake(result) (the token's stack runs until it parks again), with no\n"
+"list in between. Whenever batch (> 0) SQEs are queued meanwhile (by the\n"
+"woken stacks), they are submitted, so the device works while later tokens\n"
+"run; a failed io_uring_enter is not raised here: the SQEs stay queued for\n"
+"the caller's submit(). Cancelled ops free their slots silently. Returns how\n"
+"many CQEs were reaped; 0 when called from inside a wake (no nesting). If a\n"
+"wake raises, the CQEs after it stay posted and the exception propagates.");
+
+static PyObject *
+Ring_complete(Ring *self, PyObject *arg)
+{
+    long batch = PyLong_AsLong(arg);
+    if (batch == -1 && PyErr_Occurred()) return NULL;
+    if (self->fd < 0 || self->completing) return PyLong_FromLong(0);
+    self->completing = 1;
+    int submit_ok = 1;
+    long n = 0;
+    uint32_t head = atomic_load_explicit(self->cq_head, memory_order_relaxed);
+    uint32_t tail = atomic_load_explicit(self->cq_tail, memory_order_acquire);
+    for (; head != tail; ) {
+        const struct io_uring_cqe *cqe = &self->cqes[head & self->cq_mask];
+        uint64_t ud = cqe->user_data;
+        int res = cqe->res;
+        head++;
+        /* The CQE is copied out: give its entry back before running Python code. */
+        atomic_store_explicit(self->cq_head, head, memory_order_release);
+        n++;
+        if (ud == CANCEL_TAG) continue;
+        Slot *s = &self->slots[ud];
+        PyObject *token = s->token;
+        if (token == NULL) {  /* its caller gave up */
+            if (s->kind == RESULT_FD && res >= 0) close(res);
+            slot_release(self, (uint32_t)ud);
+            continue;
+        }
+        PyObject *value = cqe_value(s, res);
+        s->token = NULL;  /* the reference moves to us */
+        slot_release(self, (uint32_t)ud);
+        if (value == NULL) {  /* out of memory: the caller still gets an exception */
+#if PY_VERSION_HEX >= 0x030C0000
+            value = PyErr_GetRaisedException();
+#else
+            PyObject *type, *tb;
+            PyErr_Fetch(&type, &value, &tb);
+            PyErr_NormalizeException(&type, &value, &tb);
+            Py_XDECREF(type);
+            Py_XDECREF(tb);
+#endif
+            if (value == NULL) { Py_DECREF(token); self->completing = 0; return NULL; }
+        }
+        PyObject *ret = PyObject_CallMethodOneArg(token, str_wake, value);
+        Py_DECREF(value);
+        Py_DECREF(token);
+        if (ret == NULL) { self->completing = 0; return NULL; }
+        Py_DECREF(ret);
+        if (self->fd < 0) break;  /* a woken stack closed the ring */
+        if (submit_ok && batch > 0 &&
+            self->sq_local_tail - atomic_load_explicit(self->sq_head, memory_order_acquire) >= (unsigned long)batch)
+            submit_ok = ring_submit(self) >= 0;
+    }
+    self->completing = 0;
+    return PyLong_FromLong(n);
+}
+
+static PyObject *str_park;  /* "park", interned */
+
+/* Call kick() unless one is pending or complete() runs (it submits at its end). */
+static int ring_kick(Ring *r, PyObject *kick)
+{
+    if (r->kick_pending || r->completing || r->fd < 0 || kick == Py_None) return 0;
+    r->kick_pending = 1;
+    PyObject *ret = PyObject_CallNoArgs(kick);
+    if (ret == NULL) return -1;
+    Py_DECREF(ret);
+    return 0;
+}
+
+PyDoc_STRVAR(await_op_doc,
+"await_op(prep, args, parked, kick, filename=None, filename2=None) -> result or None\n\n"
+"The whole life of one op on a tame stack, in one call: prep(*args, parked)\n"
+"queues its SQE (parked is the token), kick() is called if nothing has asked\n"
+"for a submit() since the last one (the driver schedules it for the end of\n"
+"the loop pass), then parked.park() waits until complete() wakes it with the\n"
+"result. A negative result raises the OSError os.* would (with filename and\n"
+"filename2); an exception woken in is raised. If park() raises (the stack is\n"
+"cancelled), the op is cancelled in the kernel (its memory stays with its slot\n"
+"until its CQE), kick() is called for the cancel SQE, and the exception\n"
+"propagates. Returns None without parking when prep found no free SQE or slot.");
+
+static PyObject *
+Ring_await_op(Ring *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 4 || nargs > 6) {
+        PyErr_SetString(PyExc_TypeError, "Ring.await_op takes 4 to 6 arguments");
+        return NULL;
+    }
+    PyObject *prep = args[0], *prep_args = args[1], *parked = args[2], *kick = args[3];
+    if (!PyTuple_CheckExact(prep_args)) {
+        PyErr_SetString(PyExc_TypeError, "await_op: args must be a tuple");
+        return NULL;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(prep_args);
+    PyObject *small[8], **vec = small;
+    if (n + 1 > 8) {
+        PyErr_SetString(PyExc_TypeError, "await_op: at most 7 prep arguments");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) vec[i] = PyTuple_GET_ITEM(prep_args, i);
+    vec[n] = parked;
+    PyObject *slot_obj = PyObject_Vectorcall(prep, vec, (size_t)n + 1, NULL);
+    if (slot_obj == NULL) return NULL;
+    if (slot_obj == Py_None) return slot_obj;  /* SQ or slots full: nothing queued */
+    long slot = PyLong_AsLong(slot_obj);
+    Py_DECREF(slot_obj);
+    if (slot == -1 && PyErr_Occurred()) return NULL;
+    if (ring_kick(self, kick) < 0) {
+        /* The op is queued but nobody will submit it: take it back from the caller. */
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        ring_cancel(self, slot, parked);
+        PyErr_Restore(type, value, tb);
+        return NULL;
+    }
+    PyObject *res = PyObject_CallMethodNoArgs(parked, str_park);
+    if (res == NULL) {
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        int queued = ring_cancel(self, slot, parked);
+        if (queued && ring_kick(self, kick) < 0) {
+            PyErr_Clear();  /* the cancel SQE goes with the next submit */
+        }
+        PyErr_Restore(type, value, tb);
+        return NULL;
+    }
+    if (PyLong_CheckExact(res)) {
+        long v = PyLong_AsLong(res);
+        if (v < 0) {
+            Py_DECREF(res);
+            int code = (int)-v;
+            PyObject *filename = nargs > 4 ? args[4] : Py_None;
+            PyObject *filename2 = nargs > 5 ? args[5] : Py_None;
+            PyObject *exc_args;
+            if (filename2 != Py_None)
+                exc_args = Py_BuildValue("(isOOO)", code, strerror(code), filename, Py_None, filename2);
+            else if (filename != Py_None)
+                exc_args = Py_BuildValue("(isO)", code, strerror(code), filename);
+            else
+                exc_args = Py_BuildValue("(is)", code, strerror(code));
+            if (exc_args == NULL) return NULL;
+            PyObject *exc = PyObject_Call(PyExc_OSError, exc_args, NULL);
+            Py_DECREF(exc_args);
+            if (exc == NULL) return NULL;
+            PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+            Py_DECREF(exc);
+            return NULL;
+        }
+        return res;
+    }
+    if (PyExceptionInstance_Check(res)) {
+        PyErr_SetObject((PyObject *)Py_TYPE(res), res);
+        Py_DECREF(res);
+        return NULL;
+    }
+    return res;
 }
 
 PyDoc_STRVAR(ready_doc, "ready() -> int\n\nHow many CQEs are posted and not yet reaped.");
@@ -865,6 +1067,9 @@ Ring_supported(Ring *self, PyObject *arg)
 static PyObject *Ring_get_fd(Ring *self, void *c) { return PyLong_FromLong(self->fd); }
 static PyObject *Ring_get_inflight(Ring *self, void *c) { return PyLong_FromUnsignedLong(self->inflight); }
 static PyObject *Ring_get_slots(Ring *self, void *c) { return PyLong_FromUnsignedLong(self->nfree + self->inflight); }
+static PyObject *Ring_get_enters(Ring *self, void *c) { return PyLong_FromUnsignedLongLong(self->enters); }
+static PyObject *Ring_get_cancels(Ring *self, void *c) { return PyLong_FromUnsignedLongLong(self->cancels); }
+static PyObject *Ring_get_peak(Ring *self, void *c) { return PyLong_FromUnsignedLong(self->inflight_peak); }
 static PyObject *Ring_get_leaked(Ring *self, void *c) { return PyLong_FromUnsignedLong(self->leaked); }
 static PyObject *Ring_get_fixed(Ring *self, void *c) { return PyBool_FromLong(self->pages_registered); }
 static PyObject *Ring_get_unsubmitted(Ring *self, void *c)
@@ -880,6 +1085,9 @@ static PyGetSetDef Ring_getset[] = {
     {"slots", (getter)Ring_get_slots, NULL, "how many ops can be in flight at once", NULL},
     {"unsubmitted", (getter)Ring_get_unsubmitted, NULL, "SQEs queued but not yet taken by the kernel", NULL},
     {"fixed_buffers", (getter)Ring_get_fixed, NULL, "True if reads of <= 4 KiB use registered buffers (READ_FIXED)", NULL},
+    {"enters", (getter)Ring_get_enters, NULL, "io_uring_enter calls that submitted SQEs", NULL},
+    {"cancels", (getter)Ring_get_cancels, NULL, "ops whose callers gave up while they were in flight", NULL},
+    {"inflight_peak", (getter)Ring_get_peak, NULL, "the most slots ever in use at once", NULL},
     {"leaked", (getter)Ring_get_leaked, NULL, "slots abandoned at close() with the kernel still on them", NULL},
     {NULL},
 };
@@ -899,6 +1107,8 @@ static PyMethodDef Ring_methods[] = {
     {"submit", (PyCFunction)Ring_submit, METH_NOARGS, submit_doc},
     {"retract", (PyCFunction)Ring_retract, METH_NOARGS, retract_doc},
     {"reap", (PyCFunction)Ring_reap, METH_NOARGS, reap_doc},
+    {"complete", (PyCFunction)Ring_complete, METH_O, complete_doc},
+    {"await_op", (PyCFunction)(void (*)(void))Ring_await_op, METH_FASTCALL, await_op_doc},
     {"ready", (PyCFunction)Ring_ready, METH_NOARGS, ready_doc},
     {"wait", (PyCFunction)Ring_wait, METH_O, wait_doc},
     {"supported", (PyCFunction)Ring_supported, METH_O, supported_doc},
@@ -997,6 +1207,8 @@ PyMODINIT_FUNC
 PyInit__uring(void)
 {
     if (PyType_Ready(&RingType) < 0) return NULL;
+    if (!str_wake && !(str_wake = PyUnicode_InternFromString("wake"))) return NULL;
+    if (!str_park && !(str_park = PyUnicode_InternFromString("park"))) return NULL;
     PyObject *m = PyModule_Create(&moduledef);
     if (!m) return NULL;
     Py_INCREF(&RingType);

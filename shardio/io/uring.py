@@ -27,19 +27,27 @@ never frees memory the kernel writes into.
   (``IORING_REGISTER_PROBE`` says so; IORING_OP_FTRUNCATE needs Linux 6.9)
   runs on the driver's small thread pool instead, so it still does not
   block the reactor.
-* **Submission** is batched: SQEs prepared during one pass of the loop are
-  submitted with one ``io_uring_enter`` (from a ``call_soon`` scheduled by
-  the first SQE, or at the end of a completion pass); while a completion
-  pass resumes many stacks, every ``submit_batch`` (8) new SQEs are
-  submitted at once so the device is not left idle while Python runs.
-  If ``io_uring_enter`` fails, the stacks whose SQEs the kernel did not
-  take fail with :class:`UringSubmitError`; unless the error was a
-  transient one (EAGAIN, EBUSY, ENOMEM) the driver is then broken and every
-  later operation fails with the same error.
+* **Submission** is batched: every op enters through ``_submit``, which
+  makes one C call (``Ring.await_op``: queue the SQE, ask for a submit,
+  park, then return the result or raise). The first SQE queued since the
+  last ``io_uring_enter`` schedules one submit (``call_soon``) for the end
+  of the loop pass, so the stacks that park in one pass share one
+  ``io_uring_enter``; while a completion pass resumes many stacks, every
+  ``submit_batch`` (16) new SQEs are submitted at once so the device is not
+  left idle while Python runs (8 cost twice the enters and virtio kicks;
+  32 left the device idle). If ``io_uring_enter`` fails, the stacks whose
+  SQEs the kernel did not take fail with :class:`UringSubmitError`; unless
+  the error was a transient one (EAGAIN, EBUSY, ENOMEM) the driver is then
+  broken and every later operation fails with the same error.
 * **Completions** are reaped when the ring fd becomes readable
   (``loop.add_reader(ring_fd)``: the io_uring fd polls POLLIN once a CQE is
   posted) and, inside a shard, by a reactor poller while ops are in
   flight, so a polling reactor sees completions without an epoll round.
+  The ring hands each CQE's result straight to its stack in C
+  (``Ring.complete``: no list, no Python loop). On loops other than
+  asyncio's own (uvloop) the reap runs from the ready queue rather than the
+  reader callback: libuv calls that from deep in its poll phase, and
+  greenlet would copy ~15 KiB of that C stack out and back at every switch.
 * **Queue depth** is bounded (``max_inflight``, default 128 = ring size):
   further ops wait in FIFO order for a slot; the CQ ring (2x entries) never
   overflows.
@@ -55,6 +63,7 @@ reported by ``driver.stats()["fallback"] == 1``.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import errno
 import logging
@@ -92,6 +101,7 @@ try:
     from shardio.io import _uring
 except ImportError:  # not built (e.g. a source tree without build_ext): thread pool only
     _uring = None  # type: ignore[assignment]
+_pread_nowait: Any = None if _uring is None else _uring.pread_nowait
 
 _announced_fallback = False
 _announce_lock = threading.Lock()
@@ -119,16 +129,6 @@ def cached_pages(fd: int, offset: int, length: int) -> int | None:
         return _uring.cachestat(fd, offset, length)  # type: ignore[no-any-return]
     except OSError:
         return None
-
-
-def _oserror(res: int, filename: Any = None, filename2: Any = None) -> OSError:
-    """The OSError subclass os.* would raise for -res (FileNotFoundError for ENOENT...)."""
-    code = -res
-    if filename2 is not None:
-        return OSError(code, os.strerror(code), filename, None, filename2)
-    if filename is not None:
-        return OSError(code, os.strerror(code), filename)
-    return OSError(code, os.strerror(code))
 
 
 def _stat_result(t: tuple[int, ...]) -> os.stat_result:
@@ -195,7 +195,7 @@ class UringDriver:
         rt: Any,
         entries: int = 128,
         max_inflight: int | None = None,
-        submit_batch: int = 8,
+        submit_batch: int = 16,
         thread_ops: tuple[str, ...] = (),
     ) -> None:
         """thread_ops: metadata ops (see METADATA_OPS) to run on the thread pool even
@@ -211,6 +211,8 @@ class UringDriver:
         self.rt = rt
         self.loop = rt.loop
         self._ring = ring = _uring.Ring(entries)
+        self._prep_read = ring.read  # bound once: the read path uses them per op
+        self._kick_once = self._kick
         try:
             self._self_test()
         except BaseException:
@@ -219,9 +221,9 @@ class UringDriver:
         self.ring_fd: int = ring.fd
         self.max_inflight = min(max_inflight or entries, ring.slots)
         self.submit_batch = submit_batch
-        self._flush_scheduled = False
-        self._in_reap = False
         self._broken: UringSubmitError | None = None
+        self._reap_scheduled = False
+        self._reap_inline = isinstance(self.loop, asyncio.BaseEventLoop)
         self._unusable = False  # broken or closed (one test on the hot path)
         self._cachestat = cached_pages(ring.fd, 0, 0) is not None
         self._probe_first = False
@@ -258,24 +260,39 @@ class UringDriver:
     # -- public operations (on a tame stack) ------------------------------------
     def read(self, fd: int, n: int, offset: int, direct: bool = False) -> bytes:
         """pread(fd, n, offset): short only at end of file."""
+        if not direct:
+            if not self._probe_first and n > 0:  # the cached hot path: one C call
+                data = _pread_nowait(fd, n, offset)
+                if data is not None and len(data) == n:
+                    self.counters.read_cached += 1
+                    return data  # type: ignore[no-any-return]
+                return self._read_after_nowait(fd, n, offset, data)
+        elif 0 < n <= _MAX_IO:  # the cold hot path: one op
+            data = self._submit(self._prep_read, (fd, n, offset))
+            self.counters.read_uring += 1
+            if len(data) == n or not data or offset + len(data) >= os.fstat(fd).st_size:
+                return data  # type: ignore[no-any-return]
+            return data + self._read_uring(fd, n - len(data), offset + len(data))  # type: ignore[no-any-return]
         if n <= 0:
             return b""
         if direct:
             return self._read_uring(fd, n, offset)
-        if self._probe_first:
-            # After a miss, ask the page cache first, so that a cold read does not
-            # start its I/O from preadv2 (see the module docstring).
-            first = offset // PAGE
-            pages = (offset + n + PAGE - 1) // PAGE - first
-            cached = _uring.cachestat(fd, first * PAGE, pages * PAGE)
-            if cached is not None and cached < pages:
-                self._probe_hits = 0
-                self.counters.read_cold_probed += 1
-                return self._read_uring(fd, n, offset)
-            self._probe_hits += 1
-            if self._probe_hits >= 64:
-                self._probe_first = False
-        data = _uring.pread_nowait(fd, n, offset)
+        # After a miss, ask the page cache first, so that a cold read does not
+        # start its I/O from preadv2 (see the module docstring).
+        first = offset // PAGE
+        pages = (offset + n + PAGE - 1) // PAGE - first
+        cached = _uring.cachestat(fd, first * PAGE, pages * PAGE)
+        if cached is not None and cached < pages:
+            self._probe_hits = 0
+            self.counters.read_cold_probed += 1
+            return self._read_uring(fd, n, offset)
+        self._probe_hits += 1
+        if self._probe_hits >= 64:
+            self._probe_first = False
+        return self._read_after_nowait(fd, n, offset, _pread_nowait(fd, n, offset))
+
+    def _read_after_nowait(self, fd: int, n: int, offset: int, data: bytes | None) -> bytes:
+        """The rest of a read whose RWF_NOWAIT attempt gave data (None: nothing cached)."""
         if data is not None:
             got = len(data)
             if got == n or (got and offset + got >= os.fstat(fd).st_size):
@@ -396,7 +413,7 @@ class UringDriver:
         return self._threads
 
     def _read_uring(self, fd: int, n: int, offset: int) -> bytes:
-        prep = self._ring.read
+        prep = self._prep_read
         if n <= _MAX_IO:
             data: bytes = self._submit(prep, (fd, n, offset))
             self.counters.read_uring += 1
@@ -451,54 +468,44 @@ class UringDriver:
     ) -> Any:
         """Queue one op (``prep(*args, parked)``), park until its CQE, return its result.
 
-        A negative result raises the OSError os.* would (naming filename).
+        The one entry point of every operation on the ring. A negative result
+        raises the OSError os.* would (naming filename).
 
         The op's memory belongs to its ring slot until the CQE is reaped, even
         if this wait is cancelled (the ring then drops our token and asks the
-        kernel to cancel the op).
+        kernel to cancel the op). SQEs queued during one loop pass go to the
+        kernel together (``_flush``, once per pass, or in batches while a
+        completion pass resumes stacks).
         """
         if self._unusable:
             self._check_usable()
         ring = self._ring
         if self._slot_waiters or ring.inflight >= self.max_inflight:
             self._wait_for_slot()
-        p = self._Parked("io_uring", getattr(prep, "__name__", prep))
-        slot = prep(*args, p)
-        if slot is None:  # the SQ is full of prepared SQEs: hand them over and retry
+        p = self._Parked("io_uring", prep.__name__)
+        # Queue, kick the pass's submit, park, raise or return the result; cancel on
+        # an exception in park: all in C (Ring.await_op).
+        if filename is None:
+            res = ring.await_op(prep, args, p, self._kick_once)
+        else:
+            res = ring.await_op(prep, args, p, self._kick_once, filename, filename2)
+        if res is None:  # the SQ is full of prepared SQEs: hand them over and retry
             self._flush()
-            slot = prep(*args, p)
-            if slot is None:
+            res = ring.await_op(prep, args, p, self._kick_once, filename, filename2)
+            if res is None:
                 self._check_usable()
                 raise OSError(errno.EBUSY, "io_uring submission queue full")
-        inflight = ring.inflight
-        if inflight > self.counters.inflight_peak:
-            self.counters.inflight_peak = inflight
-        if not self._in_reap and not self._flush_scheduled:
-            self._flush_scheduled = True
-            self.loop.call_soon(self._flush)
-        try:
-            res = p.park()
-        except BaseException:
-            if ring.cancel(slot, p):
-                self.counters.cancels += 1
-                if not self._flush_scheduled and not self.closed:
-                    self._flush_scheduled = True
-                    self.loop.call_soon(self._flush)
-            raise
-        if res.__class__ is int:
-            if res < 0:
-                raise _oserror(res, filename, filename2)
-            return res
-        if isinstance(res, BaseException):
-            raise res
         return res
 
+    def _kick(self) -> None:
+        """The ring queued the first SQE since its last submit: submit at the end of this pass."""
+        self.loop.call_soon(self._flush)
+
     def _flush(self) -> None:
-        self._flush_scheduled = False
+        """Hand every queued SQE to the kernel (one io_uring_enter); fail their stacks if it fails."""
         ring = self._ring
-        if self.closed or self._broken is not None or not ring.unsubmitted:
+        if self.closed or self._broken is not None:
             return
-        self.counters.submit_calls += 1
         try:
             ring.submit()
         except OSError as exc:
@@ -530,34 +537,48 @@ class UringDriver:
             p.wake_soon(error)
 
     def _reap(self) -> int:
-        """Collect every posted CQE, resume the stacks waiting for them; return how many."""
+        """Collect every posted CQE, resume the stacks waiting for them; return how many.
+
+        The ring does it in C (``complete``): each CQE's result goes straight to
+        its Parked's ``wake``, and every ``submit_batch`` SQEs the resumed
+        stacks queue are submitted at once, so the device is not left idle
+        while Python resumes the rest.
+        """
         ring = self._ring
-        done = ring.reap()
-        if not done:
+        try:
+            n: int = ring.complete(self.submit_batch)
+        finally:
+            if ring.unsubmitted:  # what the resumed stacks queued after the last batch
+                self._flush()
+        if not n:
             return 0
         c = self.counters
         c.reaps += 1
-        n = len(done) >> 1
         c.cqes += n
-        self._in_reap = True
-        try:
-            it = iter(done)
-            for p in it:  # [parked, result, parked, result, ...]
-                p.wake(next(it))
-                if ring.unsubmitted >= self.submit_batch:
-                    self._flush()  # keep the device busy while we resume the rest
-        finally:
-            self._in_reap = False
         waiters = self._slot_waiters
         free = self.max_inflight - ring.inflight
         while free > 0 and waiters:
             waiters.popleft().wake_soon()
             free -= 1
-        if ring.unsubmitted:
-            self._flush()
         return n
 
     def _on_readable(self) -> None:
+        # On loops other than asyncio's own, reap from the ready queue, not from
+        # here: uvloop runs this inside libuv's poll phase, whose frame holds a
+        # 12 KiB epoll_event array, and a stack resumed this deep makes greenlet
+        # copy ~15 KiB of the loop's C stack out and back on every switch
+        # (measured: 15.6 KiB vs 0.6 KiB per switch; ~0.8 us per read). Tame
+        # stacks start from ready callbacks, as this reap then does. asyncio's
+        # own loops run reader callbacks from the ready queue already.
+        if self._reap_inline:
+            if not self.closed:
+                self._reap()
+        elif not self._reap_scheduled and not self.closed:
+            self._reap_scheduled = True
+            self.loop.call_soon(self._reap_ready)
+
+    def _reap_ready(self) -> None:
+        self._reap_scheduled = False
         if not self.closed:
             self._reap()
 
@@ -574,6 +595,9 @@ class UringDriver:
         ring = self._ring
         d.update(
             inflight=ring.inflight,
+            inflight_peak=ring.inflight_peak,
+            submit_calls=ring.enters,
+            cancels=ring.cancels,
             max_inflight=self.max_inflight,
             fixed_buffers=int(ring.fixed_buffers),
             fallback=0,

@@ -84,10 +84,14 @@ class TameFile(PosixFile):
         rt = checkpoint()
         if rt is None:
             return super().pread(n, offset)
-        fd = self._check(read=True)
-        if self.direct:
+        # The hot path of every tame read: _check and check_direct only when they raise.
+        fd = self._fd
+        if fd < 0 or not self._readable:
+            self._check(read=True)
+        direct = self.direct
+        if direct and (n % DIRECT_ALIGN or offset % DIRECT_ALIGN):
             check_direct(n, offset)
-        return rt.uring.read(fd, n, offset, self.direct)  # type: ignore[no-any-return]
+        return rt.uring.read(fd, n, offset, direct)  # type: ignore[no-any-return]
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> int:
         rt = checkpoint()
