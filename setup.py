@@ -13,7 +13,8 @@ setup(
         Extension(
             "shardio.osd._codec",
             sources=["shardio/osd/_codec.c"],
-            libraries=["z"],
+            # the runtime zlib, not the development package's libz.so: see _codec.c
+            extra_link_args=["-l:libz.so.1"],
             extra_compile_args=["-O2", "-std=c11", "-Wall"],
         ),
         Extension(

@@ -12,13 +12,18 @@
  *     Called once by protocol.py: the Frame class, the format's constants and the
  *     exception for a payload over the limit (FrameTooLarge).
  *
- * Checksums are zlib's crc32, the same function protocol.py calls.
+ * Checksums are zlib's crc32, the same function protocol.py calls. The extension
+ * links the runtime library (libz.so.1, which every CPython with a zlib module
+ * has) and declares the one function it uses itself, so that building needs no
+ * zlib headers: crc32's signature is part of zlib's stable ABI since 1.0.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
-#include <zlib.h>
+
+/* zlib.h: uLong crc32(uLong crc, const Bytef *buf, uInt len); */
+extern unsigned long crc32(unsigned long crc, const unsigned char *buf, unsigned int len);
 
 #define HEADER_SIZE 56
 #define HEADER_CRC_COVERS 52
@@ -47,9 +52,9 @@ static inline void put32(unsigned char *p, uint32_t v) {
 static inline void put64(unsigned char *p, uint64_t v) { put32(p, (uint32_t)v); put32(p + 4, (uint32_t)(v >> 32)); }
 
 static uint32_t crc(uint32_t start, const unsigned char *p, Py_ssize_t n) {
-    uLong value = start;
+    unsigned long value = start;
     while (n > 0) {  /* zlib takes uInt lengths */
-        uInt chunk = n > (Py_ssize_t)0x40000000 ? 0x40000000u : (uInt)n;
+        unsigned int chunk = n > (Py_ssize_t)0x40000000 ? 0x40000000u : (unsigned int)n;
         value = crc32(value, p, chunk);
         p += chunk;
         n -= chunk;
