@@ -16,6 +16,7 @@ __all__ = [
     "DEFAULT_SHARES",
     "MAX_SHARES",
     "SchedulingGroup",
+    "current_group_name",
     "set_default_shares",
     "stats",
 ]
@@ -33,3 +34,19 @@ def stats() -> list[dict[str, Any]]:
     from .scheduler import scheduler
 
     return scheduler().snapshot()
+
+
+def current_group_name() -> str | None:
+    """The scheduling group whose slice runs the calling code, None outside any group."""
+    from ..tame import stacks
+
+    rt = stacks.current_runtime()
+    if rt is None:
+        import asyncio
+
+        try:
+            rt = stacks.loop_runtime(asyncio.get_running_loop())
+        except RuntimeError:
+            return None
+    group = None if rt is None else rt.running_group
+    return None if group is None else group.name  # type: ignore[no-any-return]

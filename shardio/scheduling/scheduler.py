@@ -15,9 +15,10 @@ own callbacks and tasks) cannot be queued, but its CPU between slices is
 measured the same way: while it keeps the thread busy (at least
 ``BUSY_CPU`` between two dispatches) it has a virtual runtime too, and when
 that is the lowest the dispatcher lets the loop run another iteration instead
-of a slice. A slice lasts ``quota × min(1, shares / default shares)``, so a
-low-share group never holds the loop for long while latency-sensitive default
-work may arrive.
+of a slice. A slice lasts ``quota × min(1, shares / the most shares)``, the
+most among the groups with runnables and the default group if it was busy in
+the last ``RECENT`` seconds: a low-share group never holds the loop for long
+while latency-sensitive default work comes and goes.
 
 While a group's slice runs, the loop's tame runtime is set to the group's
 window: its deadline is the slice's, its ready queue is the group's, so every
@@ -54,6 +55,8 @@ _thread_time = time.thread_time
 BUSY_CPU = 25e-6
 #: The shortest slice (a fraction of the quota), whatever the shares.
 MIN_SLICE_FRACTION = 0.05
+#: Wall seconds the default group's shares keep shortening slices after it was busy.
+RECENT = 0.01
 
 
 class GroupQueue:
@@ -133,6 +136,7 @@ class Scheduler:
         self.default_shares = DEFAULT_SHARES
         self.default_vruntime = 0.0
         self.default_busy = False
+        self.default_busy_at = -math.inf  # perf_counter() when it was last seen busy
         self.default_turns = 0  # dispatches that let the default group run instead
         self.min_vruntime = 0.0
         self.scheduled = False
@@ -181,6 +185,7 @@ class Scheduler:
                 self.default_busy = True
                 self.default_vruntime = max(self.default_vruntime, self.min_vruntime)
             self.default_vruntime += outside / self.default_shares
+            self.default_busy_at = _perf_counter()
         else:
             self.default_busy = False
         lowest = chosen.vruntime
@@ -204,8 +209,10 @@ class Scheduler:
         quota = self.runtime.quota
         if quota == math.inf:
             quota = stacks.DEFAULT_QUOTA
-        share = min(1.0, group.shares / self.default_shares)
-        return quota * max(MIN_SLICE_FRACTION, share)
+        most = max(g.shares for g in self.groups.values() if g.queue or g is group)
+        if _perf_counter() - self.default_busy_at < RECENT and self.default_shares > most:
+            most = self.default_shares
+        return quota * max(MIN_SLICE_FRACTION, min(1.0, group.shares / most))
 
     def _run_slice(self, group: GroupQueue, cpu_start: float) -> None:
         rt = self.runtime
