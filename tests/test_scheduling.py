@@ -25,6 +25,7 @@ Runner = Callable[[Coroutine[Any, Any, Any]], Any]
 #: CPU seconds the groups use together in each split test (SHARDIO_SCHED_CPU to change).
 TOTAL_CPU = float(os.environ.get("SHARDIO_SCHED_CPU", "2.0"))
 TOLERANCE = 0.10
+COROUTINES = 32
 
 
 @pytest.fixture(params=["asyncio", "uvloop"])
@@ -50,13 +51,34 @@ def _stack_hog(state: dict[str, Any], name: str) -> int:
     return n
 
 
-async def _coroutine_hog(state: dict[str, Any], name: str) -> int:
+def _sleeping_hog(state: dict[str, Any], name: str) -> int:
+    """Like _stack_hog, but every unit ends in a real wait (a zero sleep: a loop timer
+    resumes the stack), so every resumption comes from the loop, not the scheduler."""
+    sleep = tame.env().sleep
     n = 0
     while not state["stop"]:
         _unit()
         n += 1
         state[name] = n
-        await asyncio.sleep(0)
+        sleep(0)
+    return n
+
+
+async def _coroutine_hog(state: dict[str, Any], name: str) -> int:
+    """Work units in a coroutine; between two, it waits for a future the loop completes
+    (one unit in four) or yields bare (asyncio.sleep(0), the others)."""
+    loop = asyncio.get_running_loop()
+    n = 0
+    while not state["stop"]:
+        _unit()
+        n += 1
+        state[name] += 1
+        if n % 4 == 1:
+            future = loop.create_future()
+            loop.call_soon(future.set_result, None)
+            await future
+        else:
+            await asyncio.sleep(0)
     return n
 
 
@@ -66,7 +88,9 @@ def _runtime(group: shardio.SchedulingGroup) -> float:
 
 async def _until_cpu(groups: list[shardio.SchedulingGroup], seconds: float) -> None:
     start = sum(_runtime(g) for g in groups)
+    give_up = time.monotonic() + 60 * seconds + 10  # generous: the groups must get CPU at all
     while sum(_runtime(g) for g in groups) - start < seconds:
+        assert time.monotonic() < give_up, f"{groups} were accounted too little CPU time"
         await asyncio.sleep(0.02)
 
 
@@ -85,7 +109,13 @@ async def _split(kind_a: str, kind_b: str, shares_a: float, shares_b: float) -> 
     def launch(group: shardio.SchedulingGroup, kind: str) -> asyncio.Future[int]:
         if kind == "stack":
             return asyncio.ensure_future(group.call(_stack_hog, state, group.name))
-        return group.create_task(_coroutine_hog(state, group.name))
+        if kind == "sleeping-stack":
+            return asyncio.ensure_future(group.call(_sleeping_hog, state, group.name))
+        # Several coroutines, so the group always has a step ready: one alone waits a
+        # loop iteration or two for each future, and no scheduler can give it more.
+        return asyncio.gather(
+            *(group.create_task(_coroutine_hog(state, group.name)) for _ in range(COROUTINES))
+        )
 
     tasks = [launch(a, kind_a), launch(b, kind_b)]
     await _until_cpu([a, b], 0.2)  # warm-up: both running
@@ -101,7 +131,9 @@ async def _split(kind_a: str, kind_b: str, shares_a: float, shares_b: float) -> 
 
 
 @pytest.mark.parametrize(
-    "kinds", [("stack", "stack"), ("coroutine", "coroutine")], ids=["stacks", "coroutines"]
+    "kinds",
+    [("stack", "stack"), ("sleeping-stack", "sleeping-stack"), ("coroutine", "coroutine")],
+    ids=["stacks", "sleeping-stacks", "coroutines"],
 )
 def test_cpu_bound_groups_split_by_shares(run: Runner, kinds: tuple[str, str]) -> None:
     """300:100 gives 3:1 of the CPU time, in the scheduler's accounting and in work done."""

@@ -9,8 +9,10 @@ returns to the loop, so the loop polls its I/O and timers between slices.
 
 Which group: the one with the lowest virtual runtime (CPU seconds used divided
 by shares, thread CPU clock, read at the slice's ends). A group that wakes
-from idle starts at the scheduler's ``min_vruntime`` (no banking of idle
-credit, as CFS does). The default group (work outside any group: the loop's
+from idle starts no lower than the scheduler's ``min_vruntime`` less
+``WAKE_CREDIT`` seconds of CPU at its shares (no banking of idle credit,
+as CFS places a waking task; the small credit keeps a group that waits
+briefly between steps, an I/O or a future, from losing its share). The default group (work outside any group: the loop's
 own callbacks and tasks) cannot be queued, but its CPU between slices is
 measured the same way: while it keeps the thread busy (at least
 ``BUSY_CPU`` between two dispatches) it has a virtual runtime too, and when
@@ -57,6 +59,8 @@ BUSY_CPU = 25e-6
 MIN_SLICE_FRACTION = 0.05
 #: Wall seconds the default group's shares keep shortening slices after it was busy.
 RECENT = 0.01
+#: CPU seconds (at the group's own shares) a waking group may be behind min_vruntime.
+WAKE_CREDIT = 0.001
 
 
 class GroupQueue:
@@ -156,8 +160,9 @@ class Scheduler:
         now = _perf_counter()
         group.waittime += now - group.since
         group.since = now
-        if group.vruntime < self.min_vruntime:  # no credit for the time it was idle
-            group.vruntime = self.min_vruntime
+        floor = self.min_vruntime - WAKE_CREDIT / group.shares
+        if group.vruntime < floor:  # no credit for the time it was idle
+            group.vruntime = floor
         if not self.scheduled:
             self.scheduled = True
             if self.running is None and not self._any_queued():  # the first since idle
@@ -183,7 +188,8 @@ class Scheduler:
         if outside >= BUSY_CPU:
             if not self.default_busy:  # waking: no credit for the time it was idle
                 self.default_busy = True
-                self.default_vruntime = max(self.default_vruntime, self.min_vruntime)
+                self.default_vruntime = max(
+                    self.default_vruntime, self.min_vruntime - WAKE_CREDIT / self.default_shares)
             self.default_vruntime += outside / self.default_shares
             self.default_busy_at = _perf_counter()
         else:
