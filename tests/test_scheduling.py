@@ -228,10 +228,11 @@ async def _busy_default_against(shares: float) -> dict[str, float]:
 def test_the_default_group_competes_with_its_shares() -> None:
     """Work outside any group (a plain task) against a group: 1000:250 gives 4:1."""
     used = uvloop.run(_busy_default_against(250))
-    # The default's CPU is what its coroutine measured itself (the loop's own work is
-    # not in it), so allow the loop's overhead on the default's side.
+    # The default's CPU is what its coroutine measured itself; the scheduler counts the
+    # loop's own work on the default's side too, less its estimate of an idle iteration
+    # (at most FLOOR_CAP per dispatch), so the split is 4:1 within ±25 % here.
     ratio = used["default"] / used["group"]
-    assert 4.0 * 0.75 <= ratio <= 4.0 * 1.1, used
+    assert 4.0 * 0.75 <= ratio <= 4.0 * 1.25, used
 
 
 async def _nested() -> dict[str, Any]:

@@ -14,10 +14,11 @@ from idle starts no lower than the scheduler's ``min_vruntime`` less
 as CFS places a waking task; the small credit keeps a group that waits
 briefly between steps, an I/O or a future, from losing its share). The default group (work outside any group: the loop's
 own callbacks and tasks) cannot be queued, but its CPU between slices is
-measured the same way: while it keeps the thread busy (at least
-``BUSY_CPU`` between two dispatches) it has a virtual runtime too, and when
-that is the lowest the dispatcher lets the loop run another iteration instead
-of a slice. A slice lasts ``quota × min(1, shares / the most shares)``, the
+measured the same way, less the loop's own cost of an iteration (the
+*floor*: the least CPU seen between two dispatches lately, at most
+``FLOOR_CAP``). While what remains is at least ``BUSY_CPU`` it is busy and
+has a virtual runtime too, and when that is the lowest the dispatcher lets
+the loop run another iteration instead of a slice. A slice lasts ``quota × min(1, shares / the most shares)``, the
 most among the groups with runnables and the default group if it was busy in
 the last ``RECENT`` seconds: a low-share group never holds the loop for long
 while latency-sensitive default work comes and goes.
@@ -51,10 +52,14 @@ log = logging.getLogger("shardio.scheduling")
 _perf_counter = time.perf_counter
 _thread_time = time.thread_time
 
-#: CPU seconds the default group must use between two dispatches to count as busy
-#: (below it, the loop only polled: the default group is idle and its shares go to
-#: the groups). About what one small request costs; a loop turn costs ~5-15 µs.
-BUSY_CPU = 25e-6
+#: CPU seconds the default group must use between two dispatches, beyond the loop's
+#: own cost of an iteration, to count as busy (below it, the loop only polled: the
+#: default group is idle and its shares go to the groups). Half a small request.
+BUSY_CPU = 10e-6
+#: The loop's cost of an iteration is taken as at most this (CPU seconds); the floor
+#: is the least CPU seen between two dispatches over the last FLOOR_PERIOD of them.
+FLOOR_CAP = 15e-6
+FLOOR_PERIOD = 256
 #: The shortest slice (a fraction of the quota), whatever the shares.
 MIN_SLICE_FRACTION = 0.05
 #: Wall seconds the default group's shares keep shortening slices after it was busy.
@@ -146,6 +151,9 @@ class Scheduler:
         self.scheduled = False
         self.running: GroupQueue | None = None
         self.cpu_mark = _thread_time()  # thread CPU time when the last slice (or check) ended
+        self.floor = FLOOR_CAP  # CPU of a loop iteration with nothing else to do
+        self.period_least = FLOOR_CAP
+        self.period_left = FLOOR_PERIOD
         self.runtime = stacks.runtime(loop)
 
     # -- groups --------------------------------------------------------------------
@@ -185,6 +193,14 @@ class Scheduler:
                 chosen = g
         if chosen is None:
             return
+        if outside < self.period_least:
+            self.period_least = outside
+        self.period_left -= 1
+        if not self.period_left:
+            self.floor = self.period_least
+            self.period_least = FLOOR_CAP
+            self.period_left = FLOOR_PERIOD
+        outside -= self.floor
         if outside >= BUSY_CPU:
             if not self.default_busy:  # waking: no credit for the time it was idle
                 self.default_busy = True
