@@ -44,6 +44,7 @@ from typing import Any
 from ..reactor import current_reactor
 from ..tame import stacks
 from .groups import DEFAULT_GROUP_NAME, DEFAULT_SHARES, SchedulingGroup, check_shares
+from .io_queue import IoQueue
 
 __all__ = ["BUSY_CPU", "GroupQueue", "Scheduler", "scheduler", "set_default_shares"]
 
@@ -85,7 +86,6 @@ class GroupQueue:
         "starvetime",
         "since",
         "spec",
-        "io",
     )
 
     def __init__(self, scheduler: Scheduler, name: str, shares: float) -> None:
@@ -102,7 +102,6 @@ class GroupQueue:
         self.starvetime = 0.0  # wall seconds with runnables queued but not running
         self.since = _perf_counter()  # when it last became idle or runnable
         self.spec = SchedulingGroup(name, shares)  # what a cross-shard call made here carries
-        self.io: Any = None  # its I/O queue share (shardio.scheduling.io_queue), on first use
 
     def defer(self, resume: Callable[[Any], None], arg: Any) -> None:
         """Queue ``resume(arg)`` to run in this group's next slice (or in this one)."""
@@ -110,6 +109,11 @@ class GroupQueue:
         if not queue and not self.running:
             self.scheduler.activate(self)
         queue.append((resume, arg))
+
+    def io_submit(self, driver: Any, prep: Any, args: tuple[Any, ...], filename: Any,
+                  filename2: Any) -> Any:
+        """An io_uring operation of this group's (the file driver's hook): by I/O shares."""
+        return self.scheduler.io_queue.submit(driver, self, prep, args, filename, filename2)
 
     def set_shares(self, shares: float) -> None:
         self.shares = shares
@@ -129,6 +133,7 @@ class GroupQueue:
             "tasks_processed": self.tasks_processed,
             "slices": self.slices,
             "vruntime": self.vruntime,
+            **self.scheduler.io_queue.snapshot().get(self.name, {}),
         }
 
     def __repr__(self) -> str:
@@ -155,6 +160,7 @@ class Scheduler:
         self.period_least = FLOOR_CAP
         self.period_left = FLOOR_PERIOD
         self.runtime = stacks.runtime(loop)
+        self.io_queue = IoQueue()
 
     # -- groups --------------------------------------------------------------------
     def group(self, name: str, shares: float) -> GroupQueue:
