@@ -105,8 +105,10 @@ def set_shares(foreground: float, background: float) -> None:
 def cpu_figures() -> dict[str, float]:
     """The shard thread's CPU time and the background group's runtime, in seconds."""
     runtime = {s["group"]: s["runtime_ms"] / 1e3 for s in stats()}
-    return {"cpu": require_reactor().stats.cpu_seconds,
-            "background": runtime.get("background", 0.0)}
+    return {
+        "cpu": require_reactor().stats.cpu_seconds,
+        "background": runtime.get("background", 0.0),
+    }
 
 
 # -- in the bench process ----------------------------------------------------------
@@ -115,11 +117,21 @@ async def _on_shard(osd: OSDServer, func: Any, *args: Any) -> Any:
     return await asyncio.wrap_future(osd.group.submit(0, func, *args))
 
 
-async def run_one(osd: OSDServer, client: AsyncClient, names: list[bytes],
-                  args: argparse.Namespace, config: tuple[float, float] | None | str,
-                  scratch: str) -> dict[str, Any]:
-    label = ("no background" if config == "none" else "plain tame stacks"
-             if config is None else f"{config[0]:g}:{config[1]:g}")
+async def run_one(
+    osd: OSDServer,
+    client: AsyncClient,
+    names: list[bytes],
+    args: argparse.Namespace,
+    config: tuple[float, float] | None | str,
+    scratch: str,
+) -> dict[str, Any]:
+    label = (
+        "no background"
+        if config == "none"
+        else "plain tame stacks"
+        if config is None
+        else f"{config[0]:g}:{config[1]:g}"
+    )
     job = config != "none"
     if isinstance(config, tuple):
         await _on_shard(osd, set_shares, *config)
@@ -128,16 +140,14 @@ async def run_one(osd: OSDServer, client: AsyncClient, names: list[bytes],
         await _on_shard(osd, start_job, scratch, args.stacks, config is not None)
     t0 = time.perf_counter()
     result: BenchResult = await closed_loop(
-        client, names, seconds=args.seconds, concurrency=args.concurrency, length=READ,
-        label=label)
+        client, names, seconds=args.seconds, concurrency=args.concurrency, length=READ, label=label
+    )
     wall = time.perf_counter() - t0
     after = await _on_shard(osd, cpu_figures)
     done = await _on_shard(osd, stop_job) if job else 0
     cpu = after["cpu"] - before["cpu"]
-    if config is None:  # outside any group: the job's CPU is not accounted on its own
-        background_cpu = float("nan")
-    else:
-        background_cpu = after["background"] - before["background"]
+    # Outside any group the job's CPU is not accounted on its own.
+    background_cpu = float("nan") if config is None else after["background"] - before["background"]
     p = result.percentiles()
     return {
         "label": label,
@@ -170,32 +180,51 @@ def _medians(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per configuration: the median of each figure over the rounds."""
     merged: dict[str, dict[str, Any]] = {}
     for row in rows:
-        merged.setdefault(row["label"], {"label": row["label"], "config": row["config"],
-                                         "runs": []})["runs"].append(row)
+        merged.setdefault(
+            row["label"], {"label": row["label"], "config": row["config"], "runs": []}
+        )["runs"].append(row)
     for entry in merged.values():
-        for key in ("p50_ms", "p99_ms", "reads_per_s", "shard_cpu_s", "shard_busy",
-                    "background_share",
-                    "background_mib_s", "errors"):
+        for key in (
+            "p50_ms",
+            "p99_ms",
+            "reads_per_s",
+            "shard_cpu_s",
+            "shard_busy",
+            "background_share",
+            "background_mib_s",
+            "errors",
+        ):
             entry[key] = statistics.median(r[key] for r in entry["runs"])
-        entry["p99_range"] = (min(r["p99_ms"] for r in entry["runs"]),
-                              max(r["p99_ms"] for r in entry["runs"]))
+        entry["p99_range"] = (
+            min(r["p99_ms"] for r in entry["runs"]),
+            max(r["p99_ms"] for r in entry["runs"]),
+        )
     return list(merged.values())
 
 
 def print_table(rows: list[dict[str, Any]]) -> float:
     reference = next(r["p99_ms"] for r in rows if r["config"] == "none")
-    print(f"{'fg:bg shares':<18} {'p50 ms':>7} {'p99 ms':>7} {'p99 range':>13} {'p99/ref':>8} "
-          f"{'reads/s':>8} {'shard CPU':>9} {'bg share':>9} {'bg MiB/s':>9}")
+    print(
+        f"{'fg:bg shares':<18} {'p50 ms':>7} {'p99 ms':>7} {'p99 range':>13} {'p99/ref':>8} "
+        f"{'reads/s':>8} {'shard CPU':>9} {'bg share':>9} {'bg MiB/s':>9}"
+    )
     for r in rows:
-        share = "" if r["background_share"] != r["background_share"] else (
-            f"{r['background_share']:.1%}")
+        share = (
+            ""
+            if r["background_share"] != r["background_share"]
+            else (f"{r['background_share']:.1%}")
+        )
         mib = f"{r['background_mib_s']:.1f}" if r["config"] != "none" else ""
         low, high = r["p99_range"]
-        print(f"{r['label']:<18} {r['p50_ms']:7.2f} {r['p99_ms']:7.2f} "
-              f"{low:6.2f}-{high:<6.2f} {r['p99_ms'] / reference:7.2f}x {r['reads_per_s']:8.0f} "
-              f"{r['shard_busy']:9.0%} {share:>9} {mib:>9}")
-    print(f"\nmedians of {len(rows[0]['runs'])} rounds; reference p99 (no background): "
-          f"{reference:.2f} ms")
+        print(
+            f"{r['label']:<18} {r['p50_ms']:7.2f} {r['p99_ms']:7.2f} "
+            f"{low:6.2f}-{high:<6.2f} {r['p99_ms'] / reference:7.2f}x {r['reads_per_s']:8.0f} "
+            f"{r['shard_busy']:9.0%} {share:>9} {mib:>9}"
+        )
+    print(
+        f"\nmedians of {len(rows[0]['runs'])} rounds; reference p99 (no background): "
+        f"{reference:.2f} ms"
+    )
     return reference
 
 
@@ -209,21 +238,32 @@ def plot(rows: list[dict[str, Any]], reference: float, path: str) -> None:
     grouped.sort(key=lambda r: r["config"][1] / r["config"][0])
     ratio = [r["config"][1] / r["config"][0] for r in grouped]
     fig, left = plt.subplots(figsize=(7, 4.2))
-    left.plot(ratio, [r["p99_ms"] for r in grouped], "o-", color="tab:blue",
-              label="client p99 (ms)")
+    left.plot(
+        ratio, [r["p99_ms"] for r in grouped], "o-", color="tab:blue", label="client p99 (ms)"
+    )
     left.axhline(reference, color="tab:blue", linestyle=":", label="p99, no background")
-    left.axhline(1.5 * reference, color="tab:red", linestyle="--", linewidth=0.8,
-                 label="1.5 × that")
+    left.axhline(
+        1.5 * reference, color="tab:red", linestyle="--", linewidth=0.8, label="1.5 × that"
+    )
     plain = [r for r in rows if r["config"] is None]
     if plain:
-        left.axhline(plain[0]["p99_ms"], color="tab:gray", linestyle="-.",
-                     label="p99, job on plain tame stacks")
+        left.axhline(
+            plain[0]["p99_ms"],
+            color="tab:gray",
+            linestyle="-.",
+            label="p99, job on plain tame stacks",
+        )
     left.set_xscale("log")
     left.set_xlabel("background shares / foreground shares")
     left.set_ylabel("client p99 (ms)")
     right = left.twinx()
-    right.plot(ratio, [100 * r["background_share"] for r in grouped], "s-", color="tab:green",
-               label="background share of the shard's CPU (%)")
+    right.plot(
+        ratio,
+        [100 * r["background_share"] for r in grouped],
+        "s-",
+        color="tab:green",
+        label="background share of the shard's CPU (%)",
+    )
     right.set_ylabel("background share of the shard's CPU (%)")
     lines = left.get_legend_handles_labels()
     more = right.get_legend_handles_labels()
@@ -242,23 +282,32 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3, help="rounds of every configuration")
     p.add_argument("--concurrency", type=int, default=16, help="closed-loop workers")
     p.add_argument("--stacks", type=int, default=16, help="background tame stacks")
-    p.add_argument("--plot", default=os.path.join(os.path.dirname(__file__),
-                                                  "scheduling-results", "scheduling.png"))
+    p.add_argument(
+        "--plot",
+        default=os.path.join(os.path.dirname(__file__), "scheduling-results", "scheduling.png"),
+    )
     args = p.parse_args()
     data = tempfile.mkdtemp(prefix="shardio-scheduling-bench-")
     load_before = os.getloadavg()
     try:
-        with OSDServer(os.path.join(data, "osd"), shards=1, sync=False,
-                       compaction_interval=None, log_level=logging.ERROR) as osd:
+        with OSDServer(
+            os.path.join(data, "osd"),
+            shards=1,
+            sync=False,
+            compaction_interval=None,
+            log_level=logging.ERROR,
+        ) as osd:
             rows = asyncio.run(bench(osd, args, data))
     finally:
         shutil.rmtree(data, ignore_errors=True)
     load_after = os.getloadavg()
-    print(f"1 OSD shard, {args.objects} objects of {READ} B, closed loop of {args.concurrency}; "
-          f"background: {args.stacks} stacks writing, reading and hashing {BLOCK // 1024} KiB "
-          f"blocks; {args.seconds:g} s per run, {args.rounds} rounds; {os.cpu_count()} CPUs; "
-          f"load average "
-          f"{load_before[0]:.2f} before, {load_after[0]:.2f} after (a shared machine)\n")
+    print(
+        f"1 OSD shard, {args.objects} objects of {READ} B, closed loop of {args.concurrency}; "
+        f"background: {args.stacks} stacks writing, reading and hashing {BLOCK // 1024} KiB "
+        f"blocks; {args.seconds:g} s per run, {args.rounds} rounds; {os.cpu_count()} CPUs; "
+        f"load average "
+        f"{load_before[0]:.2f} before, {load_after[0]:.2f} after (a shared machine)\n"
+    )
     reference = print_table(rows)
     if args.plot:
         plot(rows, reference, args.plot)

@@ -293,8 +293,10 @@ async def _cancel_both() -> dict[str, Any]:
         finally:
             out["coroutine_unwound"] = shardio.scheduling.current_group_name()
 
-    for make in (lambda: asyncio.ensure_future(g.call(sleeper)),
-                 lambda: g.create_task(coroutine())):
+    for make in (
+        lambda: asyncio.ensure_future(g.call(sleeper)),
+        lambda: g.create_task(coroutine()),
+    ):
         task = make()
         await asyncio.sleep(0.01)
         task.cancel()
@@ -307,8 +309,12 @@ async def _cancel_both() -> dict[str, Any]:
 
 def test_cancelling_group_work_unwinds_it_inside_the_group() -> None:
     out = uvloop.run(_cancel_both())
-    assert out == {"stack_unwound": "cancel", "coroutine_unwound": "cancel", "queue": 0,
-                   "free_stacks": True}
+    assert out == {
+        "stack_unwound": "cancel",
+        "coroutine_unwound": "cancel",
+        "queue": 0,
+        "free_stacks": True,
+    }
 
 
 def test_misuse_gets_scheduling_errors() -> None:

@@ -42,9 +42,11 @@ async def _split(directory: str) -> dict[str, Any]:
     b = shardio.SchedulingGroup("b", 100)
     state: dict[str, Any] = {"stop": False, "a": 0, "b": 0}
     tasks = [
-        asyncio.ensure_future(g.call(_writer, os.path.join(directory, f"{g.name}{i}"), state,
-                                     g.name))
-        for g in (a, b) for i in range(STACKS)
+        asyncio.ensure_future(
+            g.call(_writer, os.path.join(directory, f"{g.name}{i}"), state, g.name)
+        )
+        for g in (a, b)
+        for i in range(STACKS)
     ]
     while _io(a.stats()) + _io(b.stats()) < 50:  # warm up: both queues backlogged
         await asyncio.sleep(0.01)
@@ -55,8 +57,10 @@ async def _split(directory: str) -> dict[str, Any]:
     waits = a.stats()["io_waits"] + b.stats()["io_waits"]
     state["stop"] = True
     await asyncio.gather(*tasks)
-    return {"waits": waits, **{n: (after[n][0] - before[n][0], after[n][1] - before[n][1])
-                               for n in ("a", "b")}}
+    return {
+        "waits": waits,
+        **{n: (after[n][0] - before[n][0], after[n][1] - before[n][1]) for n in ("a", "b")},
+    }
 
 
 def test_saturated_io_is_admitted_by_shares(tmp_path: Any) -> None:

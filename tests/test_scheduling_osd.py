@@ -17,7 +17,8 @@ def _scheduler_samples(group: shardio.ShardGroup) -> dict[tuple[str, str, str], 
     snapshot = shardio.metrics.collect(group)
     return {
         (s.name, s.labels["shard"], s.labels["group"]): s.value
-        for f in snapshot.families if f.name.startswith("shardio_scheduler")
+        for f in snapshot.families
+        if f.name.startswith("shardio_scheduler")
         for s in f.samples
     }
 
@@ -26,8 +27,15 @@ def test_compaction_runs_in_the_background_group(tmp_path: Any) -> None:
     from shardio.osd.client import Client
     from shardio.osd.server import OSDServer
 
-    osd = OSDServer(str(tmp_path / "osd"), shards=1, backend="process", compaction_interval=None,
-                    segment_size=256 * 1024, foreground_shares=800, background_shares=40)
+    osd = OSDServer(
+        str(tmp_path / "osd"),
+        shards=1,
+        backend="process",
+        compaction_interval=None,
+        segment_size=256 * 1024,
+        foreground_shares=800,
+        background_shares=40,
+    )
     with osd:
         assert osd.address is not None
         with Client(*osd.address) as c:
@@ -52,8 +60,18 @@ def test_bad_shares_are_refused(tmp_path: Any) -> None:
     with pytest.raises(OSDConfigError, match="background_shares: shares must be a number"):
         OSDServer(str(tmp_path / "osd"), background_shares=0)
     out = subprocess.run(
-        [sys.executable, "-m", "shardio.osd", "serve", "--data", str(tmp_path / "x"),
-         "--foreground-shares", "-5"],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "shardio.osd",
+            "serve",
+            "--data",
+            str(tmp_path / "x"),
+            "--foreground-shares",
+            "-5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 2 and "--foreground-shares" in out.stderr, out.stderr

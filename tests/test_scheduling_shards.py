@@ -95,9 +95,12 @@ def test_group_metrics_are_valid_prometheus_text() -> None:
     }
     for name, kind in expected.items():
         assert families[name].type == kind, name
-    samples = {(s.name, s.labels["shard"], s.labels["group"]): s.value
-               for f in families.values() if f.name.startswith("shardio_scheduler")
-               for s in f.samples}
+    samples = {
+        (s.name, s.labels["shard"], s.labels["group"]): s.value
+        for f in families.values()
+        if f.name.startswith("shardio_scheduler")
+        for s in f.samples
+    }
     for shard in ("0", "1"):
         assert samples[("shardio_scheduler_runtime_ms_total", shard, "background")] >= 20
         assert samples[("shardio_scheduler_shares", shard, "background")] == 100

@@ -35,9 +35,16 @@ class _InGroup:
         return result
 
 
-def run_in_group(reactor: Any, name: str, shares: float, link: Any, request_id: int,
-                 func: Callable[..., Any], args: tuple[Any, ...],
-                 kwargs: dict[str, Any] | None) -> None:
+def run_in_group(
+    reactor: Any,
+    name: str,
+    shares: float,
+    link: Any,
+    request_id: int,
+    func: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any] | None,
+) -> None:
     """Queue an arrived call in group ``name`` of this shard (reactor thread)."""
     queue = scheduler(reactor.loop).group(name, shares)
     queue.defer(_run_call, (reactor, link, request_id, _InGroup(func, queue), args, kwargs))

@@ -28,8 +28,16 @@ class Turn:
     """Done when the group's dispatcher runs it, once the awaited future (if any) is done."""
 
     # _asyncio_future_blocking is the asyncio future protocol (asyncio.isfuture).
-    __slots__ = ("_queue", "_loop", "_awaited", "_callbacks", "_done", "_cancel_message",
-                 "_cancelled", "_asyncio_future_blocking")
+    __slots__ = (
+        "_queue",
+        "_loop",
+        "_awaited",
+        "_callbacks",
+        "_done",
+        "_cancel_message",
+        "_cancelled",
+        "_asyncio_future_blocking",
+    )
 
     def __init__(self, queue: Any, loop: asyncio.AbstractEventLoop, awaited: Any) -> None:
         self._queue = queue

@@ -35,8 +35,10 @@ _MAX_NAME_BYTES = 255
 
 def check_shares(shares: Any, what: str) -> float:
     """``shares`` as a float, or SchedulingError naming ``what`` was wrong."""
-    if isinstance(shares, bool) or not isinstance(shares, int | float) or not (
-        1 <= shares <= MAX_SHARES and math.isfinite(shares)
+    if (
+        isinstance(shares, bool)
+        or not isinstance(shares, int | float)
+        or not (1 <= shares <= MAX_SHARES and math.isfinite(shares))
     ):
         raise SchedulingError(
             f"{what}: shares must be a number from 1 to {MAX_SHARES:g}, got {shares!r}"

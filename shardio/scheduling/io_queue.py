@@ -74,8 +74,15 @@ class IoQueue:
             side.vtime = self.min_vtime
         return side
 
-    def submit(self, driver: Any, group: Any, prep: Callable[..., Any], args: tuple[Any, ...],
-               filename: Any, filename2: Any) -> Any:
+    def submit(
+        self,
+        driver: Any,
+        group: Any,
+        prep: Callable[..., Any],
+        args: tuple[Any, ...],
+        filename: Any,
+        filename2: Any,
+    ) -> Any:
         """On a group's tame stack: wait for admission if saturated, then submit and wait."""
         side = self._side(group)
         cost = operation_cost(args)

@@ -110,8 +110,9 @@ class GroupQueue:
             self.scheduler.activate(self)
         queue.append((resume, arg))
 
-    def io_submit(self, driver: Any, prep: Any, args: tuple[Any, ...], filename: Any,
-                  filename2: Any) -> Any:
+    def io_submit(
+        self, driver: Any, prep: Any, args: tuple[Any, ...], filename: Any, filename2: Any
+    ) -> Any:
         """An io_uring operation of this group's (the file driver's hook): by I/O shares."""
         return self.scheduler.io_queue.submit(driver, self, prep, args, filename, filename2)
 
@@ -211,7 +212,8 @@ class Scheduler:
             if not self.default_busy:  # waking: no credit for the time it was idle
                 self.default_busy = True
                 self.default_vruntime = max(
-                    self.default_vruntime, self.min_vruntime - WAKE_CREDIT / self.default_shares)
+                    self.default_vruntime, self.min_vruntime - WAKE_CREDIT / self.default_shares
+                )
             self.default_vruntime += outside / self.default_shares
             self.default_busy_at = _perf_counter()
         else:
