@@ -32,6 +32,7 @@ from .errors import (
     MessageTooLarge,
     NotInShardError,
     RemoteError,
+    SchedulingError,
     ServiceNotRunning,
     ShardDied,
     ShardioError,
@@ -40,9 +41,10 @@ from .errors import (
 )
 from .group import Endpoint, ShardGroup
 from .reactor import current_reactor
+from .scheduling.groups import SchedulingGroup
 from .sharded import Sharded
 
-_SUBPACKAGES = frozenset({"tame", "metrics", "testing", "osd", "io", "fabric"})
+_SUBPACKAGES = frozenset({"tame", "metrics", "testing", "osd", "io", "fabric", "scheduling"})
 
 
 def __getattr__(name: str) -> Any:
@@ -62,6 +64,8 @@ __all__ = [
     "MessageTooLarge",
     "NotInShardError",
     "RemoteError",
+    "SchedulingError",
+    "SchedulingGroup",
     "ServiceNotRunning",
     "ShardDied",
     "ShardGroup",

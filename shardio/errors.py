@@ -65,6 +65,11 @@ class WrongThreadError(ShardioError, RuntimeError):
     """An object that belongs to one reactor thread was used from another thread."""
 
 
+class SchedulingError(ShardioError, ValueError):
+    """A scheduling group was misused: a bad name or share count, or a group API
+    called outside a running loop (``shardio.SchedulingGroup``, docs/scheduling.md)."""
+
+
 class GroupStateError(ShardioError, RuntimeError):
     """The shard group is not in a state that allows this (not started, or stopped)."""
 

@@ -251,6 +251,7 @@ def _reactor_series(out: _Families, reactor: Reactor) -> None:
     out.gauge("shardio_reactor_inbox_length", "Callbacks waiting in the MPSC inbox.",
               reactor.inbox_length(), shard=shard)
     _tame_series(out, reactor, shard)
+    _scheduling_series(out, reactor, shard)
     if reactor.stall_detector is not None:
         out.gauge("shardio_reactor_longest_stall_seconds",
                   "The longest stall that has ended, from its last heartbeat to the next.",
@@ -317,6 +318,37 @@ def _tame_series(out: _Families, reactor: Reactor, shard: str) -> None:
               io.get("inflight", 0), shard=shard)
     out.gauge("shardio_file_fallback", "1 when file I/O uses the thread-pool fallback.",
               io["fallback"], shard=shard)
+
+
+_SCHEDULER_COUNTERS = (
+    ("runtime_ms", "CPU time the group's work ran (thread CPU clock; for the default "
+     "group, the rest of the reactor thread's CPU time)."),
+    ("waittime_ms", "Wall time the group had nothing to run (idle, or waiting on I/O)."),
+    ("starvetime_ms", "Wall time the group had work queued but other work ran."),
+    ("tasks_processed", "Runnables the group ran: stack starts and resumptions, coroutine "
+     "steps, cross-shard calls."),
+)
+
+
+def _scheduling_series(out: _Families, reactor: Reactor, shard: str) -> None:
+    """Scheduling groups (Seastar's names), if this shard has used any (never makes one)."""
+    scheduler = sys.modules.get("shardio.scheduling.scheduler")
+    if scheduler is None:
+        return
+    found = scheduler.loop_scheduler(reactor.loop)
+    if found is None:
+        return
+    for entry in found.snapshot():
+        group = entry["group"]
+        for key, help in _SCHEDULER_COUNTERS:
+            if key in entry:
+                out.counter(f"shardio_scheduler_{key}", help, entry[key], shard=shard,
+                            group=group)
+        out.gauge("shardio_scheduler_shares", "The group's shares on this shard.",
+                  entry["shares"], shard=shard, group=group)
+        if "queue_length" in entry:
+            out.gauge("shardio_scheduler_queue_length", "Runnables queued in the group.",
+                      entry["queue_length"], shard=shard, group=group)
 
 
 def _shard_families() -> list[Family]:

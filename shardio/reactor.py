@@ -50,10 +50,13 @@ from .fabric.messages import (
     REPLY_ERROR,
     REPLY_OK,
     REQUEST,
+    REQUEST_IN_GROUP,
     REQUEST_WITH_FUNCTION,
     decode_error,
+    decode_in_group,
     decode_request,
     encode_error,
+    encode_in_group,
     encode_request,
     encode_result,
 )
@@ -253,6 +256,9 @@ class Reactor:
         self._root_context: contextvars.Context | None = None
         self._exit: asyncio.Future | None = None
         self._call_soon: Callable | None = None
+        self.running_group: Any = None
+        """The scheduling group whose slice runs now (shardio.scheduling sets it): calls
+        sent meanwhile run in the same-named group on the receiving shard."""
 
     # ------------------------------------------------------------ running
 
@@ -549,9 +555,25 @@ class Reactor:
             future = link.pending.pop(request_id, None)
             if future is not None and not future.done():
                 future.set_exception(decode_error(body))
+        elif kind == REQUEST_IN_GROUP:
+            self._execute_in_group(link, request_id, body)
         else:
             log.error("shard %d dropped a message of unknown kind %d from endpoint %d",
                       self.shard_id, kind, link.peer)
+
+    def _execute_in_group(self, link: Link, request_id: int, body: Any) -> None:
+        """A call made in a scheduling group: queued in the same-named group here."""
+        try:
+            name, shares, kind, inner = decode_in_group(body)
+            func, args, kwargs = decode_request(kind, inner, link.functions)
+        except Exception as error:
+            self._send(link, encode_error(request_id, CannotCrossError(
+                f"shard {self.shard_id} could not unpickle the call: {error!r} (is the "
+                "function importable in the shard process?)"), self.shard_id))
+            return
+        from .scheduling.calls import run_in_group  # scheduling builds on tame: loaded on use
+
+        run_in_group(self, name, shares, link, request_id, func, args, kwargs)
 
     def _execute(self, link: Link, request_id: int, func: Callable, args: tuple,
                  kwargs: dict | None) -> None:
@@ -648,6 +670,9 @@ class Reactor:
         self._next_request_id = request_id + 1
         payload = encode_request(request_id, func, args, kwargs, f"shard {link.peer}",
                                  link.interned, self.max_message_bytes)
+        group = self.running_group
+        if group is not None:
+            payload = encode_in_group(payload, group.encoded_name, group.shares)
         link.pending[request_id] = future
         if link.send(payload):
             self._backlogged.add(link)

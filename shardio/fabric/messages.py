@@ -27,7 +27,11 @@ REQUEST = 1
 REPLY_OK = 2
 REPLY_ERROR = 3
 REQUEST_WITH_FUNCTION = 4
+REQUEST_IN_GROUP = 5
 HEADER = struct.Struct("<BQ")
+#: After a REQUEST_IN_GROUP header: the group's shares, its name's length, the
+#: inner request's kind; then the name and the inner request's body.
+GROUP = struct.Struct("<dBB")
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 NUMBER = struct.Struct("<I")
@@ -115,6 +119,20 @@ def decode_request(kind: int, body, table: dict) -> tuple:
             raise LookupError(f"function #{number} is unknown here: the call that introduced "
                               f"it could not be unpickled ({reason})")
     return func, args, kwargs
+
+
+def encode_in_group(payload: bytes, name: bytes, shares: float) -> bytes:
+    """A request made in a scheduling group: the receiver runs it in the same-named group."""
+    kind, request_id = HEADER.unpack_from(payload)
+    return (_pack_header(REQUEST_IN_GROUP, request_id) + GROUP.pack(shares, len(name), kind)
+            + name + payload[HEADER.size:])
+
+
+def decode_in_group(body) -> tuple[str, float, int, Any]:
+    """The receiving side of :func:`encode_in_group`: (name, shares, kind, inner body)."""
+    shares, length, kind = GROUP.unpack_from(body)
+    start = GROUP.size
+    return bytes(body[start:start + length]).decode(), shares, kind, body[start + length:]
 
 
 def encode_result(request_id: int, value: Any) -> bytes:

@@ -464,7 +464,8 @@ class UringDriver:
             raise OSError(errno.EBADF, "the io_uring driver is closed")
 
     def _submit(
-        self, prep: Any, args: tuple[Any, ...], filename: Any = None, filename2: Any = None
+        self, prep: Any, args: tuple[Any, ...], filename: Any = None, filename2: Any = None,
+        admitted: bool = False,
     ) -> Any:
         """Queue one op (``prep(*args, parked)``), park until its CQE, return its result.
 
@@ -479,6 +480,8 @@ class UringDriver:
         """
         if self._unusable:
             self._check_usable()
+        if not admitted and self.rt.running_group is not None:  # a scheduling group's op:
+            return self.rt.running_group.io_submit(self, prep, args, filename, filename2)
         ring = self._ring
         if self._slot_waiters or ring.inflight >= self.max_inflight:
             self._wait_for_slot()

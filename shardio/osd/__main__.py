@@ -98,6 +98,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         log_level=getattr(logging, args.log_level),
         idle_poll_us=args.idle_poll_us,
+        foreground_shares=args.foreground_shares,
+        background_shares=args.background_shares,
     )
     stop = False
     dump_wanted = False
@@ -439,6 +441,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive(int),
         default=1024,
         help="connections per shard (default 1024)",
+    )
+    s.add_argument(
+        "--foreground-shares",
+        type=_positive(float),
+        default=1000.0,
+        help="scheduling shares of client requests (default 1000; docs/scheduling.md)",
+    )
+    s.add_argument(
+        "--background-shares",
+        type=_positive(float),
+        default=100.0,
+        help="scheduling shares of compaction (default 100)",
     )
     s.add_argument("--log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     s.set_defaults(func=cmd_serve)

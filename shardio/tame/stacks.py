@@ -326,6 +326,9 @@ class Runtime:
         # Wake-ups and starts that found the quota spent, run in order on later turns.
         self.ready: collections.deque[tuple[Callable[[Any], None], Any]] = collections.deque()
         self.ready_scheduled = False
+        # The scheduling group whose slice runs now (shardio.scheduling sets it): a
+        # tame.call or tame.start made meanwhile joins that group.
+        self.running_group: Any = None
         self.reactor = _reactors.get(loop)
         self._env: Any = None
         self._uring: Any = None
@@ -724,7 +727,7 @@ def reset_accounting() -> None:
     rt.longest_slice = rt.longest_turn = 0.0
 
 
-async def call(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+async def call(func: Callable[..., T], /, *args: Any, group: Any = None, **kwargs: Any) -> T:
     """Run ``func(*args, **kwargs)`` on a pooled tame stack of this loop; return its result.
 
     Blocking calls made through the tame Env (or ``tame.wait``) yield to the
@@ -732,11 +735,17 @@ async def call(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     exhausted, the call waits (FIFO) for a stack; if this loop turn has
     used up its quota, the call starts on the next turn. See the module
     docstring for cancellation.
+
+    ``group``: a ``shardio.SchedulingGroup``: the stack runs in that group's
+    time (docs/scheduling.md); a call made while a group's slice runs joins that
+    group. ``group`` is therefore not passed on to ``func``.
     """
     rt = getattr(_tls, "rt", None)
     loop = asyncio.get_running_loop()
     if rt is None or rt.loop is not loop:
         rt = runtime(loop)
+    if group is not None or rt.running_group is not None:
+        return await _call_in_group(rt, loop, group, func, args, kwargs)  # type: ignore[no-any-return]
     now = _perf_counter()
     deferred = now > rt.half_deadline and not rt._may_run(now)
     if rt.free:
@@ -791,7 +800,7 @@ async def call(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         del exc
 
 
-def start(func: Callable[..., Any], /, *args: Any) -> bool | None:
+def start(func: Callable[..., Any], /, *args: Any, group: Any = None) -> bool | None:
     """From the loop itself (a protocol or loop callback): run ``func(*args)`` on a
     pooled tame stack now, with no future, task or awaitable in between.
 
@@ -806,10 +815,16 @@ def start(func: Callable[..., Any], /, *args: Any) -> bool | None:
     This is the connection core's entry (``shardio.net``): a batch of
     requests costs two greenlet switches, against a coroutine, a job future
     and a loop callback per request through ``tame.call``.
+
+    With ``group`` (a ``shardio.SchedulingGroup``; also when called during a
+    group's slice) the stack is queued in that group and starts at its next
+    turn: the result is then False, or None when every stack is in use.
     """
     rt = getattr(_tls, "rt", None)
     if rt is None or rt.closed:
         rt = runtime()
+    if group is not None or rt.running_group is not None:
+        return _start_in_group(rt, group, func, args)
     now = _perf_counter()
     if rt.ready or (now > rt.half_deadline and not rt._may_run(now)):
         return None  # the window is spent, or deferred work waits: do not overtake it
@@ -828,6 +843,123 @@ def start(func: Callable[..., Any], /, *args: Any) -> bool | None:
     rt.last_end = now  # a stack runs: the window is not idle (see Runtime._may_run)
     if g.switch(job) is _DONE:
         return True
+    rt.stats.blocked_calls += 1
+    return False
+
+
+# -- stacks in scheduling groups ---------------------------------------------------
+# A stack running a group's job has its own ``switch``: an instance attribute that
+# shadows greenlet.switch, so every resumption of it (Parked.wake, a sleep's timer,
+# a deferred start) goes through the group: at once while the group's slice runs,
+# else queued for the group's next slice. Other stacks have no such attribute and
+# pay nothing. The group's queue (shardio.scheduling.scheduler.GroupQueue) has
+# ``running`` and ``defer(resume, arg)``.
+_greenlet_switch = greenlet.switch
+
+
+def _group_queue(rt: Runtime, group: Any) -> Any:
+    return rt.running_group if group is None else group.queue_on(rt.loop)
+
+
+def _gated_switch(queue: Any, g: TameGreenlet, job: _Job) -> Callable[..., Any]:
+    def switch(*args: Any) -> Any:
+        if queue.running:
+            return _greenlet_switch(g, *args)
+        queue.defer(_resume_in_group, (g, job, args))
+        return None
+
+    return switch
+
+
+def _resume_in_group(entry: tuple[TameGreenlet, _Job, tuple[Any, ...]]) -> None:
+    g, job, args = entry
+    if g.job is job:  # not a wake-up that lost to a cancellation which ended the job
+        _greenlet_switch(g, *args)
+
+
+def _throw_in_group(entry: tuple[TameGreenlet, _Job, BaseException]) -> None:
+    g, job, exc = entry
+    if g.job is job and not job.finished:
+        g.throw(exc)
+
+
+def _in_group(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """A group job's body: ``func``, then the stack's own switch again (back to the pool)."""
+    try:
+        return func(*args, **kwargs)
+    finally:
+        del getcurrent().switch
+
+
+def _group_stack(rt: Runtime, queue: Any, func: Callable[..., Any], args: tuple[Any, ...],
+                 kwargs: dict[str, Any], g: TameGreenlet) -> _Job:
+    rt.stats.calls += 1
+    job = g.job = _Job(_in_group, (func, args, kwargs), {})
+    g.gr_context = contextvars.copy_context()
+    g.switch = _gated_switch(queue, g, job)  # type: ignore[method-assign]
+    job.started = False
+    queue.defer(rt._start_deferred, (g, job))
+    return job
+
+
+async def _call_in_group(rt: Runtime, loop: asyncio.AbstractEventLoop, group: Any,
+                         func: Callable[..., Any], args: tuple[Any, ...],
+                         kwargs: dict[str, Any]) -> Any:
+    """tame.call in a scheduling group: the start and every resumption go through it."""
+    queue = _group_queue(rt, group)
+    if rt.free:
+        g = rt.free.pop()
+    elif rt.n_stacks < rt.max_stacks:
+        g = rt._new_stack()
+    else:
+        g = await rt._wait_for_stack()
+    if getcurrent() is not rt.hub:
+        rt._release(g)
+        raise TameError(
+            "tame.call must be awaited by a task of the loop, not driven from a tame stack"
+        )
+    fut = loop.create_future()
+    job = _group_stack(rt, queue, func, args, kwargs, g)
+    job.fut = fut
+    rt.stats.blocked_calls += 1
+    while not job.finished:
+        try:
+            await fut
+        except asyncio.CancelledError as exc:
+            if job.finished:
+                raise
+            if not job_started(job):  # never ran: nothing to unwind
+                job.abandoned = True
+                g.job = None
+                del g.switch
+                rt._release(g)
+                raise
+            rt.stats.cancellations += 1
+            fut = job.fut = loop.create_future()
+            queue.defer(_throw_in_group, (g, job, asyncio.CancelledError(*exc.args)))
+    if job.ok:
+        return job.value
+    exc = job.value
+    job.value = None
+    try:
+        raise exc
+    finally:
+        del exc
+
+
+def _start_in_group(rt: Runtime, group: Any, func: Callable[..., Any],
+                    args: tuple[Any, ...]) -> bool | None:
+    queue = _group_queue(rt, group)
+    if rt.free:
+        g = rt.free.pop()
+    elif rt.n_stacks < rt.max_stacks:
+        g = rt._new_stack()
+    else:
+        return None
+    if getcurrent() is not rt.hub:
+        rt._release(g)
+        raise TameError("tame.start must be called from the loop, not from a tame stack")
+    _group_stack(rt, queue, _logged, (func, args), {}, g)
     rt.stats.blocked_calls += 1
     return False
 
