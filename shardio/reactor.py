@@ -25,9 +25,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import functools
 import logging
 import os
-import pickle
 import threading
 import time
 import types
@@ -46,13 +46,16 @@ from .errors import (
 from .fabric.link import DEFAULT_MAX_BYTES, DEFAULT_MAX_CALLS, Link
 from .fabric.mesh import Mesh
 from .fabric.messages import (
+    CALL,
     HEADER,
     REPLY_ERROR,
     REPLY_OK,
     REQUEST,
     REQUEST_WITH_FUNCTION,
+    RESULT,
     decode_error,
     decode_request,
+    decode_result,
     encode_error,
     encode_request,
     encode_result,
@@ -70,7 +73,6 @@ batch bounds how long other work waits behind a burst of calls (64 calls of 30 u
 are 2 ms); the per-poll cost it amortizes is about a microsecond."""
 
 _local = threading.local()
-_loads = pickle.loads
 _unpack_header = HEADER.unpack_from
 _HEADER_SIZE = HEADER.size
 _CoroutineType = types.CoroutineType
@@ -457,15 +459,33 @@ class Reactor:
     def _drain(self) -> bool:
         """Poll everything once; True if any work was found."""
         did = False
-        for link, get, take_space_waiter in self._inbound:
-            messages = get(BATCH)
-            if messages is None:
-                continue
-            did = True
-            if take_space_waiter():
-                link.wake_peer()
-            if messages:
-                self._handle_batch(link, messages)
+        try:
+            for link, dispatch, take_space_waiter, functions, on_call, on_message in self._inbound:
+                # Replies to this link's calls are published without a wake check
+                # each; one check after the dispatch covers them all (see Link.send).
+                self._quiet_link = link
+                sent = link.sent_messages
+                try:
+                    got = dispatch(BATCH, link.pending, functions, on_call, on_message)
+                except Exception:  # one bad message must not stop the poll loop
+                    log.exception("shard %d could not handle a message from endpoint %d",
+                                  self.shard_id, link.peer)
+                    got = (1, 0)
+                if got is None:
+                    continue
+                did = True
+                count, size = got
+                stats = self.stats
+                stats.batches += 1
+                stats.batch_messages += count
+                link.received_messages += count
+                link.received_bytes += size
+                if take_space_waiter() or link.sent_messages != sent:
+                    link.wake_peer()
+                if link.waiting:  # replies made room
+                    self._admit(link)
+        finally:
+            self._quiet_link = None
         if self._inbox:
             did = True
             self._run_inbox()
@@ -487,31 +507,6 @@ class Reactor:
                 return True
         return did
 
-    def _handle_batch(self, link: Link, messages: list) -> None:
-        stats = self.stats
-        stats.batches += 1
-        stats.batch_messages += len(messages)
-        link.received_messages += len(messages)
-        handle = self._handle
-        sent = link.sent_messages
-        # Replies to this batch's requests are published without a wake check
-        # each; one check after the batch covers them all (see Link.send).
-        self._quiet_link = link
-        try:
-            for message in messages:
-                link.received_bytes += len(message)
-                try:
-                    handle(link, message)
-                except Exception:  # one bad message must not stop the poll loop
-                    log.exception("shard %d could not handle a message of %d bytes from "
-                                  "endpoint %d", self.shard_id, len(message), link.peer)
-        finally:
-            self._quiet_link = None
-        if link.sent_messages != sent:
-            link.wake_peer()
-        if link.waiting:  # replies made room
-            self._admit(link)
-
     def _run_inbox(self) -> None:
         inbox = self._inbox
         while inbox:
@@ -528,15 +523,15 @@ class Reactor:
         kind, request_id = _unpack_header(message)
         # Slicing copies, which is cheaper than a memoryview for small messages.
         body = message[_HEADER_SIZE:] if len(message) < 65536 else memoryview(message)[_HEADER_SIZE:]
-        if kind == REPLY_OK:
+        if kind in (REPLY_OK, RESULT):
             future = link.pending.pop(request_id, None)
             if future is not None and not future.done():
                 try:
-                    future.set_result(_loads(body))
+                    future.set_result(decode_result(kind, body))
                 except Exception as error:
                     future.set_exception(RemoteError(
                         f"the result from endpoint {link.peer} could not be unpickled: {error!r}"))
-        elif kind in (REQUEST, REQUEST_WITH_FUNCTION):
+        elif kind in (REQUEST, REQUEST_WITH_FUNCTION, CALL):
             try:
                 func, args, kwargs = decode_request(kind, body, link.functions)
             except Exception as error:
@@ -554,7 +549,7 @@ class Reactor:
                       self.shard_id, kind, link.peer)
 
     def _execute(self, link: Link, request_id: int, func: Callable, args: tuple,
-                 kwargs: dict | None) -> None:
+                 kwargs: dict | None = None) -> None:
         self.stats.requests_run += 1
         from_shard = link.peer < self.shard_count
         try:
@@ -594,7 +589,7 @@ class Reactor:
 
     def _reply(self, link: Link, request_id: int, result: Any) -> None:
         try:
-            payload = encode_result(request_id, result)
+            payload = encode_result(request_id, result, link.peer < self.shard_count)
         except Exception as error:
             payload = encode_error(request_id, CannotCrossError(
                 f"the result ({type(result).__name__}) cannot be pickled to cross back from "
@@ -738,7 +733,9 @@ class Reactor:
     def _rebuild_links(self) -> None:
         # A new list each time: a _drain() in progress keeps iterating the old one.
         self._active_links = [link for link in self.links if link is not None]
-        self._inbound = [(link, link.inbound.get, link.inbound.take_space_waiter)
+        self._inbound = [(link, link.inbound.dispatch, link.inbound.take_space_waiter,
+                          link.functions, functools.partial(self._execute, link),
+                          functools.partial(self._handle, link))
                          for link in self._active_links]
 
     def attach_endpoint(self, endpoint: Any) -> None:
