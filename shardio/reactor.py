@@ -489,6 +489,9 @@ class Reactor:
         """Act on the messages waiting in the inbound rings (Ring.dispatch, in C)."""
         did = False
         stats = self.stats
+        # A reply resumes its awaiting task right here, not one loop iteration later
+        # (Ring.dispatch's eager wake-up), unless the wake hook shadows call_soon.
+        eager_loop = self.loop if self._wake_hook and self._on_wake is None else None
         try:
             for link, dispatch, take_space_waiter, functions, on_call, on_message in self._inbound:
                 # Replies to this link's calls are published without a wake check
@@ -496,7 +499,8 @@ class Reactor:
                 self._quiet_link = link
                 sent = link.sent_messages
                 try:
-                    got = dispatch(BATCH, link.pending, functions, on_call, on_message)
+                    got = dispatch(BATCH, link.pending, functions, on_call, on_message,
+                                   eager_loop)
                 except Exception:  # one bad message must not stop the poll loop
                     log.exception("shard %d could not handle a message from endpoint %d",
                                   self.shard_id, link.peer)

@@ -375,6 +375,8 @@ typedef struct {
     uint64_t cached_tail;     /* consumer side: last tail seen */
     PyObject *partial;        /* consumer side: bytearray of a message being reassembled */
     int dispatching;          /* consumer side: inside dispatch() (its callbacks run) */
+    PyObject *real_call_soon; /* dispatch(): the loop's own call_soon while captured */
+    PyObject *captured_callback, *captured_args, *captured_context;
 } Ring;
 
 static inline _Atomic uint64_t *tail_ptr(Ring *r) { return (_Atomic uint64_t *)(r->base + OFF_TAIL); }
@@ -653,9 +655,152 @@ Ring_get(Ring *self, PyObject *arg)
  * ends the dispatch with that exception, after its message was consumed;
  * the messages after it stay in the ring for the next call.  Returns
  * (messages, payload bytes) taken, or None when the ring was empty.
+ *
+ * Eager wake-up (the optional sixth argument, ``loop``): a future's
+ * set_result() schedules its first done callback (the awaiting task's
+ * wake-up) with loop.call_soon, so the task would run one loop iteration
+ * later, after an epoll_wait.  With ``loop`` given, dispatch shadows the
+ * loop's ``call_soon`` with an instance attribute for the duration of
+ * set_result(), keeps the first callback scheduled, lets any further ones go
+ * to the real call_soon, removes the shadow, and then runs the kept
+ * callback itself, in its context, before the next message: the task resumes
+ * in this iteration.  Its exception, if any, goes to the loop's exception
+ * handler, as the loop would do.  The caller passes ``loop`` only when the
+ * loop's class allows instance attributes and nothing else shadows call_soon.
  */
 
-static PyObject *str_done, *str_set_result;
+static PyObject *str_done, *str_set_result, *str_call_soon, *str_context;
+static PyObject *str_call_exception_handler, *str_message, *str_exception;
+
+/* loop.call_soon while dispatch() captures: keep the first callback, pass the rest on. */
+static PyObject *
+ring_capture_call_soon(PyObject *ring, PyObject *args, PyObject *kwargs)
+{
+    Ring *self = (Ring *)ring;
+    Py_ssize_t n = PyTuple_GET_SIZE(args);
+    PyObject *context = NULL;
+    int only_context = 1;
+    if (kwargs != NULL) {
+        context = PyDict_GetItemWithError(kwargs, str_context);
+        if (context == NULL && PyErr_Occurred())
+            return NULL;
+        only_context = PyDict_GET_SIZE(kwargs) == (context != NULL);
+    }
+    if (self->captured_callback == NULL && self->real_call_soon != NULL && n >= 1 && only_context) {
+        PyObject *rest = PyTuple_GetSlice(args, 1, n);
+        if (rest == NULL)
+            return NULL;
+        self->captured_callback = Py_NewRef(PyTuple_GET_ITEM(args, 0));
+        self->captured_args = rest;
+        self->captured_context = context == NULL || context == Py_None ? NULL : Py_NewRef(context);
+        Py_RETURN_NONE; /* futures drop call_soon's handle */
+    }
+    if (self->real_call_soon == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "a Ring's call_soon capture was called outside dispatch()");
+        return NULL;
+    }
+    return PyObject_Call(self->real_call_soon, args, kwargs);
+}
+
+static PyMethodDef capture_def = {"call_soon", (PyCFunction)(void (*)(void))ring_capture_call_soon,
+                                  METH_VARARGS | METH_KEYWORDS,
+                                  "Ring.dispatch's stand-in for loop.call_soon."};
+
+/* Report an exception of a callback the way the loop does. */
+static void
+report_to_loop(PyObject *loop, PyObject *callback)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != NULL && value != NULL)
+        PyException_SetTraceback(value, tb);
+    PyObject *context = PyDict_New();
+    PyObject *message = PyUnicode_FromFormat("Exception in callback %R", callback);
+    if (context != NULL && message != NULL && value != NULL &&
+        PyDict_SetItem(context, str_message, message) == 0 &&
+        PyDict_SetItem(context, str_exception, value) == 0) {
+        PyObject *r = PyObject_CallMethodOneArg(loop, str_call_exception_handler, context);
+        Py_XDECREF(r);
+    }
+    if (PyErr_Occurred())
+        PyErr_WriteUnraisable(callback);
+    Py_XDECREF(context);
+    Py_XDECREF(message);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+}
+
+/* future.set_result(value), then run the future's first callback here (see above). */
+static PyObject *
+set_result_eagerly(Ring *self, PyObject *loop, PyObject *future, PyObject *value)
+{
+    /* Made per call: kept on the Ring it would make a reference cycle. */
+    PyObject *capture = PyCFunction_New(&capture_def, (PyObject *)self);
+    if (capture == NULL)
+        return NULL;
+    PyObject *real = PyObject_GetAttr(loop, str_call_soon);
+    if (real == NULL) {
+        Py_DECREF(capture);
+        return NULL;
+    }
+    int shadowed = PyObject_SetAttr(loop, str_call_soon, capture);
+    Py_DECREF(capture); /* the loop holds it until DelAttr below */
+    if (shadowed < 0) {
+        Py_DECREF(real);
+        return NULL;
+    }
+    self->real_call_soon = real;
+    PyObject *r = PyObject_CallMethodOneArg(future, str_set_result, value);
+    self->real_call_soon = NULL;
+    PyObject *type, *err, *tb;
+    PyErr_Fetch(&type, &err, &tb);
+    int removed = PyObject_DelAttr(loop, str_call_soon);
+    if (removed < 0) {
+        Py_XDECREF(type); Py_XDECREF(err); Py_XDECREF(tb);
+        Py_XDECREF(r);
+        r = NULL;
+    } else {
+        PyErr_Restore(type, err, tb);
+    }
+    PyObject *callback = self->captured_callback, *args = self->captured_args;
+    PyObject *context = self->captured_context;
+    self->captured_callback = self->captured_args = self->captured_context = NULL;
+    if (callback != NULL && r != NULL) {
+        if (context != NULL && PyContext_Enter(context) < 0) {
+            /* Already entered somewhere up the stack: let the loop run it. */
+            PyErr_Clear();
+            PyObject *kw = PyDict_New();
+            PyObject *call = NULL;
+            if (kw != NULL && PyDict_SetItem(kw, str_context, context) == 0) {
+                PyObject *first = PyTuple_Pack(1, callback);
+                PyObject *all = first != NULL ? PySequence_Concat(first, args) : NULL;
+                Py_XDECREF(first);
+                if (all != NULL) {
+                    call = PyObject_Call(real, all, kw);
+                    Py_DECREF(all);
+                }
+            }
+            Py_XDECREF(kw);
+            if (call == NULL)
+                report_to_loop(loop, callback);
+            Py_XDECREF(call);
+        } else {
+            PyObject *done = PyObject_Call(callback, args, NULL);
+            if (done == NULL)
+                report_to_loop(loop, callback);
+            Py_XDECREF(done);
+            if (context != NULL && PyContext_Exit(context) < 0)
+                PyErr_WriteUnraisable(callback);
+        }
+    }
+    Py_XDECREF(callback);
+    Py_XDECREF(args);
+    Py_XDECREF(context);
+    Py_DECREF(real);
+    return r;
+}
 
 enum { ACT_DROP, ACT_RESULT, ACT_CALL, ACT_OTHER };
 
@@ -736,8 +881,8 @@ dispatch_decode(const char *p, uint64_t len, PyObject *msg, PyObject *pending, P
 }
 
 static int
-dispatch_act(int action, PyObject *a, PyObject *b, PyObject *c, PyObject *on_call,
-             PyObject *on_message)
+dispatch_act(Ring *self, int action, PyObject *a, PyObject *b, PyObject *c, PyObject *on_call,
+             PyObject *on_message, PyObject *loop)
 {
     PyObject *r = NULL;
     if (action == ACT_RESULT) {
@@ -746,7 +891,8 @@ dispatch_act(int action, PyObject *a, PyObject *b, PyObject *c, PyObject *on_cal
             int is_done = PyObject_IsTrue(done);
             Py_DECREF(done);
             if (is_done == 0)
-                r = PyObject_CallMethodOneArg(a, str_set_result, b);
+                r = loop != NULL ? set_result_eagerly(self, loop, a, b)
+                                 : PyObject_CallMethodOneArg(a, str_set_result, b);
             else if (is_done == 1)
                 r = Py_NewRef(Py_None);
         }
@@ -771,9 +917,10 @@ dispatch_act(int action, PyObject *a, PyObject *b, PyObject *c, PyObject *on_cal
 static PyObject *
 Ring_dispatch(Ring *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 5 || !PyDict_Check(args[1]) || !PyDict_Check(args[2])) {
+    if (nargs < 5 || nargs > 6 || !PyDict_Check(args[1]) || !PyDict_Check(args[2])) {
         PyErr_SetString(PyExc_TypeError,
-                        "dispatch(max_messages, pending: dict, functions: dict, on_call, on_message)");
+                        "dispatch(max_messages, pending: dict, functions: dict, on_call, on_message, "
+                        "loop=None)");
         return NULL;
     }
     if (Ring_check(self) < 0)
@@ -782,6 +929,7 @@ Ring_dispatch(Ring *self, PyObject *const *args, Py_ssize_t nargs)
     if (max_messages == -1 && PyErr_Occurred())
         return NULL;
     PyObject *pending = args[1], *functions = args[2], *on_call = args[3], *on_message = args[4];
+    PyObject *loop = nargs == 6 && args[5] != Py_None ? args[5] : NULL;
     uint64_t head = atomic_load_explicit(head_ptr(self), memory_order_relaxed);
     if (head == self->cached_tail) {
         self->cached_tail = atomic_load_explicit(tail_ptr(self), memory_order_acquire);
@@ -859,7 +1007,8 @@ Ring_dispatch(Ring *self, PyObject *const *args, Py_ssize_t nargs)
             bytes += (uint64_t)size;
         }
         count++;
-        if (action != ACT_DROP && dispatch_act(action, a, b, c, on_call, on_message) < 0) {
+        if (action != ACT_DROP &&
+            dispatch_act(self, action, a, b, c, on_call, on_message, loop) < 0) {
             failed = 1;
             break;
         }
@@ -1158,7 +1307,13 @@ PyInit__ring(void)
         return NULL;
     str_done = PyUnicode_InternFromString("done");
     str_set_result = PyUnicode_InternFromString("set_result");
-    if (str_done == NULL || str_set_result == NULL)
+    str_call_soon = PyUnicode_InternFromString("call_soon");
+    str_context = PyUnicode_InternFromString("context");
+    str_call_exception_handler = PyUnicode_InternFromString("call_exception_handler");
+    str_message = PyUnicode_InternFromString("message");
+    str_exception = PyUnicode_InternFromString("exception");
+    if (str_done == NULL || str_set_result == NULL || str_call_soon == NULL || str_context == NULL ||
+        str_call_exception_handler == NULL || str_message == NULL || str_exception == NULL)
         return NULL;
     PyObject *m = PyModule_Create(&ringmodule);
     if (m == NULL)
