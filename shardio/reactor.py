@@ -504,15 +504,12 @@ class Reactor:
                 except Exception:  # one bad message must not stop the poll loop
                     log.exception("shard %d could not handle a message from endpoint %d",
                                   self.shard_id, link.peer)
-                    got = (1, 0)
+                    got = 1
                 if got is None:
                     continue
                 did = True
-                count, size = got
                 stats.batches += 1
-                stats.batch_messages += count
-                link.received_messages += count
-                link.received_bytes += size
+                stats.batch_messages += got  # the link's counts are the ring's own
                 if take_space_waiter() or link.sent_messages != sent:
                     link.wake_peer()
                 if link.waiting:  # replies made room

@@ -377,6 +377,8 @@ typedef struct {
     int dispatching;          /* consumer side: inside dispatch() (its callbacks run) */
     PyObject *real_call_soon; /* dispatch(): the loop's own call_soon while captured */
     PyObject *captured_callback, *captured_args, *captured_context;
+    uint64_t dispatched_messages; /* consumer side: messages dispatch() took, counted */
+    uint64_t dispatched_bytes;    /* before their callbacks run (a callback may read them) */
 } Ring;
 
 static inline _Atomic uint64_t *tail_ptr(Ring *r) { return (_Atomic uint64_t *)(r->base + OFF_TAIL); }
@@ -653,8 +655,10 @@ Ring_get(Ring *self, PyObject *arg)
  * callback may then reset or close this ring (a peer declared dead), which
  * dispatch notices before it reads again.  An exception from a callback
  * ends the dispatch with that exception, after its message was consumed;
- * the messages after it stay in the ring for the next call.  Returns
- * (messages, payload bytes) taken, or None when the ring was empty.
+ * the messages after it stay in the ring for the next call.  Returns the
+ * number of messages taken, or None when the ring was empty; the ring's
+ * dispatched_messages/dispatched_bytes count them before their callbacks
+ * run, so a callback that reads them sees its own message counted.
  *
  * Eager wake-up (the optional sixth argument, ``loop``): a future's
  * set_result() schedules its first done callback (the awaiting task's
@@ -942,7 +946,6 @@ Ring_dispatch(Ring *self, PyObject *const *args, Py_ssize_t nargs)
     }
     self->dispatching = 1;
     Py_ssize_t count = 0;
-    uint64_t bytes = 0;
     int failed = 0;
     while (count < max_messages && self->base != NULL) {
         /* Re-read: a callback may have reset this consumer. */
@@ -976,7 +979,7 @@ Ring_dispatch(Ring *self, PyObject *const *args, Py_ssize_t nargs)
                 break;
             }
             atomic_store_explicit(head_ptr(self), head + advance, memory_order_release);
-            bytes += rlen;
+            self->dispatched_bytes += rlen;
         } else {
             if (self->partial == NULL) {
                 self->partial = PyByteArray_FromStringAndSize(NULL, 0);
@@ -1004,9 +1007,10 @@ Ring_dispatch(Ring *self, PyObject *const *args, Py_ssize_t nargs)
                 failed = 1;
                 break;
             }
-            bytes += (uint64_t)size;
+            self->dispatched_bytes += (uint64_t)size;
         }
         count++;
+        self->dispatched_messages++;
         if (action != ACT_DROP &&
             dispatch_act(self, action, a, b, c, on_call, on_message, loop) < 0) {
             failed = 1;
@@ -1016,7 +1020,7 @@ Ring_dispatch(Ring *self, PyObject *const *args, Py_ssize_t nargs)
     self->dispatching = 0;
     if (failed)
         return NULL;
-    return Py_BuildValue("(nK)", count, (unsigned long long)bytes);
+    return PyLong_FromSsize_t(count);
 }
 
 /* ready() -> bool: is there at least one record to read? */
@@ -1136,7 +1140,7 @@ static PyMethodDef Ring_methods[] = {
      "put(data, start=0) -> int: write data[start:]; return the offset reached."},
     {"get", (PyCFunction)Ring_get, METH_O, "get(max_messages) -> list of complete messages, or None if the ring was empty."},
     {"dispatch", (PyCFunction)(void (*)(void))Ring_dispatch, METH_FASTCALL,
-     "dispatch(max_messages, pending, functions, on_call, on_message) -> (messages, bytes) | None:"
+     "dispatch(max_messages, pending, functions, on_call, on_message, loop=None) -> int | None:"
      " act on up to max_messages messages (see _ring.c)."},
     {"ready", (PyCFunction)Ring_ready, METH_NOARGS, "True when a record is waiting."},
     {"request_space", (PyCFunction)Ring_request_space, METH_NOARGS,
@@ -1149,7 +1153,23 @@ static PyMethodDef Ring_methods[] = {
     {"close", (PyCFunction)Ring_close, METH_NOARGS, "Release the shared buffer."},
     {NULL}};
 
+static PyObject *
+Ring_get_dispatched_messages(Ring *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromUnsignedLongLong(self->dispatched_messages);
+}
+
+static PyObject *
+Ring_get_dispatched_bytes(Ring *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromUnsignedLongLong(self->dispatched_bytes);
+}
+
 static PyGetSetDef Ring_getset[] = {
+    {"dispatched_messages", (getter)Ring_get_dispatched_messages, NULL,
+     "messages dispatch() has taken (counted before their callbacks run)", NULL},
+    {"dispatched_bytes", (getter)Ring_get_dispatched_bytes, NULL,
+     "payload bytes of the messages dispatch() has taken", NULL},
     {"capacity", (getter)Ring_get_capacity, NULL, "data area size in bytes", NULL},
     {NULL}};
 
