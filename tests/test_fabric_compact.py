@@ -11,19 +11,40 @@ import random
 
 import compact_functions as cf
 import pytest
+from shardio.fabric._ring import decode_value, encode_call, encode_result
 
 import shardio
-from shardio.fabric._ring import decode_value, encode_call, encode_result
 
 
 class Number(int):
     pass
 
 
-PLAIN = [None, True, False, 0, 1, -1, 2**63 - 1, -(2**63), 0.0, -0.0, 1.5, math.inf,
-         "", "ascii", "snowman \u2603 and \U0001f600", b"", b"\x00\xff" * 100,
-         (), (1,), [1, [2, (3, "x")]], ([], ()),
-         tuple(range(100)), "x" * 100_000]
+PLAIN = [
+    None,
+    True,
+    False,
+    0,
+    1,
+    -1,
+    2**63 - 1,
+    -(2**63),
+    0.0,
+    -0.0,
+    1.5,
+    math.inf,
+    "",
+    "ascii",
+    "snowman \u2603 and \U0001f600",
+    b"",
+    b"\x00\xff" * 100,
+    (),
+    (1,),
+    [1, [2, (3, "x")]],
+    ([], ()),
+    tuple(range(100)),
+    "x" * 100_000,
+]
 
 
 @pytest.mark.parametrize("value", PLAIN, ids=repr)
@@ -42,10 +63,20 @@ def test_nan_keeps_its_bits():
     assert math.isnan(decoded)
 
 
-@pytest.mark.parametrize("value", [2**63, -(2**63) - 1, Number(3), "\udc80", {"a": 1},
-                                   bytearray(b"x"), {1}, object()],
-                         ids=["big int", "small int", "int subclass", "lone surrogate",
-                              "dict", "bytearray", "set", "object"])
+@pytest.mark.parametrize(
+    "value",
+    [2**63, -(2**63) - 1, Number(3), "\udc80", {"a": 1}, bytearray(b"x"), {1}, object()],
+    ids=[
+        "big int",
+        "small int",
+        "int subclass",
+        "lone surrogate",
+        "dict",
+        "bytearray",
+        "set",
+        "object",
+    ],
+)
 def test_values_outside_the_encoding_are_left_to_pickle(value):
     assert encode_result(1, value) is None
     assert encode_call(1, 1, (value,)) is None
@@ -74,9 +105,9 @@ def test_malformed_values_raise_value_error_never_crash():
             if operation == 0 and message:
                 message[rng.randrange(len(message))] = rng.randrange(256)
             elif operation == 1:
-                del message[rng.randrange(len(message) + 1):]
+                del message[rng.randrange(len(message) + 1) :]
             else:
-                message[rng.randrange(len(message) + 1):0] = os.urandom(rng.randint(1, 9))
+                message[rng.randrange(len(message) + 1) : 0] = os.urandom(rng.randint(1, 9))
         try:
             decode_value(bytes(message))
         except ValueError:
@@ -113,8 +144,10 @@ def test_compact_and_pickled_calls_keep_their_order_on_a_link(pair):
     every call arrives once, in order, and gets its own result.  200,000 calls here;
     SHARDIO_COMPACT_STREAM=1000000 for the long run."""
     count = int(os.environ.get("SHARDIO_COMPACT_STREAM", "200000"))
-    futures = [pair.submit(0, cf.mixed_stream, 1, count, 512),
-               pair.submit(1, cf.mixed_stream, 0, count, 512)]
+    futures = [
+        pair.submit(0, cf.mixed_stream, 1, count, 512),
+        pair.submit(1, cf.mixed_stream, 0, count, 512),
+    ]
     assert [f.result(timeout=600) for f in futures] == [count, count]
     for receiver, source in ((1, 0), (0, 1)):
         seen, violations = pair.submit(receiver, cf.stream_report, source).result(timeout=30)
@@ -128,8 +161,7 @@ def test_eagerly_resumed_tasks_keep_their_context(pair):
 
 
 def test_every_done_callback_of_a_reply_runs_in_order(pair):
-    assert pair.submit(0, cf.every_done_callback_runs, 1).result(timeout=30) == [
-        "first", "second"]
+    assert pair.submit(0, cf.every_done_callback_runs, 1).result(timeout=30) == ["first", "second"]
 
 
 def test_an_exception_in_a_done_callback_reaches_the_loop(pair):
