@@ -156,8 +156,11 @@ def test_compact_and_pickled_calls_keep_their_order_on_a_link(pair):
 
 
 def test_eagerly_resumed_tasks_keep_their_context(pair):
+    before = pair.submit(0, cf.eager_wakeups, 1).result(timeout=30)
     tags = pair.submit(0, cf.context_survives, 1, 300).result(timeout=60)
     assert tags == [f"task-{n}" for n in range(8)]
+    # The replies did resume their tasks eagerly (the path under test ran).
+    assert pair.submit(0, cf.eager_wakeups, 1).result(timeout=30) - before > 100
 
 
 def test_every_done_callback_of_a_reply_runs_in_order(pair):

@@ -379,6 +379,7 @@ typedef struct {
     PyObject *captured_callback, *captured_args, *captured_context;
     uint64_t dispatched_messages; /* consumer side: messages dispatch() took, counted */
     uint64_t dispatched_bytes;    /* before their callbacks run (a callback may read them) */
+    uint64_t eager_wakeups;       /* callbacks dispatch() ran at once (see set_result_eagerly) */
 } Ring;
 
 static inline _Atomic uint64_t *tail_ptr(Ring *r) { return (_Atomic uint64_t *)(r->base + OFF_TAIL); }
@@ -772,6 +773,7 @@ set_result_eagerly(Ring *self, PyObject *loop, PyObject *future, PyObject *value
     PyObject *context = self->captured_context;
     self->captured_callback = self->captured_args = self->captured_context = NULL;
     if (callback != NULL && r != NULL) {
+        self->eager_wakeups++;
         if (context != NULL && PyContext_Enter(context) < 0) {
             /* Already entered somewhere up the stack: let the loop run it. */
             PyErr_Clear();
@@ -1165,7 +1167,15 @@ Ring_get_dispatched_bytes(Ring *self, void *Py_UNUSED(closure))
     return PyLong_FromUnsignedLongLong(self->dispatched_bytes);
 }
 
+static PyObject *
+Ring_get_eager_wakeups(Ring *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromUnsignedLongLong(self->eager_wakeups);
+}
+
 static PyGetSetDef Ring_getset[] = {
+    {"eager_wakeups", (getter)Ring_get_eager_wakeups, NULL,
+     "done callbacks of replies that dispatch() ran at once", NULL},
     {"dispatched_messages", (getter)Ring_get_dispatched_messages, NULL,
      "messages dispatch() has taken (counted before their callbacks run)", NULL},
     {"dispatched_bytes", (getter)Ring_get_dispatched_bytes, NULL,
