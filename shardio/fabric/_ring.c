@@ -23,6 +23,9 @@
  * a release store of tail; the consumer loads tail with acquire before it
  * reads the record, and releases head after it has copied the record out,
  * which the producer loads with acquire before it reuses the space.
+ * dispatch() and any_ready() are consumers by the same rules: tail loaded
+ * with acquire before a record is read, head released only after the
+ * record's bytes were copied into new objects (see dispatch's comment).
  *
  * A Flag is one u32 in the shared buffer: a reactor's `sleeping` flag or a
  * shard's `alive` flag.  The sleep/wake protocol (DESIGN.md section 4):
