@@ -137,3 +137,12 @@ def pid() -> int:
 def eager_wakeups(peer: int) -> int:
     """Replies from ``peer`` whose first done callback Ring.dispatch ran at once."""
     return shardio.current_reactor().links[peer].inbound.eager_wakeups
+
+
+def same_object(first, second) -> bool:
+    return first is second
+
+
+async def shared_list(peer: int) -> bool:
+    shared = [1, 2]
+    return await shardio.submit_to(peer, same_object, shared, shared)

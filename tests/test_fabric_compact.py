@@ -40,8 +40,8 @@ PLAIN = [
     b"\x00\xff" * 100,
     (),
     (1,),
-    [1, [2, (3, "x")]],
-    ([], ()),
+    (1, (2, (3, "x"))),
+    ((), ((),)),
     tuple(range(100)),
     "x" * 100_000,
 ]
@@ -65,7 +65,18 @@ def test_nan_keeps_its_bits():
 
 @pytest.mark.parametrize(
     "value",
-    [2**63, -(2**63) - 1, Number(3), "\udc80", {"a": 1}, bytearray(b"x"), {1}, object()],
+    [
+        2**63,
+        -(2**63) - 1,
+        Number(3),
+        "\udc80",
+        {"a": 1},
+        bytearray(b"x"),
+        {1},
+        object(),
+        [1],
+        (1, [2]),
+    ],
     ids=[
         "big int",
         "small int",
@@ -75,6 +86,8 @@ def test_nan_keeps_its_bits():
         "bytearray",
         "set",
         "object",
+        "list",
+        "list in a tuple",
     ],
 )
 def test_values_outside_the_encoding_are_left_to_pickle(value):
@@ -137,6 +150,11 @@ def test_values_cross_shards_with_their_exact_types(pair):
     assert list(returned) == values
     assert [type(v) for v in returned] == [type(v) for v in values]
     assert names == [type(v).__name__ for v in values]
+
+
+def test_one_list_passed_twice_stays_one_list(pair):
+    """Lists go pickled: two references to one list arrive as one list."""
+    assert pair.submit(0, cf.shared_list, 1).result(timeout=30) is True
 
 
 def test_compact_and_pickled_calls_keep_their_order_on_a_link(pair):

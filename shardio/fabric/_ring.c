@@ -59,12 +59,14 @@ static inline uint64_t align8(uint64_t n) { return (n + 7u) & ~(uint64_t)7u; }
 /* --------------------------------------------------------- compact values
  *
  * The common cross-shard call carries a few small plain values (None,
- * bool, int, float, str, bytes, tuples and lists of them) and returns one.
+ * bool, int, float, str, bytes, tuples of them) and returns one.
  * Pickling those costs a Pickler per message (~0.3 us each way, four times
  * per round trip); this encoding writes them in one pass.  Only exact types
  * are encoded (a subclass could carry state or a custom __reduce__), ints
  * only within 64 bits, nesting only to COMPACT_MAX_DEPTH; anything else
  * makes the encoder answer None and the caller pickles the message.
+ * Lists are left to pickle on purpose: pickle keeps two references to one
+ * list as one list on the other side, and this encoding would not.
  *
  *   'N' | 'T' | 'F'                 None, True, False
  *   'i' i64                         int
@@ -72,7 +74,6 @@ static inline uint64_t align8(uint64_t n) { return (n + 7u) & ~(uint64_t)7u; }
  *   's' u32 n, n bytes of UTF-8     str
  *   'b' u32 n, n bytes              bytes
  *   't' u32 n, n values             tuple
- *   'l' u32 n, n values             list
  *
  * All numbers little-endian.  The decoder checks every length against the
  * message's end, so a malformed message raises ValueError, never reads out
@@ -127,16 +128,15 @@ compact_size(PyObject *o, int depth)
         Py_ssize_t n = PyBytes_GET_SIZE(o);
         return n > (Py_ssize_t)UINT32_MAX ? 0 : 5 + n;
     }
-    if (t == &PyTuple_Type || t == &PyList_Type) {
+    if (t == &PyTuple_Type) {
         if (depth >= COMPACT_MAX_DEPTH)
             return 0;
-        Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
+        Py_ssize_t n = PyTuple_GET_SIZE(o);
         if (n > (Py_ssize_t)UINT32_MAX)
             return 0;
         Py_ssize_t total = 5;
         for (Py_ssize_t i = 0; i < n; i++) {
-            /* A list may change under user code; none runs while we encode. */
-            Py_ssize_t s = compact_size(PySequence_Fast_GET_ITEM(o, i), depth + 1);
+            Py_ssize_t s = compact_size(PyTuple_GET_ITEM(o, i), depth + 1);
             if (s <= 0)
                 return s;
             total += s;
@@ -182,12 +182,12 @@ compact_write(PyObject *o, char *p)
         memcpy(p + 5, s, (size_t)n);
         return p + 5 + n;
     }
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
-    *p = t == &PyTuple_Type ? 't' : 'l';
+    Py_ssize_t n = PyTuple_GET_SIZE(o);
+    *p = 't';
     put_le32(p + 1, (uint32_t)n);
     p += 5;
     for (Py_ssize_t i = 0; i < n; i++)
-        p = compact_write(PySequence_Fast_GET_ITEM(o, i), p);
+        p = compact_write(PyTuple_GET_ITEM(o, i), p);
     return p;
 }
 
@@ -239,8 +239,7 @@ compact_read(const char **pp, const char *end, int depth)
         p += n;
         break;
     }
-    case 't':
-    case 'l': {
+    case 't': {
         if (depth >= COMPACT_MAX_DEPTH)
             return compact_malformed("nested too deep");
         if (end - p < 4)
@@ -249,7 +248,7 @@ compact_read(const char **pp, const char *end, int depth)
         p += 4;
         if ((uint64_t)(end - p) < n) /* every item takes at least one byte */
             return compact_malformed("sequence runs past the end");
-        o = tag == 't' ? PyTuple_New(n) : PyList_New(n);
+        o = PyTuple_New(n);
         if (o == NULL)
             return NULL;
         for (uint32_t i = 0; i < n; i++) {
@@ -258,10 +257,7 @@ compact_read(const char **pp, const char *end, int depth)
                 Py_DECREF(o);
                 return NULL;
             }
-            if (tag == 't')
-                PyTuple_SET_ITEM(o, i, item);
-            else
-                PyList_SET_ITEM(o, i, item);
+            PyTuple_SET_ITEM(o, i, item);
         }
         break;
     }

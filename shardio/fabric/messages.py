@@ -13,7 +13,7 @@ call, never the function's later calls on the link.
 
 The common call needs no pickle at all: a call of an interned function
 whose arguments are plain values (None, bool, int, float, str, bytes, and
-tuples and lists of them; see ``_ring.c``) is a ``CALL`` (header, the 4-byte
+tuples of them; see ``_ring.c``) is a ``CALL`` (header, the 4-byte
 function number, the arguments in the compact encoding), and a plain result
 returned to a shard is a ``RESULT``.  ``Ring.dispatch`` decodes both in C;
 anything else is pickled as before.  Results to the owner and to added
