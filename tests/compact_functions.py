@@ -16,7 +16,7 @@ request_tag: contextvars.ContextVar[str] = contextvars.ContextVar("request_tag",
 
 def echo(*values):
     """Return the arguments as they arrived, with their exact types."""
-    return values, [type(value).__name__ for value in values]
+    return values, tuple(type(value).__name__ for value in values)
 
 
 def in_order(source: int, sequence: int, data=None, *, marker=None) -> int:
@@ -79,7 +79,7 @@ async def context_survives(peer: int, rounds: int) -> list[str]:
     async def one(tag: str) -> str:
         request_tag.set(tag)
         for i in range(rounds):
-            assert await shardio.submit_to(peer, echo, i) == ((i,), ["int"])
+            assert await shardio.submit_to(peer, echo, i) == ((i,), ("int",))
             if request_tag.get() != tag:
                 return f"{tag} saw {request_tag.get()!r}"
         return tag
@@ -114,7 +114,7 @@ async def failing_callback_is_reported(peer: int) -> list[str]:
         future = shardio.submit_to(peer, echo, 2)
         future.add_done_callback(explode)
         await done
-        assert future.result() == ((2,), ["int"])
+        assert future.result() == ((2,), ("int",))
         await asyncio.sleep(0)
     finally:
         loop.set_exception_handler(previous)

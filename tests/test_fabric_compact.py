@@ -109,7 +109,7 @@ def test_nesting_beyond_the_limit_is_left_to_pickle():
 
 def test_malformed_values_raise_value_error_never_crash():
     rng = random.Random(12)
-    samples = [encode_call(5, 3, (v, [v, (v,)])) for v in PLAIN]
+    samples = [encode_call(5, 3, (v, (v, (v,)))) for v in PLAIN]
     failures = 0
     for _ in range(20_000):
         message = bytearray(rng.choice(samples)[13:])
@@ -149,7 +149,7 @@ def test_values_cross_shards_with_their_exact_types(pair):
     returned, names = pair.submit(0, _cross, values).result(timeout=30)
     assert list(returned) == values
     assert [type(v) for v in returned] == [type(v) for v in values]
-    assert names == [type(v).__name__ for v in values]
+    assert list(names) == [type(v).__name__ for v in values]
 
 
 def test_one_list_passed_twice_stays_one_list(pair):
