@@ -144,5 +144,7 @@ def same_object(first, second) -> bool:
 
 
 async def shared_list(peer: int) -> bool:
+    """The second call too: the first carries the function and is pickled anyway."""
     shared = [1, 2]
-    return await shardio.submit_to(peer, same_object, shared, shared)
+    first = await shardio.submit_to(peer, same_object, shared, shared)
+    return first and await shardio.submit_to(peer, same_object, shared, shared)
