@@ -35,7 +35,7 @@ class Link:
     __slots__ = (
         "peer", "outbound", "inbound", "peer_sleeping", "peer_doorbell_fd", "backlog",
         "backlog_bytes", "pending", "waiting", "max_calls", "max_bytes", "dead",
-        "sent_messages", "sent_bytes", "received_messages", "received_bytes",
+        "sent_messages", "sent_bytes", "_received_messages", "_received_bytes",
         "producer_waits", "bound_waits", "doorbells_rung", "interned", "functions",
     )
 
@@ -56,13 +56,31 @@ class Link:
         self.dead = False
         self.sent_messages = 0
         self.sent_bytes = 0
-        self.received_messages = 0
-        self.received_bytes = 0
+        self._received_messages = 0  # taken with Ring.get(); Ring.dispatch() counts its own
+        self._received_bytes = 0
         self.producer_waits = 0
         self.bound_waits = 0
         self.doorbells_rung = 0
         self.interned: dict[Any, int] = {}   # functions this side sent, by number
         self.functions: dict[int, Any] = {}  # functions the peer sent, by number
+
+    @property
+    def received_messages(self) -> int:
+        """Messages taken from the peer (by ``inbound.get`` or ``inbound.dispatch``)."""
+        return self._received_messages + self.inbound.dispatched_messages
+
+    @received_messages.setter
+    def received_messages(self, value: int) -> None:
+        self._received_messages = value - self.inbound.dispatched_messages
+
+    @property
+    def received_bytes(self) -> int:
+        """Bytes of the messages taken from the peer."""
+        return self._received_bytes + self.inbound.dispatched_bytes
+
+    @received_bytes.setter
+    def received_bytes(self, value: int) -> None:
+        self._received_bytes = value - self.inbound.dispatched_bytes
 
     def has_room(self) -> bool:
         """May a new call be pickled and sent now?  False while others wait (FIFO)."""

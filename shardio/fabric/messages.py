@@ -10,6 +10,14 @@ carries the function's number (4 bytes) and two pickles back to back: the
 function, then ``(args, kwargs)``.  The receiver learns the function before
 it tries the arguments, so arguments that fail to unpickle fail only their own
 call, never the function's later calls on the link.
+
+The common call needs no pickle at all: a call of an interned function
+whose arguments are plain values (None, bool, int, float, str, bytes, and
+tuples of them; see ``_ring.c``) is a ``CALL`` (header, the 4-byte
+function number, the arguments in the compact encoding), and a plain result
+returned to a shard is a ``RESULT``.  ``Ring.dispatch`` decodes both in C;
+anything else is pickled as before.  Results to the owner and to added
+endpoints stay pickled (``REPLY_OK``): their readers are plain Python.
 """
 
 from __future__ import annotations
@@ -22,12 +30,24 @@ import types
 from typing import Any
 
 from ..errors import CannotCrossError, MessageTooLarge, RemoteError
+from ._ring import (
+    KIND_CALL,
+    KIND_RESULT,
+    decode_value,
+    encode_call as _encode_call,
+    encode_result as _encode_compact_result,
+)
 
 REQUEST = 1
 REPLY_OK = 2
 REPLY_ERROR = 3
 REQUEST_WITH_FUNCTION = 4
-REQUEST_IN_GROUP = 5
+CALL = KIND_CALL
+"""An interned function's call with compactly encoded arguments."""
+RESULT = KIND_RESULT
+"""A result in the compact encoding (to shards only)."""
+REQUEST_IN_GROUP = 7
+"""A request made in a scheduling group (any request kind inside, see GROUP)."""
 HEADER = struct.Struct("<BQ")
 #: After a REQUEST_IN_GROUP header: the group's shares, its name's length, the
 #: inner request's kind; then the name and the inner request's body.
@@ -54,6 +74,12 @@ def encode_request(request_id: int, func: Any, args: tuple, kwargs: dict | None,
     the number before its first use.
     """
     number = interned.get(func) if type(func) in _INTERNABLE else None
+    if number is not None and not kwargs:
+        payload = _encode_call(request_id, number, args)
+        if payload is not None:
+            if len(payload) > max_bytes:
+                _check_size(payload, max_bytes, destination)
+            return payload
     try:
         if number is not None:
             payload = _pack_header(REQUEST, request_id) + _dumps(
@@ -99,6 +125,10 @@ def decode_request(kind: int, body, table: dict) -> tuple:
     ``table`` is the receiving link's function table; it learns a function
     from a ``REQUEST_WITH_FUNCTION`` message even when its arguments fail.
     """
+    if kind == CALL:
+        (number,) = NUMBER.unpack_from(body)
+        func = _learned(table, number)
+        return func, decode_value(body, NUMBER.size), None
     if kind == REQUEST_WITH_FUNCTION:
         (number,) = NUMBER.unpack_from(body)
         stream = io.BytesIO(body)
@@ -113,11 +143,7 @@ def decode_request(kind: int, body, table: dict) -> tuple:
         return func, args, kwargs
     number, func, args, kwargs = pickle.loads(body)
     if number:
-        func = table.get(number)
-        if func is None or type(func) is _Unlearned:
-            reason = func.reason if func is not None else "it never arrived"
-            raise LookupError(f"function #{number} is unknown here: the call that introduced "
-                              f"it could not be unpickled ({reason})")
+        func = _learned(table, number)
     return func, args, kwargs
 
 
@@ -135,8 +161,27 @@ def decode_in_group(body) -> tuple[str, float, int, Any]:
     return bytes(body[start:start + length]).decode(), shares, kind, body[start + length:]
 
 
-def encode_result(request_id: int, value: Any) -> bytes:
+def _learned(table: dict, number: int) -> Any:
+    func = table.get(number)
+    if func is None or type(func) is _Unlearned:
+        reason = func.reason if func is not None else "it never arrived"
+        raise LookupError(f"function #{number} is unknown here: the call that introduced "
+                          f"it could not be unpickled ({reason})")
+    return func
+
+
+def encode_result(request_id: int, value: Any, compact: bool = False) -> bytes:
+    """A result message; ``compact`` (to a shard) tries the compact encoding first."""
+    if compact:
+        payload = _encode_compact_result(request_id, value)
+        if payload is not None:
+            return payload
     return _pack_header(REPLY_OK, request_id) + _dumps(value, PROTOCOL)
+
+
+def decode_result(kind: int, body) -> Any:
+    """The value of a ``REPLY_OK`` or ``RESULT`` message's body."""
+    return decode_value(body) if kind == RESULT else pickle.loads(body)
 
 
 def encode_error(request_id: int, error: BaseException, shard: int | str) -> bytes:
