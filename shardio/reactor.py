@@ -673,17 +673,7 @@ class Reactor:
             link.waiting.append((future, func, args, kwargs))
             link.bound_waits += 1
             return future
-        # _send_call(), inlined: this is every call's path.
-        request_id = self._next_request_id
-        self._next_request_id = request_id + 1
-        number = link.interned.get(func) if not kwargs and type(func) in _INTERNABLE else None
-        payload = encode_call(request_id, number, args) if number is not None else None
-        if payload is None or len(payload) > self.max_message_bytes:
-            payload = encode_request(request_id, func, args, kwargs, f"shard {link.peer}",
-                                     link.interned, self.max_message_bytes)
-        link.pending[request_id] = future
-        if link.send(payload):
-            self._backlogged.add(link)
+        self._send_call(link, future, func, args, kwargs)
         return future
 
     def _send_call(self, link: Link, future: asyncio.Future, func: Callable, args: tuple,
