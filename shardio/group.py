@@ -16,7 +16,7 @@ from inspect import isawaitable
 from typing import Any, Literal
 
 from .errors import GroupStateError, ShardDied, ShardStartError
-from .external import OwnerEndpoint, describe_exit
+from .external import DEFAULT_CALL_POLL_US, OwnerEndpoint, describe_exit
 from .fabric.endpoint import EndpointLayout, EndpointSegment
 from .fabric.link import DEFAULT_MAX_BYTES, DEFAULT_MAX_CALLS
 from .fabric.mesh import Mesh, default_ring_bytes
@@ -75,6 +75,7 @@ class ShardGroup:
         preload: tuple[str, ...] | list[str] = (),
         max_calls_per_peer: int = DEFAULT_MAX_CALLS,
         max_queued_bytes_per_peer: int = DEFAULT_MAX_BYTES,
+        call_poll_us: float | None = None,
     ) -> None:
         if shards is None:
             shards = len(os.sched_getaffinity(0))
@@ -98,6 +99,12 @@ class ShardGroup:
                             ("max_queued_bytes_per_peer", max_queued_bytes_per_peer)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if call_poll_us is None:  # thread shards need the GIL a polling caller holds
+            call_poll_us = DEFAULT_CALL_POLL_US if backend == "process" else 0.0
+        if not isinstance(call_poll_us, int | float) or not 0 <= call_poll_us <= 100_000:
+            raise ValueError(f"call_poll_us must be between 0 and 100000 microseconds, got "
+                             f"{call_poll_us!r}")
+        self.call_poll_us = float(call_poll_us)
         if ring_bytes is None:
             ring_bytes = default_ring_bytes(shards + 1)
         self.shards = shards
@@ -144,7 +151,7 @@ class ShardGroup:
                 self._mesh, self.shards, max_message_bytes=self.options.max_message_bytes,
                 max_calls_per_peer=self.options.max_calls_per_peer,
                 max_queued_bytes_per_peer=self.options.max_queued_bytes_per_peer,
-                on_death=self._tell_endpoints)
+                on_death=self._tell_endpoints, call_poll_us=self.call_poll_us)
             for shard in range(self.shards):
                 if self.backend == "process":
                     process, lifeline, control = start_process(shard, self._mesh, self.options)
@@ -348,8 +355,15 @@ class ShardGroup:
         return self._owner.submit(shard, func, args, None, control=True)
 
     async def call(self, shard: int, func: Callable, /, *args: Any, **kwargs: Any) -> Any:
-        """Await ``func(*args, **kwargs)`` on ``shard`` from the caller's own asyncio loop."""
-        return await asyncio.wrap_future(self.submit(shard, func, *args, **kwargs))
+        """Await ``func(*args, **kwargs)`` on ``shard`` from the caller's own asyncio loop.
+
+        The loop takes the reply off the ring itself, polling for at most
+        ``call_poll_us`` after the last reply and sleeping on the doorbell
+        otherwise (docs/external.md): no thread hop.
+        """
+        if self._state != "running":
+            raise GroupStateError(f"cannot submit: the group is {self._state}")
+        return await self._owner.call(shard, func, args, kwargs or None)
 
     def submit_to_all(self, func: Callable, /, *args: Any, **kwargs: Any
                       ) -> list[concurrent.futures.Future]:
@@ -396,7 +410,8 @@ class ShardGroup:
             client = OwnerEndpoint.attached(
                 self._mesh, segment, max_message_bytes=self.options.max_message_bytes,
                 max_calls_per_peer=self.options.max_calls_per_peer,
-                max_queued_bytes_per_peer=self.options.max_queued_bytes_per_peer)
+                max_queued_bytes_per_peer=self.options.max_queued_bytes_per_peer,
+                call_poll_us=self.call_poll_us)
             endpoint = Endpoint(self, number, segment, client)
             self._endpoints[number] = endpoint
             return endpoint
@@ -531,8 +546,8 @@ class Endpoint:
         return self.client.submit(shard, func, args, kwargs or None)
 
     async def call(self, shard: int, func: Callable, /, *args: Any, **kwargs: Any) -> Any:
-        """Await :meth:`submit` from the caller's own asyncio loop."""
-        return await asyncio.wrap_future(self.submit(shard, func, *args, **kwargs))
+        """Await ``func(*args, **kwargs)`` on ``shard`` from the caller's own asyncio loop."""
+        return await self.client.call(shard, func, args, kwargs or None)
 
     def close(self) -> None:
         """Remove this endpoint from its group."""
