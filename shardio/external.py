@@ -40,6 +40,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from .attach_protocol import LINK_FAILED_REQUEST
 from .errors import GroupStateError, RemoteError, ShardDied
 from .fabric._ring import Flag
 from .fabric.doorbell import Doorbell
@@ -563,6 +564,10 @@ class OwnerEndpoint:
         with self.lock:
             future = link.pending.pop(request_id, None)
         if future is None:
+            if request_id == LINK_FAILED_REQUEST and kind == REPLY_ERROR:
+                # The shard dropped this (attached) endpoint's link: see attach_protocol.
+                error = decode_error(memoryview(message)[_HEADER_SIZE:])
+                self._shard_died(link.peer, getattr(error, "detail", None) or str(error))
             return
         body = memoryview(message)[_HEADER_SIZE:]
         try:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import contextlib
 import logging
 import os
 import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from inspect import isawaitable
 from typing import Any, Literal
 
@@ -76,6 +77,8 @@ class ShardGroup:
         max_calls_per_peer: int = DEFAULT_MAX_CALLS,
         max_queued_bytes_per_peer: int = DEFAULT_MAX_BYTES,
         call_poll_us: float | None = None,
+        listen: str | None = None,
+        listen_allow_uids: Iterable[int] | None = None,
     ) -> None:
         if shards is None:
             shards = len(os.sched_getaffinity(0))
@@ -105,6 +108,14 @@ class ShardGroup:
             raise ValueError(f"call_poll_us must be between 0 and 100000 microseconds, got "
                              f"{call_poll_us!r}")
         self.call_poll_us = float(call_poll_us)
+        if listen is not None:
+            from .attach import check_socket_path
+
+            check_socket_path(listen)  # checked again when the group starts
+        self.listen = listen
+        self.listen_allow_uids = None if listen_allow_uids is None else frozenset(
+            listen_allow_uids)
+        self._attach_server: Any = None
         if ring_bytes is None:
             ring_bytes = default_ring_bytes(shards + 1)
         self.shards = shards
@@ -132,6 +143,7 @@ class ShardGroup:
         self._controls: list[socket.socket] = []
         self._endpoints: dict[int, Endpoint] = {}
         self._next_endpoint = shards + 1  # 0..shards-1 are the shards, `shards` the owner
+        self._free_endpoints: list[int] = []  # numbers of removed endpoints, reused
         self._endpoint_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._metrics_server: Any = None
@@ -166,6 +178,10 @@ class ShardGroup:
             self._await_ready()
             self._state = "running"
             _running_groups.add(self)
+            if self.listen is not None:
+                from .attach import AttachServer
+
+                self._attach_server = AttachServer(self, self.listen, self.listen_allow_uids)
             if self.metrics_port is not None:
                 from .metrics import serve_group_metrics
 
@@ -209,6 +225,8 @@ class ShardGroup:
         started = time.monotonic()
         deadline = started + timeout
         try:
+            if self._attach_server is not None:  # attached clients' calls fail with ShardDied
+                self._attach_server.close(deadline)
             for endpoint in list(self._endpoints.values()):
                 self._remove_endpoint(endpoint, deadline)
             why = self._drain(started + timeout / 2)
@@ -287,6 +305,9 @@ class ShardGroup:
             deadline = time.monotonic() + 2.0
         if self._owner is not None:
             self._owner.expect_exit()
+        if self._attach_server is not None:
+            self._attach_server.close(deadline)
+            self._attach_server = None
         if self._metrics_server is not None:
             try:
                 self._metrics_server.close()
@@ -384,27 +405,17 @@ class ShardGroup:
         with self._endpoint_lock:
             if self._state != "running":
                 raise GroupStateError(f"cannot add an endpoint: the group is {self._state}")
-            number = self._next_endpoint
-            self._next_endpoint += 1
-            segment = EndpointSegment.create(number, self.shards, self.ring_bytes)
-            futures = []
+            number = self._new_endpoint_number()
             try:
-                for shard in range(self.shards):
-                    if self.backend == "process":
-                        # The descriptors go first; the call that adopts them follows.
-                        socket.send_fds(self._controls[shard], [str(number).encode()],
-                                        [segment.segment.fd, segment.doorbell.fd])
-                        descriptors = None
-                    else:
-                        descriptors = (os.dup(segment.segment.fd), os.dup(segment.doorbell.fd))
-                    futures.append(self._owner.submit(shard, _attach_endpoint,
-                                                      (number, segment.layout, descriptors),
-                                                      None, control=True))
-                for future in futures:
-                    future.result(timeout=self.start_timeout)
+                segment = EndpointSegment.create(number, self.shards, self.ring_bytes)
             except BaseException:
-                for shard in range(len(futures)):
-                    self._owner.submit(shard, _detach_endpoint, (number,), None, control=True)
+                self._free_endpoints.append(number)
+                raise
+            try:
+                self._adopt_on_shards(
+                    number, [[segment.segment.fd, segment.doorbell.fd]] * self.shards,
+                    _attach_endpoint, (number, segment.layout), _detach_endpoint)
+            except BaseException:
                 segment.close()
                 raise
             client = OwnerEndpoint.attached(
@@ -415,6 +426,83 @@ class ShardGroup:
             endpoint = Endpoint(self, number, segment, client)
             self._endpoints[number] = endpoint
             return endpoint
+
+    def _new_endpoint_number(self) -> int:
+        if self._free_endpoints:
+            self._free_endpoints.sort()
+            return self._free_endpoints.pop(0)
+        number = self._next_endpoint
+        self._next_endpoint += 1
+        return number
+
+    def _adopt_on_shards(self, number: int, descriptors: list[list[int]],
+                         attach: Callable[..., None], args: tuple,
+                         detach: Callable[[int], None]) -> None:
+        """Give shard s ``descriptors[s]`` (over its control socket, or duplicates for
+        thread shards) and run ``attach(*args, descriptors)`` there; on failure detach
+        everywhere and free ``number``.  Under the endpoint lock."""
+        futures = []
+        try:
+            for shard in range(self.shards):
+                if self.backend == "process":
+                    # The descriptors go first; the call that adopts them follows.
+                    socket.send_fds(self._controls[shard], [str(number).encode()],
+                                    descriptors[shard])
+                    passed = None
+                else:
+                    passed = tuple(os.dup(fd) for fd in descriptors[shard])
+                futures.append(self._owner.submit(shard, attach, (*args, passed), None,
+                                                  control=True))
+            for future in futures:
+                future.result(timeout=self.start_timeout)
+        except BaseException:
+            undo = [self._owner.submit(shard, detach, (number,), None, control=True)
+                    for shard in range(len(futures))]
+            for future in undo:
+                with contextlib.suppress(Exception):
+                    future.result(timeout=self.start_timeout)
+            self._free_endpoints.append(number)
+            raise
+
+    def _attach_client_segment(self, client_bell: int, shard_bells: list[int],
+                               attach: Callable[..., None], args: tuple
+                               ) -> tuple[int, EndpointSegment]:
+        """An endpoint for a client process (shardio.attach): a sealed segment, adopted
+        by every shard with the client's doorbell and shard s's own doorbell from the
+        client; ``attach(number, layout, *args, descriptors)`` runs on each shard."""
+        with self._endpoint_lock:
+            if self._state != "running":
+                raise GroupStateError(f"cannot attach a client: the group is {self._state}")
+            number = self._new_endpoint_number()
+            try:
+                segment = EndpointSegment.create(number, self.shards, self.ring_bytes,
+                                                 sealed=True)
+            except BaseException:
+                self._free_endpoints.append(number)
+                raise
+            segment.doorbell.close()  # the client's doorbell is client_bell
+            segment.doorbell.fd = client_bell
+            try:
+                self._adopt_on_shards(
+                    number, [[segment.segment.fd, client_bell, bell] for bell in shard_bells],
+                    attach, (number, segment.layout, *args), _detach_client_on_failure)
+            except BaseException:
+                segment.segment.close()
+                raise
+            return number, segment
+
+    def _detach_client_segment(self, number: int, detach: Callable[[int], None]) -> None:
+        """Undo :meth:`_attach_client_segment` on every live shard; free ``number``."""
+        with self._endpoint_lock:
+            if self._state in ("running", "stopping"):
+                futures = [self._owner.submit(shard, detach, (number,), None, control=True)
+                           for shard in range(self.shards) if not self._owner.is_dead(shard)]
+                for future in futures:
+                    try:
+                        future.result(timeout=self.stop_timeout)
+                    except Exception as error:
+                        log.warning("detaching client endpoint %d failed: %r", number, error)
+            self._free_endpoints.append(number)
 
     def remove_endpoint(self, endpoint: Endpoint) -> None:
         """Detach ``endpoint`` from every shard and free its rings; its calls still
@@ -427,6 +515,7 @@ class ShardGroup:
 
     def _remove_endpoint(self, endpoint: Endpoint, deadline: float) -> None:
         del self._endpoints[endpoint.number]
+        self._free_endpoints.append(endpoint.number)
         futures = [self._owner.submit(shard, _detach_endpoint, (endpoint.number,), None)
                    for shard in range(self.shards) if not self._owner.is_dead(shard)]
         for future in futures:
@@ -439,6 +528,8 @@ class ShardGroup:
     def _tell_endpoints(self, shard: int, detail: str) -> None:
         for endpoint in list(self._endpoints.values()):
             endpoint.client.report_death(shard, detail)
+        if self._attach_server is not None:
+            self._attach_server.shard_died(shard, detail)
 
     @property
     def endpoints(self) -> list[Endpoint]:
@@ -523,6 +614,12 @@ def _attach_endpoint(number: int, layout: EndpointLayout,
 
 def _detach_endpoint(number: int) -> None:
     require_reactor().detach_endpoint(number)
+
+
+def _detach_client_on_failure(number: int) -> None:
+    from .attach import _detach_client
+
+    _detach_client(number)
 
 
 class Endpoint:

@@ -235,6 +235,7 @@ class Reactor:
         self.control_socket: Any = None
         """Process backend: the socket the owner passes descriptors on (added endpoints)."""
         self._endpoints: dict[int, Any] = {}
+        self._inbound_guards: dict[int, Callable[[int], Any]] = {}
         self._rebuild_links()
         self._backlogged: set[Link] = set()
         self._inbox: deque[tuple[Callable, tuple]] = deque()
@@ -738,8 +739,9 @@ class Reactor:
     def _rebuild_links(self) -> None:
         # A new list each time: a _drain() in progress keeps iterating the old one.
         self._active_links = [link for link in self.links if link is not None]
-        self._inbound = [(link, link.inbound.get, link.inbound.take_space_waiter)
-                         for link in self._active_links]
+        guards = self._inbound_guards
+        self._inbound = [(link, guards.get(link.peer, link.inbound.get),
+                          link.inbound.take_space_waiter) for link in self._active_links]
 
     def attach_endpoint(self, endpoint: Any) -> None:
         """Serve an endpoint added to the running group (an ``EndpointSegment`` it now owns)."""
@@ -754,6 +756,34 @@ class Reactor:
             max_bytes=self.max_queued_bytes_per_peer)
         self._endpoints[number] = endpoint
         self._rebuild_links()
+
+    def guard_inbound(self, number: int, get: Callable[[int], Any] | None) -> None:
+        """Read endpoint ``number``'s inbound ring through ``get`` (same contract as
+        ``Ring.get``) instead of the ring itself; None removes the guard.  Attached
+        clients' rings are read this way: bounds per client, a corrupt ring fails the link."""
+        if get is None:
+            self._inbound_guards.pop(number, None)
+        else:
+            self._inbound_guards[number] = get
+        self._rebuild_links()
+
+    def add_doorbell(self, fd: int) -> None:
+        """Wake on ``fd`` (an eventfd) as on the shard's own doorbell: each attached
+        client rings one of its own, so it cannot take the shard's wake-ups."""
+        self.loop.add_reader(fd, self._on_extra_doorbell, fd)
+
+    def remove_doorbell(self, fd: int) -> None:
+        self.loop.remove_reader(fd)
+
+    def _on_extra_doorbell(self, fd: int) -> None:
+        try:
+            os.eventfd_read(fd)
+        except OSError:
+            pass
+        if self._asleep:
+            self._wake()
+            self.stats.doorbell_wakeups += 1
+            self._poll()
 
     def detach_endpoint(self, number: int) -> None:
         """Stop serving an added endpoint and release its rings (reactor thread)."""

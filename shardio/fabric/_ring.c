@@ -67,6 +67,7 @@ typedef struct {
     uint64_t cached_head;     /* producer side: last head seen */
     uint64_t cached_tail;     /* consumer side: last tail seen */
     PyObject *partial;        /* consumer side: bytearray of a message being reassembled */
+    uint64_t max_message;     /* consumer side: largest message accepted, 0 = no limit */
 } Ring;
 
 static inline _Atomic uint64_t *tail_ptr(Ring *r) { return (_Atomic uint64_t *)(r->base + OFF_TAIL); }
@@ -267,18 +268,35 @@ Ring_get(Ring *self, PyObject *arg)
             if (head == tail)
                 break;
         }
+        /* head and tail live in memory the other side can write (an attached
+           client's rings): never trust them, nor a record, beyond the data area. */
+        if (((head | tail) & 7u) != 0 || tail - head > self->capacity) {
+            PyErr_Format(PyExc_RuntimeError, "corrupt ring indexes (head %llu, tail %llu, capacity %llu)",
+                         (unsigned long long)head, (unsigned long long)tail,
+                         (unsigned long long)self->capacity);
+            Py_DECREF(out);
+            return NULL;
+        }
         uint64_t idx = head & self->mask;
         uint32_t *h = (uint32_t *)(self->data + idx);
         uint32_t rlen = h[0], rflags = h[1];
         uint64_t advance = RECORD_HEADER + align8(rlen);
+        if (advance > self->capacity - idx || advance > tail - head) {
+            PyErr_Format(PyExc_RuntimeError, "corrupt ring record (length %u at index %llu)", rlen,
+                         (unsigned long long)idx);
+            Py_DECREF(out);
+            return NULL;
+        }
         if (rflags & FLAG_PAD) {
             head += advance;
             atomic_store_explicit(head_ptr(self), head, memory_order_release);
             continue;
         }
-        if (advance > self->capacity - idx || advance > tail - head) {
-            PyErr_Format(PyExc_RuntimeError, "corrupt ring record (length %u at index %llu)", rlen,
-                         (unsigned long long)idx);
+        if (self->max_message != 0 && (uint64_t)rlen +
+                (self->partial == NULL ? 0 : (uint64_t)PyByteArray_GET_SIZE(self->partial)) >
+                self->max_message) {
+            PyErr_Format(PyExc_ValueError, "ring message larger than its limit of %llu bytes",
+                         (unsigned long long)self->max_message);
             Py_DECREF(out);
             return NULL;
         }
@@ -391,6 +409,18 @@ Ring_reset_consumer(Ring *self, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
+/* limit_messages(max_bytes): consumer side, refuse (ValueError from get) a message
+ * larger than max_bytes, reassembled fragments included; 0 lifts the limit. */
+static PyObject *
+Ring_limit_messages(Ring *self, PyObject *arg)
+{
+    unsigned long long limit = PyLong_AsUnsignedLongLong(arg);
+    if (limit == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    self->max_message = limit;
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 Ring_close(Ring *self, PyObject *Py_UNUSED(ignored))
 {
@@ -417,6 +447,8 @@ static PyMethodDef Ring_methods[] = {
     {"used", (PyCFunction)Ring_used, METH_NOARGS, "Bytes occupied (snapshot)."},
     {"reset_consumer", (PyCFunction)Ring_reset_consumer, METH_NOARGS,
      "Discard unread records and partial messages."},
+    {"limit_messages", (PyCFunction)Ring_limit_messages, METH_O,
+     "Consumer: refuse messages larger than max_bytes (0: no limit)."},
     {"close", (PyCFunction)Ring_close, METH_NOARGS, "Release the shared buffer."},
     {NULL}};
 

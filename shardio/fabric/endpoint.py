@@ -56,9 +56,11 @@ class EndpointSegment:
         self.doorbell = doorbell
 
     @classmethod
-    def create(cls, number: int, shard_count: int, ring_bytes: int) -> EndpointSegment:
+    def create(cls, number: int, shard_count: int, ring_bytes: int, *,
+               sealed: bool = False) -> EndpointSegment:
+        """A new segment; ``sealed`` (another process attaches) seals its size."""
         layout = EndpointLayout(shard_count, ring_bytes)
-        segment = SharedSegment(layout.size, name=f"shardio-endpoint-{number}")
+        segment = SharedSegment(layout.size, name=f"shardio-endpoint-{number}", sealed=sealed)
         try:
             doorbell = Doorbell()
         except BaseException:
