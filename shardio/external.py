@@ -167,6 +167,10 @@ class _LoopDriver:
         self.reading = False
         self.last_work = 0.0
         self.heartbeat = 0.0
+        self.polls = 0
+        """Poll callbacks run (each spins at most SPIN_SECONDS)."""
+        self.hops = 0
+        """Replies another thread took off the ring for this loop (call_soon_threadsafe)."""
 
     def gone(self) -> bool:
         return self.loop.is_closed()
@@ -183,6 +187,7 @@ class _LoopDriver:
 
     def deliver_threadsafe(self, call: _LoopCall, value: Any, error: BaseException | None
                            ) -> None:
+        self.hops += 1
         try:
             self.loop.call_soon_threadsafe(self._deliver, call, value, error)
         except RuntimeError:
@@ -202,12 +207,12 @@ class _LoopDriver:
         endpoint = self.endpoint
         self.polling = True
         self.last_work = self.heartbeat = _perf_counter()
-        endpoint.pollers[self] = None
-        endpoint.sleeping.clear()  # shards need not ring while this loop polls
+        endpoint.add_poller(self)
         self.loop.call_soon(self._poll)
 
     def _poll(self) -> None:
         endpoint = self.endpoint
+        self.polls += 1
         now = self.heartbeat = _perf_counter()
         if self.calls:
             spin_end = min(now + SPIN_SECONDS, self.last_work + self.window)
@@ -269,6 +274,10 @@ class OwnerEndpoint:
         self.pollers: dict[Any, None] = {}
         """Callers polling the rings with the sleeping flag clear (see the module's doc)."""
         self._drivers: dict[asyncio.AbstractEventLoop, _LoopDriver] = {}
+        self.untimed_sleep = False
+        """The receiver thread sleeps without a timeout: a new poller must poke it."""
+        self.receiver_messages = 0
+        """Messages the receiver thread took off the rings (the rest, their callers did)."""
         self.max_message_bytes = max_message_bytes
         self.links = links
         self.alive = alive or []
@@ -427,6 +436,15 @@ class OwnerEndpoint:
         finally:
             lock.release()
 
+    def add_poller(self, poller: Any) -> None:
+        """A caller starts polling: shards need not ring while it does.  The receiver
+        thread must then wake now and then to take over from a poller that stops
+        making progress, so one sleeping without a timeout is poked."""
+        self.pollers[poller] = None
+        self.sleeping.clear()
+        if self.untimed_sleep:
+            self._poke()
+
     def stop_polling(self) -> None:
         """A poller stops: set the sleeping flag, then drain once more (the sleep
         protocol), so a reply published from now on rings the doorbell."""
@@ -441,8 +459,7 @@ class OwnerEndpoint:
         if timeout is not None:
             window = min(window, max(0.0, timeout))
         poller = _Poller()
-        self.pollers[poller] = None
-        self.sleeping.clear()
+        self.add_poller(poller)
         try:
             end = poller.heartbeat + window
             poll_once = self.poll_once
@@ -454,6 +471,15 @@ class OwnerEndpoint:
         finally:
             self.pollers.pop(poller, None)
             self.stop_polling()
+
+    def _messages_received(self) -> int:
+        return sum(link.received_messages for link in self.links)
+
+    def loop_counters(self, loop: asyncio.AbstractEventLoop) -> dict[str, int]:
+        """How ``loop`` took its replies: poll callbacks run, replies handed over by
+        another thread (``hops``); zeros for a loop that never called."""
+        driver = self._drivers.get(loop)
+        return {"polls": driver.polls if driver else 0, "hops": driver.hops if driver else 0}
 
     def _fresh_pollers(self) -> bool:
         """Is a poller still polling (receiver thread)?  Forgets the ones that are gone."""
@@ -503,15 +529,25 @@ class OwnerEndpoint:
             # Sleep protocol of the owner's receiver: it never spins.  While a caller
             # polls, the flag stays clear (the caller sets it when it stops); one that
             # stopped polling without doing so is taken over after STALE_POLLER.
-            timeout = None
-            if not self.pollers or not self._fresh_pollers():
-                self.sleeping.set()
+            self.untimed_sleep = True  # a poller that registers now pokes us
             if self.pollers:
-                timeout = STALE_POLLER * 1000
+                self.untimed_sleep = False
+                timeout: float | None = STALE_POLLER * 1000
+                if not self._fresh_pollers():
+                    self.sleeping.set()
+            else:
+                timeout = None
+                self.sleeping.set()
             with self.consume_lock:
-                if self._drain():
-                    continue
-            for fd, _events in poller.poll(timeout):
+                before = self._messages_received()
+                did = self._drain()
+                self.receiver_messages += self._messages_received() - before
+            if did:
+                self.untimed_sleep = False
+                continue
+            events = poller.poll(timeout)
+            self.untimed_sleep = False
+            for fd, _events in events:
                 if fd == self.doorbell.fd:
                     self.doorbell.drain()
                 elif fd == self._wake_read:
