@@ -38,8 +38,7 @@ def noop(value):
 
 def percentiles(samples_ns: list[int]) -> tuple[float, float]:
     samples_ns.sort()
-    return (samples_ns[len(samples_ns) // 2] / 1e3,
-            samples_ns[int(len(samples_ns) * 0.99)] / 1e3)
+    return (samples_ns[len(samples_ns) // 2] / 1e3, samples_ns[int(len(samples_ns) * 0.99)] / 1e3)
 
 
 async def submit_to_latency(calls: int) -> list[int]:
@@ -87,15 +86,21 @@ def client_main(path: str, calls: int, mode: str) -> None:
         if mode == "thread":
             samples = thread_latency(client, calls)
         else:
-            samples = uvloop.run(call_latency(client, calls)) if mode == "uvloop" else \
-                asyncio.run(call_latency(client, calls))
+            samples = (
+                uvloop.run(call_latency(client, calls))
+                if mode == "uvloop"
+                else asyncio.run(call_latency(client, calls))
+            )
     sys.stdout.write("\n".join(map(str, samples)) + "\n")
 
 
 def attached(path: str, calls: int, mode: str) -> list[int]:
     output = subprocess.run(
         [sys.executable, __file__, "--client", path, "--calls", str(calls), "--mode", mode],
-        check=True, capture_output=True, text=True).stdout
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     return [int(line) for line in output.split()]
 
 
@@ -145,9 +150,11 @@ def main() -> None:
             p50s, p99s = zip(*(percentiles(r[key]) for r in rounds), strict=True)
             table[key] = (statistics.median(p50s), statistics.median(p99s))
     reference = table["submit_to"][0]
-    print(f"external calls to shard 1; python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
-          f"{options.calls} calls x {options.rounds} rounds (median of the rounds' "
-          f"percentiles), load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"external calls to shard 1; python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
+        f"{options.calls} calls x {options.rounds} rounds (median of the rounds' "
+        f"percentiles), load average {os.getloadavg()[0]:.2f}"
+    )
     print("| what | p50 us | p99 us | p50 vs submit_to |")
     print("|---|---|---|---|")
     for key, label in ROWS:

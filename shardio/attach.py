@@ -19,9 +19,10 @@ the group: attaching is the security boundary, and the server enforces it.
   or a message over ``max_message_bytes``, drops that client's link (the
   shard tells the client), never the shard; requests are read only while
   the client has fewer than ``max_calls_per_peer`` calls running and fewer
-  than ``max_queued_bytes_per_peer`` bytes of replies waiting for ring space,
-  so a client that stops reading (SIGSTOP) costs bounded memory and holds
-  up nobody else.
+  than ``max_queued_bytes_per_peer`` bytes of replies waiting for ring space
+  (a batch is sized by the link's average reply, so the backlog ends within
+  one reply of the bound), so a client that stops reading (SIGSTOP) costs
+  bounded memory and holds up nobody else.
 
 A client that disconnects or dies (even ``kill -9``) closes its socket: the
 server detaches its rings from every shard, and the results of its calls
@@ -70,24 +71,31 @@ def check_socket_path(path: str) -> str:
     if path.startswith(("\0", "@")):
         raise InsecureSocketPath(
             f"listen={path!r} names the abstract socket namespace, which any process on the "
-            "host can reach whatever its user: give a path in a directory of mode 0700")
+            "host can reach whatever its user: give a path in a directory of mode 0700"
+        )
     path = os.path.abspath(path)
     directory = os.path.dirname(path)
     try:
         info = os.lstat(directory)
     except FileNotFoundError:
-        raise InsecureSocketPath(f"the socket's directory {directory} does not exist: create "
-                                 f"it with mode 0700 (mkdir -m 0700 {directory})") from None
+        raise InsecureSocketPath(
+            f"the socket's directory {directory} does not exist: create "
+            f"it with mode 0700 (mkdir -m 0700 {directory})"
+        ) from None
     if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
-        raise InsecureSocketPath(f"the socket's directory {directory} must be a real directory, "
-                                 "not a symlink or a file")
+        raise InsecureSocketPath(
+            f"the socket's directory {directory} must be a real directory, not a symlink or a file"
+        )
     if info.st_uid != os.geteuid():
-        raise InsecureSocketPath(f"the socket's directory {directory} belongs to uid "
-                                 f"{info.st_uid}, not to this process's uid {os.geteuid()}")
+        raise InsecureSocketPath(
+            f"the socket's directory {directory} belongs to uid "
+            f"{info.st_uid}, not to this process's uid {os.geteuid()}"
+        )
     if info.st_mode & 0o077:
         raise InsecureSocketPath(
             f"the socket's directory {directory} has mode {stat.S_IMODE(info.st_mode):04o}: "
-            f"others could reach the socket; make it 0700 (chmod 0700 {directory})")
+            f"others could reach the socket; make it 0700 (chmod 0700 {directory})"
+        )
     return path
 
 
@@ -136,8 +144,9 @@ class _Session:
 class AttachServer:
     """Accepts clients on ``path`` for ``group`` (started by ``ShardGroup.start``)."""
 
-    def __init__(self, group: ShardGroup, path: str, allow_uids: Iterable[int] | None = None
-                 ) -> None:
+    def __init__(
+        self, group: ShardGroup, path: str, allow_uids: Iterable[int] | None = None
+    ) -> None:
         self.group = group
         self.path = check_socket_path(path)
         self.allow_uids = frozenset({os.geteuid()} if allow_uids is None else allow_uids)
@@ -156,8 +165,9 @@ class AttachServer:
             self.listener.close()
             raise
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._thread = threading.Thread(target=self._accept_loop, name="shardio-attach",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._accept_loop, name="shardio-attach", daemon=True
+        )
         self._thread.start()
 
     # ------------------------------------------------------------ accepting
@@ -176,11 +186,13 @@ class AttachServer:
                 connection, _address = self.listener.accept()
             except OSError:
                 continue
-            pid, uid, _gid = _PEERCRED.unpack(connection.getsockopt(
-                socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+            pid, uid, _gid = _PEERCRED.unpack(
+                connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+            )
             session = _Session(connection, pid, uid)
-            session.thread = threading.Thread(target=self._serve, args=(session,),
-                                              name=f"shardio-attach-{pid}", daemon=True)
+            session.thread = threading.Thread(
+                target=self._serve, args=(session,), name=f"shardio-attach-{pid}", daemon=True
+            )
             with self.lock:
                 self.sessions.add(session)
             session.thread.start()
@@ -188,18 +200,29 @@ class AttachServer:
     def _refuse(self, session: _Session, reason: str, message: str) -> None:
         self.refused_total += 1
         log.warning("refused a client (pid %d, uid %d): %s", session.pid, session.uid, message)
+        connection = session.connection
         with contextlib.suppress(OSError):
-            session.connection.send(protocol.encode(
-                {"type": "refused", "reason": reason, "message": message}))
+            connection.send(
+                protocol.encode({"type": "refused", "reason": reason, "message": message})
+            )
+            # Closing with the client's hello unread would reset the connection and drop
+            # the reason: wait (briefly) for the client to hang up first.
+            connection.shutdown(socket.SHUT_WR)
+            connection.settimeout(2.0)
+            while connection.recv(protocol.MAX_MESSAGE):
+                pass
 
     def _serve(self, session: _Session) -> None:
         connection = session.connection
         try:
             if session.uid not in self.allow_uids:
-                self._refuse(session, "credentials",
-                             f"uid {session.uid} may not attach to this group (allowed: "
-                             f"{', '.join(map(str, sorted(self.allow_uids)))}; see "
-                             "ShardGroup(listen_allow_uids=...))")
+                self._refuse(
+                    session,
+                    "credentials",
+                    f"uid {session.uid} may not attach to this group (allowed: "
+                    f"{', '.join(map(str, sorted(self.allow_uids)))}; see "
+                    "ShardGroup(listen_allow_uids=...))",
+                )
                 return
             connection.settimeout(HELLO_TIMEOUT)
             try:
@@ -211,14 +234,20 @@ class AttachServer:
                 self._refuse(session, "hello", "the first message must be a shardio hello")
                 return
             if hello.get("protocol") != protocol.PROTOCOL_VERSION:
-                self._refuse(session, "protocol",
-                             f"this group speaks attach protocol {protocol.PROTOCOL_VERSION}, "
-                             f"the client {hello.get('protocol')!r}: upgrade the older side")
+                self._refuse(
+                    session,
+                    "protocol",
+                    f"this group speaks attach protocol {protocol.PROTOCOL_VERSION}, "
+                    f"the client {hello.get('protocol')!r}: upgrade the older side",
+                )
                 return
             ours = protocol.build_identity()
             if hello.get("build") != ours:
-                self._refuse(session, "build", f"the group runs {ours!r}, the client "
-                                               f"{hello.get('build')!r}: both must match")
+                self._refuse(
+                    session,
+                    "build",
+                    f"the group runs {ours!r}, the client {hello.get('build')!r}: both must match",
+                )
                 return
             self._welcome(session)
             connection.settimeout(None)
@@ -240,28 +269,38 @@ class AttachServer:
 
     def _welcome(self, session: _Session) -> None:
         group = self.group
-        limits = ClientLimits(group.options.max_calls_per_peer,
-                              group.options.max_queued_bytes_per_peer,
-                              group.options.max_message_bytes)
+        limits = ClientLimits(
+            group.options.max_calls_per_peer,
+            group.options.max_queued_bytes_per_peer,
+            group.options.max_message_bytes,
+        )
         client_bell = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        shard_bells = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-                       for _ in range(group.shards)]
+        shard_bells = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(group.shards)]
         segment = None
         try:
             with session.lock:
                 if self._closing:
                     raise GroupStateError("the group is stopping")
                 number, segment = group._attach_client_segment(
-                    client_bell, shard_bells, _attach_client, (limits,))
+                    client_bell, shard_bells, _attach_client, (limits,)
+                )
                 session.number = number
-            welcome = {"type": "welcome", "endpoint": number, "shards": group.shards,
-                       "ring_bytes": group.ring_bytes, "size": segment.layout.size,
-                       "max_message_bytes": limits.max_message_bytes,
-                       "max_calls_per_peer": limits.max_calls,
-                       "max_queued_bytes_per_peer": limits.max_bytes,
-                       "call_poll_us": group.call_poll_us}
-            socket.send_fds(session.connection, [protocol.encode(welcome)],
-                            [segment.segment.fd, client_bell, *shard_bells])
+            welcome = {
+                "type": "welcome",
+                "endpoint": number,
+                "shards": group.shards,
+                "ring_bytes": group.ring_bytes,
+                "size": segment.layout.size,
+                "max_message_bytes": limits.max_message_bytes,
+                "max_calls_per_peer": limits.max_calls,
+                "max_queued_bytes_per_peer": limits.max_bytes,
+                "call_poll_us": group.call_poll_us,
+            }
+            socket.send_fds(
+                session.connection,
+                [protocol.encode(welcome)],
+                [segment.segment.fd, client_bell, *shard_bells],
+            )
             self.attached_total += 1
             log.info("client pid %d attached as endpoint %d", session.pid, number)
         finally:
@@ -334,8 +373,7 @@ class AttachServer:
 class ClientGuard:
     """How a shard reads one attached client's ring (``Reactor.guard_inbound``)."""
 
-    def __init__(self, reactor: Reactor, link: Link, doorbell: int, limits: ClientLimits
-                 ) -> None:
+    def __init__(self, reactor: Reactor, link: Link, doorbell: int, limits: ClientLimits) -> None:
         self.reactor = reactor
         self.link = link
         self.doorbell = doorbell
@@ -354,8 +392,17 @@ class ClientGuard:
         if running >= self.max_calls or link.backlog_bytes >= self.max_bytes:
             self.held += 1
             return None
+        # Read no more requests than their replies could fit under the byte bound, at the
+        # link's average reply size (one at a time until the first reply says what it is).
+        sent = link.sent_messages
+        average = link.sent_bytes // sent if sent else self.max_bytes
+        batch = min(
+            batch,
+            self.max_calls - running,
+            max(1, (self.max_bytes - link.backlog_bytes) // max(1, average)),
+        )
         try:
-            return self.ring_get(min(batch, self.max_calls - running))
+            return self.ring_get(batch)
         except (RuntimeError, ValueError) as error:  # corrupt ring, message over the limit
             self.fail(str(error))
             return None
@@ -366,19 +413,24 @@ class ClientGuard:
         link = self.link
         self.failure = reason
         detail = f"shard {reactor.shard_id} dropped this client's link: {reason}"
-        log.warning("shard %d dropped client endpoint %d: %s", reactor.shard_id, link.peer,
-                    reason)
+        log.warning("shard %d dropped client endpoint %d: %s", reactor.shard_id, link.peer, reason)
         with contextlib.suppress(Exception):
-            link.send(encode_error(protocol.LINK_FAILED_REQUEST,
-                                   ShardDied(reactor.shard_id, detail), reactor.shard_id))
+            link.send(
+                encode_error(
+                    protocol.LINK_FAILED_REQUEST,
+                    ShardDied(reactor.shard_id, detail),
+                    reactor.shard_id,
+                )
+            )
         reactor.peer_died(link.peer, detail)
 
 
 _guards: dict[tuple[int, int], ClientGuard] = {}
 
 
-def _attach_client(number: int, layout: EndpointLayout, limits: ClientLimits,
-                   descriptors: tuple[int, ...] | None) -> None:
+def _attach_client(
+    number: int, layout: EndpointLayout, limits: ClientLimits, descriptors: tuple[int, ...] | None
+) -> None:
     """Serve client endpoint ``number`` on this shard (the owner's control call)."""
     reactor = require_reactor()
     if descriptors is None:  # process backend: they wait on the control socket
@@ -387,16 +439,19 @@ def _attach_client(number: int, layout: EndpointLayout, limits: ClientLimits,
         if message != str(number).encode() or len(descriptors) != 3:
             for fd in descriptors:
                 os.close(fd)
-            raise ShardStartError(f"shard {reactor.shard_id} expected the descriptors of "
-                                  f"client endpoint {number}, got {message!r}")
+            raise ShardStartError(
+                f"shard {reactor.shard_id} expected the descriptors of "
+                f"client endpoint {number}, got {message!r}"
+            )
     memfd, client_bell, shard_bell = descriptors
     try:
         protocol.check_seals(memfd, layout.size)
     except (ValueError, OSError) as error:
         for fd in descriptors:
             os.close(fd)
-        raise AttachError(f"shard {reactor.shard_id} refused client endpoint {number}: "
-                          f"{error}") from None
+        raise AttachError(
+            f"shard {reactor.shard_id} refused client endpoint {number}: {error}"
+        ) from None
     reactor.attach_endpoint(EndpointSegment.adopt(number, layout, memfd, client_bell))
     link = reactor.links[number]
     link.inbound.limit_messages(limits.max_message_bytes)
@@ -426,8 +481,12 @@ def client_links() -> dict[int, dict[str, Any]]:
         if shard != reactor.shard_id:
             continue
         link = guard.link
-        out[number] = {"dead": link.dead, "failure": guard.failure, "held": guard.held,
-                       "running": link.received_messages - link.sent_messages,
-                       "backlog_bytes": link.backlog_bytes,
-                       "received": link.received_messages}
+        out[number] = {
+            "dead": link.dead,
+            "failure": guard.failure,
+            "held": guard.held,
+            "running": link.received_messages - link.sent_messages,
+            "backlog_bytes": link.backlog_bytes,
+            "received": link.received_messages,
+        }
     return out

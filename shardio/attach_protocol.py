@@ -53,13 +53,23 @@ def _version() -> str:
 def build_identity() -> str:
     """What must match on both sides besides the protocol: shardio's version, the
     Python that unpickles the calls, the ring's header layout."""
-    return (f"shardio {_version()}; {sys.implementation.cache_tag}; "
-            f"ring header {HEADER_BYTES}; pickle {__import__('pickle').HIGHEST_PROTOCOL}")
+    return (
+        f"shardio {_version()}; {sys.implementation.cache_tag}; "
+        f"ring header {HEADER_BYTES}; pickle {__import__('pickle').HIGHEST_PROTOCOL}"
+    )
 
 
-def hello(protocol: int = PROTOCOL_VERSION, build: str | None = None) -> bytes:
-    return encode({"magic": MAGIC, "type": "hello", "protocol": protocol,
-                   "build": build_identity() if build is None else build, "pid": os.getpid()})
+def hello(protocol: int | None = None, build: str | None = None) -> bytes:
+    """The client's first message (this build's version and identity unless given)."""
+    return encode(
+        {
+            "magic": MAGIC,
+            "type": "hello",
+            "protocol": PROTOCOL_VERSION if protocol is None else protocol,
+            "build": build_identity() if build is None else build,
+            "pid": os.getpid(),
+        }
+    )
 
 
 def encode(message: dict[str, Any]) -> bytes:

@@ -69,19 +69,29 @@ class Client:
             except (FileNotFoundError, ConnectionRefusedError) as error:
                 raise AttachError(f"no shard group listens on {path} ({error.strerror})") from None
             except PermissionError:
-                raise AttachError(f"no permission to reach {path}: its directory belongs to "
-                                  "another user (attach as the group's user)") from None
-            sock.send(protocol.hello())
+                raise AttachError(
+                    f"no permission to reach {path}: its directory belongs to "
+                    "another user (attach as the group's user)"
+                ) from None
+            try:
+                sock.send(protocol.hello())
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # refused before the hello (credentials): the reason waits to be read
             data, fds, _flags, _address = socket.recv_fds(sock, protocol.MAX_MESSAGE, 64)
             if not data:
-                raise AttachRefused(f"the group at {path} closed the connection during the "
-                                    "handshake")
+                raise AttachRefused(
+                    f"the group at {path} closed the connection during the handshake"
+                )
             reply = protocol.decode(data)
             if reply["type"] == "refused":
-                error_class = ProtocolMismatch if reply.get("reason") in (
-                    "protocol", "build") else AttachRefused
-                raise error_class(f"the group at {path} refused this client: "
-                                  f"{reply.get('message')}")
+                error_class = (
+                    ProtocolMismatch
+                    if reply.get("reason") in ("protocol", "build")
+                    else AttachRefused
+                )
+                raise error_class(
+                    f"the group at {path} refused this client: {reply.get('message')}"
+                )
             if reply["type"] != "welcome" or len(fds) != 2 + reply["shards"]:
                 raise AttachError(f"the group at {path} sent an unexpected reply: {reply!r}")
             layout = EndpointLayout(reply["shards"], reply["ring_bytes"])
@@ -100,24 +110,36 @@ class Client:
         self._doorbell = Doorbell(fds[1])
         self._shard_bells = fds[2:]
         always = _RingEveryTime()
-        links = [Link(shard, Ring(self._segment.map, layout.to_shard_offset(shard),
-                                  layout.ring_bytes),
-                      Ring(self._segment.map, layout.from_shard_offset(shard), layout.ring_bytes),
-                      always, self._shard_bells[shard], max_calls=reply["max_calls_per_peer"],
-                      max_bytes=reply["max_queued_bytes_per_peer"])
-                 for shard in range(self.shards)]
+        links = [
+            Link(
+                shard,
+                Ring(self._segment.map, layout.to_shard_offset(shard), layout.ring_bytes),
+                Ring(self._segment.map, layout.from_shard_offset(shard), layout.ring_bytes),
+                always,
+                self._shard_bells[shard],
+                max_calls=reply["max_calls_per_peer"],
+                max_bytes=reply["max_queued_bytes_per_peer"],
+            )
+            for shard in range(self.shards)
+        ]
         self._endpoint = OwnerEndpoint(
-            links, Flag(self._segment.map, SLEEPING_OFFSET), self._doorbell,
-            max_message_bytes=reply["max_message_bytes"], name=f"client-{self.number}",
-            call_poll_us=reply["call_poll_us"])
-        self._watcher = threading.Thread(target=self._watch, name="shardio-client-socket",
-                                         daemon=True)
+            links,
+            Flag(self._segment.map, SLEEPING_OFFSET),
+            self._doorbell,
+            max_message_bytes=reply["max_message_bytes"],
+            name=f"client-{self.number}",
+            call_poll_us=reply["call_poll_us"],
+        )
+        self._watcher = threading.Thread(
+            target=self._watch, name="shardio-client-socket", daemon=True
+        )
         self._watcher.start()
 
     # ------------------------------------------------------------ calls
 
-    def submit(self, shard: int, func: Callable, /, *args: Any, **kwargs: Any
-               ) -> concurrent.futures.Future:
+    def submit(
+        self, shard: int, func: Callable, /, *args: Any, **kwargs: Any
+    ) -> concurrent.futures.Future:
         """Run ``func(*args, **kwargs)`` on ``shard``; a Future of its result."""
         return self._endpoint.submit(shard, func, args, kwargs or None)
 
@@ -125,8 +147,9 @@ class Client:
         """Await ``func(*args, **kwargs)`` on ``shard`` from the running asyncio loop."""
         return await self._endpoint.call(shard, func, args, kwargs or None)
 
-    def submit_to_all(self, func: Callable, /, *args: Any, **kwargs: Any
-                      ) -> list[concurrent.futures.Future]:
+    def submit_to_all(
+        self, func: Callable, /, *args: Any, **kwargs: Any
+    ) -> list[concurrent.futures.Future]:
         return [self.submit(shard, func, *args, **kwargs) for shard in range(self.shards)]
 
     def in_flight(self) -> int:
@@ -192,8 +215,10 @@ class Client:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("lost" if self._lost else "attached")
-        return f"<shardio.Client endpoint {self.number} of {self.path} ({self.shards} shards), " \
-               f"{state}>"
+        return (
+            f"<shardio.Client endpoint {self.number} of {self.path} ({self.shards} shards), "
+            f"{state}>"
+        )
 
 
 def connect(path: str, *, timeout: float = 10.0) -> Client:

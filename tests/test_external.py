@@ -62,8 +62,9 @@ def test_many_loops_and_threads_at_once_get_their_own_replies(leak_check):
 
         def loop_worker(tag: int) -> None:
             async def main():
-                replies = await asyncio.gather(*[group.call(i % 2, ef.echo, tag, i)
-                                                 for i in range(500)])
+                replies = await asyncio.gather(
+                    *[group.call(i % 2, ef.echo, tag, i) for i in range(500)]
+                )
                 for i, reply in enumerate(replies):
                     if reply != (tag, i):
                         errors.append(f"loop {tag}: call {i} got {reply}")
@@ -162,8 +163,7 @@ def test_thread_backend_calls_from_a_loop_and_a_thread(leak_check):
             return await asyncio.gather(*[group.call(i % 2, ef.whoami) for i in range(100)])
 
         assert asyncio.run(main()) == [i % 2 for i in range(100)]
-        assert [group.submit(1, ef.add, i).result(timeout=30) for i in range(50)] == list(
-            range(50))
+        assert [group.submit(1, ef.add, i).result(timeout=30) for i in range(50)] == list(range(50))
 
 
 def test_call_poll_us_is_checked():
