@@ -48,6 +48,14 @@ class ShardGroup:
     after it, a stack yields at its next tamed call (docs/tame.md).  ``preload`` names
     modules each shard imports before its reactor starts, for the same reason.
 
+    ``call_poll_us`` is how long a caller waiting for its reply (an asyncio
+    loop awaiting :meth:`call`, a thread in ``future.result()``) polls the
+    rings itself after the last reply it saw, before it sleeps on the
+    doorbell (default 200 us for process shards, 0 for thread shards).
+    ``listen`` is a socket path other processes attach to with
+    :func:`shardio.connect` (in a directory of mode 0700; peers with the same
+    uid, or those in ``listen_allow_uids``): docs/external.md.
+
     Usable as a context manager (``with`` or ``async with``), which starts the
     shards and stops them on the way out.  From any thread of the owning
     process, :meth:`submit` runs a function on a shard and returns a
