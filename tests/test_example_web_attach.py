@@ -75,27 +75,61 @@ def test_gunicorn_workers_share_one_shard_group(tmp_path):
     run = tmp_path / "run"
     run.mkdir(mode=0o700)
     socket_path = str(run / "shards.sock")
-    environment = {**os.environ, "SHARDIO_SOCKET": socket_path,
-                   "PYTHONPATH": os.pathsep.join([str(EXAMPLES), os.environ.get("PYTHONPATH", "")])}
+    environment = {
+        **os.environ,
+        "SHARDIO_SOCKET": socket_path,
+        "PYTHONPATH": os.pathsep.join([str(EXAMPLES), os.environ.get("PYTHONPATH", "")]),
+    }
     daemon = subprocess.Popen(
-        [sys.executable, "-m", "web_attach.daemon", "--socket", socket_path,
-         "--data", str(tmp_path / "data"), "--shards", "2"],
-        cwd=EXAMPLES, stdout=subprocess.PIPE, text=True, env=environment)
+        [
+            sys.executable,
+            "-m",
+            "web_attach.daemon",
+            "--socket",
+            socket_path,
+            "--data",
+            str(tmp_path / "data"),
+            "--shards",
+            "2",
+        ],
+        cwd=EXAMPLES,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=environment,
+    )
     gunicorn = None
     try:
         started = json.loads(daemon.stdout.readline())
         shard_pids = started["shard_pids"]
         port = free_port()
+        log = open(tmp_path / "gunicorn.log", "w")  # noqa: SIM115 (closed with the process)
         gunicorn = subprocess.Popen(
-            [GUNICORN, "-k", "aiohttp.GunicornWebWorker", "-w", "2", "-b", f"127.0.0.1:{port}",
-             "--graceful-timeout", "10", "web_attach.app:create_app"],
-            cwd=EXAMPLES, env=environment, stderr=subprocess.PIPE, text=True)
+            [
+                GUNICORN,
+                "-k",
+                "aiohttp.GunicornWebWorker",
+                "-w",
+                "2",
+                "-b",
+                f"127.0.0.1:{port}",
+                "--graceful-timeout",
+                "10",
+                "web_attach.app:create_app",
+            ],
+            cwd=EXAMPLES,
+            env=environment,
+            stderr=log,
+            text=True,
+        )
         wait_for(lambda: attached_workers(port) == 2)
 
         bodies = {f"key-{i}": os.urandom(1000 + 37 * i) for i in range(60)}
         with concurrent.futures.ThreadPoolExecutor(8) as pool:  # several connections at once
-            puts = list(pool.map(lambda item: request(port, "PUT", f"/kv/{item[0]}", item[1]),
-                                 bodies.items()))
+            puts = list(
+                pool.map(
+                    lambda item: request(port, "PUT", f"/kv/{item[0]}", item[1]), bodies.items()
+                )
+            )
             assert {status for status, _, _ in puts} == {204}
             gets = list(pool.map(lambda key: request(port, "GET", f"/kv/{key}"), bodies))
         assert [body for _, body, _ in gets] == list(bodies.values())
@@ -112,7 +146,8 @@ def test_gunicorn_workers_share_one_shard_group(tmp_path):
         assert str(victim) not in {pid for _, _, pid in again}
 
         gunicorn.send_signal(signal.SIGTERM)
-        assert gunicorn.wait(timeout=30) == 0, gunicorn.stderr.read()
+        assert gunicorn.wait(timeout=30) == 0, (tmp_path / "gunicorn.log").read_text()
+        log.close()
         daemon.send_signal(signal.SIGTERM)
         assert json.loads(daemon.stdout.readline()) == {"stopped": True}
         assert daemon.wait(timeout=30) == 0

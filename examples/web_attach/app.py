@@ -44,8 +44,9 @@ async def get(request: web.Request) -> web.Response:
     value = await client.call(store.shard_of(key, client.shards), store.get, key)
     if value is None:
         raise web.HTTPNotFound(text=f"no such key: {key}\n", headers=_worker_header())
-    return web.Response(body=value, content_type="application/octet-stream",
-                        headers=_worker_header())
+    return web.Response(
+        body=value, content_type="application/octet-stream", headers=_worker_header()
+    )
 
 
 async def put(request: web.Request) -> web.Response:
@@ -65,6 +66,7 @@ async def create_app() -> web.Application:
     app = web.Application(client_max_size=16 << 20)
     app.on_startup.append(attach)
     app.on_cleanup.append(detach)
-    app.add_routes([web.get("/kv/{key}", get), web.put("/kv/{key}", put),
-                    web.get("/clients", clients)])
+    app.add_routes(
+        [web.get("/kv/{key}", get), web.put("/kv/{key}", put), web.get("/clients", clients)]
+    )
     return app
