@@ -245,13 +245,19 @@ class _LoopDriver:
     def _on_doorbell(self) -> None:
         endpoint = self.endpoint
         endpoint.doorbell.drain()
-        endpoint.poll_once()
+        if self.polling:
+            return  # the poll in progress re-arms the sleeping flag when it stops
+        self.calls = {call for call in self.calls if not call.future.done()}
+        if self.calls and self.window:
+            self._start_polling()  # replies are arriving: poll for the next ones
+            return
+        # This loop took the doorbell's wake-up (the shard cleared the sleeping flag to
+        # ring it): re-arm the flag and drain once more, or the next reply rings nobody.
+        endpoint.stop_polling()
         self.calls = {call for call in self.calls if not call.future.done()}
         if not self.calls:
             self.reading = False
             self.loop.remove_reader(endpoint.doorbell.fd)
-        elif self.window and not self.polling:
-            self._start_polling()  # replies are arriving: poll for the next ones
 
 
 class OwnerEndpoint:

@@ -29,10 +29,10 @@ def test_await_call_takes_its_replies_on_the_loop_thread(leak_check):
         before = group._owner.receiver_messages
         results, counters = asyncio.run(main())
         assert results == [i + 1 for i in range(300)]
-        # A hop now and then (the receiver thread woke for its own reasons) is allowed;
-        # a receiver thread that delivered every reply is not.
-        assert counters["hops"] < 30, counters
-        assert group._owner.receiver_messages - before < 30
+        # A hop now and then is allowed (the receiver thread takes over from a loop the
+        # machine did not run for STALE_POLLER); one that delivered every reply is not.
+        assert counters["hops"] < 150, counters
+        assert group._owner.receiver_messages - before < 150
 
 
 def test_await_call_stops_polling_outside_its_window(leak_check):
@@ -104,7 +104,7 @@ def test_result_polls_the_rings_from_the_calling_thread(leak_check):
         for i in range(300):
             assert group.submit(1, ef.add, i, 2).result(timeout=30) == i + 2
         # Without polling in result() the receiver thread takes all 300 replies.
-        assert owner.receiver_messages - before < 30
+        assert owner.receiver_messages - before < 150
 
 
 def test_a_blocked_loop_does_not_hold_up_other_threads_replies(leak_check):
@@ -169,3 +169,36 @@ def test_thread_backend_calls_from_a_loop_and_a_thread(leak_check):
 def test_call_poll_us_is_checked():
     with pytest.raises(ValueError, match="call_poll_us"):
         shardio.ShardGroup(1, call_poll_us=-1)
+
+
+@pytest.mark.parametrize("backend_name", ["process", "thread"])
+def test_a_loop_that_takes_the_doorbell_re_arms_it(backend_name, leak_check):
+    """Without polling (call_poll_us=0) a loop sleeps on the doorbell beside the receiver
+    thread; whichever takes a wake-up must re-arm the sleeping flag, or the next reply
+    rings nobody and a caller waits forever."""
+    with shardio.ShardGroup(2, backend=backend_name, call_poll_us=0) as group:
+        failures: list[str] = []
+
+        def thread_calls() -> None:
+            for i in range(1500):
+                try:
+                    if group.submit(i % 2, ef.add, i, 1).result(timeout=10) != i + 1:
+                        failures.append(f"thread call {i}: wrong reply")
+                except concurrent.futures.TimeoutError:
+                    failures.append(f"thread call {i}: no reply")
+                    return
+
+        async def loop_calls() -> None:
+            for i in range(1500):
+                try:
+                    if await asyncio.wait_for(group.call(i % 2, ef.add, i, 2), 10) != i + 2:
+                        failures.append(f"loop call {i}: wrong reply")
+                except TimeoutError:
+                    failures.append(f"loop call {i}: no reply")
+                    return
+
+        thread = threading.Thread(target=thread_calls)
+        thread.start()
+        asyncio.run(loop_calls())
+        thread.join(timeout=120)
+        assert failures == []
