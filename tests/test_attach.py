@@ -77,8 +77,8 @@ def no_clients_left(group: shardio.ShardGroup) -> bool:
 # ---------------------------------------------------------------- attaching
 
 
-def test_an_unrelated_process_attaches_and_calls_sync_and_async(socket_path, leak_check):
-    with shardio.ShardGroup(2, listen=socket_path) as group:
+def test_an_unrelated_process_attaches_and_calls_sync_and_async(socket_path, backend, leak_check):
+    with shardio.ShardGroup(2, backend=backend, listen=socket_path) as group:
         assert os.stat(socket_path).st_mode & 0o777 == 0o600
         seen = run_client("calls", socket_path)
         assert seen["sync_ok"] and seen["async_ok"], seen
