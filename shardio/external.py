@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
 import pickle
@@ -165,6 +166,7 @@ class _LoopDriver:
         self.calls: set[_LoopCall] = set()
         self.polling = False
         self.reading = False
+        self.reader_fd = -1
         self.last_work = 0.0
         self.heartbeat = 0.0
         self.polls = 0
@@ -212,6 +214,9 @@ class _LoopDriver:
 
     def _poll(self) -> None:
         endpoint = self.endpoint
+        if endpoint.closed:
+            self._forget()
+            return
         self.polls += 1
         now = self.heartbeat = _perf_counter()
         if self.calls:
@@ -236,14 +241,27 @@ class _LoopDriver:
                 self._start_reading()
         elif self.reading:
             self.reading = False
-            self.loop.remove_reader(endpoint.doorbell.fd)
+            self.loop.remove_reader(self.reader_fd)
 
     def _start_reading(self) -> None:
         self.reading = True
-        self.loop.add_reader(self.endpoint.doorbell.fd, self._on_doorbell)
+        self.reader_fd = self.endpoint.doorbell.fd
+        self.loop.add_reader(self.reader_fd, self._on_doorbell)
+
+    def _forget(self) -> None:
+        """The endpoint was closed under this loop: stop polling and reading, quietly."""
+        self.polling = False
+        self.calls.clear()
+        if self.reading:
+            self.reading = False
+            with contextlib.suppress(Exception):  # its doorbell may be closed already
+                self.loop.remove_reader(self.reader_fd)
 
     def _on_doorbell(self) -> None:
         endpoint = self.endpoint
+        if endpoint.closed:
+            self._forget()
+            return
         endpoint.doorbell.drain()
         if self.polling:
             return  # the poll in progress re-arms the sleeping flag when it stops
@@ -257,7 +275,7 @@ class _LoopDriver:
         self.calls = {call for call in self.calls if not call.future.done()}
         if not self.calls:
             self.reading = False
-            self.loop.remove_reader(endpoint.doorbell.fd)
+            self.loop.remove_reader(self.reader_fd)
 
 
 class OwnerEndpoint:
@@ -282,6 +300,7 @@ class OwnerEndpoint:
         self._drivers: dict[asyncio.AbstractEventLoop, _LoopDriver] = {}
         self.untimed_sleep = False
         """The receiver thread sleeps without a timeout: a new poller must poke it."""
+        self.closed = False
         self.receiver_messages = 0
         """Messages the receiver thread took off the rings (the rest, their callers did)."""
         self.max_message_bytes = max_message_bytes
@@ -662,6 +681,7 @@ class OwnerEndpoint:
     def close(self, reason: str = "the group stopped before the call returned") -> None:
         """Stop the receiver thread, fail what is left, release the rings."""
         self._closing = True
+        self.closed = True  # loops polling or reading for it let go at their next callback
         self._poke()
         self._thread.join(timeout=5)
         with self.lock:

@@ -202,3 +202,26 @@ def test_a_loop_that_takes_the_doorbell_re_arms_it(backend_name, leak_check):
         asyncio.run(loop_calls())
         thread.join(timeout=120)
         assert failures == []
+
+
+def test_a_loop_waiting_when_the_group_stops_gets_an_error_and_lets_go(leak_check):
+    group = shardio.ShardGroup(2, call_poll_us=200).start()
+    problems: list[object] = []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _loop, context: problems.append(context))
+        waiting = asyncio.ensure_future(group.call(1, ef.slow_echo, "never", 30))
+        await asyncio.sleep(0.05)  # polled, then asleep on the doorbell through add_reader
+        await asyncio.to_thread(group.stop, 10)
+        with pytest.raises((shardio.ShardDied, shardio.GroupStateError)):
+            await waiting
+        polls = group._owner.loop_counters(loop)["polls"]
+        await asyncio.sleep(0.2)
+        return group._owner.loop_counters(loop)["polls"] - polls
+
+    try:
+        assert asyncio.run(main()) == 0
+    finally:
+        group.stop()
+    assert problems == []
