@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import attach_protocol as protocol
 from .errors import AttachError, GroupStateError, InsecureSocketPath, ShardDied, ShardStartError
+from .fabric._ring import Flag
 from .fabric.endpoint import EndpointLayout, EndpointSegment
 from .fabric.link import Link
 from .fabric.messages import encode_error
@@ -425,6 +426,54 @@ class ClientGuard:
         reactor.peer_died(link.peer, detail)
 
 
+class SleepingFlags:
+    """A shard's sleeping flag and its copies in attached clients' segments.
+
+    Replaces ``reactor.sleeping`` once a client attaches: the reactor sets and
+    clears every copy with its own flag (only when it falls asleep and wakes,
+    never per message), so a client rings a shard's eventfd only when that
+    shard may be asleep — the same Dekker handshake as on the mesh, one copy
+    per client.
+    """
+
+    def __init__(self, primary: Any) -> None:
+        self.primary = primary
+        self.copies: dict[int, Flag] = {}
+
+    def set(self) -> None:
+        for copy in self.copies.values():
+            copy.set()
+        self.primary.set()
+
+    def clear(self) -> None:
+        self.primary.clear()
+        for copy in self.copies.values():
+            copy.clear()
+
+    def test_and_clear(self) -> bool:
+        return self.primary.test_and_clear()
+
+    def is_set(self) -> bool:
+        return self.primary.is_set()
+
+    def close_copies(self) -> None:
+        """Let go of every client's segment (before the shard releases them)."""
+        for copy in self.copies.values():
+            copy.close()
+        self.copies.clear()
+
+    def close(self) -> None:
+        self.close_copies()
+        self.primary.close()
+
+
+def _sleeping_flags(reactor: Reactor) -> SleepingFlags:
+    if not isinstance(reactor.sleeping, SleepingFlags):
+        reactor.sleeping = SleepingFlags(reactor.sleeping)
+        reactor.add_shutdown_hook(reactor.sleeping.close_copies)
+    return reactor.sleeping
+
+
 _guards: dict[tuple[int, int], ClientGuard] = {}
 
 
@@ -452,7 +501,11 @@ def _attach_client(
         raise AttachError(
             f"shard {reactor.shard_id} refused client endpoint {number}: {error}"
         ) from None
-    reactor.attach_endpoint(EndpointSegment.adopt(number, layout, memfd, client_bell))
+    segment = EndpointSegment.adopt(number, layout, memfd, client_bell)
+    reactor.attach_endpoint(segment)
+    copy = Flag(segment.segment.map, layout.shard_sleeping_offset(reactor.shard_id))
+    copy.clear()  # awake: it is running this call
+    _sleeping_flags(reactor).copies[number] = copy
     link = reactor.links[number]
     link.inbound.limit_messages(limits.max_message_bytes)
     guard = ClientGuard(reactor, link, shard_bell, limits)
@@ -464,6 +517,10 @@ def _attach_client(
 def _detach_client(number: int) -> None:
     """Stop serving client endpoint ``number`` on this shard and free its rings."""
     reactor = require_reactor()
+    flags = _sleeping_flags(reactor)
+    copy = flags.copies.pop(number, None)
+    if copy is not None:
+        copy.close()  # before the segment is released
     guard = _guards.pop((reactor.shard_id, number), None)
     if guard is not None:
         reactor.remove_doorbell(guard.doorbell)

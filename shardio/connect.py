@@ -35,19 +35,6 @@ from .fabric.segment import SharedSegment
 OWNER_GONE = "the group stopped or its owner process died (the attach socket closed)"
 
 
-class _RingEveryTime:
-    """Stands in for a shard's sleeping flag, which a client does not see: every send
-    rings the client's own eventfd for that shard (the shard drains it when awake)."""
-
-    __slots__ = ()
-
-    def test_and_clear(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        pass
-
-
 class Client:
     """A process attached to a running group (made by :func:`connect`).
 
@@ -109,13 +96,12 @@ class Client:
         self._segment = SharedSegment(layout.size, fd=fds[0])
         self._doorbell = Doorbell(fds[1])
         self._shard_bells = fds[2:]
-        always = _RingEveryTime()
         links = [
             Link(
                 shard,
                 Ring(self._segment.map, layout.to_shard_offset(shard), layout.ring_bytes),
                 Ring(self._segment.map, layout.from_shard_offset(shard), layout.ring_bytes),
-                always,
+                Flag(self._segment.map, layout.shard_sleeping_offset(shard)),
                 self._shard_bells[shard],
                 max_calls=reply["max_calls_per_peer"],
                 max_bytes=reply["max_queued_bytes_per_peer"],

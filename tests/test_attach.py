@@ -328,3 +328,25 @@ def test_a_shard_death_reaches_attached_clients(socket_path, leak_check):
         with pytest.raises(shardio.ShardDied, match="SIGKILL"):
             future.result(timeout=10)
         assert client.submit(0, ef.add, 1, 1).result(timeout=30) == 2
+
+
+@pytest.mark.parametrize("idle_poll_us", [0, 5000])
+def test_a_client_rings_a_shard_only_when_it_may_sleep(socket_path, idle_poll_us, leak_check):
+    """Each shard mirrors its sleeping flag into every client's segment: with shards that
+    sleep after each call (idle_poll_us=0) every call must wake one; with polling shards
+    the client rings (eventfd writes) for few of its calls."""
+    with (
+        shardio.ShardGroup(2, listen=socket_path, idle_poll_us=idle_poll_us) as group,
+        shardio.connect(socket_path) as client,
+    ):
+        for i in range(600):
+            assert client.submit(i % 2, ef.add, i, 1).result(timeout=10) == i + 1
+        links = client._endpoint.links
+        rung = sum(link.doorbells_rung for link in links)
+        sent = sum(link.sent_messages for link in links)
+        assert sent == 600
+        if idle_poll_us:
+            assert rung < sent // 2, (rung, sent)
+        else:
+            assert rung > 0
+        assert group.submit(0, ef.add, 1).result(timeout=10) == 1
