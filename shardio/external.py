@@ -555,21 +555,22 @@ class OwnerEndpoint:
             # polls, the flag stays clear (the caller sets it when it stops); one that
             # stopped polling without doing so is taken over after STALE_POLLER.
             self.untimed_sleep = True  # a poller that registers now pokes us
+            fresh = False
             if self.pollers:
                 self.untimed_sleep = False
                 timeout: float | None = STALE_POLLER * 1000
-                if not self._fresh_pollers():
-                    self.sleeping.set()
+                fresh = self._fresh_pollers()
             else:
                 timeout = None
+            if not fresh:  # a fresh poller drains every ring itself: leave them to it
                 self.sleeping.set()
-            with self.consume_lock:
-                before = self._messages_received()
-                did = self._drain()
-                self.receiver_messages += self._messages_received() - before
-            if did:
-                self.untimed_sleep = False
-                continue
+                with self.consume_lock:
+                    before = self._messages_received()
+                    did = self._drain()
+                    self.receiver_messages += self._messages_received() - before
+                if did:
+                    self.untimed_sleep = False
+                    continue
             events = poller.poll(timeout)
             self.untimed_sleep = False
             for fd, _events in events:
