@@ -26,11 +26,16 @@ from .calls import (
     submit_to,
     this_shard,
 )
+from .connect import Client, connect
 from .errors import (
+    AttachError,
+    AttachRefused,
     CannotCrossError,
     GroupStateError,
+    InsecureSocketPath,
     MessageTooLarge,
     NotInShardError,
+    ProtocolMismatch,
     RemoteError,
     SchedulingError,
     ServiceNotRunning,
@@ -58,11 +63,16 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "AttachError",
+    "AttachRefused",
     "CannotCrossError",
+    "Client",
     "Endpoint",
     "GroupStateError",
+    "InsecureSocketPath",
     "MessageTooLarge",
     "NotInShardError",
+    "ProtocolMismatch",
     "RemoteError",
     "SchedulingError",
     "SchedulingGroup",
@@ -74,6 +84,7 @@ __all__ = [
     "ShardioError",
     "WrongThreadError",
     "bind_thread",
+    "connect",
     "current_reactor",
     "errors",
     "external_submit",

@@ -90,6 +90,25 @@ class ServiceNotRunning(ShardioError, LookupError):
     """The Sharded service has no instance on this shard (not started, or stopped)."""
 
 
+class AttachError(ShardioError):
+    """Attaching a process to a running group failed (``shardio.connect``, ``listen=``)."""
+
+
+class InsecureSocketPath(AttachError, ValueError):
+    """The attach socket's path is unsafe: its directory is not private to this user
+    (mode 0700, owned by us, not a symlink) or it names the abstract namespace."""
+
+
+class AttachRefused(AttachError):
+    """The group's owner refused this client (its user is not allowed, or its hello
+    was malformed); the message says which."""
+
+
+class ProtocolMismatch(AttachRefused):
+    """The client and the group speak different attach protocol versions or come from
+    different builds (shardio version, Python, ring layout); upgrade the older side."""
+
+
 _SUBSYSTEM_ERRORS = {
     "MetricsError": "shardio.metrics",
     "TameError": "shardio.tame.stacks",

@@ -12,20 +12,36 @@ Submissions are bounded per shard like a shard's own calls: beyond the
 link's bound a call waits, not yet pickled, and the receiver thread sends it
 (in submission order) when replies make room; a call that then turns out
 not to pickle fails its future instead of raising at ``submit``.
+
+Replies need no thread hop when their caller waits for them itself.  An
+asyncio loop that awaits :meth:`OwnerEndpoint.call` drains the inbound rings
+on its own thread while its calls are in flight, for at most
+``call_poll_us`` after the last reply it saw; past that window it sleeps on
+the doorbell through the loop's own ``add_reader``.  A thread blocked in
+``future.result()`` polls the same way for the same window before it
+blocks.  While a caller polls, the endpoint's ``sleeping`` flag stays clear,
+so shards reply without a system call; a caller that stops polling sets the
+flag and drains once more (the sleep protocol of docs/design.md, section 4),
+and the receiver thread takes over the rings from a poller that stopped
+making progress (a loop that blocks, or closed) within ``STALE_POLLER``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
 import pickle
 import select
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from .attach_protocol import LINK_FAILED_REQUEST
 from .errors import GroupStateError, RemoteError, ShardDied
 from .fabric._ring import Flag
 from .fabric.doorbell import Doorbell
@@ -38,6 +54,16 @@ log = logging.getLogger("shardio.group")
 
 _unpack_header = HEADER.unpack_from
 _HEADER_SIZE = HEADER.size
+_perf_counter = time.perf_counter
+_get_ident = threading.get_ident
+
+DEFAULT_CALL_POLL_US = 200.0
+"""How long a caller waiting for its reply polls the rings itself, by default, after the
+last reply it saw (ShardGroup's ``call_poll_us``; 0 for thread shards, which need the GIL)."""
+SPIN_SECONDS = 20e-6
+"""How long one poll callback of an asyncio loop polls before it lets the loop run again."""
+STALE_POLLER = 0.005
+"""A poller that has not polled for this long is taken over by the receiver thread."""
 
 
 def _peer_died(shard: int, detail: str) -> None:
@@ -45,6 +71,211 @@ def _peer_died(shard: int, detail: str) -> None:
     from .reactor import require_reactor
 
     require_reactor().peer_died(shard, detail)
+
+
+class PolledFuture(concurrent.futures.Future):
+    """A concurrent Future whose ``result()`` first polls the endpoint's rings itself.
+
+    The calling thread then takes its own reply off the ring (no receiver
+    thread wake-up, no condition variable); past the endpoint's poll window it
+    blocks like any Future.
+    """
+
+    _endpoint: OwnerEndpoint | None = None
+
+    def result(self, timeout: float | None = None) -> Any:
+        endpoint = self._endpoint
+        if endpoint is not None and not self.done():
+            endpoint.poll_until_done(self, timeout)
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        endpoint = self._endpoint
+        if endpoint is not None and not self.done():
+            endpoint.poll_until_done(self, timeout)
+        return super().exception(timeout)
+
+
+class _Poller:
+    """One caller polling the rings (a thread in ``result()``); the receiver thread
+    reads ``heartbeat`` to find pollers that stopped."""
+
+    __slots__ = ("heartbeat",)
+
+    def __init__(self) -> None:
+        self.heartbeat = _perf_counter()
+
+    def gone(self) -> bool:
+        return False
+
+
+class _LoopCall:
+    """A call awaited in an asyncio loop: what ``link.pending`` holds for it.
+
+    It completes the loop's future directly when the reply is taken off the
+    ring on the loop's own thread, through ``call_soon_threadsafe`` otherwise.
+    It never raises for a future already done (the caller cancelled it).
+    """
+
+    __slots__ = ("future", "driver")
+
+    def __init__(self, future: asyncio.Future, driver: _LoopDriver) -> None:
+        self.future = future
+        self.driver = driver
+
+    def set_result(self, value: Any) -> None:
+        driver = self.driver
+        if _get_ident() == driver.thread_id:
+            driver.calls.discard(self)
+            if not self.future.done():
+                self.future.set_result(value)
+        else:
+            driver.deliver_threadsafe(self, value, None)
+
+    def set_exception(self, error: BaseException) -> None:
+        driver = self.driver
+        if _get_ident() == driver.thread_id:
+            driver.calls.discard(self)
+            if not self.future.done():
+                self.future.set_exception(error)
+        else:
+            driver.deliver_threadsafe(self, None, error)
+
+    def cancelled(self) -> bool:
+        return self.future.cancelled()
+
+    def done(self) -> bool:
+        return self.future.done()
+
+
+class _LoopDriver:
+    """The rings, as drained by one asyncio loop for the calls it awaits.
+
+    While calls are in flight the loop polls (a callback that spins for up to
+    SPIN_SECONDS, then re-queues itself), until ``call_poll_seconds`` have
+    passed without a reply; then it sleeps on the doorbell with ``add_reader``
+    until the next ring, and polls again.  With no call in flight it does
+    nothing at all.
+    """
+
+    def __init__(self, endpoint: OwnerEndpoint, loop: asyncio.AbstractEventLoop) -> None:
+        self.endpoint = endpoint
+        self.loop = loop
+        self.thread_id = _get_ident()
+        self.window = endpoint.call_poll_seconds
+        self.calls: set[_LoopCall] = set()
+        self.polling = False
+        self.reading = False
+        self.reader_fd = -1
+        self.last_work = 0.0
+        self.heartbeat = 0.0
+        self.polls = 0
+        """Poll callbacks run (each spins at most SPIN_SECONDS)."""
+        self.hops = 0
+        """Replies another thread took off the ring for this loop (call_soon_threadsafe)."""
+
+    def gone(self) -> bool:
+        return self.loop.is_closed()
+
+    def begin(self, call: _LoopCall) -> None:
+        """A call of this loop was sent (loop thread)."""
+        self.calls.add(call)
+        if self.polling:
+            return
+        if self.window:
+            self._start_polling()
+        elif not self.reading:
+            self._start_reading()
+
+    def deliver_threadsafe(self, call: _LoopCall, value: Any, error: BaseException | None
+                           ) -> None:
+        self.hops += 1
+        try:
+            self.loop.call_soon_threadsafe(self._deliver, call, value, error)
+        except RuntimeError:
+            pass  # the loop is closed: nobody waits for it any more
+
+    def _deliver(self, call: _LoopCall, value: Any, error: BaseException | None) -> None:
+        self.calls.discard(call)
+        future = call.future
+        if future.done():
+            return
+        if error is None:
+            future.set_result(value)
+        else:
+            future.set_exception(error)
+
+    def _start_polling(self) -> None:
+        endpoint = self.endpoint
+        self.polling = True
+        self.last_work = self.heartbeat = _perf_counter()
+        endpoint.add_poller(self)
+        self.loop.call_soon(self._poll)
+
+    def _poll(self) -> None:
+        endpoint = self.endpoint
+        if endpoint.closed:
+            self._forget()
+            return
+        self.polls += 1
+        now = self.heartbeat = _perf_counter()
+        if self.calls:
+            spin_end = min(now + SPIN_SECONDS, self.last_work + self.window)
+            poll_once = endpoint.poll_once
+            while True:
+                if poll_once():
+                    self.last_work = now = _perf_counter()
+                    break  # let the loop run what the replies woke
+                now = _perf_counter()
+                if now >= spin_end:
+                    break
+            if self.calls and now - self.last_work < self.window:
+                self.loop.call_soon(self._poll)
+                return
+        self.polling = False
+        endpoint.pollers.pop(self, None)
+        endpoint.stop_polling()
+        self.calls = {call for call in self.calls if not call.future.done()}
+        if self.calls:
+            if not self.reading:
+                self._start_reading()
+        elif self.reading:
+            self.reading = False
+            self.loop.remove_reader(self.reader_fd)
+
+    def _start_reading(self) -> None:
+        self.reading = True
+        self.reader_fd = self.endpoint.doorbell.fd
+        self.loop.add_reader(self.reader_fd, self._on_doorbell)
+
+    def _forget(self) -> None:
+        """The endpoint was closed under this loop: stop polling and reading, quietly."""
+        self.polling = False
+        self.calls.clear()
+        if self.reading:
+            self.reading = False
+            with contextlib.suppress(Exception):  # its doorbell may be closed already
+                self.loop.remove_reader(self.reader_fd)
+
+    def _on_doorbell(self) -> None:
+        endpoint = self.endpoint
+        if endpoint.closed:
+            self._forget()
+            return
+        endpoint.doorbell.drain()
+        if self.polling:
+            return  # the poll in progress re-arms the sleeping flag when it stops
+        self.calls = {call for call in self.calls if not call.future.done()}
+        if self.calls and self.window:
+            self._start_polling()  # replies are arriving: poll for the next ones
+            return
+        # This loop took the doorbell's wake-up (the shard cleared the sleeping flag to
+        # ring it): re-arm the flag and drain once more, or the next reply rings nobody.
+        endpoint.stop_polling()
+        self.calls = {call for call in self.calls if not call.future.done()}
+        if not self.calls:
+            self.reading = False
+            self.loop.remove_reader(self.reader_fd)
 
 
 class OwnerEndpoint:
@@ -59,8 +290,19 @@ class OwnerEndpoint:
     def __init__(self, links: list[Link], sleeping: Flag, doorbell: Doorbell, *,
                  max_message_bytes: int, alive: list[Flag] | None = None,
                  on_death: Callable[[int, str], None] | None = None,
-                 name: str = "owner") -> None:
+                 name: str = "owner", call_poll_us: float = DEFAULT_CALL_POLL_US) -> None:
         self.shard_count = len(links)
+        self.call_poll_seconds = call_poll_us / 1e6
+        self.consume_lock = threading.RLock()
+        """Held by whoever takes messages off the inbound rings (one consumer at a time)."""
+        self.pollers: dict[Any, None] = {}
+        """Callers polling the rings with the sleeping flag clear (see the module's doc)."""
+        self._drivers: dict[asyncio.AbstractEventLoop, _LoopDriver] = {}
+        self.untimed_sleep = False
+        """The receiver thread sleeps without a timeout: a new poller must poke it."""
+        self.closed = False
+        self.receiver_messages = 0
+        """Messages the receiver thread took off the rings (the rest, their callers did)."""
         self.max_message_bytes = max_message_bytes
         self.links = links
         self.alive = alive or []
@@ -83,7 +325,8 @@ class OwnerEndpoint:
     def of_mesh(cls, mesh: Mesh, shard_count: int, *, max_message_bytes: int,
                 max_calls_per_peer: int = DEFAULT_MAX_CALLS,
                 max_queued_bytes_per_peer: int = DEFAULT_MAX_BYTES,
-                on_death: Callable[[int, str], None] | None = None) -> OwnerEndpoint:
+                on_death: Callable[[int, str], None] | None = None,
+                call_poll_us: float = DEFAULT_CALL_POLL_US) -> OwnerEndpoint:
         """The group owner's endpoint: the mesh's last."""
         me = mesh.layout.endpoints - 1
         links = [Link(shard, mesh.ring(me, shard), mesh.ring(shard, me),
@@ -92,11 +335,13 @@ class OwnerEndpoint:
                  for shard in range(shard_count)]
         return cls(links, mesh.sleeping_flag(me), mesh.doorbells[me],
                    max_message_bytes=max_message_bytes, on_death=on_death,
-                   alive=[mesh.alive_flag(shard) for shard in range(shard_count)])
+                   alive=[mesh.alive_flag(shard) for shard in range(shard_count)],
+                   call_poll_us=call_poll_us)
 
     @classmethod
     def attached(cls, mesh: Mesh, segment: EndpointSegment, *, max_message_bytes: int,
-                 max_calls_per_peer: int, max_queued_bytes_per_peer: int) -> OwnerEndpoint:
+                 max_calls_per_peer: int, max_queued_bytes_per_peer: int,
+                 call_poll_us: float = DEFAULT_CALL_POLL_US) -> OwnerEndpoint:
         """The client side of an endpoint added to a running group, in this process."""
         shard_count = segment.layout.shard_count
         links = [Link(shard, segment.to_shard(shard), segment.from_shard(shard),
@@ -104,7 +349,8 @@ class OwnerEndpoint:
                       max_calls=max_calls_per_peer, max_bytes=max_queued_bytes_per_peer)
                  for shard in range(shard_count)]
         return cls(links, segment.sleeping_flag(), segment.doorbell,
-                   max_message_bytes=max_message_bytes, name=f"endpoint-{segment.number}")
+                   max_message_bytes=max_message_bytes, name=f"endpoint-{segment.number}",
+                   call_poll_us=call_poll_us)
     # ------------------------------------------------------------ submitting
 
     def submit(self, shard: int, func: Callable, args: tuple, kwargs: dict | None,
@@ -113,31 +359,56 @@ class OwnerEndpoint:
         unpickled in ``link.waiting``; a ``control`` call (shardio's own: the stop protocol,
         the test clock's probes) is never held back, so the bound cannot hold up what
         waits on it, and it goes behind every waiting call that has room now."""
+        future = PolledFuture()
+        if self.call_poll_seconds:
+            future._endpoint = self
+        self._submit(shard, func, args, kwargs, future, control)
+        return future
+
+    def call(self, shard: int, func: Callable, args: tuple, kwargs: dict | None
+             ) -> asyncio.Future:
+        """Send a call to ``shard`` from the running asyncio loop; a future of that loop.
+
+        The loop takes the reply off the ring itself (see the module's doc).
+        """
+        loop = asyncio.get_running_loop()
+        driver = self._drivers.get(loop)
+        if driver is None:
+            driver = self._drivers[loop] = _LoopDriver(self, loop)
+            for other in [other for other in self._drivers if other.is_closed()]:
+                del self._drivers[other]
+        future = loop.create_future()
+        call = _LoopCall(future, driver)
+        self._submit(shard, func, args, kwargs, call, False)
+        if not future.done():
+            driver.begin(call)
+        return future
+
+    def _submit(self, shard: int, func: Callable, args: tuple, kwargs: dict | None,
+                future: Any, control: bool) -> None:
         if self._closing:
             raise GroupStateError("cannot submit: this endpoint was closed")
         if not 0 <= shard < self.shard_count:
             raise ValueError(f"no shard {shard}: this group has shards 0..{self.shard_count - 1}")
-        future: concurrent.futures.Future = concurrent.futures.Future()
         link = self.links[shard]
         if link.dead:
             future.set_exception(ShardDied(shard))
-            return future
+            return
         with self.lock:
             if link.dead:
                 future.set_exception(ShardDied(shard))
-                return future
+                return
             failed = self._admit_locked(link) if control and link.waiting else []
             if not control and not link.has_room():
                 link.waiting.append((future, func, args, kwargs))
                 link.bound_waits += 1
-                return future
+                return
             self._send_call(link, future, func, args, kwargs)
         for waiting_future, error in failed:  # outside the lock, as _admit does
             try:
                 waiting_future.set_exception(error)
             except concurrent.futures.InvalidStateError:
                 pass
-        return future
 
     def _send_call(self, link: Link, future: concurrent.futures.Future, func: Callable,
                    args: tuple, kwargs: dict | None) -> None:
@@ -178,6 +449,74 @@ class OwnerEndpoint:
         with self.lock:
             return sum(len(link.pending) + len(link.waiting) for link in self.links)
 
+    # ------------------------------------------------------------ polling callers
+
+    def poll_once(self) -> bool:
+        """Take what the inbound rings hold, unless another thread is at it; True if any."""
+        lock = self.consume_lock
+        if not lock.acquire(blocking=False):
+            return False
+        try:
+            return self._drain()
+        finally:
+            lock.release()
+
+    def add_poller(self, poller: Any) -> None:
+        """A caller starts polling: shards need not ring while it does.  The receiver
+        thread must then wake now and then to take over from a poller that stops
+        making progress, so one sleeping without a timeout is poked."""
+        self.pollers[poller] = None
+        self.sleeping.clear()
+        if self.untimed_sleep:
+            self._poke()
+
+    def stop_polling(self) -> None:
+        """A poller stops: set the sleeping flag, then drain once more (the sleep
+        protocol), so a reply published from now on rings the doorbell."""
+        self.sleeping.set()
+        with self.consume_lock:
+            self._drain()
+
+    def poll_until_done(self, future: concurrent.futures.Future, timeout: float | None) -> None:
+        """Poll the rings from the calling thread until ``future`` is done, for at most
+        the endpoint's poll window (and ``timeout``)."""
+        window = self.call_poll_seconds
+        if timeout is not None:
+            window = min(window, max(0.0, timeout))
+        poller = _Poller()
+        self.add_poller(poller)
+        try:
+            end = poller.heartbeat + window
+            poll_once = self.poll_once
+            while not future.done():
+                poll_once()
+                now = poller.heartbeat = _perf_counter()
+                if now >= end:
+                    break
+        finally:
+            self.pollers.pop(poller, None)
+            self.stop_polling()
+
+    def _messages_received(self) -> int:
+        return sum(link.received_messages for link in self.links)
+
+    def loop_counters(self, loop: asyncio.AbstractEventLoop) -> dict[str, int]:
+        """How ``loop`` took its replies: poll callbacks run, replies handed over by
+        another thread (``hops``); zeros for a loop that never called."""
+        driver = self._drivers.get(loop)
+        return {"polls": driver.polls if driver else 0, "hops": driver.hops if driver else 0}
+
+    def _fresh_pollers(self) -> bool:
+        """Is a poller still polling (receiver thread)?  Forgets the ones that are gone."""
+        now = _perf_counter()
+        fresh = False
+        for poller in list(self.pollers):
+            if poller.gone():
+                self.pollers.pop(poller, None)
+            elif now - poller.heartbeat < STALE_POLLER:
+                fresh = True
+        return fresh
+
     # ------------------------------------------------------------ watching
 
     def watch(self, fd: int, shard: int, describe: Callable[[], str]) -> None:
@@ -212,11 +551,29 @@ class OwnerEndpoint:
             for fd in self._watch.keys() - watched:
                 poller.register(fd, select.POLLIN)
                 watched.add(fd)
-            # Sleep protocol of the owner: it never spins (idle_poll_us = 0).
-            self.sleeping.set()
-            if self._drain():
-                continue
-            for fd, _events in poller.poll():
+            # Sleep protocol of the owner's receiver: it never spins.  While a caller
+            # polls, the flag stays clear (the caller sets it when it stops); one that
+            # stopped polling without doing so is taken over after STALE_POLLER.
+            self.untimed_sleep = True  # a poller that registers now pokes us
+            fresh = False
+            if self.pollers:
+                self.untimed_sleep = False
+                timeout: float | None = STALE_POLLER * 1000
+                fresh = self._fresh_pollers()
+            else:
+                timeout = None
+            if not fresh:  # a fresh poller drains every ring itself: leave them to it
+                self.sleeping.set()
+                with self.consume_lock:
+                    before = self._messages_received()
+                    did = self._drain()
+                    self.receiver_messages += self._messages_received() - before
+                if did:
+                    self.untimed_sleep = False
+                    continue
+            events = poller.poll(timeout)
+            self.untimed_sleep = False
+            for fd, _events in events:
                 if fd == self.doorbell.fd:
                     self.doorbell.drain()
                 elif fd == self._wake_read:
@@ -269,6 +626,10 @@ class OwnerEndpoint:
         with self.lock:
             future = link.pending.pop(request_id, None)
         if future is None:
+            if request_id == LINK_FAILED_REQUEST and kind == REPLY_ERROR:
+                # The shard dropped this (attached) endpoint's link: see attach_protocol.
+                error = decode_error(memoryview(message)[_HEADER_SIZE:])
+                self._shard_died(link.peer, getattr(error, "detail", None) or str(error))
             return
         body = memoryview(message)[_HEADER_SIZE:]
         try:
@@ -297,7 +658,8 @@ class OwnerEndpoint:
             link.drop_backlog()
         if self.is_owner:
             self.alive[shard].clear()
-        link.inbound.reset_consumer()
+        with self.consume_lock:
+            link.inbound.reset_consumer()
         for future in [*pending.values(), *(entry[0] for entry in waiting)]:
             try:
                 future.set_exception(ShardDied(shard, detail))
@@ -320,6 +682,7 @@ class OwnerEndpoint:
     def close(self, reason: str = "the group stopped before the call returned") -> None:
         """Stop the receiver thread, fail what is left, release the rings."""
         self._closing = True
+        self.closed = True  # loops polling or reading for it let go at their next callback
         self._poke()
         self._thread.join(timeout=5)
         with self.lock:

@@ -5,18 +5,19 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import contextlib
 import logging
 import os
 import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from inspect import isawaitable
 from typing import Any, Literal
 
 from .errors import GroupStateError, ShardDied, ShardStartError
-from .external import OwnerEndpoint, describe_exit
+from .external import DEFAULT_CALL_POLL_US, OwnerEndpoint, describe_exit
 from .fabric.endpoint import EndpointLayout, EndpointSegment
 from .fabric.link import DEFAULT_MAX_BYTES, DEFAULT_MAX_CALLS
 from .fabric.mesh import Mesh, default_ring_bytes
@@ -47,6 +48,14 @@ class ShardGroup:
     after it, a stack yields at its next tamed call (docs/tame.md).  ``preload`` names
     modules each shard imports before its reactor starts, for the same reason.
 
+    ``call_poll_us`` is how long a caller waiting for its reply (an asyncio
+    loop awaiting :meth:`call`, a thread in ``future.result()``) polls the
+    rings itself after the last reply it saw, before it sleeps on the
+    doorbell (default 200 us for process shards, 0 for thread shards).
+    ``listen`` is a socket path other processes attach to with
+    :func:`shardio.connect` (in a directory of mode 0700; peers with the same
+    uid, or those in ``listen_allow_uids``): docs/external.md.
+
     Usable as a context manager (``with`` or ``async with``), which starts the
     shards and stops them on the way out.  From any thread of the owning
     process, :meth:`submit` runs a function on a shard and returns a
@@ -75,6 +84,9 @@ class ShardGroup:
         preload: tuple[str, ...] | list[str] = (),
         max_calls_per_peer: int = DEFAULT_MAX_CALLS,
         max_queued_bytes_per_peer: int = DEFAULT_MAX_BYTES,
+        call_poll_us: float | None = None,
+        listen: str | None = None,
+        listen_allow_uids: Iterable[int] | None = None,
     ) -> None:
         if shards is None:
             shards = len(os.sched_getaffinity(0))
@@ -98,6 +110,20 @@ class ShardGroup:
                             ("max_queued_bytes_per_peer", max_queued_bytes_per_peer)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if call_poll_us is None:  # thread shards need the GIL a polling caller holds
+            call_poll_us = DEFAULT_CALL_POLL_US if backend == "process" else 0.0
+        if not isinstance(call_poll_us, int | float) or not 0 <= call_poll_us <= 100_000:
+            raise ValueError(f"call_poll_us must be between 0 and 100000 microseconds, got "
+                             f"{call_poll_us!r}")
+        self.call_poll_us = float(call_poll_us)
+        if listen is not None:
+            from .attach import check_socket_path
+
+            check_socket_path(listen)  # checked again when the group starts
+        self.listen = listen
+        self.listen_allow_uids = None if listen_allow_uids is None else frozenset(
+            listen_allow_uids)
+        self._attach_server: Any = None
         if ring_bytes is None:
             ring_bytes = default_ring_bytes(shards + 1)
         self.shards = shards
@@ -125,6 +151,7 @@ class ShardGroup:
         self._controls: list[socket.socket] = []
         self._endpoints: dict[int, Endpoint] = {}
         self._next_endpoint = shards + 1  # 0..shards-1 are the shards, `shards` the owner
+        self._free_endpoints: list[int] = []  # numbers of removed endpoints, reused
         self._endpoint_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._metrics_server: Any = None
@@ -144,7 +171,7 @@ class ShardGroup:
                 self._mesh, self.shards, max_message_bytes=self.options.max_message_bytes,
                 max_calls_per_peer=self.options.max_calls_per_peer,
                 max_queued_bytes_per_peer=self.options.max_queued_bytes_per_peer,
-                on_death=self._tell_endpoints)
+                on_death=self._tell_endpoints, call_poll_us=self.call_poll_us)
             for shard in range(self.shards):
                 if self.backend == "process":
                     process, lifeline, control = start_process(shard, self._mesh, self.options)
@@ -159,6 +186,10 @@ class ShardGroup:
             self._await_ready()
             self._state = "running"
             _running_groups.add(self)
+            if self.listen is not None:
+                from .attach import AttachServer
+
+                self._attach_server = AttachServer(self, self.listen, self.listen_allow_uids)
             if self.metrics_port is not None:
                 from .metrics import serve_group_metrics
 
@@ -202,6 +233,8 @@ class ShardGroup:
         started = time.monotonic()
         deadline = started + timeout
         try:
+            if self._attach_server is not None:  # attached clients' calls fail with ShardDied
+                self._attach_server.close(deadline)
             for endpoint in list(self._endpoints.values()):
                 self._remove_endpoint(endpoint, deadline)
             why = self._drain(started + timeout / 2)
@@ -280,6 +313,9 @@ class ShardGroup:
             deadline = time.monotonic() + 2.0
         if self._owner is not None:
             self._owner.expect_exit()
+        if self._attach_server is not None:
+            self._attach_server.close(deadline)
+            self._attach_server = None
         if self._metrics_server is not None:
             try:
                 self._metrics_server.close()
@@ -348,8 +384,15 @@ class ShardGroup:
         return self._owner.submit(shard, func, args, None, control=True)
 
     async def call(self, shard: int, func: Callable, /, *args: Any, **kwargs: Any) -> Any:
-        """Await ``func(*args, **kwargs)`` on ``shard`` from the caller's own asyncio loop."""
-        return await asyncio.wrap_future(self.submit(shard, func, *args, **kwargs))
+        """Await ``func(*args, **kwargs)`` on ``shard`` from the caller's own asyncio loop.
+
+        The loop takes the reply off the ring itself, polling for at most
+        ``call_poll_us`` after the last reply and sleeping on the doorbell
+        otherwise (docs/external.md): no thread hop.
+        """
+        if self._state != "running":
+            raise GroupStateError(f"cannot submit: the group is {self._state}")
+        return await self._owner.call(shard, func, args, kwargs or None)
 
     def submit_to_all(self, func: Callable, /, *args: Any, **kwargs: Any
                       ) -> list[concurrent.futures.Future]:
@@ -370,36 +413,104 @@ class ShardGroup:
         with self._endpoint_lock:
             if self._state != "running":
                 raise GroupStateError(f"cannot add an endpoint: the group is {self._state}")
-            number = self._next_endpoint
-            self._next_endpoint += 1
-            segment = EndpointSegment.create(number, self.shards, self.ring_bytes)
-            futures = []
+            number = self._new_endpoint_number()
             try:
-                for shard in range(self.shards):
-                    if self.backend == "process":
-                        # The descriptors go first; the call that adopts them follows.
-                        socket.send_fds(self._controls[shard], [str(number).encode()],
-                                        [segment.segment.fd, segment.doorbell.fd])
-                        descriptors = None
-                    else:
-                        descriptors = (os.dup(segment.segment.fd), os.dup(segment.doorbell.fd))
-                    futures.append(self._owner.submit(shard, _attach_endpoint,
-                                                      (number, segment.layout, descriptors),
-                                                      None, control=True))
-                for future in futures:
-                    future.result(timeout=self.start_timeout)
+                segment = EndpointSegment.create(number, self.shards, self.ring_bytes)
             except BaseException:
-                for shard in range(len(futures)):
-                    self._owner.submit(shard, _detach_endpoint, (number,), None, control=True)
+                self._free_endpoints.append(number)
+                raise
+            try:
+                self._adopt_on_shards(
+                    number, [[segment.segment.fd, segment.doorbell.fd]] * self.shards,
+                    _attach_endpoint, (number, segment.layout), _detach_endpoint)
+            except BaseException:
                 segment.close()
                 raise
             client = OwnerEndpoint.attached(
                 self._mesh, segment, max_message_bytes=self.options.max_message_bytes,
                 max_calls_per_peer=self.options.max_calls_per_peer,
-                max_queued_bytes_per_peer=self.options.max_queued_bytes_per_peer)
+                max_queued_bytes_per_peer=self.options.max_queued_bytes_per_peer,
+                call_poll_us=self.call_poll_us)
             endpoint = Endpoint(self, number, segment, client)
             self._endpoints[number] = endpoint
             return endpoint
+
+    def _new_endpoint_number(self) -> int:
+        if self._free_endpoints:
+            self._free_endpoints.sort()
+            return self._free_endpoints.pop(0)
+        number = self._next_endpoint
+        self._next_endpoint += 1
+        return number
+
+    def _adopt_on_shards(self, number: int, descriptors: list[list[int]],
+                         attach: Callable[..., None], args: tuple,
+                         detach: Callable[[int], None]) -> None:
+        """Give shard s ``descriptors[s]`` (over its control socket, or duplicates for
+        thread shards) and run ``attach(*args, descriptors)`` there; on failure detach
+        everywhere and free ``number``.  Under the endpoint lock."""
+        futures = []
+        try:
+            for shard in range(self.shards):
+                if self.backend == "process":
+                    # The descriptors go first; the call that adopts them follows.
+                    socket.send_fds(self._controls[shard], [str(number).encode()],
+                                    descriptors[shard])
+                    passed = None
+                else:
+                    passed = tuple(os.dup(fd) for fd in descriptors[shard])
+                futures.append(self._owner.submit(shard, attach, (*args, passed), None,
+                                                  control=True))
+            for future in futures:
+                future.result(timeout=self.start_timeout)
+        except BaseException:
+            undo = [self._owner.submit(shard, detach, (number,), None, control=True)
+                    for shard in range(len(futures))]
+            for future in undo:
+                with contextlib.suppress(Exception):
+                    future.result(timeout=self.start_timeout)
+            self._free_endpoints.append(number)
+            raise
+
+    def _attach_client_segment(self, client_bell: int, shard_bells: list[int],
+                               attach: Callable[..., None], args: tuple
+                               ) -> tuple[int, EndpointSegment]:
+        """An endpoint for a client process (shardio.attach): a sealed segment, adopted
+        by every shard with the client's doorbell and shard s's own doorbell from the
+        client; ``attach(number, layout, *args, descriptors)`` runs on each shard."""
+        with self._endpoint_lock:
+            if self._state != "running":
+                raise GroupStateError(f"cannot attach a client: the group is {self._state}")
+            number = self._new_endpoint_number()
+            try:
+                segment = EndpointSegment.create(number, self.shards, self.ring_bytes,
+                                                 sealed=True)
+            except BaseException:
+                self._free_endpoints.append(number)
+                raise
+            segment.doorbell.close()  # the client's doorbell is client_bell
+            segment.doorbell.fd = client_bell
+            try:
+                self._adopt_on_shards(
+                    number, [[segment.segment.fd, client_bell, bell] for bell in shard_bells],
+                    attach, (number, segment.layout, *args), _detach_client_on_failure)
+            except BaseException:
+                segment.segment.close()
+                raise
+            return number, segment
+
+    def _detach_client_segment(self, number: int, detach: Callable[[int], None]) -> None:
+        """Undo :meth:`_attach_client_segment` on every live shard; free ``number``."""
+        with self._endpoint_lock:
+            if self._state in ("running", "stopping"):
+                futures = [self._owner.submit(shard, detach, (number,), None, control=True)
+                           for shard in range(self.shards) if not self._owner.is_dead(shard)]
+                for future in futures:
+                    try:
+                        future.result(timeout=self.stop_timeout)
+                    except Exception as error:
+                        log.warning("detaching client endpoint %d failed: %r", number, error)
+            self._free_endpoints.append(number)
 
     def remove_endpoint(self, endpoint: Endpoint) -> None:
         """Detach ``endpoint`` from every shard and free its rings; its calls still
@@ -412,6 +523,7 @@ class ShardGroup:
 
     def _remove_endpoint(self, endpoint: Endpoint, deadline: float) -> None:
         del self._endpoints[endpoint.number]
+        self._free_endpoints.append(endpoint.number)
         futures = [self._owner.submit(shard, _detach_endpoint, (endpoint.number,), None)
                    for shard in range(self.shards) if not self._owner.is_dead(shard)]
         for future in futures:
@@ -424,6 +536,8 @@ class ShardGroup:
     def _tell_endpoints(self, shard: int, detail: str) -> None:
         for endpoint in list(self._endpoints.values()):
             endpoint.client.report_death(shard, detail)
+        if self._attach_server is not None:
+            self._attach_server.shard_died(shard, detail)
 
     @property
     def endpoints(self) -> list[Endpoint]:
@@ -510,6 +624,12 @@ def _detach_endpoint(number: int) -> None:
     require_reactor().detach_endpoint(number)
 
 
+def _detach_client_on_failure(number: int) -> None:
+    from .attach import _detach_client
+
+    _detach_client(number)
+
+
 class Endpoint:
     """An endpoint added to a running group (:meth:`ShardGroup.add_endpoint`).
 
@@ -531,8 +651,8 @@ class Endpoint:
         return self.client.submit(shard, func, args, kwargs or None)
 
     async def call(self, shard: int, func: Callable, /, *args: Any, **kwargs: Any) -> Any:
-        """Await :meth:`submit` from the caller's own asyncio loop."""
-        return await asyncio.wrap_future(self.submit(shard, func, *args, **kwargs))
+        """Await ``func(*args, **kwargs)`` on ``shard`` from the caller's own asyncio loop."""
+        return await self.client.call(shard, func, args, kwargs or None)
 
     def close(self) -> None:
         """Remove this endpoint from its group."""

@@ -243,6 +243,7 @@ class Reactor:
         self.control_socket: Any = None
         """Process backend: the socket the owner passes descriptors on (added endpoints)."""
         self._endpoints: dict[int, Any] = {}
+        self._inbound_guards: dict[int, Callable[..., Any]] = {}
         self._rebuild_links()
         self._backlogged: set[Link] = set()
         self._inbox: deque[tuple[Callable, tuple]] = deque()
@@ -780,8 +781,10 @@ class Reactor:
     def _rebuild_links(self) -> None:
         # A new list each time: a _drain() in progress keeps iterating the old one.
         self._active_links = [link for link in self.links if link is not None]
-        self._inbound = [(link, link.inbound.dispatch, link.inbound.take_space_waiter,
-                          link.functions, functools.partial(self._execute, link),
+        guards = self._inbound_guards
+        self._inbound = [(link, guards.get(link.peer, link.inbound.dispatch),
+                          link.inbound.take_space_waiter, link.functions,
+                          functools.partial(self._execute, link),
                           functools.partial(self._handle, link))
                          for link in self._active_links]
         self._inbound_rings = tuple(link.inbound for link in self._active_links)
@@ -799,6 +802,34 @@ class Reactor:
             max_bytes=self.max_queued_bytes_per_peer)
         self._endpoints[number] = endpoint
         self._rebuild_links()
+
+    def guard_inbound(self, number: int, dispatch: Callable[..., Any] | None) -> None:
+        """Read endpoint ``number``'s inbound ring through ``dispatch`` (same contract as
+        ``Ring.dispatch``) instead of the ring itself; None removes the guard.  Attached
+        clients' rings are read this way: bounds per client, a corrupt ring fails the link."""
+        if dispatch is None:
+            self._inbound_guards.pop(number, None)
+        else:
+            self._inbound_guards[number] = dispatch
+        self._rebuild_links()
+
+    def add_doorbell(self, fd: int) -> None:
+        """Wake on ``fd`` (an eventfd) as on the shard's own doorbell: each attached
+        client rings one of its own, so it cannot take the shard's wake-ups."""
+        self.loop.add_reader(fd, self._on_extra_doorbell, fd)
+
+    def remove_doorbell(self, fd: int) -> None:
+        self.loop.remove_reader(fd)
+
+    def _on_extra_doorbell(self, fd: int) -> None:
+        try:
+            os.eventfd_read(fd)
+        except OSError:
+            pass
+        if self._asleep:
+            self._wake()
+            self.stats.doorbell_wakeups += 1
+            self._poll()
 
     def detach_endpoint(self, number: int) -> None:
         """Stop serving an added endpoint and release its rings (reactor thread)."""

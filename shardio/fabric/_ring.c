@@ -379,6 +379,7 @@ typedef struct {
     uint64_t dispatched_messages; /* consumer side: messages dispatch() took, counted */
     uint64_t dispatched_bytes;    /* before their callbacks run (a callback may read them) */
     uint64_t eager_wakeups;       /* callbacks dispatch() ran at once (see set_result_eagerly) */
+    uint64_t max_message;     /* consumer side: largest message accepted, 0 = no limit */
 } Ring;
 
 static inline _Atomic uint64_t *tail_ptr(Ring *r) { return (_Atomic uint64_t *)(r->base + OFF_TAIL); }
@@ -547,6 +548,41 @@ Ring_put(Ring *self, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromUnsignedLongLong(pos);
 }
 
+/* The record at ``head`` (tail: the last tail loaded), checked before it is used:
+ * head, tail and the record header live in memory the producer can write (an
+ * attached client's rings), so none of them is trusted beyond the data area, and
+ * each is read once.  0 with the record's length, flags and size in the ring, or
+ * -1 with RuntimeError (corrupt) or ValueError (over limit_messages). */
+static inline int
+checked_record(Ring *self, uint64_t head, uint64_t tail, uint32_t *rlen, uint32_t *rflags,
+               uint64_t *advance)
+{
+    if (((head | tail) & 7u) != 0 || tail - head > self->capacity) {
+        PyErr_Format(PyExc_RuntimeError, "corrupt ring indexes (head %llu, tail %llu, capacity %llu)",
+                     (unsigned long long)head, (unsigned long long)tail,
+                     (unsigned long long)self->capacity);
+        return -1;
+    }
+    uint64_t idx = head & self->mask;
+    volatile uint32_t *h = (volatile uint32_t *)(self->data + idx);
+    *rlen = h[0];
+    *rflags = h[1];
+    *advance = RECORD_HEADER + align8(*rlen);
+    if (*advance > self->capacity - idx || *advance > tail - head) {
+        PyErr_Format(PyExc_RuntimeError, "corrupt ring record (length %u at index %llu)", *rlen,
+                     (unsigned long long)idx);
+        return -1;
+    }
+    if (!(*rflags & FLAG_PAD) && self->max_message != 0 &&
+        (uint64_t)*rlen + (self->partial == NULL ? 0 : (uint64_t)PyByteArray_GET_SIZE(self->partial)) >
+            self->max_message) {
+        PyErr_Format(PyExc_ValueError, "ring message larger than its limit of %llu bytes",
+                     (unsigned long long)self->max_message);
+        return -1;
+    }
+    return 0;
+}
+
 /* get(max_messages) -> list of complete messages (bytes, or bytearray for
  * reassembled fragments), or None when there was nothing to read.  An empty
  * list means fragments were consumed (space was freed) but no message is
@@ -579,21 +615,18 @@ Ring_get(Ring *self, PyObject *arg)
             if (head == tail)
                 break;
         }
-        uint64_t idx = head & self->mask;
-        uint32_t *h = (uint32_t *)(self->data + idx);
-        uint32_t rlen = h[0], rflags = h[1];
-        uint64_t advance = RECORD_HEADER + align8(rlen);
+        uint32_t rlen, rflags;
+        uint64_t advance;
+        if (checked_record(self, head, tail, &rlen, &rflags, &advance) < 0) {
+            Py_DECREF(out);
+            return NULL;
+        }
         if (rflags & FLAG_PAD) {
             head += advance;
             atomic_store_explicit(head_ptr(self), head, memory_order_release);
             continue;
         }
-        if (advance > self->capacity - idx || advance > tail - head) {
-            PyErr_Format(PyExc_RuntimeError, "corrupt ring record (length %u at index %llu)", rlen,
-                         (unsigned long long)idx);
-            Py_DECREF(out);
-            return NULL;
-        }
+        uint64_t idx = head & self->mask;
         const char *payload = self->data + idx + RECORD_HEADER;
         if (self->partial == NULL && !(rflags & FLAG_MORE)) {
             PyObject *msg = PyBytes_FromStringAndSize(payload, rlen);
@@ -956,20 +989,17 @@ Ring_dispatch(Ring *self, PyObject *const *args, Py_ssize_t nargs)
             if (head == self->cached_tail)
                 break;
         }
-        uint64_t idx = head & self->mask;
-        uint32_t *h = (uint32_t *)(self->data + idx);
-        uint32_t rlen = h[0], rflags = h[1];
-        uint64_t advance = RECORD_HEADER + align8(rlen);
+        uint32_t rlen, rflags;
+        uint64_t advance;
+        if (checked_record(self, head, self->cached_tail, &rlen, &rflags, &advance) < 0) {
+            failed = 1;
+            break;
+        }
         if (rflags & FLAG_PAD) {
             atomic_store_explicit(head_ptr(self), head + advance, memory_order_release);
             continue;
         }
-        if (advance > self->capacity - idx || advance > self->cached_tail - head) {
-            PyErr_Format(PyExc_RuntimeError, "corrupt ring record (length %u at index %llu)", rlen,
-                         (unsigned long long)idx);
-            failed = 1;
-            break;
-        }
+        uint64_t idx = head & self->mask;
         const char *payload = self->data + idx + RECORD_HEADER;
         PyObject *a = NULL, *b = NULL, *c = NULL;
         int action;
@@ -1122,6 +1152,18 @@ Ring_reset_consumer(Ring *self, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
+/* limit_messages(max_bytes): consumer side, refuse (ValueError from get) a message
+ * larger than max_bytes, reassembled fragments included; 0 lifts the limit. */
+static PyObject *
+Ring_limit_messages(Ring *self, PyObject *arg)
+{
+    unsigned long long limit = PyLong_AsUnsignedLongLong(arg);
+    if (limit == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    self->max_message = limit;
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 Ring_close(Ring *self, PyObject *Py_UNUSED(ignored))
 {
@@ -1151,6 +1193,8 @@ static PyMethodDef Ring_methods[] = {
     {"used", (PyCFunction)Ring_used, METH_NOARGS, "Bytes occupied (snapshot)."},
     {"reset_consumer", (PyCFunction)Ring_reset_consumer, METH_NOARGS,
      "Discard unread records and partial messages."},
+    {"limit_messages", (PyCFunction)Ring_limit_messages, METH_O,
+     "Consumer: refuse messages larger than max_bytes (0: no limit)."},
     {"close", (PyCFunction)Ring_close, METH_NOARGS, "Release the shared buffer."},
     {NULL}};
 

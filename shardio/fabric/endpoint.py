@@ -40,8 +40,18 @@ class EndpointLayout:
     def from_shard_offset(self, shard: int) -> int:
         return _PAGE + self.ring_stride * (2 * shard + 1)
 
+    def shard_sleeping_offset(self, shard: int) -> int:
+        """Where shard ``shard`` mirrors its sleeping flag for an attached client."""
+        if not 0 <= shard < MAX_MIRRORED_SHARDS:
+            raise ValueError(f"an endpoint mirrors at most {MAX_MIRRORED_SHARDS} shards' flags")
+        return SHARD_SLEEPING_OFFSET + 4 * shard
+
 
 SLEEPING_OFFSET = 0
+SHARD_SLEEPING_OFFSET = 64
+"""The control page also holds a copy of each shard's sleeping flag (for a client in
+another process, which cannot see the mesh): one u32 per shard from here."""
+MAX_MIRRORED_SHARDS = (_PAGE - SHARD_SLEEPING_OFFSET) // 4
 
 
 class EndpointSegment:
@@ -56,9 +66,11 @@ class EndpointSegment:
         self.doorbell = doorbell
 
     @classmethod
-    def create(cls, number: int, shard_count: int, ring_bytes: int) -> EndpointSegment:
+    def create(cls, number: int, shard_count: int, ring_bytes: int, *,
+               sealed: bool = False) -> EndpointSegment:
+        """A new segment; ``sealed`` (another process attaches) seals its size."""
         layout = EndpointLayout(shard_count, ring_bytes)
-        segment = SharedSegment(layout.size, name=f"shardio-endpoint-{number}")
+        segment = SharedSegment(layout.size, name=f"shardio-endpoint-{number}", sealed=sealed)
         try:
             doorbell = Doorbell()
         except BaseException:

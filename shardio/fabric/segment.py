@@ -6,6 +6,7 @@ segment: the kernel frees it when the last process holding it exits.
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 
@@ -15,11 +16,15 @@ from .handles import FdHandle
 class SharedSegment:
     """A memfd of ``size`` bytes, mapped read-write and shared."""
 
-    def __init__(self, size: int, *, fd: int | None = None, name: str = "shardio-fabric") -> None:
+    def __init__(self, size: int, *, fd: int | None = None, name: str = "shardio-fabric",
+                 sealed: bool = False) -> None:
         if fd is None:
-            fd = os.memfd_create(name, os.MFD_CLOEXEC)
+            fd = os.memfd_create(name, os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if sealed else 0))
             try:
                 os.ftruncate(fd, size)
+                if sealed:  # its size never changes: no mapping of it can fault (SIGBUS)
+                    fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
+                                fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
             except BaseException:
                 os.close(fd)
                 raise

@@ -1,0 +1,167 @@
+"""The external path's latency: calls from outside the shards, against submit_to.
+
+One run prints one table: p50 and p99 of a no-op call to shard 1 and its reply,
+
+  * ``submit_to`` from shard 0 (the in-group reference),
+  * ``await group.call`` from an asyncio loop of the owner process (asyncio and
+    uvloop), which takes its replies off the ring itself,
+  * ``group.submit(...).result()`` from a plain thread of the owner process,
+  * an attached client in another process (``shardio.connect``): thread
+    ``submit().result()`` and ``await call``,
+
+all measured in the same run, with each p50 as a ratio of submit_to's.
+Issue 14's targets: ``await group.call`` and thread ``submit().result()``
+p50 at most 2x submit_to's.
+
+    python bench/external.py [--calls 5000] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import uvloop
+
+import shardio
+
+
+def noop(value):
+    return value
+
+
+def percentiles(samples_ns: list[int]) -> tuple[float, float]:
+    samples_ns.sort()
+    return (samples_ns[len(samples_ns) // 2] / 1e3, samples_ns[int(len(samples_ns) * 0.99)] / 1e3)
+
+
+async def submit_to_latency(calls: int) -> list[int]:
+    submit_to = shardio.submit_to
+    for i in range(500):
+        await submit_to(1, noop, i)
+    clock = time.perf_counter_ns
+    samples = []
+    for i in range(calls):
+        start = clock()
+        await submit_to(1, noop, i)
+        samples.append(clock() - start)
+    return samples
+
+
+async def call_latency(target, calls: int) -> list[int]:
+    call = target.call
+    for i in range(500):
+        await call(1, noop, i)
+    clock = time.perf_counter_ns
+    samples = []
+    for i in range(calls):
+        start = clock()
+        await call(1, noop, i)
+        samples.append(clock() - start)
+    return samples
+
+
+def thread_latency(target, calls: int) -> list[int]:
+    submit = target.submit
+    for i in range(500):
+        submit(1, noop, i).result()
+    clock = time.perf_counter_ns
+    samples = []
+    for i in range(calls):
+        start = clock()
+        submit(1, noop, i).result()
+        samples.append(clock() - start)
+    return samples
+
+
+def client_main(path: str, calls: int, mode: str) -> None:
+    """An attached client: prints its samples (ns), one per line."""
+    with shardio.connect(path) as client:
+        if mode == "thread":
+            samples = thread_latency(client, calls)
+        else:
+            samples = (
+                uvloop.run(call_latency(client, calls))
+                if mode == "uvloop"
+                else asyncio.run(call_latency(client, calls))
+            )
+    sys.stdout.write("\n".join(map(str, samples)) + "\n")
+
+
+def attached(path: str, calls: int, mode: str) -> list[int]:
+    output = subprocess.run(
+        [sys.executable, __file__, "--client", path, "--calls", str(calls), "--mode", mode],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return [int(line) for line in output.split()]
+
+
+def one_round(calls: int, with_clients: bool) -> dict[str, list[int]]:
+    results: dict[str, list[int]] = {}
+    with tempfile.TemporaryDirectory() as directory:
+        os.chmod(directory, 0o700)
+        path = os.path.join(directory, "shards.sock")
+        listen = {"listen": path} if with_clients else {}
+        # idle_poll_us: both shards keep polling between calls, as in bench/xshard.py.
+        with shardio.ShardGroup(2, idle_poll_us=5000, **listen) as group:
+            results["submit_to"] = group.submit(0, submit_to_latency, calls).result()
+            results["call_asyncio"] = asyncio.run(call_latency(group, calls))
+            results["call_uvloop"] = uvloop.run(call_latency(group, calls))
+            results["thread"] = thread_latency(group, calls)
+            if with_clients:
+                results["client_thread"] = attached(path, calls, "thread")
+                results["client_call"] = attached(path, calls, "asyncio")
+    return results
+
+
+ROWS = [
+    ("submit_to", "submit_to (shard 0 -> shard 1)"),
+    ("call_asyncio", "await group.call (owner, asyncio loop)"),
+    ("call_uvloop", "await group.call (owner, uvloop)"),
+    ("thread", "group.submit().result() (owner thread)"),
+    ("client_thread", "attached client: submit().result()"),
+    ("client_call", "attached client: await call (asyncio)"),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=5000)
+    parser.add_argument("--rounds", type=int, default=3, help="groups started, medians kept")
+    parser.add_argument("--no-clients", action="store_true", help="skip the attached client")
+    parser.add_argument("--client", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default="thread", help=argparse.SUPPRESS)
+    options = parser.parse_args()
+    if options.client:
+        client_main(options.client, options.calls, options.mode)
+        return
+    rounds = [one_round(options.calls, not options.no_clients) for _ in range(options.rounds)]
+    table = {}
+    for key, _ in ROWS:
+        if key in rounds[0]:
+            p50s, p99s = zip(*(percentiles(r[key]) for r in rounds), strict=True)
+            table[key] = (statistics.median(p50s), statistics.median(p99s))
+    reference = table["submit_to"][0]
+    print(
+        f"external calls to shard 1; python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
+        f"{options.calls} calls x {options.rounds} rounds (median of the rounds' "
+        f"percentiles), load average {os.getloadavg()[0]:.2f}"
+    )
+    print("| what | p50 us | p99 us | p50 vs submit_to |")
+    print("|---|---|---|---|")
+    for key, label in ROWS:
+        if key in table:
+            p50, p99 = table[key]
+            print(f"| {label} | {p50:.1f} | {p99:.1f} | {p50 / reference:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
