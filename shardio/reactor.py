@@ -671,14 +671,16 @@ class Reactor:
         if (link.waiting or len(link.pending) >= link.max_calls
                 or link.backlog_bytes >= link.max_bytes  # link.has_room(), inlined
                 ) and not _serving_shard_request.get():
-            link.waiting.append((future, func, args, kwargs))
+            link.waiting.append((future, func, args, kwargs, self.running_group))
             link.bound_waits += 1
             return future
-        self._send_call(link, future, func, args, kwargs)
+        self._send_call(link, future, func, args, kwargs, self.running_group)
         return future
 
     def _send_call(self, link: Link, future: asyncio.Future, func: Callable, args: tuple,
-                   kwargs: dict | None) -> None:
+                   kwargs: dict | None, group: Any) -> None:
+        """Encode and send one call; ``group``: the scheduling group it was made in
+        (the receiver runs it there), or None."""
         request_id = self._next_request_id
         self._next_request_id = request_id + 1
         # The common call, without encode_request's generality: an interned
@@ -688,7 +690,6 @@ class Reactor:
         if payload is None or len(payload) > self.max_message_bytes:
             payload = encode_request(request_id, func, args, kwargs, f"shard {link.peer}",
                                      link.interned, self.max_message_bytes)
-        group = self.running_group
         if group is not None:
             payload = encode_in_group(payload, group.encoded_name, group.shares)
         link.pending[request_id] = future
@@ -699,11 +700,11 @@ class Reactor:
         """Send waiting calls, oldest first, while the bound allows."""
         waiting = link.waiting
         while waiting and link.room_for_waiting():
-            future, func, args, kwargs = waiting.popleft()
+            future, func, args, kwargs, group = waiting.popleft()
             if future.done():  # cancelled while it waited: it never crosses
                 continue
             try:
-                self._send_call(link, future, func, args, kwargs)
+                self._send_call(link, future, func, args, kwargs, group)
             except Exception as error:  # cannot be pickled, too large
                 future.set_exception(error)
 

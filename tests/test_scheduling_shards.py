@@ -61,6 +61,27 @@ def test_cross_shard_calls_keep_their_group(backend: str) -> None:
         assert group.submit(1, group_tasks, "remote").result(timeout=10) >= 3
 
 
+async def many_in_group(count: int) -> list[Any]:
+    """``count`` calls made at once in GROUP: beyond the link's bound they wait, and
+    are sent later, when replies make room."""
+
+    async def inside() -> list[Any]:
+        return list(await asyncio.gather(*(shardio.submit_to(1, where_am_i)
+                                           for _ in range(count))))
+
+    return await GROUP.create_task(inside())
+
+
+def test_calls_held_back_by_the_bound_keep_their_group() -> None:
+    from shardio.metrics import collect
+
+    with shardio.ShardGroup(2, max_calls_per_peer=4) as group:
+        seen = group.submit(0, many_in_group, 64).result(timeout=30)
+        assert seen == [("remote", 123.0)] * 64
+        waits = collect(group).value("shardio_fabric_bound_waits_total", shard="0", peer="1")
+        assert waits >= 60  # 64 calls over a bound of 4: all but the first 4 waited
+
+
 async def busy_groups() -> None:
     background = shardio.SchedulingGroup("background", 100)
     state = {"stop": False}
