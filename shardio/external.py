@@ -392,11 +392,11 @@ class OwnerEndpoint:
             raise ValueError(f"no shard {shard}: this group has shards 0..{self.shard_count - 1}")
         link = self.links[shard]
         if link.dead:
-            future.set_exception(ShardDied(shard))
+            future.set_exception(ShardDied(shard, link.death_detail))
             return
         with self.lock:
             if link.dead:
-                future.set_exception(ShardDied(shard))
+                future.set_exception(ShardDied(shard, link.death_detail))
                 return
             failed = self._admit_locked(link) if control and link.waiting else []
             if not control and not link.has_room():
@@ -652,6 +652,7 @@ class OwnerEndpoint:
             return
         log.error("shard %d died: %s", shard, detail)
         with self.lock:
+            link.death_detail = detail  # before dead: a submit that sees dead reads it
             link.dead = True
             pending, link.pending = link.pending, {}
             waiting, link.waiting = link.waiting, deque()

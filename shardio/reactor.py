@@ -666,7 +666,7 @@ class Reactor:
         link = self.links[shard]
         future = self.loop.create_future()
         if link.dead:
-            future.set_exception(ShardDied(shard))
+            future.set_exception(ShardDied(shard, link.death_detail))
             return future
         if (link.waiting or len(link.pending) >= link.max_calls
                 or link.backlog_bytes >= link.max_bytes  # link.has_room(), inlined
@@ -853,6 +853,7 @@ class Reactor:
         link = self.links[shard]
         if link is None or link.dead:
             return
+        link.death_detail = detail
         link.dead = True
         pending, link.pending = link.pending, {}
         waiting, link.waiting = link.waiting, deque()

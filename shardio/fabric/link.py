@@ -34,7 +34,7 @@ DEFAULT_MAX_BYTES = 4 << 20
 class Link:
     __slots__ = (
         "peer", "outbound", "inbound", "peer_sleeping", "peer_doorbell_fd", "backlog",
-        "backlog_bytes", "pending", "waiting", "max_calls", "max_bytes", "dead",
+        "backlog_bytes", "pending", "waiting", "max_calls", "max_bytes", "dead", "death_detail",
         "sent_messages", "sent_bytes", "_received_messages", "_received_bytes",
         "producer_waits", "bound_waits", "doorbells_rung", "interned", "functions",
     )
@@ -54,6 +54,7 @@ class Link:
         self.max_calls = max_calls
         self.max_bytes = max_bytes
         self.dead = False
+        self.death_detail = ""  # how the peer died: every later call's ShardDied says it too
         self.sent_messages = 0
         self.sent_bytes = 0
         self._received_messages = 0  # taken with Ring.get(); Ring.dispatch() counts its own
