@@ -42,20 +42,11 @@ def percentiles(samples_ns: list[int]) -> tuple[float, float]:
 
 
 async def submit_to_latency(calls: int) -> list[int]:
-    submit_to = shardio.submit_to
-    for i in range(500):
-        await submit_to(1, noop, i)
-    clock = time.perf_counter_ns
-    samples = []
-    for i in range(calls):
-        start = clock()
-        await submit_to(1, noop, i)
-        samples.append(clock() - start)
-    return samples
+    return await call_latency(shardio.submit_to, calls)
 
 
-async def call_latency(target, calls: int) -> list[int]:
-    call = target.call
+async def call_latency(call, calls: int) -> list[int]:
+    """``calls`` awaited no-op calls to shard 1 through ``call(shard, func, *args)``."""
     for i in range(500):
         await call(1, noop, i)
     clock = time.perf_counter_ns
@@ -87,9 +78,9 @@ def client_main(path: str, calls: int, mode: str) -> None:
             samples = thread_latency(client, calls)
         else:
             samples = (
-                uvloop.run(call_latency(client, calls))
+                uvloop.run(call_latency(client.call, calls))
                 if mode == "uvloop"
-                else asyncio.run(call_latency(client, calls))
+                else asyncio.run(call_latency(client.call, calls))
             )
     sys.stdout.write("\n".join(map(str, samples)) + "\n")
 
@@ -113,8 +104,8 @@ def one_round(calls: int, with_clients: bool) -> dict[str, list[int]]:
         # idle_poll_us: both shards keep polling between calls, as in bench/xshard.py.
         with shardio.ShardGroup(2, idle_poll_us=5000, **listen) as group:
             results["submit_to"] = group.submit(0, submit_to_latency, calls).result()
-            results["call_asyncio"] = asyncio.run(call_latency(group, calls))
-            results["call_uvloop"] = uvloop.run(call_latency(group, calls))
+            results["call_asyncio"] = asyncio.run(call_latency(group.call, calls))
+            results["call_uvloop"] = uvloop.run(call_latency(group.call, calls))
             results["thread"] = thread_latency(group, calls)
             if with_clients:
                 results["client_thread"] = attached(path, calls, "thread")

@@ -553,9 +553,7 @@ class Reactor:
             try:
                 func, args, kwargs = decode_request(kind, body, link.functions)
             except Exception as error:
-                self._send(link, encode_error(request_id, CannotCrossError(
-                    f"shard {self.shard_id} could not unpickle the call: {error!r} (is the "
-                    "function importable in the shard process?)"), self.shard_id))
+                self._refuse_undecodable(link, request_id, error)
                 return
             self._execute(link, request_id, func, args, kwargs)
         elif kind == REPLY_ERROR:
@@ -568,15 +566,19 @@ class Reactor:
             log.error("shard %d dropped a message of unknown kind %d from endpoint %d",
                       self.shard_id, kind, link.peer)
 
+    def _refuse_undecodable(self, link: Link, request_id: int, error: Exception) -> None:
+        """Answer a call whose bytes could not be turned back into a function call."""
+        self._send(link, encode_error(request_id, CannotCrossError(
+            f"shard {self.shard_id} could not unpickle the call: {error!r} (is the "
+            "function importable in the shard process?)"), self.shard_id))
+
     def _execute_in_group(self, link: Link, request_id: int, body: Any) -> None:
         """A call made in a scheduling group: queued in the same-named group here."""
         try:
             name, shares, kind, inner = decode_in_group(body)
             func, args, kwargs = decode_request(kind, inner, link.functions)
         except Exception as error:
-            self._send(link, encode_error(request_id, CannotCrossError(
-                f"shard {self.shard_id} could not unpickle the call: {error!r} (is the "
-                "function importable in the shard process?)"), self.shard_id))
+            self._refuse_undecodable(link, request_id, error)
             return
         from .scheduling.calls import run_in_group  # scheduling builds on tame: loaded on use
 
