@@ -6,6 +6,7 @@ import asyncio
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,6 +33,13 @@ def disk_base() -> str:
 @pytest.mark.parametrize("backend", ["process", "thread"])
 def test_embed_blocking_store_serves_get_and_put(backend: str) -> None:
     data = tempfile.mkdtemp(prefix="shardio-example-", dir=disk_base())
+    try:
+        _serve_and_drive(data, backend)
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def _serve_and_drive(data: str, backend: str) -> None:
     proc = subprocess.Popen(
         [
             sys.executable,

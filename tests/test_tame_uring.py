@@ -7,6 +7,7 @@ import asyncio
 import errno
 import os
 import random
+import shutil
 import tempfile
 import threading
 import time
@@ -657,9 +658,14 @@ def test_cancelled_reads_keep_their_buffers_and_their_completions_are_discarded(
 
 
 @pytest.mark.parametrize("direct", [True, False])
-def test_short_reads_at_the_end_of_the_file(run: Any, tmp_path: Any, direct: bool) -> None:
+def test_short_reads_at_the_end_of_the_file(
+    run: Any, tmp_path: Any, request: Any, direct: bool
+) -> None:
     """Reads crossing the end of the file return what is there; past it, b""."""
-    path = os.path.join(str(tmp_path) if not direct else tempfile.mkdtemp(dir="/var/tmp"), "short")
+    # O_DIRECT needs a disk-backed filesystem: pytest's tmp_path may be on tmpfs.
+    folder = tempfile.mkdtemp(dir="/var/tmp") if direct else str(tmp_path)
+    request.addfinalizer(lambda: shutil.rmtree(folder) if direct else None)
+    path = os.path.join(folder, "short")
     body = os.urandom(3 * 4096 + 1000)
     with open(path, "wb") as f:
         f.write(body)
