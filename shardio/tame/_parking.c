@@ -57,21 +57,58 @@ monotonic_seconds(void)
 
 /* -- RuntimeCore ------------------------------------------------------------------ */
 
+/* The fields are objects (members of type T_OBJECT_EX), not C doubles: CPython
+   specializes attribute access to such members as it does to instance attributes, so
+   the Python side (tame.call, the sync primitives' quota check) reads and writes them
+   as fast as before; C unboxes the floats. */
 typedef struct {
     PyObject_HEAD
-    PyObject *hub_switch;  /* the hub greenlet's bound switch */
-    PyObject *call_soon;   /* the loop's bound call_soon */
-    double deadline;       /* past it, a stack yields at its next tamed call */
-    double half_deadline;  /* past it, an arriving stack asks _arrive_late */
-    double last_end;       /* clock at the end of the last slice */
-    int account_cpu;       /* call _account_start/_account_end around slices */
+    PyObject *hub_switch;     /* the hub greenlet's bound switch */
+    PyObject *call_soon;      /* the loop's bound call_soon */
+    PyObject *deadline;       /* float: past it, a stack yields at its next tamed call */
+    PyObject *half_deadline;  /* float: past it, an arriving stack asks _arrive_late */
+    PyObject *last_end;       /* float: clock at the end of the last slice */
+    PyObject *account_cpu;    /* bool: call _account_start/_account_end around slices */
 } RuntimeCore;
+
+/* A float field as a C double; a field that is not a float (or is missing) counts
+   as +inf for deadlines: never past it. */
+static inline double
+as_seconds(PyObject *o)
+{
+    if (o != NULL && PyFloat_CheckExact(o)) return PyFloat_AS_DOUBLE(o);
+    if (o == NULL) return Py_HUGE_VAL;
+    double d = PyFloat_AsDouble(o);
+    if (d == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return Py_HUGE_VAL;
+    }
+    return d;
+}
+
+static inline int
+accounts_cpu(RuntimeCore *rt)
+{
+    PyObject *o = rt->account_cpu;
+    if (o == Py_False || o == NULL) return 0;
+    if (o == Py_True) return 1;
+    int truth = PyObject_IsTrue(o);
+    if (truth < 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    return truth;
+}
 
 static int
 core_traverse(RuntimeCore *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->hub_switch);
     Py_VISIT(self->call_soon);
+    Py_VISIT(self->deadline);
+    Py_VISIT(self->half_deadline);
+    Py_VISIT(self->last_end);
+    Py_VISIT(self->account_cpu);
     return 0;
 }
 
@@ -80,6 +117,10 @@ core_clear(RuntimeCore *self)
 {
     Py_CLEAR(self->hub_switch);
     Py_CLEAR(self->call_soon);
+    Py_CLEAR(self->deadline);
+    Py_CLEAR(self->half_deadline);
+    Py_CLEAR(self->last_end);
+    Py_CLEAR(self->account_cpu);
     return 0;
 }
 
@@ -91,51 +132,26 @@ core_dealloc(RuntimeCore *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-static PyObject *
-core_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
-{
-    RuntimeCore *self = (RuntimeCore *)type->tp_alloc(type, 0);
-    if (self == NULL) return NULL;
-    self->deadline = self->half_deadline = Py_HUGE_VAL;
-    return (PyObject *)self;
-}
-
-static PyObject *
-core_get_account_cpu(RuntimeCore *self, void *closure)
-{
-    return PyBool_FromLong(self->account_cpu);
-}
-
-static int
-core_set_account_cpu(RuntimeCore *self, PyObject *value, void *closure)
-{
-    if (value == NULL) {
-        PyErr_SetString(PyExc_AttributeError, "account_cpu cannot be deleted");
-        return -1;
-    }
-    int truth = PyObject_IsTrue(value);
-    if (truth < 0) return -1;
-    self->account_cpu = truth;
-    return 0;
-}
+/* No tp_new of its own (object's, set at import): Runtime instances are made by
+   object.__new__, which also sets
+   up their (inline) instance attributes, so that CPython specializes the Python
+   side's attribute access to them. The fields start NULL (absent) until
+   Runtime.__init__ sets them; the C paths treat an absent field as "no hub, no loop,
+   no deadline, no accounting". */
 
 static PyMemberDef core_members[] = {
-    {"hub_switch", T_OBJECT, offsetof(RuntimeCore, hub_switch), 0,
+    {"hub_switch", T_OBJECT_EX, offsetof(RuntimeCore, hub_switch), 0,
      "The hub greenlet's bound switch (every park switches through it)."},
-    {"call_soon", T_OBJECT, offsetof(RuntimeCore, call_soon), 0,
+    {"call_soon", T_OBJECT_EX, offsetof(RuntimeCore, call_soon), 0,
      "The loop's bound call_soon (wake_soon uses it)."},
-    {"deadline", T_DOUBLE, offsetof(RuntimeCore, deadline), 0,
-     "perf_counter() past which a stack yields at its next tamed call."},
-    {"half_deadline", T_DOUBLE, offsetof(RuntimeCore, half_deadline), 0,
-     "perf_counter() past which an arriving stack asks whether it may run."},
-    {"last_end", T_DOUBLE, offsetof(RuntimeCore, last_end), 0,
-     "perf_counter() at the end of the last slice."},
-    {NULL},
-};
-
-static PyGetSetDef core_getset[] = {
-    {"account_cpu", (getter)core_get_account_cpu, (setter)core_set_account_cpu,
-     "Measure every slice in thread CPU time (_account_start/_account_end).", NULL},
+    {"deadline", T_OBJECT_EX, offsetof(RuntimeCore, deadline), 0,
+     "perf_counter() past which a stack yields at its next tamed call (a float)."},
+    {"half_deadline", T_OBJECT_EX, offsetof(RuntimeCore, half_deadline), 0,
+     "perf_counter() past which an arriving stack asks whether it may run (a float)."},
+    {"last_end", T_OBJECT_EX, offsetof(RuntimeCore, last_end), 0,
+     "perf_counter() at the end of the last slice (a float)."},
+    {"account_cpu", T_OBJECT_EX, offsetof(RuntimeCore, account_cpu), 0,
+     "Measure every slice in thread CPU time (_account_start/_account_end)."},
     {NULL},
 };
 
@@ -146,12 +162,10 @@ static PyTypeObject RuntimeCoreType = {
                         "tame.Runtime)."),
     .tp_basicsize = sizeof(RuntimeCore),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
-    .tp_new = core_new,
     .tp_traverse = (traverseproc)core_traverse,
     .tp_clear = (inquiry)core_clear,
     .tp_dealloc = (destructor)core_dealloc,
     .tp_members = core_members,
-    .tp_getset = core_getset,
 };
 
 static int
@@ -165,20 +179,21 @@ call_method_noargs(PyObject *obj, PyObject *name)
 
 /* The slice of the stack running on rt ends now: switch to the hub (the stack
    waits on `what`, shown by dump_stacks), then, back on the stack, start the
-   new slice and check the window.  Returns the value the stack was resumed
+   new slice and (with check_arrival) check the window.  Returns the value the stack was resumed
    with (a new reference) or NULL with the exception that was thrown in. */
 static PyObject *
-suspend_stack(PyObject *g, RuntimeCore *rt, PyObject *what)
+suspend_stack(PyObject *g, RuntimeCore *rt, PyObject *what, int check_arrival)
 {
     if (PyObject_SetAttr(g, str_parked, what) < 0) return NULL;
-    double now = monotonic_seconds();
-    PyObject *at = PyFloat_FromDouble(now);
+    PyObject *at = PyFloat_FromDouble(monotonic_seconds());
     if (at == NULL) return NULL;
-    int err = PyObject_SetAttr(g, str_parked_at, at);
-    Py_DECREF(at);
-    if (err < 0) return NULL;
-    rt->last_end = now;
-    if (rt->account_cpu && call_method_noargs((PyObject *)rt, str_account_end) < 0)
+    if (PyObject_SetAttr(g, str_parked_at, at) < 0) {
+        Py_DECREF(at);
+        return NULL;
+    }
+    Py_XSETREF(rt->last_end, at);  /* our reference moves to the field */
+    int account = accounts_cpu(rt);
+    if (account && call_method_noargs((PyObject *)rt, str_account_end) < 0)
         return NULL;
     PyObject *hub_switch = rt->hub_switch;
     if (hub_switch == NULL) {
@@ -190,7 +205,7 @@ suspend_stack(PyObject *g, RuntimeCore *rt, PyObject *what)
     PyObject *value = PyObject_CallOneArg(hub_switch, blocked_marker);
     Py_DECREF(hub_switch);
     if (value == NULL) {
-        if (rt->account_cpu) {
+        if (accounts_cpu(rt)) {
             PyObject *type, *exc, *tb;
             PyErr_Fetch(&type, &exc, &tb);
             if (call_method_noargs((PyObject *)rt, str_account_start) < 0) {
@@ -205,10 +220,10 @@ suspend_stack(PyObject *g, RuntimeCore *rt, PyObject *what)
         return NULL;
     }
     /* Runtime.arrive, inlined. */
-    if (rt->account_cpu && call_method_noargs((PyObject *)rt, str_account_start) < 0)
+    if (accounts_cpu(rt) && call_method_noargs((PyObject *)rt, str_account_start) < 0)
         goto fail;
-    now = monotonic_seconds();
-    if (now > rt->half_deadline) {
+    double now = monotonic_seconds();
+    if (check_arrival && now > as_seconds(rt->half_deadline)) {
         PyObject *t = PyFloat_FromDouble(now);
         if (t == NULL) goto fail;
         PyObject *r = PyObject_CallMethodOneArg((PyObject *)rt, str_arrive_late, t);
@@ -392,8 +407,12 @@ parked_park(Parked *self, PyObject *Py_UNUSED(ignored))
     }
     /* g.parked stays set while g runs again: dump_stacks tells a running stack
        by its gr_frame (None), so the hot path need not clear it. */
+    /* A stack requeued by the quota (Runtime._requeue: the token is deferred) is
+       resumed by the ready queue only once the window lets it run: checking again
+       on arrival could requeue it for ever, one nested park per turn. */
+    int check_arrival = !self->deferred;
     Py_INCREF(g);
-    PyObject *value = suspend_stack(g, self->rt, (PyObject *)self);
+    PyObject *value = suspend_stack(g, self->rt, (PyObject *)self, check_arrival);
     Py_DECREF(g);
     if (value == NULL) {
         /* Disarm only for an exception thrown in while parked or on arrival; the
@@ -562,7 +581,7 @@ parking_checkpoint(PyObject *module, PyObject *Py_UNUSED(ignored))
     RuntimeCore *rt = stack_runtime(g);
     Py_DECREF(g);
     if (rt == NULL) return NULL;
-    if (monotonic_seconds() > rt->deadline && call_method_noargs((PyObject *)rt, str_yield_now) < 0) {
+    if (monotonic_seconds() > as_seconds(rt->deadline) && call_method_noargs((PyObject *)rt, str_yield_now) < 0) {
         Py_DECREF(rt);
         return NULL;
     }
@@ -607,7 +626,7 @@ parking_suspend(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     RuntimeCore *rt = stack_runtime(g);
     if (rt == NULL) return NULL;
-    PyObject *value = suspend_stack(g, rt, args[1]);
+    PyObject *value = suspend_stack(g, rt, args[1], 1);
     Py_DECREF(rt);
     return value;
 }
@@ -693,6 +712,7 @@ PyInit__parking(void)
         blocked_marker = Py_None;
         Py_INCREF(blocked_marker);
     }
+    RuntimeCoreType.tp_new = PyBaseObject_Type.tp_new;
     if (PyType_Ready(&RuntimeCoreType) < 0 || PyType_Ready(&ParkedType) < 0) return NULL;
     PyObject *m = PyModule_Create(&moduledef);
     if (m == NULL) return NULL;
