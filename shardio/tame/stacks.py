@@ -444,14 +444,16 @@ class Runtime(RuntimeCore):
             self._env = TameEnv(self)
         return self._env
 
-    @property
-    def uring(self) -> Any:
-        """This loop's file I/O driver (io_uring, or the thread-pool fallback)."""
-        if self._uring is None:
+    # ``uring``: this loop's file I/O driver (io_uring, or the thread-pool fallback),
+    # made on first use, then a plain attribute: every tamed file call reads it, and a
+    # property would cost a Python call each time.
+    def __getattr__(self, name: str) -> Any:
+        if name == "uring":
             from shardio.io.uring import open_driver
 
-            self._uring = open_driver(self)
-        return self._uring
+            self._uring = self.uring = open_driver(self)
+            return self.uring
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def alien(self) -> Any:
