@@ -214,6 +214,21 @@ class Stats:
         return {name: getattr(self, name) for name in self.__slots__}
 
 
+class _MadeOnFirstUse:
+    """``Runtime.uring``: a non-data descriptor that opens the file driver on the first
+    read and stores it as an instance attribute, which later reads find first (a
+    property would cost a Python call per read; a ``__getattr__`` on the class would
+    stop CPython from specializing every attribute access to the runtime)."""
+
+    def __get__(self, rt: Runtime | None, owner: type | None = None) -> Any:
+        if rt is None:
+            return self
+        from shardio.io.uring import open_driver
+
+        rt._uring = rt.uring = open_driver(rt)
+        return rt._uring
+
+
 class Runtime(RuntimeCore):
     """The tame state of one event loop: stack pool, FIFO of waiters, Env, drivers.
 
@@ -444,16 +459,9 @@ class Runtime(RuntimeCore):
             self._env = TameEnv(self)
         return self._env
 
-    # ``uring``: this loop's file I/O driver (io_uring, or the thread-pool fallback),
-    # made on first use, then a plain attribute: every tamed file call reads it, and a
-    # property would cost a Python call each time.
-    def __getattr__(self, name: str) -> Any:
-        if name == "uring":
-            from shardio.io.uring import open_driver
-
-            self._uring = self.uring = open_driver(self)
-            return self.uring
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+    # This loop's file I/O driver (io_uring, or the thread-pool fallback): made on first
+    # use, then a plain instance attribute, since every tamed file call reads it.
+    uring: Any = _MadeOnFirstUse()
 
     @property
     def alien(self) -> Any:
