@@ -10,7 +10,8 @@
  *   p.wake(value)          (on the hub) resume the stack; the first wake wins;
  *   checkpoint()           one clock read against the window's deadline;
  *   suspend(g, what)       park()'s bookkeeping and switch for a wait with no token
- *                          (a sleep: the loop resumes the stack with g.switch).
+ *                          (the loop resumes the stack with g.switch);
+ *   sleep(seconds)         the tamed time.sleep: a loop timer resumes the stack.
  *
  * RuntimeCore is the base of stacks.Runtime: the fields these paths read on
  * every call (the hub's bound switch, the window's deadlines, the end of the
@@ -41,6 +42,7 @@ static PyObject *blocked_marker;
 static PyObject *not_on_tame_stack;
 static PyObject *tame_error;
 
+static PyObject *str_sleep, *str_call_later, *str_cancel;
 static PyObject *str_rt, *str_parked, *str_parked_at, *str_switch, *str_wake,
     *str_account_start, *str_account_end, *str_arrive_late, *str_yield_now;
 
@@ -631,6 +633,74 @@ parking_suspend(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return value;
 }
 
+static PyObject *time_module, *int_zero;
+
+PyDoc_STRVAR(sleep_doc,
+"sleep(seconds)\n\n"
+"time.sleep that parks the calling tame stack on a loop timer (plain time.sleep\n"
+"elsewhere). sleep(0) lets the loop run one turn, whatever the quota says. The\n"
+"loop resumes the stack with the stack's own switch (a scheduling group's gated\n"
+"one when it has one); the timer handle is cancelled on any early exit (a\n"
+"cancellation thrown in), so it can only fire while the stack sleeps here.");
+
+static PyObject *
+parking_sleep(PyObject *module, PyObject *seconds)
+{
+    PyObject *g = current_stack();
+    if (g == NULL) {
+        if (PyErr_Occurred()) return NULL;
+        PyObject *plain = PyObject_GetAttr(time_module, str_sleep);
+        if (plain == NULL) return NULL;
+        PyObject *r = PyObject_CallOneArg(plain, seconds);
+        Py_DECREF(plain);
+        return r;
+    }
+    PyObject *handle = NULL, *value = NULL, *resume = NULL;
+    RuntimeCore *rt = stack_runtime(g);
+    if (rt == NULL) goto done;
+    int positive = PyFloat_CheckExact(seconds) ? PyFloat_AS_DOUBLE(seconds) > 0.0
+                                                : PyObject_RichCompareBool(seconds, int_zero, Py_GT);
+    if (positive < 0) goto done;
+    resume = PyObject_GetAttr(g, str_switch);
+    if (resume == NULL) goto done;
+    if (positive) {
+        PyObject *call_later = PyObject_GetAttr((PyObject *)rt, str_call_later);
+        if (call_later == NULL) goto done;
+        PyObject *args[2] = {seconds, resume};
+        handle = PyObject_Vectorcall(call_later, args, 2, NULL);
+        Py_DECREF(call_later);
+    } else if (rt->call_soon == NULL) {
+        PyErr_SetString(tame_error, "sleep: the stack's runtime has no loop");
+    } else {
+        handle = PyObject_CallOneArg(rt->call_soon, resume);
+    }
+    if (handle == NULL) goto done;
+    value = suspend_stack(g, rt, seconds, 1);
+    if (value == NULL) {
+        PyObject *type, *exc, *tb;
+        PyErr_Fetch(&type, &exc, &tb);
+        PyObject *r = PyObject_CallMethodNoArgs(handle, str_cancel);
+        if (r == NULL) {
+            Py_XDECREF(type);  /* the cancel's own error wins */
+            Py_XDECREF(exc);
+            Py_XDECREF(tb);
+        } else {
+            Py_DECREF(r);
+            PyErr_Restore(type, exc, tb);
+        }
+    } else {
+        Py_DECREF(value);
+        value = Py_None;
+        Py_INCREF(value);
+    }
+done:
+    Py_XDECREF(handle);
+    Py_XDECREF(resume);
+    Py_XDECREF(rt);
+    Py_DECREF(g);
+    return value;
+}
+
 PyDoc_STRVAR(clock_doc, "clock() -> float\n\nThe clock of the deadlines: time.perf_counter()'s.");
 
 static PyObject *
@@ -674,6 +744,7 @@ static PyMethodDef parking_methods[] = {
     {"checkpoint", parking_checkpoint, METH_NOARGS, checkpoint_doc},
     {"current_runtime", parking_current_runtime, METH_NOARGS, current_runtime_doc},
     {"suspend", (PyCFunction)(void (*)(void))parking_suspend, METH_FASTCALL, suspend_doc},
+    {"sleep", parking_sleep, METH_O, sleep_doc},
     {"clock", parking_clock, METH_NOARGS, clock_doc},
     {"setup", (PyCFunction)(void (*)(void))parking_setup, METH_FASTCALL, setup_doc},
     {NULL},
@@ -703,6 +774,11 @@ PyInit__parking(void)
     INTERN(str_arrive_late, "_arrive_late");
     INTERN(str_yield_now, "yield_now");
     INTERN(str_event, "event");
+    INTERN(str_sleep, "sleep");
+    INTERN(str_call_later, "call_later");
+    INTERN(str_cancel, "cancel");
+    if (!time_module && !(time_module = PyImport_ImportModule("time"))) return NULL;
+    if (!int_zero && !(int_zero = PyLong_FromLong(0))) return NULL;
     if (tame_error == NULL) {
         /* Until setup(): the types work, and misuse raises RuntimeError. */
         tame_error = PyExc_RuntimeError;
