@@ -224,3 +224,54 @@ def test_the_deadline_clock_is_perf_counter() -> None:
         c = _parking.clock()
         after = time.perf_counter()
         assert before <= c <= after
+
+
+@pytest.mark.parametrize("quota", [None, 1e-6])
+def test_stress_many_stacks_woken_in_random_order(run: Runner, quota: float | None) -> None:
+    """120 stacks wait on 30 tokens each; the loop wakes the armed tokens in random
+    order, each twice (the second wake must be lost), and cancels every tenth call half
+    way. Every stack must see exactly the values meant for its own tokens, in order,
+    with a quota that requeues most arrivals (and CPU accounting on) or none."""
+    import random
+
+    stacks_n, waits = 120, 30
+    rng = random.Random(7)
+    waiting: dict[int, Parked] = {}
+    received: dict[int, list[int]] = {i: [] for i in range(stacks_n)}
+
+    def body(i: int) -> None:
+        for k in range(waits):
+            p = Parked("event", (i, k))
+            waiting[i] = p
+            received[i].append(p.park())
+
+    async def main() -> tuple[int, int, set[int]]:
+        tame.configure(quota=quota, account_cpu=True)
+        tasks = {i: asyncio.ensure_future(tame.call(body, i)) for i in range(stacks_n)}
+        cancelled: set[int] = set()
+        sent = 0
+        while any(not t.done() for t in tasks.values()):
+            armed = [(i, p) for i, p in waiting.items() if p.armed]
+            rng.shuffle(armed)
+            for i, p in armed:
+                if i % 10 == 0 and len(received[i]) == waits // 2 and i not in cancelled:
+                    cancelled.add(i)
+                    tasks[i].cancel()
+                    continue
+                value = i * 1000 + len(received[i])
+                p.wake(value)
+                p.wake(-1)  # lost: the first wake won
+                sent += 1
+            await asyncio.sleep(0)
+        results = await asyncio.gather(*tasks.values(), return_exceptions=True)
+        failed = {i for i, r in zip(tasks, results) if isinstance(r, BaseException)}
+        return sent, tame.stats()["deferred_resumes"], failed - cancelled
+
+    sent, deferred, unexpected = run(main())
+    assert not unexpected
+    for i, got in received.items():
+        n = waits // 2 if i % 10 == 0 else waits
+        assert got == [i * 1000 + k for k in range(n)], i
+    assert sent == sum(len(v) for v in received.values())
+    if quota is not None:
+        assert deferred > 0
