@@ -221,7 +221,7 @@ suspend_stack(PyObject *g, RuntimeCore *rt, PyObject *what, int check_arrival)
         Py_DECREF(rt);
         return NULL;
     }
-    /* Runtime.arrive, inlined. */
+    /* The arrival check: past half the window, may the stack go on? */
     if (accounts_cpu(rt) && call_method_noargs((PyObject *)rt, str_account_start) < 0)
         goto fail;
     double now = monotonic_seconds();
