@@ -960,7 +960,7 @@ def wait(awaitable: Awaitable[T]) -> T:
         return fut.result()  # type: ignore[no-any-return]
     rt.stats.waits += 1
     p = Parked("future", fut)
-    cb = _resume_cb(p)
+    cb = p.wake  # the future's done callback: wakes the stack with the future itself
     fut.add_done_callback(cb)
     try:
         p.park()
@@ -969,13 +969,6 @@ def wait(awaitable: Awaitable[T]) -> T:
         fut.cancel()
         raise
     return fut.result()  # type: ignore[no-any-return]
-
-
-def _resume_cb(p: Parked) -> Callable[[Any], None]:
-    def cb(_fut: Any) -> None:
-        p.wake(None)
-
-    return cb
 
 
 def on_tame_stack() -> bool:
