@@ -264,7 +264,7 @@ def test_stress_many_stacks_woken_in_random_order(run: Runner, quota: float | No
                 sent += 1
             await asyncio.sleep(0)
         results = await asyncio.gather(*tasks.values(), return_exceptions=True)
-        failed = {i for i, r in zip(tasks, results) if isinstance(r, BaseException)}
+        failed = {i for i, r in zip(tasks, results, strict=True) if isinstance(r, BaseException)}
         return sent, tame.stats()["deferred_resumes"], failed - cancelled
 
     sent, deferred, unexpected = run(main())
