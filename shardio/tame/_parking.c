@@ -542,7 +542,7 @@ static PyGetSetDef parked_getset[] = {
 
 static PyTypeObject ParkedType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "shardio.tame.Parked",
+    .tp_name = "shardio.tame.stacks.Parked",
     .tp_doc = PyDoc_STR(
         "Parked(kind='event', target=None): a tame stack waiting for one event.\n\n"
         "Usage on a tame stack: p = Parked(\"lock\", obj); <arrange for p.wake(v)\n"
