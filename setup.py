@@ -1,5 +1,5 @@
 """Builds the C extensions (the fabric's ring, the io_uring driver's ring, the OSD's frame
-codec); all other metadata lives in pyproject.toml."""
+codec, the tame stacks' parking); all other metadata lives in pyproject.toml."""
 
 from setuptools import Extension, setup
 
@@ -20,6 +20,11 @@ setup(
         Extension(
             "shardio.io._uring",
             sources=["shardio/io/_uring.c"],
+            extra_compile_args=["-O2", "-std=c11", "-Wall"],
+        ),
+        Extension(
+            "shardio.tame._parking",
+            sources=["shardio/tame/_parking.c"],
             extra_compile_args=["-O2", "-std=c11", "-Wall"],
         ),
     ]

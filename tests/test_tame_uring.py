@@ -56,7 +56,7 @@ def test_queue_depth_is_bounded_and_fifo(run: Any, data_file: str) -> None:
 
     async def main() -> dict[str, int]:
         rt = stacks.runtime()
-        rt._uring = UringDriver(rt, max_inflight=4)
+        rt._uring = rt.uring = UringDriver(rt, max_inflight=4)  # closed with the runtime
         got = await asyncio.gather(
             *(tame.call(rt.uring.read, fd, 4096, i * 4096, True) for i in range(64))
         )

@@ -46,6 +46,9 @@ from typing import Any, TypeVar
 
 from greenlet import GreenletExit, getcurrent, greenlet
 
+from . import _parking
+from ._parking import Parked, RuntimeCore
+
 try:
     from shardio.errors import ShardioError
 except ImportError:  # pragma: no cover - the core's errors module is always shipped
@@ -175,82 +178,10 @@ class TameGreenlet(greenlet):
             fut.set_result(None)
 
 
-class Parked:
-    """A tame stack waiting for one event; ``wake(value)`` resumes it with value.
-
-    Usage on a tame stack: ``p = Parked("lock", obj); <arrange for p.wake(v)
-    later>; v = p.park()``. ``kind`` and ``target`` say what the stack waits
-    on (``"fd"``, ``"io_uring"``, ``"lock"``, ``"timer"``, ``"future"``...) for
-    :func:`dump_stacks`. ``wake`` must run on the hub (a loop callback); from
-    anywhere on the loop's thread use ``wake_soon``. Waking a stack that no
-    longer waits (cancelled meanwhile) does nothing. When the loop turn has
-    used up its quota, ``wake`` defers the resumption to the next turn; the
-    first wake value wins, later wakes of the same Parked are ignored.
-    """
-
-    __slots__ = ("g", "rt", "kind", "target", "deferred")
-
-    def __init__(self, kind: str = "event", target: Any = None) -> None:
-        g = getcurrent()
-        if type(g) is not TameGreenlet:
-            raise NotOnTameStack(
-                "this blocking operation needs a tame stack (run it with tame.call)"
-            )
-        self.g: TameGreenlet | None = g
-        self.rt: Runtime = g.rt
-        self.kind = kind
-        self.target = target
-        self.deferred = False
-
-    def park(self) -> Any:
-        """Switch to the hub until woken; return the wake value. Disarms on exceptions.
-
-        Woken when the window's quota is spent, the stack queues itself for a
-        later turn before it goes on (``Runtime.arrive``).
-        """
-        g = self.g
-        rt = self.rt
-        # g.parked stays set while g runs again: dump_stacks tells a running stack by
-        # its gr_frame (None), so the hot path need not clear it.
-        g.parked = self  # type: ignore[union-attr]
-        rt.last_end = g.parked_at = _perf_counter()  # type: ignore[union-attr]
-        if rt.account_cpu:
-            rt._account_end()
-        try:
-            value = rt.hub_switch(_BLOCKED)
-        except BaseException:
-            self.g = None
-            if rt.account_cpu:
-                rt._account_start()
-            raise
-        # Runtime.arrive, inlined.
-        if rt.account_cpu:
-            rt._account_start()
-        now = _perf_counter()
-        if now > rt.half_deadline and not rt._may_run(now):
-            rt.stats.deferred_resumes += 1
-            rt._requeue()
-        return value
-
-    def wake(self, value: Any = None) -> None:
-        """Resume the parked stack (hub only; the first wake wins, later ones do nothing)."""
-        g = self.g
-        if g is not None:
-            self.g = None
-            g.switch(value)
-
-    def _wake_deferred(self, value: Any) -> None:
-        self.deferred = False
-        self.wake(value)
-
-    def wake_soon(self, value: Any = None) -> None:
-        """Resume the parked stack from the loop's next iteration (safe from a tame stack)."""
-        self.rt.loop.call_soon(self.wake, value)
-
-    @property
-    def armed(self) -> bool:
-        """True while the stack still waits for this wake-up."""
-        return self.g is not None
+# The wake-up token and the park/resume/checkpoint protocol live in C (_parking.c): a
+# blocking call costs no Python frame of its own. It needs to know the stack type, the
+# hub's marker and the exceptions to raise.
+_parking.setup(TameGreenlet, getcurrent, _BLOCKED, NotOnTameStack, TameError)
 
 
 class Stats:
@@ -283,8 +214,28 @@ class Stats:
         return {name: getattr(self, name) for name in self.__slots__}
 
 
-class Runtime:
-    """The tame state of one event loop: stack pool, FIFO of waiters, Env, drivers."""
+class _MadeOnFirstUse:
+    """``Runtime.uring``: a non-data descriptor that opens the file driver on the first
+    read and stores it as an instance attribute, which later reads find first (a
+    property would cost a Python call per read; a ``__getattr__`` on the class would
+    stop CPython from specializing every attribute access to the runtime)."""
+
+    def __get__(self, rt: Runtime | None, owner: type | None = None) -> Any:
+        if rt is None:
+            return self
+        from shardio.io.uring import open_driver
+
+        rt._uring = rt.uring = open_driver(rt)
+        return rt._uring
+
+
+class Runtime(RuntimeCore):
+    """The tame state of one event loop: stack pool, FIFO of waiters, Env, drivers.
+
+    Its base, ``_parking.RuntimeCore``, holds the fields the C park/wake/checkpoint
+    paths read on every call: ``hub_switch``, ``call_soon``, ``deadline``,
+    ``half_deadline``, ``last_end``, ``account_cpu``.
+    """
 
     #: The wake-up token of a parking stack, for drivers the runtime owns (``rt.Parked(
     #: "io_uring", op)``): they need not import tame to park a stack.
@@ -423,15 +374,13 @@ class Runtime:
         g.switch(job)
 
     # Stacks keep the books themselves, at their switches (a resumption from the
-    # loop is then just greenlet.switch): arrive() after every resumption, and
-    # before every switch to the hub, last_end/parked_at (and _account_end).
-    def arrive(self) -> None:
-        """On a stack just resumed: start its slice; queue it for a later turn (and
-        switch out at once) if the window's quota is spent. Cheap: one clock read."""
-        if self.account_cpu:
-            self._account_start()
-        now = _perf_counter()
-        if now > self.half_deadline and not self._may_run(now):
+    # loop is then just greenlet.switch): after every resumption the arrival check
+    # (in C: Parked.park, _parking.suspend), and before every switch to the hub,
+    # last_end/parked_at (and _account_end).
+    def _arrive_late(self, now: float) -> None:
+        """On a stack just resumed past half the window (the arrival check calls it):
+        queue it for a later turn, and switch out at once, if the quota is spent."""
+        if not self._may_run(now):
             self.stats.deferred_resumes += 1
             self._requeue()
 
@@ -510,14 +459,9 @@ class Runtime:
             self._env = TameEnv(self)
         return self._env
 
-    @property
-    def uring(self) -> Any:
-        """This loop's file I/O driver (io_uring, or the thread-pool fallback)."""
-        if self._uring is None:
-            from shardio.io.uring import open_driver
-
-            self._uring = open_driver(self)
-        return self._uring
+    # This loop's file I/O driver (io_uring, or the thread-pool fallback): made on first
+    # use, then a plain instance attribute, since every tamed file call reads it.
+    uring: Any = _MadeOnFirstUse()
 
     @property
     def alien(self) -> Any:
@@ -982,22 +926,13 @@ def turn_spent() -> bool:
     return bool(rt.ready) or (now > rt.half_deadline and not rt._may_run(now))
 
 
-def checkpoint() -> Runtime | None:
-    """Yield to the loop if this stack has used up its quota; the caller's runtime.
-
-    Every tamed call site calls it first, so a stack yields at its next
-    tamed call once the loop turn it runs in has spent the quota, even when
-    the call itself would complete at once. Costs one clock read on a tame
-    stack; returns None (and does nothing) anywhere else, so a call site can
-    use it in place of :func:`current_runtime`.
-    """
-    g = getcurrent()
-    if type(g) is not TameGreenlet:
-        return None
-    rt = g.rt
-    if _perf_counter() > rt.deadline:
-        rt.yield_now()
-    return rt
+#: ``checkpoint() -> Runtime | None``: yield to the loop if this stack has used up its
+#: quota; the caller's runtime. Every tamed call site calls it first, so a stack yields
+#: at its next tamed call once the loop turn it runs in has spent the quota, even when
+#: the call itself would complete at once. Costs one clock read on a tame stack;
+#: returns None (and does nothing) anywhere else, so a call site can use it in place
+#: of :func:`current_runtime`. (In C: _parking.c.)
+checkpoint: Callable[[], Runtime | None] = _parking.checkpoint
 
 
 def wait(awaitable: Awaitable[T]) -> T:
@@ -1025,7 +960,7 @@ def wait(awaitable: Awaitable[T]) -> T:
         return fut.result()  # type: ignore[no-any-return]
     rt.stats.waits += 1
     p = Parked("future", fut)
-    cb = _resume_cb(p)
+    cb = p.wake  # the future's done callback: wakes the stack with the future itself
     fut.add_done_callback(cb)
     try:
         p.park()
@@ -1036,19 +971,11 @@ def wait(awaitable: Awaitable[T]) -> T:
     return fut.result()  # type: ignore[no-any-return]
 
 
-def _resume_cb(p: Parked) -> Callable[[Any], None]:
-    def cb(_fut: Any) -> None:
-        p.wake(None)
-
-    return cb
-
-
 def on_tame_stack() -> bool:
     """True when called from code running on a tame stack."""
     return type(getcurrent()) is TameGreenlet
 
 
-def current_runtime() -> Runtime | None:
-    """The runtime of the tame stack running this code, else None."""
-    g = getcurrent()
-    return g.rt if type(g) is TameGreenlet else None
+#: ``current_runtime() -> Runtime | None``: the runtime of the tame stack running this
+#: code, else None. (In C: _parking.c.)
+current_runtime: Callable[[], Runtime | None] = _parking.current_runtime
