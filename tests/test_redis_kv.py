@@ -216,15 +216,20 @@ def test_fuzzed_resp_never_crashes_a_shard(cluster) -> None:
     assert max(grown) < 32 * 1024, f"shard RSS grew by {grown} KiB"
 
 
-def test_a_client_that_never_reads_its_replies_is_held_by_backpressure(cluster) -> None:
+@pytest.mark.parametrize("value_size", [4096, 64 << 10])
+def test_a_client_that_never_reads_its_replies_is_held_by_backpressure(
+    cluster, value_size: int
+) -> None:
     """1,000,000 pipelined GETs of a 4 KiB value (30 MB of requests, more than the
     kernel's socket buffers hold), replies never read (4 GB if the shard buffered
     them): the shard stops reading that client, its memory stays bounded, and other
-    clients are served meanwhile."""
+    clients are served meanwhile. With a 64 KiB value the replies to one socket
+    read's worth of GETs (thousands, all answerable at once) would take hundreds of
+    MB: the shard stops answering within the read, at the write high-water mark."""
     group, config = cluster
     r = redis.Redis(port=config.shared_port)
     key = next(f"big{i}" for i in range(100) if key_slot(f"big{i}".encode()) < 8192)  # shard 0
-    r.set(key, b"x" * 4096)
+    r.set(key, b"x" * value_size)
     request = b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(key), key.encode())
     pid = group.pids[0]
     rss0 = _rss_kib(pid)
@@ -240,7 +245,7 @@ def test_a_client_that_never_reads_its_replies_is_held_by_backpressure(cluster) 
         except TimeoutError:
             pass  # the shard stopped reading: the send buffer filled
         assert sent < 1_000_000, "the shard kept reading a client that reads nothing"
-        assert redis.Redis(port=config.shard_ports[0]).get(key) == b"x" * 4096
+        assert redis.Redis(port=config.shard_ports[0]).get(key) == b"x" * value_size
         grown = _rss_kib(pid) - rss0
         assert grown < 48 * 1024, f"shard RSS grew {grown} KiB"
     finally:
