@@ -174,6 +174,7 @@ class TameBatchConnection(asyncio.Protocol):
         self._stack_wanted = False  # a task waits for a tame stack to run self.local
         self._current: Entry | None = None  # the entry a stack is running now
         self._waiting = service.waiting.entries  # (read on every completion: empty is cheap)
+        self._records_passes = type(self).end_of_pass is not TameBatchConnection.end_of_pass
 
     # -- the protocol: override these ---------------------------------------------
 
@@ -225,9 +226,31 @@ class TameBatchConnection(asyncio.Protocol):
         """Every request one socket read completed, in order: ``admit`` each (one
         clock read for all of them: they arrived together)."""
         if self.inline and not self.inflight and not self.backlog and not self.write_paused:
-            requests = self._answer_inline(requests)
-            if not requests:
+            # Nothing in flight: these replies are next in order. Answer while the
+            # protocol can; the rest, from the first it cannot, take the path below.
+            answer = self.answer
+            out = self._out
+            size = self._out_bytes
+            for index, request in enumerate(requests):
+                reply = answer(request)
+                if reply is None:
+                    requests = requests[index:]
+                    break
+                out.append(reply)
+                size += len(reply)
+                if size >= self.high_water:
+                    self._out_bytes = size
+                    self._flush()  # see _queue
+                    size = 0
+                    if self.closing:
+                        return
+                    if self.write_paused:  # the peer does not read: hold the rest back
+                        requests = requests[index + 1 :]
+                        break
+            else:
+                self._out_bytes = size
                 return
+            self._out_bytes = size
         started = _perf_counter()
         charge = self.charge
         start = self.start
@@ -252,31 +275,6 @@ class TameBatchConnection(asyncio.Protocol):
             if replies is not None:
                 replies.append(entry)
             start(entry)
-
-    def _answer_inline(self, requests: Sequence[Any]) -> Sequence[Any]:
-        """Answer requests in the loop while ``answer`` can (nothing is in flight, so
-        their replies are next in order); the rest, from the first it cannot."""
-        answer = self.answer
-        out = self._out
-        size = self._out_bytes
-        high_water = self.high_water
-        for index, request in enumerate(requests):
-            reply = answer(request)
-            if reply is None:
-                self._out_bytes = size
-                return requests[index:]
-            out.append(reply)
-            size += len(reply)
-            if size >= high_water:
-                self._out_bytes = size
-                self._flush()  # see _queue
-                size = 0
-                if self.closing:
-                    return ()
-                if self.write_paused:
-                    return requests[index + 1 :]  # held back: the peer does not read
-        self._out_bytes = size
-        return ()
 
     def _hold(self, entry: Entry) -> None:
         self.backlog.append(entry)
@@ -410,7 +408,8 @@ class TameBatchConnection(asyncio.Protocol):
             return
         # (what _settle does when nothing waits: the pass's statistics, its one write)
         self._in_pass = False
-        self.end_of_pass()
+        if self._records_passes:
+            self.end_of_pass()
         if self._out:
             self._flush()
 
