@@ -47,6 +47,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_port_range(count: int) -> list[int]:
+    """``count`` consecutive free ports (one free port's neighbours may be taken)."""
+    while True:
+        base = free_port()
+        sockets = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket()
+                sockets.append(s)
+                s.bind(("127.0.0.1", port))
+            return list(range(base, base + count))
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+
+
 def wait_port(port: int, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -74,12 +92,11 @@ def start(key: str, base: str | None) -> tuple[subprocess.Popen[bytes], int, lis
         cluster = []
     else:
         shards = int(key.rsplit("-", 1)[1])
-        cluster = [free_port() for _ in range(shards)]
+        cluster = free_port_range(shards)  # (shard S listens on base + S)
         # (idle polling off: the shards share their CPUs with redis-benchmark, and a
         # polling shard takes CPU from it -- the OSD latency suite runs the same way)
         argv = [_PY, "-m", "redis_kv", "--shards", str(shards), "--port", str(port),
                 "--shard-base-port", str(cluster[0]), "--idle-poll-us", "0"]  # fmt: skip
-        cluster = list(range(cluster[0], cluster[0] + shards))
     env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{os.path.join(root, 'examples')}")
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     wait_port(port)
