@@ -216,15 +216,20 @@ def test_fuzzed_resp_never_crashes_a_shard(cluster) -> None:
     assert max(grown) < 32 * 1024, f"shard RSS grew by {grown} KiB"
 
 
-def test_a_client_that_never_reads_its_replies_is_held_by_backpressure(cluster) -> None:
+@pytest.mark.parametrize("value_size", [4096, 64 << 10])
+def test_a_client_that_never_reads_its_replies_is_held_by_backpressure(
+    cluster, value_size: int
+) -> None:
     """1,000,000 pipelined GETs of a 4 KiB value (30 MB of requests, more than the
     kernel's socket buffers hold), replies never read (4 GB if the shard buffered
     them): the shard stops reading that client, its memory stays bounded, and other
-    clients are served meanwhile."""
+    clients are served meanwhile. With a 64 KiB value the replies to one socket
+    read's worth of GETs (thousands, all answerable at once) would take hundreds of
+    MB: the shard stops answering within the read, at the write high-water mark."""
     group, config = cluster
     r = redis.Redis(port=config.shared_port)
     key = next(f"big{i}" for i in range(100) if key_slot(f"big{i}".encode()) < 8192)  # shard 0
-    r.set(key, b"x" * 4096)
+    r.set(key, b"x" * value_size)
     request = b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(key), key.encode())
     pid = group.pids[0]
     rss0 = _rss_kib(pid)
@@ -240,7 +245,7 @@ def test_a_client_that_never_reads_its_replies_is_held_by_backpressure(cluster) 
         except TimeoutError:
             pass  # the shard stopped reading: the send buffer filled
         assert sent < 1_000_000, "the shard kept reading a client that reads nothing"
-        assert redis.Redis(port=config.shard_ports[0]).get(key) == b"x" * 4096
+        assert redis.Redis(port=config.shard_ports[0]).get(key) == b"x" * value_size
         grown = _rss_kib(pid) - rss0
         assert grown < 48 * 1024, f"shard RSS grew {grown} KiB"
     finally:
@@ -268,3 +273,71 @@ def test_expiry_follows_the_virtual_clock() -> None:
         assert sum(c["keys"] for c in counters(group)) == 0  # the timer deleted it
         assert r.dbsize() == 0 and r.get("hourly") is None
         clock.resume()
+
+
+def test_replies_keep_request_order_when_some_commands_cross_shards(cluster) -> None:
+    """On the shared port, a SET for the other shard's key while that shard's loop is
+    blocked (so the SET waits there), then 20 GETs of this shard's keys, each in a
+    socket read of its own while the SET still waits: the GETs could be answered at
+    once, but their replies follow the SET's (replies come back in request order)."""
+    group, config = cluster
+    with socket.create_connection(("127.0.0.1", config.shared_port), timeout=10) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.sendall(b"*1\r\n$4\r\nINFO\r\n")
+        port = int(s.recv(65536).decode().split("tcp_port:")[1].split()[0])
+        here = config.shard_ports.index(port)  # the shard that accepted this connection
+        keys = (f"o{i}" for i in range(2000))
+        local = [k for k in keys if key_slot(k.encode()) * 2 // 16384 == here][:20]
+        remote = next(
+            f"r{i}" for i in range(100) if key_slot(f"r{i}".encode()) * 2 // 16384 != here
+        )
+        s.sendall(b"".join(_command(b"SET", k, "v" + k) for k in local))
+        assert _read_reply_bytes(s, 5 * len(local)) == b"+OK\r\n" * len(local)
+        hops = sum(c["hops"] for c in counters(group))
+        stall = group.submit(1 - here, time.sleep, 1.0)  # the other shard's loop blocks
+        time.sleep(0.1)
+        s.sendall(_command(b"SET", remote, "far"))
+        time.sleep(0.05)
+        for k in local:
+            s.sendall(_command(b"GET", k))
+            time.sleep(0.01)
+        expected = b"+OK\r\n" + b"".join(
+            b"$%d\r\nv%s\r\n" % (len(k) + 1, k.encode()) for k in local
+        )
+        assert _read_reply_bytes(s, len(expected)) == expected
+        stall.result(10)
+    assert sum(c["hops"] for c in counters(group)) - hops == 1  # the SET crossed
+
+
+def _command(*args: bytes | str) -> bytes:
+    parts = [a.encode() if isinstance(a, str) else a for a in args]
+    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in parts)
+
+
+def _read_reply_bytes(s: socket.socket, size: int) -> bytes:
+    reply = b""
+    while len(reply) < size:
+        chunk = s.recv(65536)
+        assert chunk, f"connection closed after {len(reply)} bytes"
+        reply += chunk
+    return reply
+
+
+def test_redis_benchmark_runs_against_the_shard_ports_in_cluster_mode(cluster) -> None:
+    """redis-benchmark --cluster reads CLUSTER NODES, CONFIG GET and then sends every
+    key to its owner: it reports a rate for SET and GET, and no command hopped."""
+    if shutil.which("redis-benchmark") is None:
+        pytest.skip("redis-benchmark (Debian redis-tools) is not installed")
+    group, config = cluster
+    before = counters(group)
+    done = subprocess.run(
+        ["redis-benchmark", "-p", str(config.shard_ports[0]), "--cluster", "-t", "set,get",
+         "-n", "2000", "-c", "4", "-q"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert "Could not fetch" not in done.stdout + done.stderr, done.stdout + done.stderr
+    out = done.stdout.replace("\r", "\n")
+    assert "SET:" in out and "GET:" in out and "requests per second" in out, out + done.stderr
+    after = counters(group)
+    assert [a["hops"] - b["hops"] for a, b in zip(after, before, strict=True)] == [0, 0]
+    assert all(a["commands"] - b["commands"] >= 1000 for a, b in zip(after, before, strict=True))

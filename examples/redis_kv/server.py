@@ -12,8 +12,9 @@ Connections run on the connection core (``shardio.net``), the OSD's too:
 every command one socket read delivered is decoded at once, replies leave
 in request order in one write per pass, and a client that pipelines without
 reading its replies is stopped by the core's limits. The commands
-themselves touch only this shard's memory, so they run in the loop, not on
-a tame stack.
+themselves touch only this shard's memory, so they are answered in the loop
+as they arrive (the core's ``answer``), not on a tame stack; only a command
+for another shard's keys is admitted, sent and completed later.
 
 Safe by default, like Redis's protected mode: it binds loopback, and
 refuses another address unless a password is set (``AUTH``/``HELLO ... AUTH``).
@@ -151,6 +152,7 @@ COMMANDS: dict[bytes, Command] = {
     b"PING": Command(-1, ("fast",), 0, 0, 0, "local"),
     b"ECHO": Command(2, ("fast",), 0, 0, 0, "local"),
     b"QUIT": Command(-1, ("fast",), 0, 0, 0, "local"),
+    b"CONFIG": Command(-2, ("admin",), 0, 0, 0, "local"),
     b"SELECT": Command(2, ("fast",), 0, 0, 0, "local"),
     b"AUTH": Command(-2, ("fast", "no-auth"), 0, 0, 0, "local"),
     b"HELLO": Command(-1, ("fast", "no-auth"), 0, 0, 0, "local"),
@@ -175,6 +177,10 @@ COMMANDS: dict[bytes, Command] = {
     b"DEL": Command(-2, ("write",), 1, -1, 1, "multi"),
     b"EXISTS": Command(-2, ("readonly", "fast"), 1, -1, 1, "multi"),
 }
+
+
+#: what CONFIG GET reports (exact names, no patterns): this server keeps nothing on disk
+CONFIG_PARAMETERS = {b"save": b"", b"appendonly": b"no"}
 
 
 def key_call(name: bytes, args: list[bytes], null: bytes) -> tuple[str, tuple[Any, ...]]:
@@ -204,6 +210,7 @@ class RedisConnection(TameBatchConnection):
     """One client connection: RESP2 in, replies in request order."""
 
     ordered = True
+    inline = True  # every command on this shard's keys is answered in the loop
     service: RedisNode
 
     def __init__(self, node: RedisNode, *, cluster: bool) -> None:
@@ -213,6 +220,8 @@ class RedisConnection(TameBatchConnection):
         self.authenticated = node.config.password is None
         self.name = b""
         self.null = resp.NULL  # resp.NULL3 once the client said HELLO 3
+        self.keys = node.keys
+        self.single_shard = node.shards == 1  # (then every key is this shard's)
 
     # -- the core's hooks ------------------------------------------------------------
 
@@ -239,28 +248,50 @@ class RedisConnection(TameBatchConnection):
             return [resp.error(f"ERR {type(error).__name__}: {error}")]
         return [result]
 
-    def start(self, entry: Entry) -> None:
-        command: list[bytes] = entry.request
+    def answer(self, command: list[bytes]) -> bytes | None:
+        """The reply, if this shard can give it now: every command but those whose keys
+        live on another shard (plain mode) and DBSIZE/FLUSHALL, which ask every shard."""
         name = command[0].upper()
         spec = COMMANDS.get(name)
         if spec is None:
             args = " ".join(f"'{a.decode(errors='replace')}'" for a in command[1:5])
-            self.complete(entry, [resp.error(
+            return resp.error(
                 f"ERR unknown command '{command[0].decode(errors='replace')}', "
-                f"with args beginning with: {args}")])  # fmt: skip
-            return
+                f"with args beginning with: {args}")  # fmt: skip
         if (spec.arity > 0 and len(command) != spec.arity) or len(command) < -spec.arity:
-            self.complete(entry, [resp.error(
-                f"ERR wrong number of arguments for '{name.decode().lower()}' command")])  # fmt: skip
-            return
+            return resp.error(
+                f"ERR wrong number of arguments for '{name.decode().lower()}' command")  # fmt: skip
         if not self.authenticated and "no-auth" not in spec.flags and name != b"QUIT":
-            self.complete(entry, [resp.error("NOAUTH Authentication required.")])
+            return resp.error("NOAUTH Authentication required.")
+        kind = spec.kind
+        if kind == "key":
+            if self.single_shard:
+                method, args = key_call(name, command, self.null)
+                return getattr(self.keys, method)(*args)  # type: ignore[no-any-return]
+            slot, owner = self._owner(command[1])
+            if owner == self.service.shard_id:
+                method, args = key_call(name, command, self.null)
+                return getattr(self.keys, method)(*args)  # type: ignore[no-any-return]
+            return self._moved(slot, owner) if self.cluster else None
+        if kind == "local":
+            return self._local(name, command)
+        if kind == "multi":
+            return self._many_keys_here(name, command)
+        return None  # "all"
+
+    def start(self, entry: Entry) -> None:
+        command: list[bytes] = entry.request
+        reply = self.answer(command)
+        if reply is not None:
+            self.complete(entry, [reply])
             return
-        if spec.kind == "local":
-            self.complete(entry, [self._local(name, command)])
-        elif spec.kind == "key":
-            self._one_key(entry, name, command)
-        elif spec.kind == "multi":
+        name = command[0].upper()
+        kind = COMMANDS[name].kind
+        if kind == "key":
+            _, owner = self._owner(command[1])
+            method, args = key_call(name, command, self.null)
+            self._send(entry, owner, lambda f: self._sent_done(entry, f), method, *args)
+        elif kind == "multi":
             self._many_keys(entry, name, command)
         else:
             self._every_shard(entry, name)
@@ -276,16 +307,6 @@ class RedisConnection(TameBatchConnection):
 
     def _moved(self, slot: int, owner: int) -> bytes:
         return b"-MOVED %d %s\r\n" % (slot, self.service.address(owner))
-
-    def _one_key(self, entry: Entry, name: bytes, command: list[bytes]) -> None:
-        slot, owner = self._owner(command[1])
-        method, args = key_call(name, command, self.null)
-        if owner == self.service.shard_id:
-            self.complete(entry, [getattr(self.service.keys, method)(*args)])
-        elif self.cluster:
-            self.complete(entry, [self._moved(slot, owner)])
-        else:
-            self._send(entry, owner, lambda f: self._sent_done(entry, f), method, *args)
 
     def _send(
         self,
@@ -309,27 +330,45 @@ class RedisConnection(TameBatchConnection):
         else:
             self.complete(entry, [future.result()])
 
+    def _many_keys_here(self, name: bytes, command: list[bytes]) -> bytes | None:
+        """MGET/MSET/DEL/EXISTS when every key is this shard's (or a refusal: CROSSSLOT,
+        MOVED); None when some key lives on another shard (plain mode)."""
+        if name == b"MSET" and len(command) % 2 == 0:
+            return resp.error("ERR wrong number of arguments for 'mset' command")
+        keys = command[1::2] if name == b"MSET" else command[1:]
+        node = self.service
+        if node.shards > 1:
+            slots = set()
+            owners = set()
+            for key in keys:
+                slot, owner = self._owner(key)
+                slots.add(slot)
+                owners.add(owner)
+            if self.cluster:
+                if len(slots) > 1:
+                    return resp.error("CROSSSLOT Keys in request don't hash to the same slot")
+                if owner != node.shard_id:
+                    return self._moved(slot, owner)
+            elif owners != {node.shard_id}:
+                return None
+        space = node.keys
+        if name == b"MGET":
+            return resp.array(space.get_many(keys, self.null))
+        if name == b"MSET":
+            space.set_many(list(zip(command[1::2], command[2::2], strict=True)))
+            return resp.OK
+        if name == b"DEL":
+            return resp.integer(space.delete_many(keys))
+        return resp.integer(space.exists_many(keys))
+
     def _many_keys(self, entry: Entry, name: bytes, command: list[bytes]) -> None:
+        """A multi-key command (plain mode) with keys on several shards: each shard's
+        part where it lives, put back in key order."""
         step = 2 if name == b"MSET" else 1
-        if step == 2 and len(command) % 2 == 0:
-            self.complete(entry, [resp.error("ERR wrong number of arguments for 'mset' command")])
-            return
         keys = command[1::step]
         owners: dict[int, list[int]] = {}  # shard -> positions of its keys
-        slots = set()
         for position, key in enumerate(keys):
-            slot, owner = self._owner(key)
-            slots.add(slot)
-            owners.setdefault(owner, []).append(position)
-        if self.cluster:
-            if len(slots) > 1:
-                self.complete(entry, [resp.error(
-                    "CROSSSLOT Keys in request don't hash to the same slot")])  # fmt: skip
-                return
-            ((owner, _),) = owners.items()
-            if owner != self.service.shard_id:
-                self.complete(entry, [self._moved(slots.pop(), owner)])
-                return
+            owners.setdefault(self._owner(key)[1], []).append(position)
         gather = _Gather(self, entry, name, len(keys), len(owners))
         for owner, positions in owners.items():
             if name == b"MSET":
@@ -371,6 +410,11 @@ class RedisConnection(TameBatchConnection):
         if name == b"QUIT":
             self.close_after_replies_soon()
             return resp.OK
+        if name == b"CONFIG":  # (redis-benchmark asks for "save" and "appendonly")
+            if args[0].upper() == b"GET" and len(args) == 2:
+                value = CONFIG_PARAMETERS.get(args[1].lower())
+                return resp.array([] if value is None else [resp.bulk(args[1]), resp.bulk(value)])
+            return resp.error(f"ERR unknown subcommand '{args[0].decode(errors='replace')}'")
         if name == b"SELECT":
             return resp.OK if args[0] == b"0" else resp.error("ERR DB index is out of range")
         if name == b"AUTH":

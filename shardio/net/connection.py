@@ -18,6 +18,14 @@ starts until the loop has run. The replies of one pass leave in one write;
 ``end_of_pass`` lets the protocol record the pass's statistics in one go
 just before it.
 
+A request the protocol can answer at once, in the loop, without blocking
+and without holding anything (a command on an in-memory table, a PING) is
+not admitted at all when the connection has nothing in flight: a protocol
+with ``inline = True`` answers it in ``answer`` and its reply joins the
+pass's write directly (no entry, no charge, nothing to track or release),
+which costs what a plain ``asyncio.Protocol`` pays. The first request it
+cannot answer so, and every one behind it, takes the full path above.
+
 Replies go out as they complete (a protocol whose replies carry a request
 id) or, with ``ordered = True``, in request order (a protocol without ids:
 each reply waits for those before it).
@@ -40,7 +48,7 @@ import logging
 import socket
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -60,6 +68,7 @@ __all__ = [
 log = logging.getLogger("shardio.net")
 
 _perf_counter = time.perf_counter
+_JOIN_LIMIT = 256 << 10  # a pass's replies up to this size are joined into one buffer
 
 
 @dataclass(frozen=True)
@@ -130,11 +139,13 @@ class TameBatchConnection(asyncio.Protocol):
 
     Override ``feed`` (decode, then ``admit_all`` the requests), ``charge``,
     ``start``, ``execute`` and ``finish``; optionally ``feed_eof``,
-    ``details`` and ``end_of_pass``.
+    ``details`` and ``end_of_pass``, and ``answer`` with ``inline = True``.
     """
 
     #: replies in request order (protocols without request ids), else as they complete
     ordered: ClassVar[bool] = False
+    #: ``answer`` is asked first for each request that arrives with nothing in flight
+    inline: ClassVar[bool] = False
 
     def __init__(self, service: Service) -> None:
         self.service = service
@@ -163,6 +174,7 @@ class TameBatchConnection(asyncio.Protocol):
         self._stack_wanted = False  # a task waits for a tame stack to run self.local
         self._current: Entry | None = None  # the entry a stack is running now
         self._waiting = service.waiting.entries  # (read on every completion: empty is cheap)
+        self._records_passes = type(self).end_of_pass is not TameBatchConnection.end_of_pass
 
     # -- the protocol: override these ---------------------------------------------
 
@@ -191,6 +203,11 @@ class TameBatchConnection(asyncio.Protocol):
         """The reply to a request run here (or sent elsewhere): its encoded parts."""
         raise NotImplementedError
 
+    def answer(self, request: Any) -> bytes | None:
+        """With ``inline = True``: ``request``'s encoded reply if it can be given now, in
+        the loop (no blocking, nothing held, no other shard); None to admit it."""
+        return None
+
     def details(self, request: Any) -> dict[str, Any]:
         """What a dump of waiting requests says about ``request``."""
         return {}
@@ -205,9 +222,35 @@ class TameBatchConnection(asyncio.Protocol):
         """A decoded request: start it, or hold it back while the limits are reached."""
         self.admit_all((request,))
 
-    def admit_all(self, requests: Iterable[Any]) -> None:
+    def admit_all(self, requests: Sequence[Any]) -> None:
         """Every request one socket read completed, in order: ``admit`` each (one
         clock read for all of them: they arrived together)."""
+        if self.inline and not self.inflight and not self.backlog and not self.write_paused:
+            # Nothing in flight: these replies are next in order. Answer while the
+            # protocol can; the rest, from the first it cannot, take the path below.
+            answer = self.answer
+            out = self._out
+            size = self._out_bytes
+            for index, request in enumerate(requests):
+                reply = answer(request)
+                if reply is None:
+                    requests = requests[index:]
+                    break
+                out.append(reply)
+                size += len(reply)
+                if size >= self.high_water:
+                    self._out_bytes = size
+                    self._flush()  # see _queue
+                    size = 0
+                    if self.closing:
+                        return
+                    if self.write_paused:  # the peer does not read: hold the rest back
+                        requests = requests[index + 1 :]
+                        break
+            else:
+                self._out_bytes = size
+                return
+            self._out_bytes = size
         started = _perf_counter()
         charge = self.charge
         start = self.start
@@ -360,7 +403,15 @@ class TameBatchConnection(asyncio.Protocol):
         if self.closing:
             self._in_pass = False
             return
-        self._settle()
+        if self.local or self.backlog or self.reading_paused or self.write_paused or self.eof:
+            self._settle()
+            return
+        # (what _settle does when nothing waits: the pass's statistics, its one write)
+        self._in_pass = False
+        if self._records_passes:
+            self.end_of_pass()
+        if self._out:
+            self._flush()
 
     def eof_received(self) -> bool:
         """The peer shut down its sending side: finish the requests in flight, then close."""
@@ -544,12 +595,15 @@ class TameBatchConnection(asyncio.Protocol):
             out.clear()
             self._out_bytes = 0
             return
-        self.stats.bytes_sent += self._out_bytes
+        size = self._out_bytes
+        self.stats.bytes_sent += size
         self._out_bytes = 0
         if len(out) == 1:
             transport.write(out[0])
+        elif size <= _JOIN_LIMIT:
+            transport.write(b"".join(out))  # one buffer: cheaper than writelines' several
         else:
-            transport.writelines(out)
+            transport.writelines(out)  # (big payloads: no copy)
         out.clear()
 
     def __repr__(self) -> str:
