@@ -33,7 +33,6 @@ import concurrent.futures
 import contextlib
 import logging
 import os
-import pickle
 import select
 import threading
 import time
@@ -43,12 +42,20 @@ from typing import Any
 
 from .attach_protocol import LINK_FAILED_REQUEST
 from .errors import GroupStateError, RemoteError, ShardDied
-from .fabric._ring import Flag
+from .fabric._ring import Flag, any_ready
 from .fabric.doorbell import Doorbell
 from .fabric.endpoint import EndpointSegment
 from .fabric.link import DEFAULT_MAX_BYTES, DEFAULT_MAX_CALLS, Link
 from .fabric.mesh import Mesh
-from .fabric.messages import HEADER, REPLY_ERROR, REPLY_OK, decode_error, encode_request
+from .fabric.messages import (
+    HEADER,
+    REPLY_ERROR,
+    REPLY_OK,
+    RESULT,
+    decode_error,
+    decode_result,
+    encode_request,
+)
 
 log = logging.getLogger("shardio.group")
 
@@ -56,6 +63,13 @@ _unpack_header = HEADER.unpack_from
 _HEADER_SIZE = HEADER.size
 _perf_counter = time.perf_counter
 _get_ident = threading.get_ident
+_InvalidStateError = concurrent.futures.InvalidStateError
+_REPLY_KINDS = frozenset({REPLY_OK, RESULT, REPLY_ERROR})
+_NO_FUNCTIONS: dict[int, Any] = {}
+"""An endpoint's function table for Ring.dispatch: it runs no calls (one that arrives
+goes to ``_complete``, which drops it)."""
+BATCH = 256
+"""Messages one dispatch takes from one ring at most."""
 
 DEFAULT_CALL_POLL_US = 200.0
 """How long a caller waiting for its reply polls the rings itself, by default, after the
@@ -64,6 +78,20 @@ SPIN_SECONDS = 20e-6
 """How long one poll callback of an asyncio loop polls before it lets the loop run again."""
 STALE_POLLER = 0.005
 """A poller that has not polled for this long is taken over by the receiver thread."""
+
+
+def _refuse_call(request_id: int, func: Callable, args: tuple) -> None:
+    """Ring.dispatch's ``on_call`` for an endpoint: never called (no function table)."""
+    raise AssertionError("an endpoint was asked to run a call")
+
+
+def _fail_waiting(failed: list[tuple[concurrent.futures.Future, Exception]]) -> None:
+    """Fail the calls that could not be sent (outside the lock: callbacks may submit)."""
+    for future, error in failed:
+        try:
+            future.set_exception(error)
+        except _InvalidStateError:
+            pass
 
 
 def _peer_died(shard: int, detail: str) -> None:
@@ -82,6 +110,17 @@ class PolledFuture(concurrent.futures.Future):
     """
 
     _endpoint: OwnerEndpoint | None = None
+    settled = False
+    """Set once the result or the exception is in: what a polling caller checks
+    (cheaper than ``done()``, which takes the future's condition)."""
+
+    def set_result(self, result: Any) -> None:
+        super().set_result(result)
+        self.settled = True
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        super().set_exception(exception)
+        self.settled = True
 
     def result(self, timeout: float | None = None) -> Any:
         endpoint = self._endpoint
@@ -219,9 +258,13 @@ class _LoopDriver:
             return
         self.polls += 1
         now = self.heartbeat = _perf_counter()
+        if endpoint.sleeping.is_set():
+            # The receiver thread took the rings over while this loop did not poll (it
+            # was descheduled or busy) and set the flag: shards need not ring again.
+            endpoint.sleeping.clear()
+        poll_once = endpoint.poll_once
         if self.calls:
             spin_end = min(now + SPIN_SECONDS, self.last_work + self.window)
-            poll_once = endpoint.poll_once
             while True:
                 if poll_once():
                     self.last_work = now = _perf_counter()
@@ -229,9 +272,14 @@ class _LoopDriver:
                 now = _perf_counter()
                 if now >= spin_end:
                     break
-            if self.calls and now - self.last_work < self.window:
-                self.loop.call_soon(self._poll)
-                return
+        elif poll_once():  # nothing of ours in flight: one look per loop iteration
+            self.last_work = now
+        # The window runs from the last reply, not the last call in flight: a loop
+        # that calls again right after a reply finds the poll running (no sleeping
+        # flag to clear, no receiver thread to poke).
+        if now - self.last_work < self.window:
+            self.loop.call_soon(self._poll)
+            return
         self.polling = False
         endpoint.pollers.pop(self, None)
         endpoint.stop_polling()
@@ -292,6 +340,7 @@ class OwnerEndpoint:
                  on_death: Callable[[int, str], None] | None = None,
                  name: str = "owner", call_poll_us: float = DEFAULT_CALL_POLL_US) -> None:
         self.shard_count = len(links)
+        self.name = name
         self.call_poll_seconds = call_poll_us / 1e6
         self.consume_lock = threading.RLock()
         """Held by whoever takes messages off the inbound rings (one consumer at a time)."""
@@ -305,6 +354,11 @@ class OwnerEndpoint:
         """Messages the receiver thread took off the rings (the rest, their callers did)."""
         self.max_message_bytes = max_message_bytes
         self.links = links
+        self.inbound_rings = tuple(link.inbound for link in links)
+        self.backlogged = False
+        """Some link has a backlog to flush (its outbound ring was full)."""
+        self._receivers = [(link, link.inbound.dispatch, self._reply_handler(link))
+                           for link in links]
         self.alive = alive or []
         self.is_owner = alive is not None
         self.sleeping = sleeping
@@ -404,11 +458,7 @@ class OwnerEndpoint:
                 link.bound_waits += 1
                 return
             self._send_call(link, future, func, args, kwargs)
-        for waiting_future, error in failed:  # outside the lock, as _admit does
-            try:
-                waiting_future.set_exception(error)
-            except concurrent.futures.InvalidStateError:
-                pass
+        _fail_waiting(failed)  # outside the lock, as _admit does
 
     def _send_call(self, link: Link, future: concurrent.futures.Future, func: Callable,
                    args: tuple, kwargs: dict | None) -> None:
@@ -418,17 +468,14 @@ class OwnerEndpoint:
         payload = encode_request(request_id, func, args, kwargs, f"shard {link.peer}",
                                  link.interned, self.max_message_bytes)
         link.pending[request_id] = future
-        link.send(payload)
+        if link.send(payload):
+            self.backlogged = True
 
     def _admit(self, link: Link) -> None:
         """Send waiting calls, oldest first, while the bound allows (receiver thread)."""
         with self.lock:
             failed = self._admit_locked(link)
-        for future, error in failed:  # outside the lock: callbacks may submit again
-            try:
-                future.set_exception(error)
-            except concurrent.futures.InvalidStateError:
-                pass
+        _fail_waiting(failed)
 
     def _admit_locked(self, link: Link) -> list[tuple[concurrent.futures.Future, Exception]]:
         """Send waiting calls that have room (under the lock); those that failed to go."""
@@ -453,6 +500,8 @@ class OwnerEndpoint:
 
     def poll_once(self) -> bool:
         """Take what the inbound rings hold, unless another thread is at it; True if any."""
+        if not self.backlogged and not any_ready(self.inbound_rings):
+            return False  # the common case while a caller spins: one C call, no lock
         lock = self.consume_lock
         if not lock.acquire(blocking=False):
             return False
@@ -488,11 +537,12 @@ class OwnerEndpoint:
         try:
             end = poller.heartbeat + window
             poll_once = self.poll_once
-            while not future.done():
-                poll_once()
-                now = poller.heartbeat = _perf_counter()
-                if now >= end:
-                    break
+            # ``settled`` rather than done(): done() takes the future's condition.
+            while not future.settled:
+                if not poll_once():
+                    now = poller.heartbeat = _perf_counter()
+                    if now >= end or future.cancelled():
+                        break
         finally:
             self.pollers.pop(poller, None)
             self.stop_polling()
@@ -592,37 +642,70 @@ class OwnerEndpoint:
             for shard, detail in deaths:
                 self._shard_died(shard, detail)
 
+    def _reply_handler(self, link: Link) -> Callable[[bytes], None]:
+        """What Ring.dispatch calls for a message it does not resolve itself (a pickled
+        result, an error, the shard's notice that it dropped this endpoint's link)."""
+        complete = self._complete
+
+        def on_message(message: bytes) -> None:
+            try:
+                complete(link, message)
+            except Exception:  # one bad reply must not stop the receiver
+                log.exception("the owner could not handle a reply of %d bytes from shard %d",
+                              len(message), link.peer)
+
+        return on_message
+
     def _drain(self) -> bool:
+        """Take the replies off every inbound ring (the caller holds ``consume_lock``).
+
+        ``Ring.dispatch`` resolves a compact result's future in C: it pops the
+        future from ``link.pending`` (a dict operation, atomic under the GIL: the
+        submitting threads only add to it, under ``self.lock``) and sets its result.
+        """
+        if self.closed:
+            return False
         did = False
-        for link in self.links:
-            messages = link.inbound.get(256)
-            if messages is None:
+        for link, dispatch, on_message in self._receivers:
+            while True:
+                try:
+                    got = dispatch(BATCH, link.pending, _NO_FUNCTIONS, _refuse_call, on_message)
+                except _InvalidStateError:
+                    # Another thread finished the future first (a death or close
+                    # failed it; the caller cancelled it): the message was consumed.
+                    did = True
+                    continue
+                break
+            if got is None:
                 continue
             did = True
             if link.inbound.take_space_waiter():
                 link.wake_peer()
-            link.received_messages += len(messages)
-            link.received_bytes += sum(map(len, messages))
-            for message in messages:
-                try:
-                    self._complete(link, message)
-                except Exception:  # one bad reply must not stop the receiver
-                    log.exception("the owner could not handle a reply of %d bytes from shard %d",
-                                  len(message), link.peer)
-            if link.waiting:
-                self._admit(link)
-        for link in self.links:
-            if link.backlog:
-                with self.lock:
-                    moved = link.flush()
-                if moved:
-                    did = True
-                    if link.waiting:
-                        self._admit(link)
+            # A submitter that saw no room before the dispatch freed some may be about
+            # to hold its call back: the lock orders us after it, so it is admitted.
+            with self.lock:
+                failed = self._admit_locked(link) if link.waiting else []
+            _fail_waiting(failed)
+        if self.backlogged:
+            self.backlogged = False
+            for link in self.links:
+                if link.backlog:
+                    with self.lock:
+                        moved = link.flush()
+                        if link.backlog:
+                            self.backlogged = True
+                    if moved:
+                        did = True
+                        if link.waiting:
+                            self._admit(link)
         return did
 
     def _complete(self, link: Link, message: bytes) -> None:
         kind, request_id = _unpack_header(message)
+        if kind not in _REPLY_KINDS:
+            log.error("the %s endpoint dropped a message of kind %d from shard %d: endpoints "
+                      "take only replies", self.name, kind, link.peer)
+            return
         with self.lock:
             future = link.pending.pop(request_id, None)
         if future is None:
@@ -633,17 +716,17 @@ class OwnerEndpoint:
             return
         body = memoryview(message)[_HEADER_SIZE:]
         try:
-            if kind == REPLY_OK:
+            if kind in (REPLY_OK, RESULT):
                 try:
-                    value = pickle.loads(body)
+                    value = decode_result(kind, body)
                 except Exception as error:
                     future.set_exception(RemoteError(
-                        f"the result from shard {link.peer} could not be unpickled: {error!r}"))
+                        f"the result from shard {link.peer} could not be decoded: {error!r}"))
                 else:
                     future.set_result(value)
-            elif kind == REPLY_ERROR:
+            else:
                 future.set_exception(decode_error(body))
-        except concurrent.futures.InvalidStateError:
+        except _InvalidStateError:
             pass  # the caller cancelled it
 
     def _shard_died(self, shard: int, detail: str) -> None:
@@ -697,8 +780,9 @@ class OwnerEndpoint:
                 future.set_exception(ShardDied(-1, reason))
             except concurrent.futures.InvalidStateError:
                 pass
-        for link in self.links:
-            link.close()
+        with self.consume_lock:  # no poller is in the middle of a dispatch
+            for link in self.links:
+                link.close()
         for flag in self.alive:
             flag.close()
         self.sleeping.close()
