@@ -36,13 +36,14 @@ import os
 import select
 import threading
 import time
+import types
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from .attach_protocol import LINK_FAILED_REQUEST
 from .errors import GroupStateError, RemoteError, ShardDied
-from .fabric._ring import Flag, any_ready
+from .fabric._ring import Flag, any_ready, encode_call as _encode_call
 from .fabric.doorbell import Doorbell
 from .fabric.endpoint import EndpointSegment
 from .fabric.link import DEFAULT_MAX_BYTES, DEFAULT_MAX_CALLS, Link
@@ -64,6 +65,7 @@ _HEADER_SIZE = HEADER.size
 _perf_counter = time.perf_counter
 _get_ident = threading.get_ident
 _InvalidStateError = concurrent.futures.InvalidStateError
+_INTERNABLE = frozenset({types.FunctionType, types.BuiltinFunctionType})
 _REPLY_KINDS = frozenset({REPLY_OK, RESULT, REPLY_ERROR})
 _NO_FUNCTIONS: dict[int, Any] = {}
 """An endpoint's function table for Ring.dispatch: it runs no calls (one that arrives
@@ -166,7 +168,9 @@ class _LoopCall:
         driver = self.driver
         if _get_ident() == driver.thread_id:
             driver.calls.discard(self)
-            if not self.future.done():
+            if driver.deferring:  # the loop's poll resolves it once the rings are let go
+                driver.resolved.append((self.future, value))
+            elif not self.future.done():
                 self.future.set_result(value)
         else:
             driver.deliver_threadsafe(self, value, None)
@@ -212,6 +216,16 @@ class _LoopDriver:
         """Poll callbacks run (each spins at most SPIN_SECONDS)."""
         self.hops = 0
         """Replies another thread took off the ring for this loop (call_soon_threadsafe)."""
+        self.eager = 0
+        """Replies whose awaiting task this loop's poll resumed at once (no loop iteration)."""
+        self.deferring = False
+        self.resolved: list[tuple[asyncio.Future, Any]] = []
+        """Replies this loop's poll took, to resolve after it lets the rings go."""
+        # Eager wake-up shadows loop.call_soon with an instance attribute for the length
+        # of one set_result (Ring.resolve_eagerly): only for a loop whose class allows
+        # it (asyncio's own; not uvloop's), and only while nothing else shadows it.
+        self.loop_attributes: dict | None = getattr(loop, "__dict__", None)
+        self.resolve_eagerly = endpoint.links[0].inbound.resolve_eagerly
 
     def gone(self) -> bool:
         return self.loop.is_closed()
@@ -266,9 +280,16 @@ class _LoopDriver:
         if self.calls:
             spin_end = min(now + SPIN_SECONDS, self.last_work + self.window)
             while True:
-                if poll_once():
+                self.deferring = True
+                try:
+                    did = poll_once()
+                finally:
+                    self.deferring = False
+                if did:
                     self.last_work = now = _perf_counter()
-                    break  # let the loop run what the replies woke
+                    if not self.resolved or not self._resolve() or not self.calls:
+                        break  # let the loop run what the replies woke
+                    # Every task woken has run already and called again: keep polling.
                 now = _perf_counter()
                 if now >= spin_end:
                     break
@@ -290,6 +311,28 @@ class _LoopDriver:
         elif self.reading:
             self.reading = False
             self.loop.remove_reader(self.reader_fd)
+
+    def _resolve(self) -> bool:
+        """Resolve the replies the poll took (outside the consume lock: a task resumed
+        here may do anything); True if every awaiting task resumed at once."""
+        resolved, self.resolved = self.resolved, []
+        attributes = self.loop_attributes
+        eager = attributes is not None and "call_soon" not in attributes
+        for future, value in resolved:
+            if future.done():
+                continue  # cancelled meanwhile
+            if eager:
+                self.eager += 1
+                try:
+                    self.resolve_eagerly(self.loop, future, value)
+                    continue
+                except Exception:  # the loop refused the shadow: resolve it plainly
+                    log.exception("eager wake-up failed; the reply is delivered plainly")
+                    eager = False
+                    if future.done():
+                        continue
+            future.set_result(value)
+        return eager
 
     def _start_reading(self) -> None:
         self.reading = True
@@ -462,11 +505,17 @@ class OwnerEndpoint:
 
     def _send_call(self, link: Link, future: concurrent.futures.Future, func: Callable,
                    args: tuple, kwargs: dict | None) -> None:
-        """Pickle and send one call (under the lock)."""
+        """Encode and send one call (under the lock)."""
         request_id = self._next_request_id
         self._next_request_id = request_id + 1
-        payload = encode_request(request_id, func, args, kwargs, f"shard {link.peer}",
-                                 link.interned, self.max_message_bytes)
+        # The common call, as a shard sends it: an interned function and plain positional
+        # arguments go compact (encode_call answers None otherwise); the rest, and every
+        # function's first call (which interns it), through encode_request.
+        number = link.interned.get(func) if not kwargs and type(func) in _INTERNABLE else None
+        payload = _encode_call(request_id, number, args) if number is not None else None
+        if payload is None or len(payload) > self.max_message_bytes:
+            payload = encode_request(request_id, func, args, kwargs, f"shard {link.peer}",
+                                     link.interned, self.max_message_bytes)
         link.pending[request_id] = future
         if link.send(payload):
             self.backlogged = True
@@ -523,8 +572,9 @@ class OwnerEndpoint:
         """A poller stops: set the sleeping flag, then drain once more (the sleep
         protocol), so a reply published from now on rings the doorbell."""
         self.sleeping.set()
-        with self.consume_lock:
-            self._drain()
+        if self.backlogged or any_ready(self.inbound_rings):
+            with self.consume_lock:
+                self._drain()
 
     def poll_until_done(self, future: concurrent.futures.Future, timeout: float | None) -> None:
         """Poll the rings from the calling thread until ``future`` is done, for at most
@@ -552,9 +602,12 @@ class OwnerEndpoint:
 
     def loop_counters(self, loop: asyncio.AbstractEventLoop) -> dict[str, int]:
         """How ``loop`` took its replies: poll callbacks run, replies handed over by
-        another thread (``hops``); zeros for a loop that never called."""
+        another thread (``hops``), replies whose task resumed inside the poll
+        (``eager``); zeros for a loop that never called."""
         driver = self._drivers.get(loop)
-        return {"polls": driver.polls if driver else 0, "hops": driver.hops if driver else 0}
+        if driver is None:
+            return {"polls": 0, "hops": 0, "eager": 0}
+        return {"polls": driver.polls, "hops": driver.hops, "eager": driver.eager}
 
     def _fresh_pollers(self) -> bool:
         """Is a poller still polling (receiver thread)?  Forgets the ones that are gone."""
@@ -681,11 +734,12 @@ class OwnerEndpoint:
             did = True
             if link.inbound.take_space_waiter():
                 link.wake_peer()
-            # A submitter that saw no room before the dispatch freed some may be about
-            # to hold its call back: the lock orders us after it, so it is admitted.
-            with self.lock:
-                failed = self._admit_locked(link) if link.waiting else []
-            _fail_waiting(failed)
+            # A submitter that saw the bound full before this dispatch made room may be
+            # about to hold its call back: the lock orders us after it, so it is admitted.
+            if link.waiting or len(link.pending) + got >= link.max_calls:
+                with self.lock:
+                    failed = self._admit_locked(link) if link.waiting else []
+                _fail_waiting(failed)
         if self.backlogged:
             self.backlogged = False
             for link in self.links:
