@@ -1,0 +1,137 @@
+"""The owner's endpoint takes its replies with Ring.dispatch: stress for its locking.
+
+``Ring.dispatch`` pops a reply's future from ``link.pending`` in C, outside the
+endpoint's lock, while submitting threads add to it under the lock, callers
+cancel their futures, and several threads and loops take turns as the rings'
+consumer.  These tests run all of that at once through a tight bound (two
+calls in flight per shard), so that calls are held back and admitted all the
+time: a lost admission hangs a call, a misdelivered reply shows as a wrong
+value, an exception escaping a dispatch (a future cancelled between its check
+and its result) stops the consumer that ran it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import sys
+import threading
+
+import external_functions as ef
+import pytest
+
+import shardio
+
+ROUNDS = int(os.environ.get("SHARDIO_STRESS_ROUNDS", "300"))
+
+
+def recording(errors: list[str], work):
+    """``work`` run by a thread, its exception (a consumer's, escaping a result())
+    recorded instead of lost with the thread."""
+
+    def run(*args):
+        try:
+            work(*args)
+        except BaseException as error:
+            errors.append(f"{work.__name__}{args}: {error!r}")
+
+    return run
+
+
+def test_threads_and_loops_through_a_tight_bound_lose_and_misdeliver_nothing(
+    frequent_switches, leak_check
+):
+    with shardio.ShardGroup(2, max_calls_per_peer=2) as group:
+        errors: list[str] = []
+
+        def thread_worker(tag: int) -> None:
+            for i in range(ROUNDS):
+                # A few at a time: most wait behind the bound, unpickled.
+                futures = [group.submit(j % 2, ef.echo, tag, i, j) for j in range(4)]
+                for j, future in enumerate(futures):
+                    try:
+                        reply = future.result(timeout=20)
+                    except concurrent.futures.TimeoutError:
+                        errors.append(f"thread {tag}: call {i}/{j} never completed")
+                        return
+                    if reply != (tag, i, j):
+                        errors.append(f"thread {tag}: call {i}/{j} got {reply}")
+
+        def loop_worker(tag: int) -> None:
+            async def main() -> None:
+                for i in range(ROUNDS):
+                    calls = [group.call(j % 2, ef.echo, tag, i, j) for j in range(4)]
+                    try:
+                        replies = await asyncio.wait_for(asyncio.gather(*calls), 20)
+                    except asyncio.TimeoutError:
+                        errors.append(f"loop {tag}: round {i} never completed")
+                        return
+                    for j, reply in enumerate(replies):
+                        if reply != (tag, i, j):
+                            errors.append(f"loop {tag}: call {i}/{j} got {reply}")
+
+            asyncio.run(main())
+
+        workers = [
+            threading.Thread(target=recording(errors, thread_worker), args=(tag,))
+            for tag in range(3)
+        ]
+        workers += [
+            threading.Thread(target=recording(errors, loop_worker), args=(tag,))
+            for tag in range(3, 5)
+        ]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(timeout=120)
+        assert not any(worker.is_alive() for worker in workers)
+        assert errors == []
+        assert group._owner.in_flight() == 0
+
+
+@pytest.fixture
+def frequent_switches():
+    """Threads take turns every microsecond: the races below show within seconds."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(interval)
+
+
+def test_futures_cancelled_while_their_replies_arrive_break_no_consumer(
+    frequent_switches, leak_check
+):
+    with shardio.ShardGroup(2, max_calls_per_peer=8) as group:
+        errors: list[str] = []
+        cancelled = [0]
+
+        def worker(tag: int) -> None:
+            for i in range(ROUNDS):
+                futures = [group.submit(j % 2, ef.echo, tag, i, j) for j in range(6)]
+                for future in futures[::2]:  # racing the replies: some are in already
+                    if future.cancel():
+                        cancelled[0] += 1
+                for j in range(1, 6, 2):
+                    try:
+                        reply = futures[j].result(timeout=20)
+                    except concurrent.futures.TimeoutError:
+                        errors.append(f"thread {tag}: call {i}/{j} never completed")
+                        return
+                    if reply != (tag, i, j):
+                        errors.append(f"thread {tag}: call {i}/{j} got {reply}")
+
+        workers = [
+            threading.Thread(target=recording(errors, worker), args=(tag,)) for tag in range(4)
+        ]
+        for worker_thread in workers:
+            worker_thread.start()
+        for worker_thread in workers:
+            worker_thread.join(timeout=120)
+        assert not any(worker_thread.is_alive() for worker_thread in workers)
+        assert errors == []
+        assert cancelled[0] > 0
+        # Every consumer survived: the receiver thread still delivers (no caller polls).
+        future = group.submit(1, ef.add, 40, 2)
+        assert concurrent.futures.wait([future], timeout=20).done == {future}
+        assert future.result() == 42
