@@ -64,7 +64,7 @@ def test_threads_and_loops_through_a_tight_bound_lose_and_misdeliver_nothing(
                     calls = [group.call(j % 2, ef.echo, tag, i, j) for j in range(4)]
                     try:
                         replies = await asyncio.wait_for(asyncio.gather(*calls), 20)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         errors.append(f"loop {tag}: round {i} never completed")
                         return
                     for j, reply in enumerate(replies):
