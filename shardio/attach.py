@@ -381,6 +381,7 @@ class ClientGuard:
         self.max_calls = limits.max_calls
         self.max_bytes = limits.max_bytes
         self.ring_dispatch = link.inbound.dispatch
+        self.ring_ready = link.inbound.ready
         self.held = 0
         """Polls that left the client's requests in its ring (its bounds were reached)."""
         self.failure = ""
@@ -389,6 +390,12 @@ class ClientGuard:
         """``Ring.dispatch`` within the client's bounds; a corrupt ring fails the link."""
         link = self.link
         if link.dead:
+            return None
+        try:
+            if not self.ring_ready():  # the common case: one C call, none of the sums below
+                return None
+        except (RuntimeError, ValueError) as error:
+            self.fail(str(error))
             return None
         running = link.received_messages - link.sent_messages  # a shard only replies to it
         if running >= self.max_calls or link.backlog_bytes >= self.max_bytes:

@@ -15,15 +15,21 @@ not to pickle fails its future instead of raising at ``submit``.
 
 Replies need no thread hop when their caller waits for them itself.  An
 asyncio loop that awaits :meth:`OwnerEndpoint.call` drains the inbound rings
-on its own thread while its calls are in flight, for at most
-``call_poll_us`` after the last reply it saw; past that window it sleeps on
-the doorbell through the loop's own ``add_reader``.  A thread blocked in
+on its own thread until ``call_poll_us`` have passed since the last reply it
+saw (on asyncio's own loop the reply resumes the awaiting task inside the
+poll, as a shard's replies do); past that window it sleeps on the doorbell
+through the loop's own ``add_reader`` while calls are in flight.  A thread blocked in
 ``future.result()`` polls the same way for the same window before it
 blocks.  While a caller polls, the endpoint's ``sleeping`` flag stays clear,
 so shards reply without a system call; a caller that stops polling sets the
 flag and drains once more (the sleep protocol of docs/design.md, section 4),
 and the receiver thread takes over the rings from a poller that stopped
 making progress (a loop that blocks, or closed) within ``STALE_POLLER``.
+
+Calls and replies cross as between shards: compact calls of interned
+functions, compact results, taken off the rings with ``Ring.dispatch`` (which
+resolves a compact result's future in C) by whichever of the above is the
+consumer; ``consume_lock`` makes it one at a time.
 """
 
 from __future__ import annotations
@@ -194,11 +200,14 @@ class _LoopCall:
 class _LoopDriver:
     """The rings, as drained by one asyncio loop for the calls it awaits.
 
-    While calls are in flight the loop polls (a callback that spins for up to
-    SPIN_SECONDS, then re-queues itself), until ``call_poll_seconds`` have
-    passed without a reply; then it sleeps on the doorbell with ``add_reader``
-    until the next ring, and polls again.  With no call in flight it does
-    nothing at all.
+    From a call on, the loop polls (a callback that spins for up to
+    SPIN_SECONDS while a call is in flight, looks once otherwise, then
+    re-queues itself) until ``call_poll_seconds`` have passed without a reply;
+    then, while calls are in flight, it sleeps on the doorbell with
+    ``add_reader`` until the next ring, and polls again.  Past the window with
+    no call in flight it does nothing at all.  Replies taken by the poll are
+    resolved after it lets the rings go (``resolved``), eagerly where the loop
+    allows: the awaiting task runs inside the poll, never under the consume lock.
     """
 
     def __init__(self, endpoint: OwnerEndpoint, loop: asyncio.AbstractEventLoop) -> None:
