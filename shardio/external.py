@@ -119,8 +119,8 @@ class PolledFuture(concurrent.futures.Future):
 
     _endpoint: OwnerEndpoint | None = None
     settled = False
-    """Set once the result or the exception is in: what a polling caller checks
-    (cheaper than ``done()``, which takes the future's condition)."""
+    """Set once the result or the exception is in, or the future is cancelled: what
+    a polling caller checks (``done()`` would take the future's condition)."""
 
     def set_result(self, result: Any) -> None:
         super().set_result(result)
@@ -129,6 +129,12 @@ class PolledFuture(concurrent.futures.Future):
     def set_exception(self, exception: BaseException | None) -> None:
         super().set_exception(exception)
         self.settled = True
+
+    def cancel(self) -> bool:
+        cancelled = super().cancel()
+        if cancelled:
+            self.settled = True
+        return cancelled
 
     def result(self, timeout: float | None = None) -> Any:
         endpoint = self._endpoint
@@ -600,7 +606,7 @@ class OwnerEndpoint:
             while not future.settled:
                 if not poll_once():
                     now = poller.heartbeat = _perf_counter()
-                    if now >= end or future.cancelled():
+                    if now >= end:
                         break
         finally:
             self.pollers.pop(poller, None)
