@@ -19,6 +19,7 @@ import sys
 import threading
 
 import external_functions as ef
+import fabric_functions as ff
 import pytest
 
 import shardio
@@ -135,3 +136,63 @@ def test_futures_cancelled_while_their_replies_arrive_break_no_consumer(
         future = group.submit(1, ef.add, 40, 2)
         assert concurrent.futures.wait([future], timeout=20).done == {future}
         assert future.result() == 42
+
+
+def test_an_owner_call_whose_arguments_fail_to_unpickle_does_not_poison_its_function(
+    leak_check,
+):
+    """The owner interns functions per link as shards do, and its later calls of an
+    interned function go compact: the first call's failure (it introduced the
+    function) must leave the function usable, from a thread and from a loop."""
+    with shardio.ShardGroup(2) as group:
+        with pytest.raises(shardio.CannotCrossError, match="refuses to be unpickled"):
+            group.submit(1, ff.add, ff.Unloadable(), 1).result(timeout=30)
+        assert group.submit(1, ff.add, 2, 3).result(timeout=30) == 5  # compact now
+
+        async def from_a_loop() -> list[int]:
+            return [await group.call(1, ff.add, i, 1) for i in range(3)]
+
+        assert asyncio.run(from_a_loop()) == [1, 2, 3]
+
+
+VALUES = [
+    None,
+    True,
+    0,
+    -(2**63),
+    2**64 + 1,
+    1.5,
+    float("inf"),
+    "",
+    "shard ü",
+    b"\x00\xff",
+    (),
+    (1, (2.5, "x", b"y"), None),
+    [1, 2],
+    {"a": (1,)},
+    frozenset({3}),
+    ValueError("a value, not raised"),
+]
+
+
+def test_every_result_reaches_the_owner_as_it_was_returned(leak_check):
+    """Plain results come back compact (decoded in C), the rest pickled: both exact,
+    to a thread, a loop and the receiver thread."""
+    with shardio.ShardGroup(2) as group:
+        for value in VALUES:
+            got = group.submit(1, ef.echo, value).result(timeout=30)[0]
+            assert type(got) is type(value) and repr(got) == repr(value), (value, got)
+
+        async def from_a_loop() -> list:
+            return [(await group.call(1, ef.echo, value))[0] for value in VALUES]
+
+        for value, got in zip(VALUES, asyncio.run(from_a_loop()), strict=True):
+            assert type(got) is type(value) and repr(got) == repr(value), (value, got)
+        futures = [group.submit(0, ef.echo, value) for value in VALUES]
+        done, _ = concurrent.futures.wait(futures, timeout=30)  # the receiver thread's
+        assert len(done) == len(VALUES)
+        for value, future in zip(VALUES, futures, strict=True):
+            got = future.result()[0]
+            assert type(got) is type(value) and repr(got) == repr(value), (value, got)
+        received = sum(link.inbound.dispatched_messages for link in group._owner.links)
+        assert received >= 3 * len(VALUES)  # every reply went through Ring.dispatch
