@@ -16,8 +16,8 @@ not to pickle fails its future instead of raising at ``submit``.
 Replies need no thread hop when their caller waits for them itself.  An
 asyncio loop that awaits :meth:`OwnerEndpoint.call` drains the inbound rings
 on its own thread until ``call_poll_us`` have passed since the last reply it
-saw (on asyncio's own loop the reply resumes the awaiting task inside the
-poll, as a shard's replies do); past that window it sleeps on the doorbell
+saw (the reply resumes the awaiting task inside the poll, as a shard's
+replies do); past that window it sleeps on the doorbell
 through the loop's own ``add_reader`` while calls are in flight.  A thread blocked in
 ``future.result()`` polls the same way for the same window before it
 blocks.  While a caller polls, the endpoint's ``sleeping`` flag stays clear,
@@ -237,8 +237,8 @@ class _LoopDriver:
         self.resolved: list[tuple[asyncio.Future, Any]] = []
         """Replies this loop's poll took, to resolve after it lets the rings go."""
         # Eager wake-up shadows loop.call_soon with an instance attribute for the length
-        # of one set_result (Ring.resolve_eagerly): only for a loop whose class allows
-        # it (asyncio's own; not uvloop's), and only while nothing else shadows it.
+        # of one set_result (Ring.resolve_eagerly): only for a loop object that takes
+        # instance attributes (asyncio's and uvloop.Loop do), while nothing else shadows it.
         self.loop_attributes: dict | None = getattr(loop, "__dict__", None)
         self.resolve_eagerly = endpoint.links[0].inbound.resolve_eagerly
 

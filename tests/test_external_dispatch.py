@@ -196,3 +196,30 @@ def test_every_result_reaches_the_owner_as_it_was_returned(leak_check):
             assert type(got) is type(value) and repr(got) == repr(value), (value, got)
         received = sum(link.inbound.dispatched_messages for link in group._owner.links)
         assert received >= 3 * len(VALUES)  # every reply went through Ring.dispatch
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_a_reply_resumes_its_task_inside_the_loops_poll(loop_kind, leak_check):
+    """The awaiting task runs inside the poll that took its reply (no loop iteration
+    in between), on asyncio's loop and uvloop's alike; a task resumed there may block
+    on a thread-style result() (it runs outside the consume lock: the rings are free)."""
+    run = asyncio.run if loop_kind == "asyncio" else pytest.importorskip("uvloop").run
+    # A long window: a reply slowed past it by a loaded machine would come through the
+    # receiver thread instead, which is right but not what this test looks at.
+    with shardio.ShardGroup(2, call_poll_us=100_000) as group:
+
+        async def main() -> tuple[dict, list]:
+            loop = asyncio.get_running_loop()
+            before = group._owner.loop_counters(loop)
+            for i in range(300):
+                assert await group.call(1, ef.add, i, 1) == i + 1
+            after = group._owner.loop_counters(loop)
+            nested = []
+            for i in range(20):
+                assert await group.call(1, ef.add, i) == i
+                nested.append(group.submit(0, ef.add, i, 2).result(timeout=10))
+            return {key: after[key] - before[key] for key in after}, nested
+
+        counters, nested = run(main())
+        assert counters["eager"] >= 30, counters  # without the eager wake-up: 0
+        assert nested == [i + 2 for i in range(20)]
