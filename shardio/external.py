@@ -121,9 +121,15 @@ class PolledFuture(concurrent.futures.Future):
     settled = False
     """Set once the result or the exception is in, or the future is cancelled: what
     a polling caller checks (``done()`` would take the future's condition)."""
+    succeeded = False
+    """Set (after ``value``) once a result is in: ``result()`` then returns it
+    without the condition."""
+    value: Any = None
 
     def set_result(self, result: Any) -> None:
-        super().set_result(result)
+        super().set_result(result)  # raises if done already: nothing below changes then
+        self.value = result
+        self.succeeded = True
         self.settled = True
 
     def set_exception(self, exception: BaseException | None) -> None:
@@ -137,14 +143,17 @@ class PolledFuture(concurrent.futures.Future):
         return cancelled
 
     def result(self, timeout: float | None = None) -> Any:
-        endpoint = self._endpoint
-        if endpoint is not None and not self.done():
-            endpoint.poll_until_done(self, timeout)
+        if not self.settled:
+            endpoint = self._endpoint
+            if endpoint is not None:
+                endpoint.poll_until_done(self, timeout)
+        if self.succeeded:
+            return self.value
         return super().result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         endpoint = self._endpoint
-        if endpoint is not None and not self.done():
+        if endpoint is not None and not self.settled:
             endpoint.poll_until_done(self, timeout)
         return super().exception(timeout)
 
