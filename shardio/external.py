@@ -307,8 +307,12 @@ class _LoopDriver:
                 self.deferring = True
                 try:
                     did = poll_once()
-                finally:
+                except BaseException:
                     self.deferring = False
+                    if self.resolved:  # what it took before it failed is not lost
+                        self._resolve()
+                    raise
+                self.deferring = False
                 if did:
                     self.last_work = now = _perf_counter()
                     if not self.resolved or not self._resolve() or not self.calls:
@@ -424,6 +428,7 @@ class OwnerEndpoint:
         self.inbound_rings = tuple(link.inbound for link in links)
         self.backlogged = False
         """Some link has a backlog to flush (its outbound ring was full)."""
+        self._draining = False  # a dispatch is in progress (on the consume lock's holder)
         self._receivers = [(link, link.inbound.dispatch, self._reply_handler(link))
                            for link in links]
         self.alive = alive or []
@@ -742,6 +747,31 @@ class OwnerEndpoint:
         """
         if self.closed:
             return False
+        if self._draining:
+            return self._drain_nested()
+        self._draining = True
+        try:
+            return self._dispatch_all()
+        finally:
+            self._draining = False
+
+    def _drain_nested(self) -> bool:
+        """``_drain`` from a done callback that a dispatch in progress runs on this
+        thread (the callback waits on another reply): dispatch() cannot be re-entered,
+        so take the rings with get(); the outer dispatch reads on after them."""
+        did = False
+        for link, _dispatch, on_message in self._receivers:
+            messages = link.inbound.get(BATCH)
+            if messages is None:
+                continue
+            did = True
+            link.received_messages += len(messages)
+            link.received_bytes += sum(map(len, messages))
+            for message in messages:
+                on_message(message)
+        return did
+
+    def _dispatch_all(self) -> bool:
         did = False
         for link, dispatch, on_message in self._receivers:
             while True:

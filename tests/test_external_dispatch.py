@@ -17,6 +17,7 @@ import concurrent.futures
 import os
 import sys
 import threading
+import time
 
 import external_functions as ef
 import fabric_functions as ff
@@ -223,3 +224,27 @@ def test_a_reply_resumes_its_task_inside_the_loops_poll(loop_kind, leak_check):
         counters, nested = run(main())
         assert counters["eager"] >= 30, counters  # without the eager wake-up: 0
         assert nested == [i + 2 for i in range(20)]
+
+
+def test_a_done_callback_that_waits_on_another_reply_gets_it(leak_check):
+    """A future's done callback runs inside the dispatch that took its reply; one that
+    blocks on another call's result() takes that reply itself (dispatch cannot be
+    re-entered: the nested poll reads the rings another way)."""
+    with shardio.ShardGroup(2, call_poll_us=100_000) as group:
+        seen: list = []
+
+        def then_wait(future: concurrent.futures.Future) -> None:
+            try:
+                seen.append((future.result(), group.submit(0, ef.add, 5, 5).result(timeout=10)))
+            except BaseException as error:
+                seen.append(error)
+
+        for i in range(20):
+            future = group.submit(1, ef.add, i, 1)
+            future.add_done_callback(then_wait)
+            future.result(timeout=10)  # this thread polls: the callback runs in its dispatch
+        deadline = time.monotonic() + 10
+        while len(seen) < 20 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [entry for entry in seen if isinstance(entry, BaseException)] == []
+        assert sorted(seen) == [(i + 1, 10) for i in range(20)]  # callbacks run on two threads
