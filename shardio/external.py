@@ -119,22 +119,24 @@ class PolledFuture(concurrent.futures.Future):
 
     _endpoint: OwnerEndpoint | None = None
     settled = False
-    """Set once the result or the exception is in, or the future is cancelled: what
-    a polling caller checks (``done()`` would take the future's condition)."""
+    """Set as the result or the exception goes in, or once the future is cancelled:
+    what a polling caller checks (``done()`` would take the future's condition)."""
     succeeded = False
     """Set (after ``value``) once a result is in: ``result()`` then returns it
     without the condition."""
     value: Any = None
 
     def set_result(self, result: Any) -> None:
+        # settled first: the done callbacks run inside super().set_result(), and one
+        # that asks this future for its result must not poll for it.
+        self.settled = True
         super().set_result(result)  # raises if done already: nothing below changes then
         self.value = result
         self.succeeded = True
-        self.settled = True
 
     def set_exception(self, exception: BaseException | None) -> None:
+        self.settled = True  # before the done callbacks, as in set_result
         super().set_exception(exception)
-        self.settled = True
 
     def cancel(self) -> bool:
         cancelled = super().cancel()
