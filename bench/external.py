@@ -13,7 +13,15 @@ all measured in the same run, with each p50 as a ratio of submit_to's.
 Issue 14's targets: ``await group.call`` and thread ``submit().result()``
 p50 at most 2x submit_to's.
 
-    python bench/external.py [--calls 5000] [--rounds 3]
+    python bench/external.py [--calls 5000] [--rounds 3] [--owner-cpu N]
+
+``--owner-cpu`` pins the owner process (and the attached client it starts)
+to one CPU.  The shards are pinned (shard s to CPU s); on a machine whose
+CPUs are all busy the owner may otherwise land on shard 1's CPU, where a
+caller polling for its reply keeps the shard from running until the poll
+window (``call_poll_us``, 200 us) ends: p50s of ~260-300 us, a measurement
+of the machine's load rather than of the path.  ``--owner-cpu 0`` keeps the
+owner on shard 0's CPU, idle during the owner's rows.
 """
 
 from __future__ import annotations
@@ -95,7 +103,15 @@ def attached(path: str, calls: int, mode: str) -> list[int]:
     return [int(line) for line in output.split()]
 
 
-def one_round(calls: int, with_clients: bool) -> dict[str, list[int]]:
+def pin_process(cpu: int) -> None:
+    """Pin every thread of this process to ``cpu`` (threads and processes started
+    later inherit it).  After the group started: the group pins its shards only
+    when the owner may use as many CPUs as there are shards."""
+    for thread_id in os.listdir("/proc/self/task"):
+        os.sched_setaffinity(int(thread_id), {cpu})
+
+
+def one_round(calls: int, with_clients: bool, owner_cpu: int | None = None) -> dict[str, list[int]]:
     results: dict[str, list[int]] = {}
     with tempfile.TemporaryDirectory() as directory:
         os.chmod(directory, 0o700)
@@ -103,6 +119,8 @@ def one_round(calls: int, with_clients: bool) -> dict[str, list[int]]:
         listen = {"listen": path} if with_clients else {}
         # idle_poll_us: both shards keep polling between calls, as in bench/xshard.py.
         with shardio.ShardGroup(2, idle_poll_us=5000, **listen) as group:
+            if owner_cpu is not None:
+                pin_process(owner_cpu)
             results["submit_to"] = group.submit(0, submit_to_latency, calls).result()
             results["call_asyncio"] = asyncio.run(call_latency(group.call, calls))
             results["call_uvloop"] = uvloop.run(call_latency(group.call, calls))
@@ -128,13 +146,21 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=3, help="groups started, medians kept")
     parser.add_argument("--no-clients", action="store_true", help="skip the attached client")
+    parser.add_argument(
+        "--owner-cpu", type=int, help="pin the owner and the attached client to this CPU"
+    )
     parser.add_argument("--client", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="thread", help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.client:
         client_main(options.client, options.calls, options.mode)
         return
-    rounds = [one_round(options.calls, not options.no_clients) for _ in range(options.rounds)]
+    everywhere = os.sched_getaffinity(0)
+    rounds = []
+    for _ in range(options.rounds):
+        rounds.append(one_round(options.calls, not options.no_clients, options.owner_cpu))
+        if options.owner_cpu is not None:
+            os.sched_setaffinity(0, everywhere)  # the next group pins its shards again
     table = {}
     for key, _ in ROWS:
         if key in rounds[0]:
@@ -145,6 +171,7 @@ def main() -> None:
         f"external calls to shard 1; python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
         f"{options.calls} calls x {options.rounds} rounds (median of the rounds' "
         f"percentiles), load average {os.getloadavg()[0]:.2f}"
+        + (f", owner on CPU {options.owner_cpu}" if options.owner_cpu is not None else "")
     )
     print("| what | p50 us | p99 us | p50 vs submit_to |")
     print("|---|---|---|---|")

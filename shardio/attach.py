@@ -381,6 +381,7 @@ class ClientGuard:
         self.max_calls = limits.max_calls
         self.max_bytes = limits.max_bytes
         self.ring_dispatch = link.inbound.dispatch
+        self.ring_ready = link.inbound.ready
         self.held = 0
         """Polls that left the client's requests in its ring (its bounds were reached)."""
         self.failure = ""
@@ -390,19 +391,24 @@ class ClientGuard:
         link = self.link
         if link.dead:
             return None
-        running = link.received_messages - link.sent_messages  # a shard only replies to it
-        if running >= self.max_calls or link.backlog_bytes >= self.max_bytes:
+        try:
+            if not self.ring_ready():  # the common case: one C call, none of the sums below
+                return None
+        except (RuntimeError, ValueError) as error:
+            self.fail(str(error))
+            return None
+        sent = link.sent_messages
+        running = link.received_messages - sent  # a shard only replies to it
+        backlog = link.backlog_bytes
+        max_calls = self.max_calls
+        max_bytes = self.max_bytes
+        if running >= max_calls or backlog >= max_bytes:
             self.held += 1
             return None
         # Read no more requests than their replies could fit under the byte bound, at the
         # link's average reply size (one at a time until the first reply says what it is).
-        sent = link.sent_messages
-        average = link.sent_bytes // sent if sent else self.max_bytes
-        batch = min(
-            batch,
-            self.max_calls - running,
-            max(1, (self.max_bytes - link.backlog_bytes) // max(1, average)),
-        )
+        average = link.sent_bytes // sent if sent else max_bytes
+        batch = min(batch, max_calls - running, max(1, (max_bytes - backlog) // max(1, average)))
         try:
             return self.ring_dispatch(batch, *callbacks)
         except (RuntimeError, ValueError) as error:  # corrupt ring or message, over the limit

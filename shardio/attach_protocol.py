@@ -30,8 +30,9 @@ from typing import Any
 
 from .fabric._ring import HEADER_BYTES
 
-PROTOCOL_VERSION = 1
-"""Bumped whenever a message, the endpoint layout or the record format changes."""
+PROTOCOL_VERSION = 2
+"""Bumped whenever a message, the endpoint layout or the record format changes (2:
+shards answer clients with compact results, ``RESULT``, as they answer shards)."""
 
 MAGIC = "shardio-attach"
 MAX_MESSAGE = 65536

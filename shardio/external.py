@@ -15,15 +15,21 @@ not to pickle fails its future instead of raising at ``submit``.
 
 Replies need no thread hop when their caller waits for them itself.  An
 asyncio loop that awaits :meth:`OwnerEndpoint.call` drains the inbound rings
-on its own thread while its calls are in flight, for at most
-``call_poll_us`` after the last reply it saw; past that window it sleeps on
-the doorbell through the loop's own ``add_reader``.  A thread blocked in
+on its own thread until ``call_poll_us`` have passed since the last reply it
+saw (the reply resumes the awaiting task inside the poll, as a shard's
+replies do); past that window it sleeps on the doorbell
+through the loop's own ``add_reader`` while calls are in flight.  A thread blocked in
 ``future.result()`` polls the same way for the same window before it
 blocks.  While a caller polls, the endpoint's ``sleeping`` flag stays clear,
 so shards reply without a system call; a caller that stops polling sets the
 flag and drains once more (the sleep protocol of docs/design.md, section 4),
 and the receiver thread takes over the rings from a poller that stopped
 making progress (a loop that blocks, or closed) within ``STALE_POLLER``.
+
+Calls and replies cross as between shards: compact calls of interned
+functions, compact results, taken off the rings with ``Ring.dispatch`` (which
+resolves a compact result's future in C) by whichever of the above is the
+consumer; ``consume_lock`` makes it one at a time.
 """
 
 from __future__ import annotations
@@ -33,22 +39,30 @@ import concurrent.futures
 import contextlib
 import logging
 import os
-import pickle
 import select
 import threading
 import time
+import types
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from .attach_protocol import LINK_FAILED_REQUEST
 from .errors import GroupStateError, RemoteError, ShardDied
-from .fabric._ring import Flag
+from .fabric._ring import Flag, any_ready, encode_call as _encode_call
 from .fabric.doorbell import Doorbell
 from .fabric.endpoint import EndpointSegment
 from .fabric.link import DEFAULT_MAX_BYTES, DEFAULT_MAX_CALLS, Link
 from .fabric.mesh import Mesh
-from .fabric.messages import HEADER, REPLY_ERROR, REPLY_OK, decode_error, encode_request
+from .fabric.messages import (
+    HEADER,
+    REPLY_ERROR,
+    REPLY_OK,
+    RESULT,
+    decode_error,
+    decode_result,
+    encode_request,
+)
 
 log = logging.getLogger("shardio.group")
 
@@ -56,6 +70,14 @@ _unpack_header = HEADER.unpack_from
 _HEADER_SIZE = HEADER.size
 _perf_counter = time.perf_counter
 _get_ident = threading.get_ident
+_InvalidStateError = concurrent.futures.InvalidStateError
+_INTERNABLE = frozenset({types.FunctionType, types.BuiltinFunctionType})
+_REPLY_KINDS = frozenset({REPLY_OK, RESULT, REPLY_ERROR})
+_NO_FUNCTIONS: dict[int, Any] = {}
+"""An endpoint's function table for Ring.dispatch: it runs no calls (one that arrives
+goes to ``_complete``, which drops it)."""
+BATCH = 256
+"""Messages one dispatch takes from one ring at most."""
 
 DEFAULT_CALL_POLL_US = 200.0
 """How long a caller waiting for its reply polls the rings itself, by default, after the
@@ -64,6 +86,20 @@ SPIN_SECONDS = 20e-6
 """How long one poll callback of an asyncio loop polls before it lets the loop run again."""
 STALE_POLLER = 0.005
 """A poller that has not polled for this long is taken over by the receiver thread."""
+
+
+def _refuse_call(request_id: int, func: Callable, args: tuple) -> None:
+    """Ring.dispatch's ``on_call`` for an endpoint: never called (no function table)."""
+    raise AssertionError("an endpoint was asked to run a call")
+
+
+def _fail_waiting(failed: list[tuple[concurrent.futures.Future, Exception]]) -> None:
+    """Fail the calls that could not be sent (outside the lock: callbacks may submit)."""
+    for future, error in failed:
+        try:
+            future.set_exception(error)
+        except _InvalidStateError:
+            pass
 
 
 def _peer_died(shard: int, detail: str) -> None:
@@ -82,16 +118,44 @@ class PolledFuture(concurrent.futures.Future):
     """
 
     _endpoint: OwnerEndpoint | None = None
+    settled = False
+    """Set as the result or the exception goes in, or once the future is cancelled:
+    what a polling caller checks (``done()`` would take the future's condition)."""
+    succeeded = False
+    """Set (after ``value``) once a result is in: ``result()`` then returns it
+    without the condition."""
+    value: Any = None
+
+    def set_result(self, result: Any) -> None:
+        # settled first: the done callbacks run inside super().set_result(), and one
+        # that asks this future for its result must not poll for it.
+        self.settled = True
+        super().set_result(result)  # raises if done already: nothing below changes then
+        self.value = result
+        self.succeeded = True
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        self.settled = True  # before the done callbacks, as in set_result
+        super().set_exception(exception)
+
+    def cancel(self) -> bool:
+        cancelled = super().cancel()
+        if cancelled:
+            self.settled = True
+        return cancelled
 
     def result(self, timeout: float | None = None) -> Any:
-        endpoint = self._endpoint
-        if endpoint is not None and not self.done():
-            endpoint.poll_until_done(self, timeout)
+        if not self.settled:
+            endpoint = self._endpoint
+            if endpoint is not None:
+                endpoint.poll_until_done(self, timeout)
+        if self.succeeded:
+            return self.value
         return super().result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         endpoint = self._endpoint
-        if endpoint is not None and not self.done():
+        if endpoint is not None and not self.settled:
             endpoint.poll_until_done(self, timeout)
         return super().exception(timeout)
 
@@ -127,7 +191,9 @@ class _LoopCall:
         driver = self.driver
         if _get_ident() == driver.thread_id:
             driver.calls.discard(self)
-            if not self.future.done():
+            if driver.deferring:  # the loop's poll resolves it once the rings are let go
+                driver.resolved.append((self.future, value))
+            elif not self.future.done():
                 self.future.set_result(value)
         else:
             driver.deliver_threadsafe(self, value, None)
@@ -151,11 +217,14 @@ class _LoopCall:
 class _LoopDriver:
     """The rings, as drained by one asyncio loop for the calls it awaits.
 
-    While calls are in flight the loop polls (a callback that spins for up to
-    SPIN_SECONDS, then re-queues itself), until ``call_poll_seconds`` have
-    passed without a reply; then it sleeps on the doorbell with ``add_reader``
-    until the next ring, and polls again.  With no call in flight it does
-    nothing at all.
+    From a call on, the loop polls (a callback that spins for up to
+    SPIN_SECONDS while a call is in flight, looks once otherwise, then
+    re-queues itself) until ``call_poll_seconds`` have passed without a reply;
+    then, while calls are in flight, it sleeps on the doorbell with
+    ``add_reader`` until the next ring, and polls again.  Past the window with
+    no call in flight it does nothing at all.  Replies taken by the poll are
+    resolved after it lets the rings go (``resolved``), eagerly where the loop
+    allows: the awaiting task runs inside the poll, never under the consume lock.
     """
 
     def __init__(self, endpoint: OwnerEndpoint, loop: asyncio.AbstractEventLoop) -> None:
@@ -173,6 +242,16 @@ class _LoopDriver:
         """Poll callbacks run (each spins at most SPIN_SECONDS)."""
         self.hops = 0
         """Replies another thread took off the ring for this loop (call_soon_threadsafe)."""
+        self.eager = 0
+        """Replies whose awaiting task this loop's poll resumed at once (no loop iteration)."""
+        self.deferring = False
+        self.resolved: list[tuple[asyncio.Future, Any]] = []
+        """Replies this loop's poll took, to resolve after it lets the rings go."""
+        # Eager wake-up shadows loop.call_soon with an instance attribute for the length
+        # of one set_result (Ring.resolve_eagerly): only for a loop object that takes
+        # instance attributes (asyncio's and uvloop.Loop do), while nothing else shadows it.
+        self.loop_attributes: dict | None = getattr(loop, "__dict__", None)
+        self.resolve_eagerly = endpoint.links[0].inbound.resolve_eagerly
 
     def gone(self) -> bool:
         return self.loop.is_closed()
@@ -219,19 +298,39 @@ class _LoopDriver:
             return
         self.polls += 1
         now = self.heartbeat = _perf_counter()
+        if endpoint.sleeping.is_set():
+            # The receiver thread took the rings over while this loop did not poll (it
+            # was descheduled or busy) and set the flag: shards need not ring again.
+            endpoint.sleeping.clear()
+        poll_once = endpoint.poll_once
         if self.calls:
             spin_end = min(now + SPIN_SECONDS, self.last_work + self.window)
-            poll_once = endpoint.poll_once
             while True:
-                if poll_once():
+                self.deferring = True
+                try:
+                    did = poll_once()
+                except BaseException:
+                    self.deferring = False
+                    if self.resolved:  # what it took before it failed is not lost
+                        self._resolve()
+                    raise
+                self.deferring = False
+                if did:
                     self.last_work = now = _perf_counter()
-                    break  # let the loop run what the replies woke
+                    if not self.resolved or not self._resolve() or not self.calls:
+                        break  # let the loop run what the replies woke
+                    # Every task woken has run already and called again: keep polling.
                 now = _perf_counter()
                 if now >= spin_end:
                     break
-            if self.calls and now - self.last_work < self.window:
-                self.loop.call_soon(self._poll)
-                return
+        elif poll_once():  # nothing of ours in flight: one look per loop iteration
+            self.last_work = now
+        # The window runs from the last reply, not the last call in flight: a loop
+        # that calls again right after a reply finds the poll running (no sleeping
+        # flag to clear, no receiver thread to poke).
+        if now - self.last_work < self.window:
+            self.loop.call_soon(self._poll)
+            return
         self.polling = False
         endpoint.pollers.pop(self, None)
         endpoint.stop_polling()
@@ -242,6 +341,28 @@ class _LoopDriver:
         elif self.reading:
             self.reading = False
             self.loop.remove_reader(self.reader_fd)
+
+    def _resolve(self) -> bool:
+        """Resolve the replies the poll took (outside the consume lock: a task resumed
+        here may do anything); True if every awaiting task resumed at once."""
+        resolved, self.resolved = self.resolved, []
+        attributes = self.loop_attributes
+        eager = attributes is not None and "call_soon" not in attributes
+        for future, value in resolved:
+            if future.done():
+                continue  # cancelled meanwhile
+            if eager:
+                self.eager += 1
+                try:
+                    self.resolve_eagerly(self.loop, future, value)
+                    continue
+                except Exception:  # the loop refused the shadow: resolve it plainly
+                    log.exception("eager wake-up failed; the reply is delivered plainly")
+                    eager = False
+                    if future.done():
+                        continue
+            future.set_result(value)
+        return eager
 
     def _start_reading(self) -> None:
         self.reading = True
@@ -292,6 +413,7 @@ class OwnerEndpoint:
                  on_death: Callable[[int, str], None] | None = None,
                  name: str = "owner", call_poll_us: float = DEFAULT_CALL_POLL_US) -> None:
         self.shard_count = len(links)
+        self.name = name
         self.call_poll_seconds = call_poll_us / 1e6
         self.consume_lock = threading.RLock()
         """Held by whoever takes messages off the inbound rings (one consumer at a time)."""
@@ -305,6 +427,12 @@ class OwnerEndpoint:
         """Messages the receiver thread took off the rings (the rest, their callers did)."""
         self.max_message_bytes = max_message_bytes
         self.links = links
+        self.inbound_rings = tuple(link.inbound for link in links)
+        self.backlogged = False
+        """Some link has a backlog to flush (its outbound ring was full)."""
+        self._draining = False  # a dispatch is in progress (on the consume lock's holder)
+        self._receivers = [(link, link.inbound.dispatch, self._reply_handler(link))
+                           for link in links]
         self.alive = alive or []
         self.is_owner = alive is not None
         self.sleeping = sleeping
@@ -404,31 +532,30 @@ class OwnerEndpoint:
                 link.bound_waits += 1
                 return
             self._send_call(link, future, func, args, kwargs)
-        for waiting_future, error in failed:  # outside the lock, as _admit does
-            try:
-                waiting_future.set_exception(error)
-            except concurrent.futures.InvalidStateError:
-                pass
+        _fail_waiting(failed)  # outside the lock, as _admit does
 
     def _send_call(self, link: Link, future: concurrent.futures.Future, func: Callable,
                    args: tuple, kwargs: dict | None) -> None:
-        """Pickle and send one call (under the lock)."""
+        """Encode and send one call (under the lock)."""
         request_id = self._next_request_id
         self._next_request_id = request_id + 1
-        payload = encode_request(request_id, func, args, kwargs, f"shard {link.peer}",
-                                 link.interned, self.max_message_bytes)
+        # The common call, as a shard sends it: an interned function and plain positional
+        # arguments go compact (encode_call answers None otherwise); the rest, and every
+        # function's first call (which interns it), through encode_request.
+        number = link.interned.get(func) if not kwargs and type(func) in _INTERNABLE else None
+        payload = _encode_call(request_id, number, args) if number is not None else None
+        if payload is None or len(payload) > self.max_message_bytes:
+            payload = encode_request(request_id, func, args, kwargs, f"shard {link.peer}",
+                                     link.interned, self.max_message_bytes)
         link.pending[request_id] = future
-        link.send(payload)
+        if link.send(payload):
+            self.backlogged = True
 
     def _admit(self, link: Link) -> None:
         """Send waiting calls, oldest first, while the bound allows (receiver thread)."""
         with self.lock:
             failed = self._admit_locked(link)
-        for future, error in failed:  # outside the lock: callbacks may submit again
-            try:
-                future.set_exception(error)
-            except concurrent.futures.InvalidStateError:
-                pass
+        _fail_waiting(failed)
 
     def _admit_locked(self, link: Link) -> list[tuple[concurrent.futures.Future, Exception]]:
         """Send waiting calls that have room (under the lock); those that failed to go."""
@@ -453,6 +580,8 @@ class OwnerEndpoint:
 
     def poll_once(self) -> bool:
         """Take what the inbound rings hold, unless another thread is at it; True if any."""
+        if not self.backlogged and not any_ready(self.inbound_rings):
+            return False  # the common case while a caller spins: one C call, no lock
         lock = self.consume_lock
         if not lock.acquire(blocking=False):
             return False
@@ -474,8 +603,9 @@ class OwnerEndpoint:
         """A poller stops: set the sleeping flag, then drain once more (the sleep
         protocol), so a reply published from now on rings the doorbell."""
         self.sleeping.set()
-        with self.consume_lock:
-            self._drain()
+        if self.backlogged or any_ready(self.inbound_rings):
+            with self.consume_lock:
+                self._drain()
 
     def poll_until_done(self, future: concurrent.futures.Future, timeout: float | None) -> None:
         """Poll the rings from the calling thread until ``future`` is done, for at most
@@ -488,11 +618,12 @@ class OwnerEndpoint:
         try:
             end = poller.heartbeat + window
             poll_once = self.poll_once
-            while not future.done():
-                poll_once()
-                now = poller.heartbeat = _perf_counter()
-                if now >= end:
-                    break
+            # ``settled`` rather than done(): done() takes the future's condition.
+            while not future.settled:
+                if not poll_once():
+                    now = poller.heartbeat = _perf_counter()
+                    if now >= end:
+                        break
         finally:
             self.pollers.pop(poller, None)
             self.stop_polling()
@@ -502,9 +633,12 @@ class OwnerEndpoint:
 
     def loop_counters(self, loop: asyncio.AbstractEventLoop) -> dict[str, int]:
         """How ``loop`` took its replies: poll callbacks run, replies handed over by
-        another thread (``hops``); zeros for a loop that never called."""
+        another thread (``hops``), replies whose task resumed inside the poll
+        (``eager``); zeros for a loop that never called."""
         driver = self._drivers.get(loop)
-        return {"polls": driver.polls if driver else 0, "hops": driver.hops if driver else 0}
+        if driver is None:
+            return {"polls": 0, "hops": 0, "eager": 0}
+        return {"polls": driver.polls, "hops": driver.hops, "eager": driver.eager}
 
     def _fresh_pollers(self) -> bool:
         """Is a poller still polling (receiver thread)?  Forgets the ones that are gone."""
@@ -592,37 +726,96 @@ class OwnerEndpoint:
             for shard, detail in deaths:
                 self._shard_died(shard, detail)
 
+    def _reply_handler(self, link: Link) -> Callable[[bytes], None]:
+        """What Ring.dispatch calls for a message it does not resolve itself (a pickled
+        result, an error, the shard's notice that it dropped this endpoint's link)."""
+        complete = self._complete
+
+        def on_message(message: bytes) -> None:
+            try:
+                complete(link, message)
+            except Exception:  # one bad reply must not stop the receiver
+                log.exception("the owner could not handle a reply of %d bytes from shard %d",
+                              len(message), link.peer)
+
+        return on_message
+
     def _drain(self) -> bool:
+        """Take the replies off every inbound ring (the caller holds ``consume_lock``).
+
+        ``Ring.dispatch`` resolves a compact result's future in C: it pops the
+        future from ``link.pending`` (a dict operation, atomic under the GIL: the
+        submitting threads only add to it, under ``self.lock``) and sets its result.
+        """
+        if self.closed:
+            return False
+        if self._draining:
+            return self._drain_nested()
+        self._draining = True
+        try:
+            return self._dispatch_all()
+        finally:
+            self._draining = False
+
+    def _drain_nested(self) -> bool:
+        """``_drain`` from a done callback that a dispatch in progress runs on this
+        thread (the callback waits on another reply): dispatch() cannot be re-entered,
+        so take the rings with get(); the outer dispatch reads on after them."""
         did = False
-        for link in self.links:
-            messages = link.inbound.get(256)
+        for link, _dispatch, on_message in self._receivers:
+            messages = link.inbound.get(BATCH)
             if messages is None:
+                continue
+            did = True
+            link.received_messages += len(messages)
+            link.received_bytes += sum(map(len, messages))
+            for message in messages:
+                on_message(message)
+        return did
+
+    def _dispatch_all(self) -> bool:
+        did = False
+        for link, dispatch, on_message in self._receivers:
+            while True:
+                try:
+                    got = dispatch(BATCH, link.pending, _NO_FUNCTIONS, _refuse_call, on_message)
+                except _InvalidStateError:
+                    # Another thread finished the future first (a death or close
+                    # failed it; the caller cancelled it): the message was consumed.
+                    did = True
+                    continue
+                break
+            if got is None:
                 continue
             did = True
             if link.inbound.take_space_waiter():
                 link.wake_peer()
-            link.received_messages += len(messages)
-            link.received_bytes += sum(map(len, messages))
-            for message in messages:
-                try:
-                    self._complete(link, message)
-                except Exception:  # one bad reply must not stop the receiver
-                    log.exception("the owner could not handle a reply of %d bytes from shard %d",
-                                  len(message), link.peer)
-            if link.waiting:
-                self._admit(link)
-        for link in self.links:
-            if link.backlog:
+            # A submitter that saw the bound full before this dispatch made room may be
+            # about to hold its call back: the lock orders us after it, so it is admitted.
+            if link.waiting or len(link.pending) + got >= link.max_calls:
                 with self.lock:
-                    moved = link.flush()
-                if moved:
-                    did = True
-                    if link.waiting:
-                        self._admit(link)
+                    failed = self._admit_locked(link) if link.waiting else []
+                _fail_waiting(failed)
+        if self.backlogged:
+            self.backlogged = False
+            for link in self.links:
+                if link.backlog:
+                    with self.lock:
+                        moved = link.flush()
+                        if link.backlog:
+                            self.backlogged = True
+                    if moved:
+                        did = True
+                        if link.waiting:
+                            self._admit(link)
         return did
 
     def _complete(self, link: Link, message: bytes) -> None:
         kind, request_id = _unpack_header(message)
+        if kind not in _REPLY_KINDS:
+            log.error("the %s endpoint dropped a message of kind %d from shard %d: endpoints "
+                      "take only replies", self.name, kind, link.peer)
+            return
         with self.lock:
             future = link.pending.pop(request_id, None)
         if future is None:
@@ -633,17 +826,17 @@ class OwnerEndpoint:
             return
         body = memoryview(message)[_HEADER_SIZE:]
         try:
-            if kind == REPLY_OK:
+            if kind in (REPLY_OK, RESULT):
                 try:
-                    value = pickle.loads(body)
+                    value = decode_result(kind, body)
                 except Exception as error:
                     future.set_exception(RemoteError(
-                        f"the result from shard {link.peer} could not be unpickled: {error!r}"))
+                        f"the result from shard {link.peer} could not be decoded: {error!r}"))
                 else:
                     future.set_result(value)
-            elif kind == REPLY_ERROR:
+            else:
                 future.set_exception(decode_error(body))
-        except concurrent.futures.InvalidStateError:
+        except _InvalidStateError:
             pass  # the caller cancelled it
 
     def _shard_died(self, shard: int, detail: str) -> None:
@@ -697,8 +890,9 @@ class OwnerEndpoint:
                 future.set_exception(ShardDied(-1, reason))
             except concurrent.futures.InvalidStateError:
                 pass
-        for link in self.links:
-            link.close()
+        with self.consume_lock:  # no poller is in the middle of a dispatch
+            for link in self.links:
+                link.close()
         for flag in self.alive:
             flag.close()
         self.sleeping.close()

@@ -610,8 +610,9 @@ class Reactor:
                 task = asyncio.ensure_future(result, loop=self.loop)
             task.add_done_callback(lambda done: self._reply_from_task(link, request_id, done))
             return
-        # _reply(), inlined: this is every call's path.
-        payload = encode_compact_result(request_id, result) if from_shard else None
+        # _reply(), inlined: this is every call's path.  Every peer reads the compact
+        # result in C (Ring.dispatch): shards and endpoints alike.
+        payload = encode_compact_result(request_id, result)
         if payload is None:
             self._reply(link, request_id, result)
         elif not link.dead and link.send(payload, link is not self._quiet_link):
@@ -631,7 +632,7 @@ class Reactor:
 
     def _reply(self, link: Link, request_id: int, result: Any) -> None:
         try:
-            payload = encode_result(request_id, result, link.peer < self.shard_count)
+            payload = encode_result(request_id, result, True)
         except Exception as error:
             payload = encode_error(request_id, CannotCrossError(
                 f"the result ({type(result).__name__}) cannot be pickled to cross back from "

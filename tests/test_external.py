@@ -41,6 +41,7 @@ def test_await_call_stops_polling_outside_its_window(leak_check):
         async def main():
             loop = asyncio.get_running_loop()
             assert await group.call(0, ef.add, 1, 1) == 2
+            await asyncio.sleep(0.05)  # the window (200 us after the last reply) ends
             idle_before = group._owner.loop_counters(loop)["polls"]
             await asyncio.sleep(0.2)  # nothing in flight: no polling at all
             idle_after = group._owner.loop_counters(loop)["polls"]
@@ -148,6 +149,7 @@ def test_cancelled_await_never_delivers_and_the_loop_goes_quiet(leak_check):
                 await task
             await asyncio.sleep(0.5)  # its reply arrived and was dropped
             assert await group.call(1, ef.add, 2, 2) == 4
+            await asyncio.sleep(0.05)  # the poll window (200 us after the last reply) ends
             polls = group._owner.loop_counters(loop)["polls"]
             await asyncio.sleep(0.2)
             return group._owner.loop_counters(loop)["polls"] - polls

@@ -1178,6 +1178,27 @@ Ring_get_capacity(Ring *self, void *Py_UNUSED(closure))
     return PyLong_FromUnsignedLongLong(self->capacity);
 }
 
+/* resolve_eagerly(loop, future, value): future.set_result(value), the awaiting
+ * task resumed at once (dispatch()'s eager wake-up, above), for a consumer that
+ * took the value off the ring under a lock of its own and resolves it after
+ * releasing that lock (shardio.external's asyncio callers).  The same rules as
+ * dispatch's ``loop``: the caller passes a loop whose class allows instance
+ * attributes and whose call_soon nothing else shadows, on the loop's thread,
+ * outside any task, and a future not yet done. */
+static PyObject *
+Ring_resolve_eagerly(Ring *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "resolve_eagerly(loop, future, value)");
+        return NULL;
+    }
+    if (self->real_call_soon != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Ring.resolve_eagerly() re-entered from set_result()");
+        return NULL;
+    }
+    return set_result_eagerly(self, args[0], args[1], args[2]);
+}
+
 static PyMethodDef Ring_methods[] = {
     {"put", (PyCFunction)(void (*)(void))Ring_put, METH_FASTCALL,
      "put(data, start=0) -> int: write data[start:]; return the offset reached."},
@@ -1196,6 +1217,9 @@ static PyMethodDef Ring_methods[] = {
     {"limit_messages", (PyCFunction)Ring_limit_messages, METH_O,
      "Consumer: refuse messages larger than max_bytes (0: no limit)."},
     {"close", (PyCFunction)Ring_close, METH_NOARGS, "Release the shared buffer."},
+    {"resolve_eagerly", (PyCFunction)(void (*)(void))Ring_resolve_eagerly, METH_FASTCALL,
+     "resolve_eagerly(loop, future, value): set_result, then run the awaiting task's wake-up"
+     " at once (see _ring.c)."},
     {NULL}};
 
 static PyObject *

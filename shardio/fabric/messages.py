@@ -16,8 +16,9 @@ whose arguments are plain values (None, bool, int, float, str, bytes, and
 tuples of them; see ``_ring.c``) is a ``CALL`` (header, the 4-byte
 function number, the arguments in the compact encoding), and a plain result
 returned to a shard is a ``RESULT``.  ``Ring.dispatch`` decodes both in C;
-anything else is pickled as before.  Results to the owner and to added
-endpoints stay pickled (``REPLY_OK``): their readers are plain Python.
+anything else is pickled as before.  The owner and added endpoints read
+replies with ``Ring.dispatch`` too (shardio/external.py), so every peer gets
+compact results.
 """
 
 from __future__ import annotations
@@ -171,7 +172,7 @@ def _learned(table: dict, number: int) -> Any:
 
 
 def encode_result(request_id: int, value: Any, compact: bool = False) -> bytes:
-    """A result message; ``compact`` (to a shard) tries the compact encoding first."""
+    """A result message; ``compact`` tries the compact encoding first."""
     if compact:
         payload = _encode_compact_result(request_id, value)
         if payload is not None:
