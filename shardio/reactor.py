@@ -43,7 +43,12 @@ from .errors import (
     ShardDied,
     WrongThreadError,
 )
-from .fabric._ring import any_ready, encode_call, encode_result as encode_compact_result
+from .fabric._ring import (
+    dispatch_handovers,
+    encode_call,
+    encode_result as encode_compact_result,
+    ready_mask,
+)
 from .fabric.link import DEFAULT_MAX_BYTES, DEFAULT_MAX_CALLS, Link
 from .fabric.mesh import Mesh
 from .fabric.messages import (
@@ -75,6 +80,9 @@ BATCH = 64
 """Messages taken from one inbound ring per poll.  They run back to back, so the
 batch bounds how long other work waits behind a burst of calls (64 calls of 30 us
 are 2 ms); the per-poll cost it amortizes is about a microsecond."""
+
+INLINE = 1
+"""What Reactor._drain answers when all it did completed inside Ring.dispatch."""
 
 _local = threading.local()
 _unpack_header = HEADER.unpack_from
@@ -264,6 +272,7 @@ class Reactor:
         self._wake_hook = False
         self._on_wake: Callable[[], None] | None = None
         self._confirming = False  # one idle loop iteration away from sleeping
+        self._inline_dispatch = False  # the last dispatch could complete work inside it
         self._quiet_link: Link | None = None  # replies to it wait for one wake check
         self._root_context: contextvars.Context | None = None
         self._exit: asyncio.Future | None = None
@@ -396,12 +405,17 @@ class Reactor:
             # loop: a reply that is on its way is handled without the cost of a
             # loop iteration (an epoll call and a handle), and I/O waits at most
             # SPIN_SECONDS for its turn.
+            # Work that completed inside the dispatch (compact replies that resumed
+            # their tasks at once, calls served in C, nothing handed to the loop)
+            # does not end the spin: only work that left callbacks for the loop does.
             spin_end = min(now + SPIN_SECONDS, window_end)
             drain = self._drain
             while _perf_counter() < spin_end:
-                if drain():
+                found = drain()
+                if found:
                     self._idle_since = 0.0
-                    break
+                    if found is not INLINE:
+                        break
             self._call_soon(self._poll, context=self._root_context)
             return
         if self._wake_hook and not self._confirming:
@@ -475,11 +489,17 @@ class Reactor:
             self.stats.work_wakeups += 1
             self._call_soon(self._poll, context=self._root_context)
 
-    def _drain(self) -> bool:
-        """Poll everything once; True if any work was found."""
-        did = False
-        if any_ready(self._inbound_rings):
-            did = self._dispatch_links()
+    def _drain(self) -> bool | int:
+        """Poll everything once; true if any work was found: ``INLINE`` when it was all
+        messages that Ring.dispatch completed without handing anything to Python or the
+        loop, True otherwise."""
+        did: bool | int = False
+        ready = ready_mask(self._inbound_rings)
+        if ready:
+            handovers = dispatch_handovers()
+            did = self._dispatch_links(ready)
+            if did and dispatch_handovers() == handovers and self._inline_dispatch:
+                did = INLINE
         if self._inbox:
             did = True
             self._run_inbox()
@@ -501,16 +521,20 @@ class Reactor:
                 return True
         return did
 
-    def _dispatch_links(self) -> bool:
-        """Act on the messages waiting in the inbound rings (Ring.dispatch, in C)."""
+    def _dispatch_links(self, ready: int = -1) -> bool:
+        """Act on the messages waiting in the inbound rings (Ring.dispatch, in C);
+        ``ready``: which rings have some (``ready_mask``), all by default."""
         did = False
         stats = self.stats
         # A reply resumes its awaiting task right here, not one loop iteration later
         # (Ring.dispatch's eager wake-up), unless the wake hook shadows call_soon.
         eager_loop = self.loop if self._wake_hook and self._on_wake is None else None
+        self._inline_dispatch = eager_loop is not None
         try:
-            for (link, dispatch, take_space_waiter, functions, on_call, on_message,
+            for (bit, link, dispatch, take_space_waiter, functions, on_call, on_message,
                  serve) in self._inbound:
+                if not ready & bit:
+                    continue
                 # Replies to this link's calls are published without a wake check
                 # each; one check after the dispatch covers them all (see Link.send).
                 self._quiet_link = link
@@ -845,11 +869,11 @@ class Reactor:
         # A new list each time: a _drain() in progress keeps iterating the old one.
         self._active_links = [link for link in self.links if link is not None]
         guards = self._inbound_guards
-        self._inbound = [(link, guards.get(link.peer, link.inbound.dispatch),
+        self._inbound = [(1 << min(index, 62), link, guards.get(link.peer, link.inbound.dispatch),
                           link.inbound.take_space_waiter, link.functions,
                           functools.partial(self._execute, link),
                           functools.partial(self._handle, link), self._serve_for(link))
-                         for link in self._active_links]
+                         for index, link in enumerate(self._active_links)]
         self.stats.served_rings = tuple(link.inbound for link in self.links
                                         if link is not None and link.peer < self.shard_count)
         self._inbound_rings = tuple(link.inbound for link in self._active_links)

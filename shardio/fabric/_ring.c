@@ -722,6 +722,12 @@ Ring_get(Ring *self, PyObject *arg)
 static PyObject *str_done, *str_set_result, *str_call_soon, *str_context;
 static PyObject *str_call_exception_handler, *str_message, *str_exception;
 
+/* How many times dispatch() handed work to Python or to the loop (on_call,
+ * on_message, finish, a call_soon it did not keep, a set_result without the
+ * shadow): while it stays put, everything dispatch did completed inside it,
+ * and the reactor may keep polling instead of going round its loop. */
+static uint64_t handovers;
+
 /* loop.call_soon while dispatch() captures: keep the first callback, pass the rest on. */
 static PyObject *
 ring_capture_call_soon(PyObject *ring, PyObject *args, PyObject *kwargs)
@@ -750,6 +756,7 @@ ring_capture_call_soon(PyObject *ring, PyObject *args, PyObject *kwargs)
         PyErr_SetString(PyExc_RuntimeError, "a Ring's call_soon capture was called outside dispatch()");
         return NULL;
     }
+    handovers++;
     return PyObject_Call(self->real_call_soon, args, kwargs);
 }
 
@@ -839,6 +846,7 @@ set_result_eagerly(Ring *self, PyObject *loop, PyObject *future, PyObject *value
         if (context != NULL && PyContext_Enter(context) < 0) {
             /* Already entered somewhere up the stack: let the loop run it. */
             PyErr_Clear();
+            handovers++;
             PyObject *kw = PyDict_New();
             PyObject *call = NULL;
             if (kw != NULL && PyDict_SetItem(kw, str_context, context) == 0) {
@@ -887,6 +895,7 @@ serve_call(Ring *self, PyObject *key, PyObject *func, PyObject *args, PyObject *
     if (PyContext_Enter(context) < 0) {
         /* Entered already (a caller up the stack): the general path knows what to do. */
         PyErr_Clear();
+        handovers++;
         PyObject *argv[3] = {key, func, args};
         return PyObject_Vectorcall(on_call, argv, 3, NULL);
     }
@@ -905,6 +914,7 @@ serve_call(Ring *self, PyObject *key, PyObject *func, PyObject *args, PyObject *
     self->served_calls++;
     PyObject *r;
     if (result == NULL) {
+        handovers++;
         Py_XDECREF(type);
         Py_XDECREF(tb);
         if (error == NULL) /* cannot happen: a failed call sets an exception */
@@ -922,6 +932,7 @@ serve_call(Ring *self, PyObject *key, PyObject *func, PyObject *args, PyObject *
     if (payload != Py_None) {
         r = PyObject_CallOneArg(reply, payload);
     } else {
+        handovers++;
         PyObject *argv[3] = {key, result, Py_None};
         r = PyObject_Vectorcall(finish, argv, 3, NULL);
     }
@@ -1024,6 +1035,8 @@ dispatch_act(Ring *self, int action, PyObject *a, PyObject *b, PyObject *c, PyOb
                 else
                     *shadowed = 1;
             }
+            if (is_done == 0 && loop == NULL)
+                handovers++; /* its callbacks go to the loop */
             if (is_done == 0)
                 r = loop != NULL ? set_result_eagerly(self, loop, a, b)
                                  : PyObject_CallMethodOneArg(a, str_set_result, b);
@@ -1036,6 +1049,7 @@ dispatch_act(Ring *self, int action, PyObject *a, PyObject *b, PyObject *c, PyOb
         if (serve != NULL) {
             r = serve_call(self, a, b, c, serve, on_call);
         } else {
+            handovers++;
             PyObject *argv[3] = {a, b, c};
             r = PyObject_Vectorcall(on_call, argv, 3, NULL);
         }
@@ -1043,6 +1057,7 @@ dispatch_act(Ring *self, int action, PyObject *a, PyObject *b, PyObject *c, PyOb
         Py_DECREF(b);
         Py_DECREF(c);
     } else {
+        handovers++;
         r = PyObject_CallOneArg(on_message, a);
         Py_DECREF(a);
     }
@@ -1471,7 +1486,54 @@ static PyTypeObject FlagType = {
 
 /* ---------------------------------------------------------------- module */
 
+/* ready_mask(rings: tuple) -> int: bit i set when rings[i] has a record waiting
+   (bit 62 stands for every ring from 62 on); 0 when none has. */
+static PyObject *
+fabric_ready_mask(PyObject *Py_UNUSED(module), PyObject *rings)
+{
+    if (!PyTuple_CheckExact(rings)) {
+        PyErr_SetString(PyExc_TypeError, "ready_mask(rings: tuple of Ring)");
+        return NULL;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(rings);
+    uint64_t mask = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PyTuple_GET_ITEM(rings, i);
+        if (!PyObject_TypeCheck(item, &RingType)) {
+            PyErr_SetString(PyExc_TypeError, "ready_mask(rings: tuple of Ring)");
+            return NULL;
+        }
+        Ring *r = (Ring *)item;
+        if (r->base == NULL)
+            continue;
+        uint64_t bit = (uint64_t)1 << (i < 62 ? i : 62);
+        if (mask & bit)
+            continue;
+        uint64_t head = atomic_load_explicit(head_ptr(r), memory_order_relaxed);
+        if (head == r->cached_tail) {
+            r->cached_tail = atomic_load_explicit(tail_ptr(r), memory_order_acquire);
+            if (head == r->cached_tail)
+                continue;
+        }
+        mask |= bit;
+    }
+    return PyLong_FromUnsignedLongLong(mask);
+}
+
+/* dispatch_handovers() -> int: see ``handovers`` above. */
+static PyObject *
+fabric_dispatch_handovers(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
+{
+    return PyLong_FromUnsignedLongLong(handovers);
+}
+
 static PyMethodDef module_methods[] = {
+    {"ready_mask", (PyCFunction)fabric_ready_mask, METH_O,
+     "ready_mask(rings: tuple) -> int: bit i set when rings[i] has a record waiting (bit 62: "
+     "any ring from 62 on); 0 when none has."},
+    {"dispatch_handovers", (PyCFunction)fabric_dispatch_handovers, METH_NOARGS,
+     "dispatch_handovers() -> int: how often Ring.dispatch() in this process handed work to "
+     "Python callbacks or the loop; unchanged across a dispatch, all it did completed inside."},
     {"encode_call", (PyCFunction)(void (*)(void))fabric_encode_call, METH_FASTCALL,
      "encode_call(request_id, number, args) -> bytes | None: a compact call message, or None "
      "when args hold something the compact encoding does not cover."},
