@@ -4,7 +4,6 @@ outbox toward a peer is bounded, nested calls do not deadlock against the bound.
 from __future__ import annotations
 
 import fabric_functions as ff
-
 import pytest
 
 import shardio
