@@ -43,7 +43,12 @@ from .errors import (
     ShardDied,
     WrongThreadError,
 )
-from .fabric._ring import any_ready, encode_call, encode_result as encode_compact_result
+from .fabric._ring import (
+    dispatch_handovers,
+    encode_call,
+    encode_result as encode_compact_result,
+    ready_mask,
+)
 from .fabric.link import DEFAULT_MAX_BYTES, DEFAULT_MAX_CALLS, Link
 from .fabric.mesh import Mesh
 from .fabric.messages import (
@@ -75,6 +80,9 @@ BATCH = 64
 """Messages taken from one inbound ring per poll.  They run back to back, so the
 batch bounds how long other work waits behind a burst of calls (64 calls of 30 us
 are 2 ms); the per-poll cost it amortizes is about a microsecond."""
+
+INLINE = 1
+"""What Reactor._drain answers when all it did completed inside Ring.dispatch."""
 
 _local = threading.local()
 _unpack_header = HEADER.unpack_from
@@ -126,8 +134,8 @@ class ReactorStats:
 
     __slots__ = (
         "polls", "idle_spins", "sleeps", "doorbell_wakeups", "work_wakeups", "asleep_seconds",
-        "requests_run", "tasks_started", "external_submissions", "inbox_items",
-        "batches", "batch_messages", "started_at", "stalls", "cpu_clock",
+        "requests_in_python", "served_rings", "tasks_started", "external_submissions",
+        "inbox_items", "batches", "batch_messages", "started_at", "stalls", "cpu_clock",
     )
 
     def __init__(self) -> None:
@@ -138,7 +146,8 @@ class ReactorStats:
         self.work_wakeups = 0
         self.asleep_seconds = 0.0  # wall time from sleeping to waking, summed
         self.cpu_clock: int | None = None  # the reactor thread's CPU-time clock, once it runs
-        self.requests_run = 0
+        self.requests_in_python = 0  # calls run by Reactor._execute
+        self.served_rings: tuple = ()  # rings whose dispatch runs calls itself (serve path)
         self.tasks_started = 0
         self.external_submissions = 0
         self.inbox_items = 0
@@ -146,6 +155,11 @@ class ReactorStats:
         self.batch_messages = 0
         self.started_at = time.monotonic()
         self.stalls = 0
+
+    @property
+    def requests_run(self) -> int:
+        """Calls from other endpoints this shard ran."""
+        return self.requests_in_python + sum(ring.served_calls for ring in self.served_rings)
 
     @property
     def cpu_seconds(self) -> float:
@@ -244,6 +258,7 @@ class Reactor:
         """Process backend: the socket the owner passes descriptors on (added endpoints)."""
         self._endpoints: dict[int, Any] = {}
         self._inbound_guards: dict[int, Callable[..., Any]] = {}
+        self._serving_context: contextvars.Context | None = None
         self._rebuild_links()
         self._backlogged: set[Link] = set()
         self._inbox: deque[tuple[Callable, tuple]] = deque()
@@ -257,11 +272,12 @@ class Reactor:
         self._wake_hook = False
         self._on_wake: Callable[[], None] | None = None
         self._confirming = False  # one idle loop iteration away from sleeping
+        self._inline_dispatch = False  # the last dispatch could complete work inside it
         self._quiet_link: Link | None = None  # replies to it wait for one wake check
-        self._serving_context: contextvars.Context | None = None
         self._root_context: contextvars.Context | None = None
         self._exit: asyncio.Future | None = None
         self._call_soon: Callable | None = None
+        self._create_future: Callable[[], asyncio.Future] | None = None
         self.running_group: Any = None
         """The scheduling group whose slice runs now (shardio.scheduling sets it): calls
         sent meanwhile run in the same-named group on the receiving shard."""
@@ -272,6 +288,7 @@ class Reactor:
         """Run the reactor on the calling thread until it is told to exit."""
         loop = new_event_loop(self.loop_kind)
         self.loop = loop
+        self._create_future = loop.create_future
         self.thread_id = threading.get_ident()
         self.stats.cpu_clock = time.pthread_getcpuclockid(self.thread_id)
         self._wake_hook = getattr(type(loop), "shardio_hookable", False)
@@ -284,6 +301,7 @@ class Reactor:
         self._root_context.run(_serving_shard_request.set, False)
         self._serving_context = self._root_context.copy()
         self._serving_context.run(_serving_shard_request.set, True)
+        self._rebuild_links()  # the serve path needs the serving context
         asyncio.set_event_loop(loop)
         _local.reactor = self
         self.sleeping.clear()
@@ -387,12 +405,17 @@ class Reactor:
             # loop: a reply that is on its way is handled without the cost of a
             # loop iteration (an epoll call and a handle), and I/O waits at most
             # SPIN_SECONDS for its turn.
+            # Work that completed inside the dispatch (compact replies that resumed
+            # their tasks at once, calls served in C, nothing handed to the loop)
+            # does not end the spin: only work that left callbacks for the loop does.
             spin_end = min(now + SPIN_SECONDS, window_end)
             drain = self._drain
             while _perf_counter() < spin_end:
-                if drain():
+                found = drain()
+                if found:
                     self._idle_since = 0.0
-                    break
+                    if found is not INLINE:
+                        break
             self._call_soon(self._poll, context=self._root_context)
             return
         if self._wake_hook and not self._confirming:
@@ -466,11 +489,17 @@ class Reactor:
             self.stats.work_wakeups += 1
             self._call_soon(self._poll, context=self._root_context)
 
-    def _drain(self) -> bool:
-        """Poll everything once; True if any work was found."""
-        did = False
-        if any_ready(self._inbound_rings):
-            did = self._dispatch_links()
+    def _drain(self) -> bool | int:
+        """Poll everything once; true if any work was found: ``INLINE`` when it was all
+        messages that Ring.dispatch completed without handing anything to Python or the
+        loop, True otherwise."""
+        did: bool | int = False
+        ready = ready_mask(self._inbound_rings)
+        if ready:
+            handovers = dispatch_handovers()
+            did = self._dispatch_links(ready)
+            if did and dispatch_handovers() == handovers and self._inline_dispatch:
+                did = INLINE
         if self._inbox:
             did = True
             self._run_inbox()
@@ -492,22 +521,31 @@ class Reactor:
                 return True
         return did
 
-    def _dispatch_links(self) -> bool:
-        """Act on the messages waiting in the inbound rings (Ring.dispatch, in C)."""
+    def _dispatch_links(self, ready: int = -1) -> bool:
+        """Act on the messages waiting in the inbound rings (Ring.dispatch, in C);
+        ``ready``: which rings have some (``ready_mask``), all by default."""
         did = False
         stats = self.stats
         # A reply resumes its awaiting task right here, not one loop iteration later
         # (Ring.dispatch's eager wake-up), unless the wake hook shadows call_soon.
         eager_loop = self.loop if self._wake_hook and self._on_wake is None else None
+        self._inline_dispatch = eager_loop is not None
         try:
-            for link, dispatch, take_space_waiter, functions, on_call, on_message in self._inbound:
+            for (bit, link, dispatch, take_space_waiter, functions, on_call, on_message,
+                 serve) in self._inbound:
+                if not ready & bit:
+                    continue
                 # Replies to this link's calls are published without a wake check
                 # each; one check after the dispatch covers them all (see Link.send).
                 self._quiet_link = link
                 sent = link.sent_messages
                 try:
-                    got = dispatch(BATCH, link.pending, functions, on_call, on_message,
-                                   eager_loop)
+                    if serve is None:
+                        got = dispatch(BATCH, link.pending, functions, on_call, on_message,
+                                       eager_loop)
+                    else:
+                        got = dispatch(BATCH, link.pending, functions, on_call, on_message,
+                                       eager_loop, serve)
                 except Exception:  # one bad message must not stop the poll loop
                     log.exception("shard %d could not handle a message from endpoint %d",
                                   self.shard_id, link.peer)
@@ -586,7 +624,7 @@ class Reactor:
 
     def _execute(self, link: Link, request_id: int, func: Callable, args: tuple,
                  kwargs: dict | None = None) -> None:
-        self.stats.requests_run += 1
+        self.stats.requests_in_python += 1
         from_shard = link.peer < self.shard_count
         try:
             if from_shard:  # in the serving context: its calls, and its tasks', are nested
@@ -601,14 +639,7 @@ class Reactor:
         # values skip even that.
         if type(result) not in _PLAIN_RESULTS and (type(result) is _CoroutineType or (
                 result is not None and hasattr(type(result), "__await__"))):
-            self.stats.tasks_started += 1
-            if type(result) is _CoroutineType:
-                # The task and the tasks it starts know whether they serve another shard.
-                task = self.loop.create_task(result, context=(
-                    self._serving_context if from_shard else self._root_context).copy())
-            else:
-                task = asyncio.ensure_future(result, loop=self.loop)
-            task.add_done_callback(lambda done: self._reply_from_task(link, request_id, done))
+            self._serve_awaitable(link, request_id, result, from_shard)
             return
         # _reply(), inlined: this is every call's path.  Every peer reads the compact
         # result in C (Ring.dispatch): shards and endpoints alike.
@@ -617,6 +648,36 @@ class Reactor:
             self._reply(link, request_id, result)
         elif not link.dead and link.send(payload, link is not self._quiet_link):
             self._backlogged.add(link)
+
+    def _serve_awaitable(self, link: Link, request_id: int, result: Any, from_shard: bool
+                         ) -> None:
+        """A call returned an awaitable: run it as a task and reply when it is done."""
+        self.stats.tasks_started += 1
+        if type(result) is _CoroutineType:
+            # The task and the tasks it starts know whether they serve another shard.
+            task = self.loop.create_task(result, context=(
+                self._serving_context if from_shard else self._root_context).copy())
+        else:
+            task = asyncio.ensure_future(result, loop=self.loop)
+        task.add_done_callback(lambda done: self._reply_from_task(link, request_id, done))
+
+    def _send_served_reply(self, link: Link, payload: bytes) -> None:
+        """Ring.dispatch's serve path: a compact result for another shard's call.  Sent
+        during the dispatch of ``link``, so its wake-up check comes after the batch."""
+        if not link.dead and link.send(payload, False):
+            self._backlogged.add(link)
+
+    def _finish_served(self, link: Link, request_id: int, result: Any,
+                       error: BaseException | None) -> None:
+        """Ring.dispatch's serve path ran another shard's call, which raised or returned
+        something that is not a compact plain value: finish it as _execute would."""
+        if error is not None:
+            self._send(link, encode_error(request_id, error, self.shard_id))
+        elif type(result) not in _PLAIN_RESULTS and (type(result) is _CoroutineType or (
+                result is not None and hasattr(type(result), "__await__"))):
+            self._serve_awaitable(link, request_id, result, True)
+        else:
+            self._reply(link, request_id, result)
 
     def _reply_from_task(self, link: Link, request_id: int, task: asyncio.Future) -> None:
         if task.cancelled():
@@ -650,6 +711,29 @@ class Reactor:
     def submit_to(self, shard: int, func: Callable, args: tuple, kwargs: dict | None
                   ) -> asyncio.Future:
         """Run ``func(*args, **kwargs)`` on ``shard``; an awaitable for its result."""
+        # The common call in one frame: to another shard, nothing intercepting, no
+        # scheduling group, room under the bound, an interned function and arguments
+        # the compact encoding takes.  Anything else goes the general way below.
+        link = self._shard_links.get(shard)
+        if (link is not None and not kwargs and self.interceptor is None
+                and self.running_group is None and not link.waiting and not link.dead
+                and len(link.pending) < link.max_calls and link.backlog_bytes < link.max_bytes
+                and type(func) in _INTERNABLE):
+            number = link.interned.get(func)
+            if number is not None:
+                request_id = self._next_request_id
+                payload = encode_call(request_id, number, args)
+                if payload is not None and len(payload) <= self.max_message_bytes:
+                    self._next_request_id = request_id + 1
+                    future = self._create_future()
+                    link.pending[request_id] = future
+                    if link.send(payload):
+                        self._backlogged.add(link)
+                    return future
+        return self._submit_in_general(shard, func, args, kwargs)
+
+    def _submit_in_general(self, shard: int, func: Callable, args: tuple, kwargs: dict | None
+                           ) -> asyncio.Future:
         if shard == self.shard_id:
             return self._run_local(func, args, kwargs)
         if not 0 <= shard < self.shard_count:
@@ -786,12 +870,26 @@ class Reactor:
         # A new list each time: a _drain() in progress keeps iterating the old one.
         self._active_links = [link for link in self.links if link is not None]
         guards = self._inbound_guards
-        self._inbound = [(link, guards.get(link.peer, link.inbound.dispatch),
+        self._inbound = [(1 << min(index, 62), link, guards.get(link.peer, link.inbound.dispatch),
                           link.inbound.take_space_waiter, link.functions,
                           functools.partial(self._execute, link),
-                          functools.partial(self._handle, link))
-                         for link in self._active_links]
+                          functools.partial(self._handle, link), self._serve_for(link))
+                         for index, link in enumerate(self._active_links)]
+        self.stats.served_rings = tuple(link.inbound for link in self.links
+                                        if link is not None and link.peer < self.shard_count)
         self._inbound_rings = tuple(link.inbound for link in self._active_links)
+        # submit_to's fast path: the links to the other shards, by shard number.
+        self._shard_links = {link.peer: link for link in self._active_links
+                             if link.peer < self.shard_count}
+
+    def _serve_for(self, link: Link) -> tuple | None:
+        """Ring.dispatch's ``serve`` argument for ``link``: other shards' compact calls
+        run inside the dispatch (C), in the serving context; None: through _execute."""
+        if (link.peer >= self.shard_count or link.peer in self._inbound_guards
+                or self._serving_context is None):
+            return None
+        return (self._serving_context, functools.partial(self._send_served_reply, link),
+                functools.partial(self._finish_served, link))
 
     def attach_endpoint(self, endpoint: Any) -> None:
         """Serve an endpoint added to the running group (an ``EndpointSegment`` it now owns)."""

@@ -148,3 +148,55 @@ async def shared_list(peer: int) -> bool:
     shared = [1, 2]
     first = await shardio.submit_to(peer, same_object, shared, shared)
     return first and await shardio.submit_to(peer, same_object, shared, shared)
+
+
+def fails(message: str) -> None:
+    raise LookupError(message)
+
+
+async def later(value):
+    await asyncio.sleep(0)
+    return value + 1
+
+
+def as_dict(value) -> dict:
+    return {"value": value}
+
+
+def served_calls(peer: int) -> int:
+    """Calls from ``peer`` that Ring.dispatch ran itself (its serve path)."""
+    return shardio.current_reactor().links[peer].inbound.served_calls
+
+
+def requests_run() -> int:
+    return shardio.current_reactor().stats.requests_run
+
+
+async def served_outcomes(peer: int) -> list:
+    """Each kind of outcome of a call ``peer`` serves inside Ring.dispatch."""
+    for _ in range(2):  # the first call of each function carries it, pickled
+        await shardio.submit_to(peer, echo, 0)
+        await shardio.submit_to(peer, later, 0)
+        await shardio.submit_to(peer, as_dict, 0)
+        try:
+            await shardio.submit_to(peer, fails, "warm")
+        except LookupError:
+            pass
+    outcomes: list = [await shardio.submit_to(peer, echo, 7, "x"),
+                      await shardio.submit_to(peer, later, 41),
+                      await shardio.submit_to(peer, as_dict, (1, 2))]
+    try:
+        await shardio.submit_to(peer, fails, "no such key")
+    except LookupError as error:
+        outcomes.append(f"{type(error).__name__}: {error}")
+    return outcomes
+
+
+async def call_soon_after_batches(peer: int, rounds: int) -> list[bool]:
+    """After batches of replies resumed their futures eagerly, call_soon is the loop's own."""
+    loop = asyncio.get_running_loop()
+    seen = []
+    for _ in range(rounds):
+        await asyncio.gather(*(shardio.submit_to(peer, echo, i) for i in range(200)))
+        seen.append("call_soon" in vars(loop))
+    return seen

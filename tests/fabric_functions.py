@@ -72,11 +72,20 @@ async def ping_pong(peer: int, depth: int) -> int:
     return await shardio.submit_to(peer, ping_pong, shardio.this_shard(), depth - 1)
 
 
-async def nested_storm(peer: int, calls: int, depth: int) -> list[int]:
+def ping_pong_plain(peer: int, depth: int):
+    """ping_pong as a plain function: its nested call is made while Ring.dispatch runs
+    it (the serve path), and the future it returns is the call's awaitable result."""
+    if depth == 0:
+        return shardio.this_shard()
+    return shardio.submit_to(peer, ping_pong_plain, shardio.this_shard(), depth - 1)
+
+
+async def nested_storm(peer: int, calls: int, depth: int, plain: bool = False) -> list[int]:
     """Many concurrent calls whose handlers call back (nested) through the bound."""
     me = shardio.this_shard()
+    handler = ping_pong_plain if plain else ping_pong
     return await asyncio.gather(
-        *[shardio.submit_to(peer, ping_pong, me, depth) for _ in range(calls)]
+        *[shardio.submit_to(peer, handler, me, depth) for _ in range(calls)]
     )
 
 

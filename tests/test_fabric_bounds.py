@@ -4,6 +4,7 @@ outbox toward a peer is bounded, nested calls do not deadlock against the bound.
 from __future__ import annotations
 
 import fabric_functions as ff
+import pytest
 
 import shardio
 
@@ -41,11 +42,14 @@ def test_owner_submissions_beyond_the_bound_wait_in_order(leak_check):
         assert group.submit(0, ff.arrivals, 1).result(timeout=30) == list(range(calls))
 
 
-def test_nested_calls_from_handlers_do_not_deadlock_against_the_bound(backend, leak_check):
+@pytest.mark.parametrize("plain", [False, True], ids=["coroutine", "plain"])
+def test_nested_calls_from_handlers_do_not_deadlock_against_the_bound(backend, plain,
+                                                                      leak_check):
     """With room for 2 calls per peer, 200 calls whose handlers call back and forth
-    three levels deep all finish: nested calls are not held back by the bound."""
+    three levels deep all finish: nested calls are not held back by the bound.  Plain
+    handlers are run inside Ring.dispatch (C), which must give them the serving context."""
     with shardio.ShardGroup(2, backend=backend, max_calls_per_peer=2) as group:
-        results = group.submit(0, ff.nested_storm, 1, 200, 3).result(timeout=60)
+        results = group.submit(0, ff.nested_storm, 1, 200, 3, plain).result(timeout=60)
         assert results == [0] * 200
 
 

@@ -192,3 +192,27 @@ def test_an_exception_in_a_done_callback_reaches_the_loop(pair):
 
 def test_replies_to_cancelled_calls_are_dropped(pair):
     assert pair.submit(0, cf.cancelled_calls_drop_their_reply, 1, 500).result(timeout=30) == 0
+
+
+def test_calls_served_inside_dispatch_answer_as_the_python_path_would(pair):
+    """Another shard's compact calls run inside Ring.dispatch (C); a result, a coroutine's
+    result, a result that must be pickled and an exception all come back as they would
+    from the Python path, and the serve path did run them."""
+    before = pair.submit(1, cf.served_calls, 0).result(timeout=30)
+    outcomes = pair.submit(0, cf.served_outcomes, 1).result(timeout=30)
+    assert outcomes == [((7, "x"), ("int", "str")), 42, {"value": (1, 2)},
+                        "LookupError: no such key"]
+    assert pair.submit(1, cf.served_calls, 0).result(timeout=30) - before >= 4
+
+
+def test_requests_run_counts_the_calls_served_inside_dispatch(pair):
+    before = pair.submit(1, cf.requests_run).result(timeout=30)
+    served = pair.submit(1, cf.served_calls, 0).result(timeout=30)
+    pair.submit(0, cf.cancelled_calls_drop_their_reply, 1, 300).result(timeout=30)
+    assert pair.submit(1, cf.served_calls, 0).result(timeout=30) - served >= 300
+    # 600 calls from shard 0, and the owner's three probes after the first one.
+    assert pair.submit(1, cf.requests_run).result(timeout=30) - before == 600 + 3
+
+
+def test_the_loop_gets_its_call_soon_back_after_each_batch(pair):
+    assert pair.submit(0, cf.call_soon_after_batches, 1, 20).result(timeout=60) == [False] * 20

@@ -376,6 +376,8 @@ typedef struct {
     int dispatching;          /* consumer side: inside dispatch() (its callbacks run) */
     PyObject *real_call_soon; /* dispatch(): the loop's own call_soon while captured */
     PyObject *captured_callback, *captured_args, *captured_context;
+    int capturing;            /* dispatch(): inside future.set_result(), keep its first callback */
+    uint64_t served_calls;    /* consumer side: calls dispatch() ran itself (its ``serve`` path) */
     uint64_t dispatched_messages; /* consumer side: messages dispatch() took, counted */
     uint64_t dispatched_bytes;    /* before their callbacks run (a callback may read them) */
     uint64_t eager_wakeups;       /* callbacks dispatch() ran at once (see set_result_eagerly) */
@@ -670,7 +672,7 @@ Ring_get(Ring *self, PyObject *arg)
 
 /* ------------------------------------------------------------ dispatch
  *
- * Ring.dispatch(max_messages, pending, functions, on_call, on_message):
+ * Ring.dispatch(max_messages, pending, functions, on_call, on_message, loop, serve):
  * the consumer's poll step.  It takes up to max_messages complete messages
  * and acts on each, in ring order:
  *
@@ -704,10 +706,27 @@ Ring_get(Ring *self, PyObject *arg)
  * in this iteration.  Its exception, if any, goes to the loop's exception
  * handler, as the loop would do.  The caller passes ``loop`` only when the
  * loop's class allows instance attributes and nothing else shadows call_soon.
+ * The shadow goes in at the batch's first reply and stays until the batch
+ * ends (one attribute dance per batch, not per reply); outside set_result()
+ * it passes every call on to the real call_soon, so handlers and the woken
+ * tasks that run meanwhile schedule as usual.
+ *
+ * The serve path (the optional seventh argument, ``serve``: a tuple
+ * (context, reply, finish)): a compact call is run by dispatch itself,
+ * ``function(*args)`` in ``context``, and a result the compact encoding
+ * takes goes back through ``reply(compact RESULT message)``; an exception,
+ * an awaitable or any other result goes to ``finish(request_id, result,
+ * error)``.  Without it, calls go to ``on_call``.
  */
 
 static PyObject *str_done, *str_set_result, *str_call_soon, *str_context;
 static PyObject *str_call_exception_handler, *str_message, *str_exception;
+
+/* How many times dispatch() handed work to Python or to the loop (on_call,
+ * on_message, finish, a call_soon it did not keep, a set_result without the
+ * shadow): while it stays put, everything dispatch did completed inside it,
+ * and the reactor may keep polling instead of going round its loop. */
+static uint64_t handovers;
 
 /* loop.call_soon while dispatch() captures: keep the first callback, pass the rest on. */
 static PyObject *
@@ -723,7 +742,8 @@ ring_capture_call_soon(PyObject *ring, PyObject *args, PyObject *kwargs)
             return NULL;
         only_context = PyDict_GET_SIZE(kwargs) == (context != NULL);
     }
-    if (self->captured_callback == NULL && self->real_call_soon != NULL && n >= 1 && only_context) {
+    if (self->capturing && self->captured_callback == NULL && self->real_call_soon != NULL && n >= 1 &&
+        only_context) {
         PyObject *rest = PyTuple_GetSlice(args, 1, n);
         if (rest == NULL)
             return NULL;
@@ -736,6 +756,7 @@ ring_capture_call_soon(PyObject *ring, PyObject *args, PyObject *kwargs)
         PyErr_SetString(PyExc_RuntimeError, "a Ring's call_soon capture was called outside dispatch()");
         return NULL;
     }
+    handovers++;
     return PyObject_Call(self->real_call_soon, args, kwargs);
 }
 
@@ -769,38 +790,54 @@ report_to_loop(PyObject *loop, PyObject *callback)
     Py_XDECREF(tb);
 }
 
-/* future.set_result(value), then run the future's first callback here (see above). */
-static PyObject *
-set_result_eagerly(Ring *self, PyObject *loop, PyObject *future, PyObject *value)
+/* Shadow loop.call_soon with the capture for the rest of a dispatch() batch. */
+static int
+shadow_call_soon(Ring *self, PyObject *loop)
 {
-    /* Made per call: kept on the Ring it would make a reference cycle. */
+    /* Made per batch: kept on the Ring it would make a reference cycle. */
     PyObject *capture = PyCFunction_New(&capture_def, (PyObject *)self);
     if (capture == NULL)
-        return NULL;
+        return -1;
     PyObject *real = PyObject_GetAttr(loop, str_call_soon);
     if (real == NULL) {
         Py_DECREF(capture);
-        return NULL;
+        return -1;
     }
     int shadowed = PyObject_SetAttr(loop, str_call_soon, capture);
-    Py_DECREF(capture); /* the loop holds it until DelAttr below */
+    Py_DECREF(capture); /* the loop holds it until unshadow_call_soon() */
     if (shadowed < 0) {
         Py_DECREF(real);
-        return NULL;
+        return -1;
     }
     self->real_call_soon = real;
-    PyObject *r = PyObject_CallMethodOneArg(future, str_set_result, value);
-    self->real_call_soon = NULL;
+    return 0;
+}
+
+/* Give the loop its own call_soon back; a pending exception survives. */
+static int
+unshadow_call_soon(Ring *self, PyObject *loop)
+{
     PyObject *type, *err, *tb;
     PyErr_Fetch(&type, &err, &tb);
     int removed = PyObject_DelAttr(loop, str_call_soon);
+    Py_CLEAR(self->real_call_soon);
     if (removed < 0) {
         Py_XDECREF(type); Py_XDECREF(err); Py_XDECREF(tb);
-        Py_XDECREF(r);
-        r = NULL;
-    } else {
-        PyErr_Restore(type, err, tb);
+        return -1;
     }
+    PyErr_Restore(type, err, tb);
+    return 0;
+}
+
+/* future.set_result(value), then run the future's first callback here (see above);
+   call_soon is already shadowed (shadow_call_soon). */
+static PyObject *
+set_result_eagerly(Ring *self, PyObject *loop, PyObject *future, PyObject *value)
+{
+    PyObject *real = self->real_call_soon;
+    self->capturing = 1;
+    PyObject *r = PyObject_CallMethodOneArg(future, str_set_result, value);
+    self->capturing = 0;
     PyObject *callback = self->captured_callback, *args = self->captured_args;
     PyObject *context = self->captured_context;
     self->captured_callback = self->captured_args = self->captured_context = NULL;
@@ -809,6 +846,7 @@ set_result_eagerly(Ring *self, PyObject *loop, PyObject *future, PyObject *value
         if (context != NULL && PyContext_Enter(context) < 0) {
             /* Already entered somewhere up the stack: let the loop run it. */
             PyErr_Clear();
+            handovers++;
             PyObject *kw = PyDict_New();
             PyObject *call = NULL;
             if (kw != NULL && PyDict_SetItem(kw, str_context, context) == 0) {
@@ -836,7 +874,70 @@ set_result_eagerly(Ring *self, PyObject *loop, PyObject *future, PyObject *value
     Py_XDECREF(callback);
     Py_XDECREF(args);
     Py_XDECREF(context);
-    Py_DECREF(real);
+    return r;
+}
+
+/*
+ * dispatch()'s serve path: a compact call from another shard run right here.
+ * ``serve`` is (context, reply, finish): func(*args) runs in ``context`` (the
+ * reactor's serving context), a plain result goes back as a compact RESULT
+ * through ``reply(payload)``, and anything else (an exception, an awaitable,
+ * a result the compact encoding does not take) through
+ * ``finish(request_id, result, error)``, in Python.
+ */
+static PyObject *
+serve_call(Ring *self, PyObject *key, PyObject *func, PyObject *args, PyObject *serve,
+           PyObject *on_call)
+{
+    PyObject *context = PyTuple_GET_ITEM(serve, 0);
+    PyObject *reply = PyTuple_GET_ITEM(serve, 1);
+    PyObject *finish = PyTuple_GET_ITEM(serve, 2);
+    if (PyContext_Enter(context) < 0) {
+        /* Entered already (a caller up the stack): the general path knows what to do. */
+        PyErr_Clear();
+        handovers++;
+        PyObject *argv[3] = {key, func, args};
+        return PyObject_Vectorcall(on_call, argv, 3, NULL);
+    }
+    PyObject *result = PyObject_Call(func, args, NULL);
+    PyObject *type = NULL, *error = NULL, *tb = NULL;
+    if (result == NULL) {
+        PyErr_Fetch(&type, &error, &tb);
+        PyErr_NormalizeException(&type, &error, &tb);
+        if (tb != NULL && error != NULL)
+            PyException_SetTraceback(error, tb);
+    }
+    if (PyContext_Exit(context) < 0) {
+        Py_XDECREF(result); Py_XDECREF(type); Py_XDECREF(error); Py_XDECREF(tb);
+        return NULL;
+    }
+    self->served_calls++;
+    PyObject *r;
+    if (result == NULL) {
+        handovers++;
+        Py_XDECREF(type);
+        Py_XDECREF(tb);
+        if (error == NULL) /* cannot happen: a failed call sets an exception */
+            error = Py_NewRef(Py_None);
+        PyObject *argv[3] = {key, Py_None, error};
+        r = PyObject_Vectorcall(finish, argv, 3, NULL);
+        Py_DECREF(error);
+        return r;
+    }
+    PyObject *payload = compact_message(KIND_RESULT, key, NULL, result);
+    if (payload == NULL) {
+        Py_DECREF(result);
+        return NULL;
+    }
+    if (payload != Py_None) {
+        r = PyObject_CallOneArg(reply, payload);
+    } else {
+        handovers++;
+        PyObject *argv[3] = {key, result, Py_None};
+        r = PyObject_Vectorcall(finish, argv, 3, NULL);
+    }
+    Py_DECREF(payload);
+    Py_DECREF(result);
     return r;
 }
 
@@ -920,7 +1021,7 @@ dispatch_decode(const char *p, uint64_t len, PyObject *msg, PyObject *pending, P
 
 static int
 dispatch_act(Ring *self, int action, PyObject *a, PyObject *b, PyObject *c, PyObject *on_call,
-             PyObject *on_message, PyObject *loop)
+             PyObject *on_message, PyObject *loop, PyObject *serve, int *shadowed)
 {
     PyObject *r = NULL;
     if (action == ACT_RESULT) {
@@ -928,6 +1029,14 @@ dispatch_act(Ring *self, int action, PyObject *a, PyObject *b, PyObject *c, PyOb
         if (done != NULL) {
             int is_done = PyObject_IsTrue(done);
             Py_DECREF(done);
+            if (is_done == 0 && loop != NULL && !*shadowed) {
+                if (shadow_call_soon(self, loop) < 0)
+                    is_done = -1;
+                else
+                    *shadowed = 1;
+            }
+            if (is_done == 0 && loop == NULL)
+                handovers++; /* its callbacks go to the loop */
             if (is_done == 0)
                 r = loop != NULL ? set_result_eagerly(self, loop, a, b)
                                  : PyObject_CallMethodOneArg(a, str_set_result, b);
@@ -937,12 +1046,18 @@ dispatch_act(Ring *self, int action, PyObject *a, PyObject *b, PyObject *c, PyOb
         Py_DECREF(a);
         Py_DECREF(b);
     } else if (action == ACT_CALL) {
-        PyObject *argv[3] = {a, b, c};
-        r = PyObject_Vectorcall(on_call, argv, 3, NULL);
+        if (serve != NULL) {
+            r = serve_call(self, a, b, c, serve, on_call);
+        } else {
+            handovers++;
+            PyObject *argv[3] = {a, b, c};
+            r = PyObject_Vectorcall(on_call, argv, 3, NULL);
+        }
         Py_DECREF(a);
         Py_DECREF(b);
         Py_DECREF(c);
     } else {
+        handovers++;
         r = PyObject_CallOneArg(on_message, a);
         Py_DECREF(a);
     }
@@ -955,10 +1070,13 @@ dispatch_act(Ring *self, int action, PyObject *a, PyObject *b, PyObject *c, PyOb
 static PyObject *
 Ring_dispatch(Ring *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs < 5 || nargs > 6 || !PyDict_Check(args[1]) || !PyDict_Check(args[2])) {
+    if (nargs < 5 || nargs > 7 || !PyDict_Check(args[1]) || !PyDict_Check(args[2]) ||
+        (nargs == 7 && args[6] != Py_None &&
+         (!PyTuple_CheckExact(args[6]) || PyTuple_GET_SIZE(args[6]) != 3 ||
+          !PyContext_CheckExact(PyTuple_GET_ITEM(args[6], 0))))) {
         PyErr_SetString(PyExc_TypeError,
                         "dispatch(max_messages, pending: dict, functions: dict, on_call, on_message, "
-                        "loop=None)");
+                        "loop=None, serve: (Context, reply, finish) | None = None)");
         return NULL;
     }
     if (Ring_check(self) < 0)
@@ -967,7 +1085,9 @@ Ring_dispatch(Ring *self, PyObject *const *args, Py_ssize_t nargs)
     if (max_messages == -1 && PyErr_Occurred())
         return NULL;
     PyObject *pending = args[1], *functions = args[2], *on_call = args[3], *on_message = args[4];
-    PyObject *loop = nargs == 6 && args[5] != Py_None ? args[5] : NULL;
+    PyObject *loop = nargs >= 6 && args[5] != Py_None ? args[5] : NULL;
+    PyObject *serve = nargs == 7 && args[6] != Py_None ? args[6] : NULL;
+    int shadowed = 0; /* loop.call_soon is shadowed from the first reply to the batch's end */
     uint64_t head = atomic_load_explicit(head_ptr(self), memory_order_relaxed);
     if (head == self->cached_tail) {
         self->cached_tail = atomic_load_explicit(tail_ptr(self), memory_order_acquire);
@@ -1043,12 +1163,14 @@ Ring_dispatch(Ring *self, PyObject *const *args, Py_ssize_t nargs)
         count++;
         self->dispatched_messages++;
         if (action != ACT_DROP &&
-            dispatch_act(self, action, a, b, c, on_call, on_message, loop) < 0) {
+            dispatch_act(self, action, a, b, c, on_call, on_message, loop, serve, &shadowed) < 0) {
             failed = 1;
             break;
         }
     }
     self->dispatching = 0;
+    if (shadowed && unshadow_call_soon(self, loop) < 0)
+        failed = 1;
     if (failed)
         return NULL;
     return PyLong_FromSsize_t(count);
@@ -1204,7 +1326,8 @@ static PyMethodDef Ring_methods[] = {
      "put(data, start=0) -> int: write data[start:]; return the offset reached."},
     {"get", (PyCFunction)Ring_get, METH_O, "get(max_messages) -> list of complete messages, or None if the ring was empty."},
     {"dispatch", (PyCFunction)(void (*)(void))Ring_dispatch, METH_FASTCALL,
-     "dispatch(max_messages, pending, functions, on_call, on_message, loop=None) -> int | None:"
+     "dispatch(max_messages, pending, functions, on_call, on_message, loop=None, serve=None)"
+     " -> int | None:"
      " act on up to max_messages messages (see _ring.c)."},
     {"ready", (PyCFunction)Ring_ready, METH_NOARGS, "True when a record is waiting."},
     {"request_space", (PyCFunction)Ring_request_space, METH_NOARGS,
@@ -1240,7 +1363,15 @@ Ring_get_eager_wakeups(Ring *self, void *Py_UNUSED(closure))
     return PyLong_FromUnsignedLongLong(self->eager_wakeups);
 }
 
+static PyObject *
+Ring_get_served_calls(Ring *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromUnsignedLongLong(self->served_calls);
+}
+
 static PyGetSetDef Ring_getset[] = {
+    {"served_calls", (getter)Ring_get_served_calls, NULL,
+     "calls dispatch() ran itself through its serve path", NULL},
     {"eager_wakeups", (getter)Ring_get_eager_wakeups, NULL,
      "done callbacks of replies that dispatch() ran at once", NULL},
     {"dispatched_messages", (getter)Ring_get_dispatched_messages, NULL,
@@ -1379,7 +1510,54 @@ static PyTypeObject FlagType = {
 
 /* ---------------------------------------------------------------- module */
 
+/* ready_mask(rings: tuple) -> int: bit i set when rings[i] has a record waiting
+   (bit 62 stands for every ring from 62 on); 0 when none has. */
+static PyObject *
+fabric_ready_mask(PyObject *Py_UNUSED(module), PyObject *rings)
+{
+    if (!PyTuple_CheckExact(rings)) {
+        PyErr_SetString(PyExc_TypeError, "ready_mask(rings: tuple of Ring)");
+        return NULL;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(rings);
+    uint64_t mask = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PyTuple_GET_ITEM(rings, i);
+        if (!PyObject_TypeCheck(item, &RingType)) {
+            PyErr_SetString(PyExc_TypeError, "ready_mask(rings: tuple of Ring)");
+            return NULL;
+        }
+        Ring *r = (Ring *)item;
+        if (r->base == NULL)
+            continue;
+        uint64_t bit = (uint64_t)1 << (i < 62 ? i : 62);
+        if (mask & bit)
+            continue;
+        uint64_t head = atomic_load_explicit(head_ptr(r), memory_order_relaxed);
+        if (head == r->cached_tail) {
+            r->cached_tail = atomic_load_explicit(tail_ptr(r), memory_order_acquire);
+            if (head == r->cached_tail)
+                continue;
+        }
+        mask |= bit;
+    }
+    return PyLong_FromUnsignedLongLong(mask);
+}
+
+/* dispatch_handovers() -> int: see ``handovers`` above. */
+static PyObject *
+fabric_dispatch_handovers(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
+{
+    return PyLong_FromUnsignedLongLong(handovers);
+}
+
 static PyMethodDef module_methods[] = {
+    {"ready_mask", (PyCFunction)fabric_ready_mask, METH_O,
+     "ready_mask(rings: tuple) -> int: bit i set when rings[i] has a record waiting (bit 62: "
+     "any ring from 62 on); 0 when none has."},
+    {"dispatch_handovers", (PyCFunction)fabric_dispatch_handovers, METH_NOARGS,
+     "dispatch_handovers() -> int: how often Ring.dispatch() in this process handed work to "
+     "Python callbacks or the loop; unchanged across a dispatch, all it did completed inside."},
     {"encode_call", (PyCFunction)(void (*)(void))fabric_encode_call, METH_FASTCALL,
      "encode_call(request_id, number, args) -> bytes | None: a compact call message, or None "
      "when args hold something the compact encoding does not cover."},
