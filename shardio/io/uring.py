@@ -98,8 +98,10 @@ _STATX_BASIC_STATS = 0x7FF
 _MAX_IO = 4 << 20  # one io_uring read/write moves at most this much (the ring's MAX_IO)
 _TRANSIENT = (errno.EAGAIN, errno.EBUSY, errno.ENOMEM)
 # The ring's prep methods, named as dump_stacks shows an op parked on them.
-_PREP_NAMES = ("read", "write", "fsync", "openat", "close_fd", "statx", "renameat", "unlinkat")
-_PREP_NAMES += ("ftruncate", "nop")
+_PREP_NAMES = (
+    "read", "write", "fsync", "openat", "close_fd", "statx", "renameat", "unlinkat", "ftruncate",
+    "nop",
+)  # fmt: skip
 
 try:
     from shardio.io import _uring
@@ -652,6 +654,7 @@ class UringDriver:
         self.closed = True
         self._unusable = True
         self._ring.direct_open = False
+        self.read_direct = self._read_direct_slow  # the ring forgets its configuration at close
         try:
             self.loop.remove_reader(self.ring_fd)
         except Exception:  # the loop may already be closed, or the fd replaced
