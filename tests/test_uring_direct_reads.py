@@ -92,9 +92,7 @@ def test_a_parked_direct_read_shows_as_io_uring_read(run: Any, pipe: tuple[int, 
     run(main)
 
 
-def test_cancelling_a_direct_read_cancels_it_in_the_kernel(
-    run: Any, pipe: tuple[int, int]
-) -> None:
+def test_cancelling_a_direct_read_cancels_it_in_the_kernel(run: Any, pipe: tuple[int, int]) -> None:
     read_end, write_end = pipe
 
     async def main() -> None:
