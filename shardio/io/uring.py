@@ -29,7 +29,12 @@ never frees memory the kernel writes into.
   block the reactor.
 * **Submission** is batched: every op enters through ``_submit``, which
   makes one C call (``Ring.await_op``: queue the SQE, ask for a submit,
-  park, then return the result or raise). The first SQE queued since the
+  park, then return the result or raise). The cold read of up to 4 MiB
+  (``read(..., direct=True)``, ``read_direct``) is one C call from the
+  caller on: ``Ring.read_direct`` checks what ``_submit`` would (driver
+  usable, no scheduling group, no slot waiters, a free slot), makes the
+  ``Parked("io_uring", "read")``, queues, parks and returns the bytes, and
+  hands every other case to ``_submit``'s path. The first SQE queued since the
   last ``io_uring_enter`` schedules one submit (``call_soon``) for the end
   of the loop pass, so the stacks that park in one pass share one
   ``io_uring_enter``; while a completion pass resumes many stacks, every
