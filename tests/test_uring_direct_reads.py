@@ -203,3 +203,42 @@ def test_a_driver_nobody_closed_is_collected_with_its_ring(run: Any) -> None:
         assert info.value.errno == errno.EBADF
 
     run(main)
+
+
+def test_a_direct_read_does_not_overtake_stacks_waiting_for_a_slot(
+    run: Any, pipe: tuple[int, int], direct_file: tuple[str, int]
+) -> None:
+    """With one slot: A holds it (a pipe read), B and C wait for it in that order. A's next
+    read, made while its completion is handed out and the slot is free again, must queue
+    behind B and C rather than take the slot they wait for."""
+    read_end, write_end = pipe
+    _, fd = direct_file
+    order: list[str] = []
+
+    async def main() -> None:
+        rt = stacks.runtime()
+        drv = UringDriver(rt, max_inflight=1)
+
+        def first() -> None:
+            drv.read(read_end, 4096, 0, True)
+            drv.read(fd, 4096, 0, True)
+            order.append("A")
+
+        def waiter(name: str) -> None:
+            drv.read(fd, 4096, 4096, True)
+            order.append(name)
+
+        try:
+            a = asyncio.ensure_future(tame.call(first))
+            await _until(lambda: drv.stats()["inflight"] == 1, "A's read is in flight")
+            b = asyncio.ensure_future(tame.call(waiter, "B"))
+            await _until(lambda: drv.stats()["slot_waits"] == 1, "B waits for the slot")
+            c = asyncio.ensure_future(tame.call(waiter, "C"))
+            await _until(lambda: drv.stats()["slot_waits"] == 2, "C waits for the slot")
+            os.write(write_end, b"go")
+            await asyncio.wait_for(asyncio.gather(a, b, c), 10)
+        finally:
+            drv.close()
+        assert order == ["B", "C", "A"]
+
+    run(main)
