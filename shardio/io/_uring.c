@@ -102,6 +102,16 @@ typedef struct {
     unsigned pool_len[POOL_CLASSES];
     uint8_t supported[256];
     unsigned leaked;          /* slots abandoned at close() with the kernel still on them */
+    /* read_direct()'s configuration (configure_direct_reads); NULL until then, cleared at close. */
+    PyObject *dr_parked;      /* the wake-up token type: Parked("io_uring", "read") */
+    PyObject *dr_kick;        /* as await_op's kick */
+    PyObject *dr_rt;          /* the runtime: its running_group must be None */
+    PyObject *dr_waiters;     /* the driver's slot waiters: must be empty */
+    PyObject *dr_slow;        /* slow(fd, n, offset): every case the fast path does not take */
+    PyObject *dr_rest;        /* rest(fd, n, offset, data): after a short read */
+    unsigned dr_max_inflight;
+    int dr_open;              /* the driver is usable (not broken, not closed) */
+    unsigned long long direct_reads;  /* reads completed by read_direct's own path */
 } Ring;
 
 static long sys_setup(unsigned entries, struct io_uring_params *p)
@@ -363,9 +373,32 @@ static void ring_free(Ring *r)
     ring_unmap(r);
 }
 
+static void dr_clear(Ring *self);
+
+static int
+Ring_traverse(Ring *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->dr_parked);
+    Py_VISIT(self->dr_kick);
+    Py_VISIT(self->dr_rt);
+    Py_VISIT(self->dr_waiters);
+    Py_VISIT(self->dr_slow);
+    Py_VISIT(self->dr_rest);
+    return 0;
+}
+
+static int
+Ring_clear(Ring *self)
+{
+    dr_clear(self);
+    return 0;
+}
+
 static void
 Ring_dealloc(Ring *self)
 {
+    PyObject_GC_UnTrack(self);
+    dr_clear(self);
     ring_free(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -382,6 +415,7 @@ static PyObject *
 Ring_close(Ring *self, PyObject *noargs)
 {
     unsigned before = self->leaked;
+    dr_clear(self);
     ring_free(self);
     return PyLong_FromUnsignedLong(self->leaked - before);
 }
@@ -427,18 +461,18 @@ PyDoc_STRVAR(read_doc,
 "ring (so O_DIRECT works); its result is the bytes read, or -errno.\n"
 "None when no SQE or slot is free.");
 
-static PyObject *
-Ring_read(Ring *self, PyObject *const *args, Py_ssize_t nargs)
+/* Queue a read SQE whose token is token: its slot, -1 when no SQE or slot is free,
+   -2 with an exception set. */
+static long prep_read(Ring *self, int fd, uint64_t length, uint64_t offset, PyObject *token)
 {
-    int fd; uint64_t length, offset;
-    if (parse_args(args, nargs, 4, "read") < 0 || as_int(args[0], &fd) < 0 ||
-        as_u64(args[1], &length) < 0 || as_u64(args[2], &offset) < 0)
-        return NULL;
     if (length == 0 || length > MAX_IO) {
         PyErr_Format(PyExc_ValueError, "read length must be 1..%u bytes", MAX_IO);
-        return NULL;
+        return -2;
     }
-    PREP_BEGIN(self, sqe, slot);
+    if (check_open(self) < 0) return -2;
+    uint32_t slot;
+    struct io_uring_sqe *sqe = sqe_get(self, &slot);
+    if (sqe == NULL) return -1;
     Slot *s = &self->slots[slot];
     if (length <= PAGE) {
         s->mem = self->pages + (size_t)slot * PAGE;
@@ -449,7 +483,8 @@ Ring_read(Ring *self, PyObject *const *args, Py_ssize_t nargs)
         s->mem = pool_get(self, s->mem_class);
         if (!s->mem) {
             slot_release(self, slot);
-            return PyErr_NoMemory();
+            PyErr_NoMemory();
+            return -2;
         }
         sqe->opcode = IORING_OP_READ;
     }
@@ -458,7 +493,23 @@ Ring_read(Ring *self, PyObject *const *args, Py_ssize_t nargs)
     sqe->addr = (uint64_t)(uintptr_t)s->mem;
     sqe->len = (uint32_t)length;
     sqe->off = offset;
-    return sqe_commit(self, slot, args[3]);
+    Py_INCREF(token);
+    s->token = token;
+    self->sq_local_tail++;
+    return (long)slot;
+}
+
+static PyObject *
+Ring_read(Ring *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    int fd; uint64_t length, offset;
+    if (parse_args(args, nargs, 4, "read") < 0 || as_int(args[0], &fd) < 0 ||
+        as_u64(args[1], &length) < 0 || as_u64(args[2], &offset) < 0)
+        return NULL;
+    long slot = prep_read(self, fd, length, offset, args[3]);
+    if (slot == -2) return NULL;
+    if (slot == -1) Py_RETURN_NONE;
+    return PyLong_FromLong(slot);
 }
 
 PyDoc_STRVAR(write_doc,
@@ -934,6 +985,61 @@ static int ring_kick(Ring *r, PyObject *kick)
     return 0;
 }
 
+/* Park on the op queued in slot (token parked) and return its result: await_op's
+   second half (see there), shared with read_direct. */
+static PyObject *
+await_slot(Ring *self, long slot, PyObject *parked, PyObject *kick,
+           PyObject *filename, PyObject *filename2)
+{
+    if (ring_kick(self, kick) < 0) {
+        /* The op is queued but nobody will submit it: take it back from the caller. */
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        ring_cancel(self, slot, parked);
+        PyErr_Restore(type, value, tb);
+        return NULL;
+    }
+    PyObject *res = PyObject_CallMethodNoArgs(parked, str_park);
+    if (res == NULL) {
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        int queued = ring_cancel(self, slot, parked);
+        if (queued && ring_kick(self, kick) < 0) {
+            PyErr_Clear();  /* the cancel SQE goes with the next submit */
+        }
+        PyErr_Restore(type, value, tb);
+        return NULL;
+    }
+    if (PyLong_CheckExact(res)) {
+        long v = PyLong_AsLong(res);
+        if (v < 0) {
+            Py_DECREF(res);
+            int code = (int)-v;
+            PyObject *exc_args;
+            if (filename2 != Py_None)
+                exc_args = Py_BuildValue("(isOOO)", code, strerror(code), filename, Py_None, filename2);
+            else if (filename != Py_None)
+                exc_args = Py_BuildValue("(isO)", code, strerror(code), filename);
+            else
+                exc_args = Py_BuildValue("(is)", code, strerror(code));
+            if (exc_args == NULL) return NULL;
+            PyObject *exc = PyObject_Call(PyExc_OSError, exc_args, NULL);
+            Py_DECREF(exc_args);
+            if (exc == NULL) return NULL;
+            PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+            Py_DECREF(exc);
+            return NULL;
+        }
+        return res;
+    }
+    if (PyExceptionInstance_Check(res)) {
+        PyErr_SetObject((PyObject *)Py_TYPE(res), res);
+        Py_DECREF(res);
+        return NULL;
+    }
+    return res;
+}
+
 PyDoc_STRVAR(await_op_doc,
 "await_op(prep, args, parked, kick, filename=None, filename2=None) -> result or None\n\n"
 "The whole life of one op on a tame stack, in one call: prep(*args, parked)\n"
@@ -972,53 +1078,121 @@ Ring_await_op(Ring *self, PyObject *const *args, Py_ssize_t nargs)
     long slot = PyLong_AsLong(slot_obj);
     Py_DECREF(slot_obj);
     if (slot == -1 && PyErr_Occurred()) return NULL;
-    if (ring_kick(self, kick) < 0) {
-        /* The op is queued but nobody will submit it: take it back from the caller. */
-        PyObject *type, *value, *tb;
-        PyErr_Fetch(&type, &value, &tb);
-        ring_cancel(self, slot, parked);
-        PyErr_Restore(type, value, tb);
+    return await_slot(self, slot, parked, kick, nargs > 4 ? args[4] : Py_None,
+                      nargs > 5 ? args[5] : Py_None);
+}
+
+
+static PyObject *str_io_uring, *str_read, *str_running_group;  /* interned */
+
+PyDoc_STRVAR(configure_direct_reads_doc,
+"configure_direct_reads(parked_type, kick, rt, waiters, max_inflight, slow, rest)\n\n"
+"Set up read_direct(): parked_type(\"io_uring\", \"read\") makes its wake-up token,\n"
+"kick is await_op's, rt.running_group and the waiters deque must be empty and\n"
+"inflight below max_inflight for the fast path; slow(fd, n, offset) takes every\n"
+"other case and rest(fd, n, offset, data) finishes a short read. Cleared by close().");
+
+static void dr_clear(Ring *self)
+{
+    Py_CLEAR(self->dr_parked);
+    Py_CLEAR(self->dr_kick);
+    Py_CLEAR(self->dr_rt);
+    Py_CLEAR(self->dr_waiters);
+    Py_CLEAR(self->dr_slow);
+    Py_CLEAR(self->dr_rest);
+    self->dr_open = 0;
+}
+
+static PyObject *
+Ring_configure_direct_reads(Ring *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (parse_args(args, nargs, 7, "configure_direct_reads") < 0) return NULL;
+    long max_inflight = PyLong_AsLong(args[4]);
+    if (max_inflight == -1 && PyErr_Occurred()) return NULL;
+    if (max_inflight < 1) {
+        PyErr_SetString(PyExc_ValueError, "configure_direct_reads: max_inflight must be >= 1");
         return NULL;
     }
-    PyObject *res = PyObject_CallMethodNoArgs(parked, str_park);
-    if (res == NULL) {
-        PyObject *type, *value, *tb;
-        PyErr_Fetch(&type, &value, &tb);
-        int queued = ring_cancel(self, slot, parked);
-        if (queued && ring_kick(self, kick) < 0) {
-            PyErr_Clear();  /* the cancel SQE goes with the next submit */
-        }
-        PyErr_Restore(type, value, tb);
+    if (check_open(self) < 0) return NULL;
+    dr_clear(self);
+    PyObject **fields[] = {&self->dr_parked, &self->dr_kick, &self->dr_rt, &self->dr_waiters};
+    for (int i = 0; i < 4; i++) { Py_INCREF(args[i]); *fields[i] = args[i]; }
+    Py_INCREF(args[5]); self->dr_slow = args[5];
+    Py_INCREF(args[6]); self->dr_rest = args[6];
+    self->dr_max_inflight = (unsigned)max_inflight;
+    self->dr_open = 1;
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(read_direct_doc,
+"read_direct(fd, n, offset) -> bytes\n\n"
+"A tame stack's O_DIRECT-style read through the ring, in one call: when the\n"
+"driver is open, the stack runs in no scheduling group, nobody waits for a slot\n"
+"and a slot is free, queue the read with a new Parked(\"io_uring\", \"read\"),\n"
+"kick, park and return the bytes (cancel in the kernel if the park raises; a\n"
+"negative result raises OSError). Any other case goes to slow(fd, n, offset);\n"
+"a short, non-empty result to rest(fd, n, offset, data) (see\n"
+"configure_direct_reads). direct_reads counts the reads this path completed.");
+
+static PyObject *
+Ring_read_direct(Ring *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (parse_args(args, nargs, 3, "read_direct") < 0) return NULL;
+    if (self->dr_slow == NULL) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "read_direct: the ring is closed or configure_direct_reads was not called");
         return NULL;
     }
-    if (PyLong_CheckExact(res)) {
-        long v = PyLong_AsLong(res);
-        if (v < 0) {
-            Py_DECREF(res);
-            int code = (int)-v;
-            PyObject *filename = nargs > 4 ? args[4] : Py_None;
-            PyObject *filename2 = nargs > 5 ? args[5] : Py_None;
-            PyObject *exc_args;
-            if (filename2 != Py_None)
-                exc_args = Py_BuildValue("(isOOO)", code, strerror(code), filename, Py_None, filename2);
-            else if (filename != Py_None)
-                exc_args = Py_BuildValue("(isO)", code, strerror(code), filename);
-            else
-                exc_args = Py_BuildValue("(is)", code, strerror(code));
-            if (exc_args == NULL) return NULL;
-            PyObject *exc = PyObject_Call(PyExc_OSError, exc_args, NULL);
-            Py_DECREF(exc_args);
-            if (exc == NULL) return NULL;
-            PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
-            Py_DECREF(exc);
-            return NULL;
-        }
-        return res;
+    int fast = self->dr_open && self->fd >= 0 && self->inflight < self->dr_max_inflight &&
+               PyLong_CheckExact(args[0]) && PyLong_CheckExact(args[1]) &&
+               PyLong_CheckExact(args[2]);
+    long long n = 0, offset = 0;
+    int fd = -1;
+    if (fast) {
+        n = PyLong_AsLongLong(args[1]);
+        offset = PyLong_AsLongLong(args[2]);
+        long f = PyLong_AsLong(args[0]);
+        if (PyErr_Occurred()) { PyErr_Clear(); fast = 0; }
+        fd = (int)f;
+        fast = fast && n > 0 && n <= (long long)MAX_IO && offset >= 0 && f >= 0 && f <= INT32_MAX;
     }
-    if (PyExceptionInstance_Check(res)) {
-        PyErr_SetObject((PyObject *)Py_TYPE(res), res);
+    if (fast) {
+        Py_ssize_t waiting = PyObject_Length(self->dr_waiters);
+        if (waiting < 0) return NULL;
+        fast = waiting == 0;
+    }
+    if (fast) {
+        PyObject *group = PyObject_GetAttr(self->dr_rt, str_running_group);
+        if (group == NULL) return NULL;
+        fast = group == Py_None;
+        Py_DECREF(group);
+    }
+    if (!fast) return PyObject_Vectorcall(self->dr_slow, args, 3, NULL);
+    PyObject *what[2] = {str_io_uring, str_read};
+    PyObject *parked = PyObject_Vectorcall(self->dr_parked, what, 2, NULL);
+    if (parked == NULL) return NULL;
+    long slot = prep_read(self, fd, (uint64_t)n, (uint64_t)offset, parked);
+    if (slot < 0) {
+        Py_DECREF(parked);
+        if (slot == -2) return NULL;
+        return PyObject_Vectorcall(self->dr_slow, args, 3, NULL);  /* SQ full */
+    }
+    PyObject *kick = self->dr_kick;
+    Py_INCREF(kick);
+    PyObject *res = await_slot(self, slot, parked, kick, Py_None, Py_None);
+    Py_DECREF(kick);
+    Py_DECREF(parked);
+    if (res == NULL) return NULL;
+    self->direct_reads++;
+    if (PyBytes_CheckExact(res) && PyBytes_GET_SIZE(res) > 0 && PyBytes_GET_SIZE(res) < n &&
+        self->dr_rest != NULL) {
+        PyObject *rest = self->dr_rest;
+        Py_INCREF(rest);
+        PyObject *full[4] = {args[0], args[1], args[2], res};
+        PyObject *ret = PyObject_Vectorcall(rest, full, 4, NULL);
+        Py_DECREF(rest);
         Py_DECREF(res);
-        return NULL;
+        return ret;
     }
     return res;
 }
@@ -1079,7 +1253,25 @@ static PyObject *Ring_get_unsubmitted(Ring *self, void *c)
         self->sq_local_tail - atomic_load_explicit(self->sq_head, memory_order_acquire));
 }
 
+static PyObject *Ring_get_direct_reads(Ring *self, void *c) { return PyLong_FromUnsignedLongLong(self->direct_reads); }
+static PyObject *Ring_get_direct_open(Ring *self, void *c) { return PyBool_FromLong(self->dr_open); }
+static int Ring_set_direct_open(Ring *self, PyObject *v, void *c)
+{
+    if (v == NULL) { PyErr_SetString(PyExc_TypeError, "direct_open cannot be deleted"); return -1; }
+    int on = PyObject_IsTrue(v);
+    if (on < 0) return -1;
+    if (on && self->dr_slow == NULL) {
+        PyErr_SetString(PyExc_ValueError, "direct_open: call configure_direct_reads first");
+        return -1;
+    }
+    self->dr_open = on;
+    return 0;
+}
+
 static PyGetSetDef Ring_getset[] = {
+    {"direct_reads", (getter)Ring_get_direct_reads, NULL, "reads completed by read_direct's own path", NULL},
+    {"direct_open", (getter)Ring_get_direct_open, (setter)Ring_set_direct_open,
+     "read_direct may take its fast path (the driver clears it when broken or closed)", NULL},
     {"fd", (getter)Ring_get_fd, NULL, "the ring's file descriptor (-1 once closed)", NULL},
     {"inflight", (getter)Ring_get_inflight, NULL, "slots in use: ops queued or in the kernel", NULL},
     {"slots", (getter)Ring_get_slots, NULL, "how many ops can be in flight at once", NULL},
@@ -1109,6 +1301,9 @@ static PyMethodDef Ring_methods[] = {
     {"reap", (PyCFunction)Ring_reap, METH_NOARGS, reap_doc},
     {"complete", (PyCFunction)Ring_complete, METH_O, complete_doc},
     {"await_op", (PyCFunction)(void (*)(void))Ring_await_op, METH_FASTCALL, await_op_doc},
+    {"read_direct", (PyCFunction)(void (*)(void))Ring_read_direct, METH_FASTCALL, read_direct_doc},
+    {"configure_direct_reads", (PyCFunction)(void (*)(void))Ring_configure_direct_reads,
+     METH_FASTCALL, configure_direct_reads_doc},
     {"ready", (PyCFunction)Ring_ready, METH_NOARGS, ready_doc},
     {"wait", (PyCFunction)Ring_wait, METH_O, wait_doc},
     {"supported", (PyCFunction)Ring_supported, METH_O, supported_doc},
@@ -1124,7 +1319,9 @@ static PyTypeObject RingType = {
     .tp_doc = PyDoc_STR("Ring(entries=128, flags=0): one io_uring instance; flags are extra\n"
                         "IORING_SETUP_* flags (see the module docstring)."),
     .tp_basicsize = sizeof(Ring),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = (traverseproc)Ring_traverse,
+    .tp_clear = (inquiry)Ring_clear,
     .tp_new = Ring_new,
     .tp_init = (initproc)Ring_init,
     .tp_dealloc = (destructor)Ring_dealloc,
@@ -1209,6 +1406,10 @@ PyInit__uring(void)
     if (PyType_Ready(&RingType) < 0) return NULL;
     if (!str_wake && !(str_wake = PyUnicode_InternFromString("wake"))) return NULL;
     if (!str_park && !(str_park = PyUnicode_InternFromString("park"))) return NULL;
+    if (!str_io_uring && !(str_io_uring = PyUnicode_InternFromString("io_uring"))) return NULL;
+    if (!str_read && !(str_read = PyUnicode_InternFromString("read"))) return NULL;
+    if (!str_running_group && !(str_running_group = PyUnicode_InternFromString("running_group")))
+        return NULL;
     PyObject *m = PyModule_Create(&moduledef);
     if (!m) return NULL;
     Py_INCREF(&RingType);

@@ -29,7 +29,12 @@ never frees memory the kernel writes into.
   block the reactor.
 * **Submission** is batched: every op enters through ``_submit``, which
   makes one C call (``Ring.await_op``: queue the SQE, ask for a submit,
-  park, then return the result or raise). The first SQE queued since the
+  park, then return the result or raise). The cold read of up to 4 MiB
+  (``read(..., direct=True)``, ``read_direct``) is one C call from the
+  caller on: ``Ring.read_direct`` checks what ``_submit`` would (driver
+  usable, no scheduling group, no slot waiters, a free slot), makes the
+  ``Parked("io_uring", "read")``, queues, parks and returns the bytes, and
+  hands every other case to ``_submit``'s path. The first SQE queued since the
   last ``io_uring_enter`` schedules one submit (``call_soon``) for the end
   of the loop pass, so the stacks that park in one pass share one
   ``io_uring_enter``; while a completion pass resumes many stacks, every
@@ -69,6 +74,7 @@ import errno
 import logging
 import mmap
 import os
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -96,6 +102,11 @@ _AT_SYMLINK_NOFOLLOW = 0x100
 _STATX_BASIC_STATS = 0x7FF
 _MAX_IO = 4 << 20  # one io_uring read/write moves at most this much (the ring's MAX_IO)
 _TRANSIENT = (errno.EAGAIN, errno.EBUSY, errno.ENOMEM)
+# The ring's prep methods, named as dump_stacks shows an op parked on them.
+_PREP_NAMES = (
+    "read", "write", "fsync", "openat", "close_fd", "statx", "renameat", "unlinkat", "ftruncate",
+    "nop",
+)  # fmt: skip
 
 try:
     from shardio.io import _uring
@@ -212,6 +223,10 @@ class UringDriver:
         self.loop = rt.loop
         self._ring = ring = _uring.Ring(entries)
         self._prep_read = ring.read  # bound once: the read path uses them per op
+        # What dump_stacks shows for an op ("io_uring", name), computed once per opcode.
+        self._op_names = {
+            getattr(ring, name): sys.intern(name) for name in _PREP_NAMES
+        }
         self._kick_once = self._kick
         try:
             self._self_test()
@@ -236,6 +251,13 @@ class UringDriver:
         }
         self.closed = False
         self.counters = _Counters()
+        # The cold read's whole path in one C call (Ring.read_direct), with this
+        # driver's slow path for every case it does not take itself.
+        ring.configure_direct_reads(
+            rt.Parked, self._kick_once, rt, self._slot_waiters, self.max_inflight,
+            self._read_direct_slow, self._read_rest,
+        )
+        self.read_direct = ring.read_direct
         self.loop.add_reader(self.ring_fd, self._on_readable)
         self._reactor = rt.reactor
         if self._reactor is not None:
@@ -267,16 +289,10 @@ class UringDriver:
                     self.counters.read_cached += 1
                     return data  # type: ignore[no-any-return]
                 return self._read_after_nowait(fd, n, offset, data)
-        elif 0 < n <= _MAX_IO:  # the cold hot path: one op
-            data = self._submit(self._prep_read, (fd, n, offset))
-            self.counters.read_uring += 1
-            if len(data) == n or not data or offset + len(data) >= os.fstat(fd).st_size:
-                return data  # type: ignore[no-any-return]
-            return data + self._read_uring(fd, n - len(data), offset + len(data))  # type: ignore[no-any-return]
+        else:  # the cold hot path: one C call (Ring.read_direct)
+            return self.read_direct(fd, n, offset)  # type: ignore[no-any-return]
         if n <= 0:
             return b""
-        if direct:
-            return self._read_uring(fd, n, offset)
         # After a miss, ask the page cache first, so that a cold read does not
         # start its I/O from preadv2 (see the module docstring).
         first = offset // PAGE
@@ -290,6 +306,30 @@ class UringDriver:
         if self._probe_hits >= 64:
             self._probe_first = False
         return self._read_after_nowait(fd, n, offset, _pread_nowait(fd, n, offset))
+
+    def read_direct(self, fd: int, n: int, offset: int) -> bytes:  # replaced per instance
+        """read(fd, n, offset, direct=True): the instance's Ring.read_direct (see __init__)."""
+        return self._read_direct_slow(fd, n, offset)
+
+    def _read_direct_slow(self, fd: int, n: int, offset: int) -> bytes:
+        """What Ring.read_direct does not take itself: a scheduling group's stack (its
+        I/O queue admits the op), slot waiters or a full ring, a broken or closed
+        driver, reads of 0 or more than MAX_IO bytes."""
+        if n <= 0:
+            return b""
+        if n > _MAX_IO:
+            return self._read_uring(fd, n, offset)
+        data: bytes = self._submit(self._prep_read, (fd, n, offset))
+        self.counters.read_uring += 1
+        if len(data) == n or not data:
+            return data
+        return self._read_rest(fd, n, offset, data)
+
+    def _read_rest(self, fd: int, n: int, offset: int, data: bytes) -> bytes:
+        """A read that returned less than asked: short only at the end of the file."""
+        if offset + len(data) >= os.fstat(fd).st_size:
+            return data
+        return data + self._read_uring(fd, n - len(data), offset + len(data))
 
     def _read_after_nowait(self, fd: int, n: int, offset: int, data: bytes | None) -> bytes:
         """The rest of a read whose RWF_NOWAIT attempt gave data (None: nothing cached)."""
@@ -417,9 +457,9 @@ class UringDriver:
         if n <= _MAX_IO:
             data: bytes = self._submit(prep, (fd, n, offset))
             self.counters.read_uring += 1
-            if len(data) == n or not data or offset + len(data) >= os.fstat(fd).st_size:
+            if len(data) == n or not data:
                 return data
-            return data + self._read_uring(fd, n - len(data), offset + len(data))
+            return self._read_rest(fd, n, offset, data)
         chunks = []
         while n > 0:
             chunk = self._submit(prep, (fd, min(n, _MAX_IO), offset))
@@ -485,7 +525,10 @@ class UringDriver:
         ring = self._ring
         if self._slot_waiters or ring.inflight >= self.max_inflight:
             self._wait_for_slot()
-        p = self._Parked("io_uring", prep.__name__)
+        name = self._op_names.get(prep)
+        if name is None:  # a prep of another object (a builtin method's __name__ is a new str)
+            name = prep.__name__
+        p = self._Parked("io_uring", name)
         # Queue, kick the pass's submit, park, raise or return the result; cancel on
         # an exception in park: all in C (Ring.await_op).
         if filename is None:
@@ -532,6 +575,7 @@ class UringDriver:
         if exc.errno not in _TRANSIENT:
             self._broken = error
             self._unusable = True
+            self._ring.direct_open = False
             log.error("io_uring driver broken: %s", error)
             for w in self._slot_waiters:
                 w.wake_soon()
@@ -596,6 +640,7 @@ class UringDriver:
         """Counters plus current occupancy; ``fallback`` is 0 (io_uring in use)."""
         d = self.counters.as_dict()
         ring = self._ring
+        d["read_uring"] += ring.direct_reads
         d.update(
             inflight=ring.inflight,
             inflight_peak=ring.inflight_peak,
@@ -613,6 +658,8 @@ class UringDriver:
             return
         self.closed = True
         self._unusable = True
+        self._ring.direct_open = False
+        self.read_direct = self._read_direct_slow  # the ring forgets its configuration at close
         try:
             self.loop.remove_reader(self.ring_fd)
         except Exception:  # the loop may already be closed, or the fd replaced
@@ -689,6 +736,10 @@ class ThreadPoolDriver:
                 return data  # type: ignore[no-any-return]
         self.counters.read_thread += 1
         return self._run(_blocking_read, fd, n, offset, direct)  # type: ignore[no-any-return]
+
+    def read_direct(self, fd: int, n: int, offset: int) -> bytes:
+        """read(fd, n, offset, direct=True), as UringDriver.read_direct."""
+        return self.read(fd, n, offset, True)
 
     def write(
         self, fd: int, data: bytes | bytearray | memoryview, offset: int, direct: bool = False

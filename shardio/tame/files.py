@@ -88,10 +88,11 @@ class TameFile(PosixFile):
         fd = self._fd
         if fd < 0 or not self._readable:
             self._check(read=True)
-        direct = self.direct
-        if direct and (n % DIRECT_ALIGN or offset % DIRECT_ALIGN):
-            check_direct(n, offset)
-        return rt.uring.read(fd, n, offset, direct)  # type: ignore[no-any-return]
+        if self.direct:  # one C call on the io_uring driver (Ring.read_direct)
+            if n % DIRECT_ALIGN or offset % DIRECT_ALIGN:
+                check_direct(n, offset)
+            return rt.uring.read_direct(fd, n, offset)  # type: ignore[no-any-return]
+        return rt.uring.read(fd, n, offset, False)  # type: ignore[no-any-return]
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> int:
         rt = checkpoint()
