@@ -348,21 +348,24 @@ class _LoopDriver:
         resolved, self.resolved = self.resolved, []
         attributes = self.loop_attributes
         eager = attributes is not None and "call_soon" not in attributes
+        all_ran = eager
         for future, value in resolved:
             if future.done():
                 continue  # cancelled meanwhile
             if eager:
-                self.eager += 1
                 try:
-                    self.resolve_eagerly(self.loop, future, value)
+                    if self.resolve_eagerly(self.loop, future, value):
+                        self.eager += 1  # the awaiting task ran here, not a loop turn later
+                    else:
+                        all_ran = False
                     continue
                 except Exception:  # the loop refused the shadow: resolve it plainly
                     log.exception("eager wake-up failed; the reply is delivered plainly")
-                    eager = False
+                    eager = all_ran = False
                     if future.done():
                         continue
             future.set_result(value)
-        return eager
+        return all_ran
 
     def _start_reading(self) -> None:
         self.reading = True

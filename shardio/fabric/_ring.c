@@ -1306,7 +1306,9 @@ Ring_get_capacity(Ring *self, void *Py_UNUSED(closure))
  * releasing that lock (shardio.external's asyncio callers).  The same rules as
  * dispatch's ``loop``: the caller passes a loop whose class allows instance
  * attributes and whose call_soon nothing else shadows, on the loop's thread,
- * outside any task, and a future not yet done. */
+ * outside any task, and a future not yet done.  True when the awaiting
+ * callback ran here, False when it went to the loop (no callback, or its
+ * context was entered already). */
 static PyObject *
 Ring_resolve_eagerly(Ring *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1318,7 +1320,21 @@ Ring_resolve_eagerly(Ring *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_RuntimeError, "Ring.resolve_eagerly() re-entered from set_result()");
         return NULL;
     }
-    return set_result_eagerly(self, args[0], args[1], args[2]);
+    PyObject *loop = args[0];
+    uint64_t eager_before = self->eager_wakeups;
+    /* set_result_eagerly captures through the shadow: without it the wake-up would
+       go to the real call_soon, one loop iteration later. */
+    if (shadow_call_soon(self, loop) < 0)
+        return NULL;
+    PyObject *r = set_result_eagerly(self, loop, args[1], args[2]);
+    if (unshadow_call_soon(self, loop) < 0) {
+        Py_XDECREF(r);
+        return NULL;
+    }
+    if (r == NULL)
+        return NULL;
+    Py_DECREF(r);
+    return PyBool_FromLong(self->eager_wakeups != eager_before);
 }
 
 static PyMethodDef Ring_methods[] = {
@@ -1341,7 +1357,7 @@ static PyMethodDef Ring_methods[] = {
      "Consumer: refuse messages larger than max_bytes (0: no limit)."},
     {"close", (PyCFunction)Ring_close, METH_NOARGS, "Release the shared buffer."},
     {"resolve_eagerly", (PyCFunction)(void (*)(void))Ring_resolve_eagerly, METH_FASTCALL,
-     "resolve_eagerly(loop, future, value): set_result, then run the awaiting task's wake-up"
+     "resolve_eagerly(loop, future, value) -> bool: set_result, then run the awaiting task's wake-up"
      " at once (see _ring.c)."},
     {NULL}};
 
