@@ -38,9 +38,11 @@ never frees memory the kernel writes into.
   last ``io_uring_enter`` schedules one submit (``call_soon``) for the end
   of the loop pass, so the stacks that park in one pass share one
   ``io_uring_enter``; while a completion pass resumes many stacks, every
-  ``submit_batch`` (16) new SQEs are submitted at once so the device is not
-  left idle while Python runs (8 cost twice the enters and virtio kicks;
-  32 left the device idle). If ``io_uring_enter`` fails, the stacks whose
+  ``submit_batch`` (8) new SQEs are submitted at once so the device is not
+  left idle while Python runs. It trades system calls (and virtio kicks)
+  against the device's idle time: at QD32 on an idle machine 8 reached
+  89-94 % of fio, 16 74-79 %, 4 and 32 less (bench/README.md, the sweep of
+  2026-12-02); under CPU contention 16 spends ~0.3-0.7 us less CPU per read. If ``io_uring_enter`` fails, the stacks whose
   SQEs the kernel did not take fail with :class:`UringSubmitError`; unless
   the error was a transient one (EAGAIN, EBUSY, ENOMEM) the driver is then
   broken and every later operation fails with the same error.
@@ -206,7 +208,7 @@ class UringDriver:
         rt: Any,
         entries: int = 128,
         max_inflight: int | None = None,
-        submit_batch: int = 16,
+        submit_batch: int = 8,
         thread_ops: tuple[str, ...] = (),
     ) -> None:
         """thread_ops: metadata ops (see METADATA_OPS) to run on the thread pool even
