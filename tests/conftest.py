@@ -7,7 +7,12 @@ The leak check is the one the pytest plugin gives users
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any
+
 import pytest
+import uvloop
 
 from shardio.testing.plugin import LeakCheck, create_process_singletons
 
@@ -30,3 +35,13 @@ def leak_check():
 @pytest.fixture(params=["process", "thread"])
 def backend(request) -> str:
     return request.param
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run(request: pytest.FixtureRequest) -> Callable[[Callable[[], Coroutine[Any, Any, Any]]], Any]:
+    """``run(main)``: run an async main on a fresh loop of each kind (asyncio's, uvloop's)."""
+
+    def runner(main: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+        return uvloop.run(main()) if request.param == "uvloop" else asyncio.run(main())
+
+    return runner

@@ -12,11 +12,10 @@ import sys
 import threading
 import time
 import types
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-import uvloop
 
 from shardio import tame
 from shardio.tame import TameSocket
@@ -122,14 +121,6 @@ def foreign() -> Any:
     while tame.is_patched(mod):
         tame.unpatch(mod)
     del sys.modules[mod.__name__]
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def run(request: pytest.FixtureRequest) -> Callable[[Callable[[], Coroutine[Any, Any, Any]]], Any]:
-    def runner(main: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
-        return uvloop.run(main()) if request.param == "uvloop" else asyncio.run(main())
-
-    return runner
 
 
 def snapshot(mod: types.ModuleType) -> dict[str, Any]:

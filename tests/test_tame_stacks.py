@@ -11,23 +11,10 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
-import uvloop
 
 from shardio import tame
 
 Runner = Callable[[Callable[[], Coroutine[Any, Any, Any]]], Any]
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def run(request: pytest.FixtureRequest) -> Runner:
-    """Run an async main on a fresh loop of each kind."""
-
-    def runner(main: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
-        if request.param == "uvloop":
-            return uvloop.run(main())
-        return asyncio.run(main())
-
-    return runner
 
 
 def test_call_returns_and_propagates_context(run: Runner) -> None:

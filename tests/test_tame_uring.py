@@ -11,23 +11,13 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
-import uvloop
 
 from shardio import tame
 from shardio.io.uring import ThreadPoolDriver, UringDriver, UringSubmitError
 from shardio.tame import stacks
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def run(request: pytest.FixtureRequest) -> Callable[[Callable[[], Coroutine[Any, Any, Any]]], Any]:
-    def runner(main: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
-        return uvloop.run(main()) if request.param == "uvloop" else asyncio.run(main())
-
-    return runner
 
 
 @pytest.fixture

@@ -15,24 +15,15 @@ import gc
 import os
 import tempfile
 import weakref
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-import uvloop
 
 import shardio
 from shardio import tame
 from shardio.io.uring import UringDriver, UringSubmitError
 from shardio.tame import stacks
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def run(request: pytest.FixtureRequest) -> Callable[[Callable[[], Coroutine[Any, Any, Any]]], Any]:
-    def runner(main: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
-        return uvloop.run(main()) if request.param == "uvloop" else asyncio.run(main())
-
-    return runner
 
 
 @pytest.fixture
