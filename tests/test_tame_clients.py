@@ -11,12 +11,14 @@ blocking the loop.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import gc
 import glob
 import hashlib
 import io
 import os
+import random
 import shutil
 import signal
 import socket
@@ -82,19 +84,22 @@ def run_tamed(work: Callable[[int], Any], modules: list[types.ModuleType]) -> tu
     return asyncio.run(main())
 
 
-def run_plain(work: Callable[[int], Any], modules: list[types.ModuleType]) -> list[Any]:
-    """The same workload untamed (the patched modules behave as before off a stack)."""
+def run_plain(
+    work: Callable[[int], Any], modules: list[types.ModuleType], threads: int = 1
+) -> list[Any]:
+    """The same workload untamed (the patched modules behave as before off a stack), on
+    ``threads`` plain threads (a client whose requests wait out delayed ACKs one by one
+    takes seconds sequentially)."""
     with tame.patched(*modules):
-        return [work(i) for i in range(STACKS)]
+        if threads == 1:
+            return [work(i) for i in range(STACKS)]
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            return list(pool.map(work, range(STACKS)))
 
 
 def blob(n: int, seed: str) -> bytes:
-    out = bytearray()
-    counter = 0
-    while len(out) < n:
-        out += hashlib.sha256(f"{seed}/{counter}".encode()).digest()
-        counter += 1
-    return bytes(out[:n])
+    """n bytes that depend on seed only (a str seed is hashed the same in every process)."""
+    return random.Random(seed).randbytes(n)
 
 
 def digest(data: bytes) -> str:
@@ -104,13 +109,10 @@ def digest(data: bytes) -> str:
 # -- HTTP and HTTPS: urllib3 ---------------------------------------------------------
 
 HTTP_SERVER = r"""
-import hashlib, http.server, ssl, sys
+import hashlib, http.server, random, ssl, sys
 
 def blob(n, seed):
-    out = bytearray(); counter = 0
-    while len(out) < n:
-        out += hashlib.sha256(f"{seed}/{counter}".encode()).digest(); counter += 1
-    return bytes(out[:n])
+    return random.Random(seed).randbytes(n)
 
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -201,7 +203,7 @@ def test_urllib3_against_a_local_http_server(scheme, certs) -> None:
         def pool() -> Any:
             return urllib3.PoolManager(maxsize=8, ca_certs=cafile, retries=False, timeout=30)
 
-        plain = run_plain(urllib3_workload(base, pool()), modules)
+        plain = run_plain(urllib3_workload(base, pool()), modules, threads=8)
         tamed, parked = run_tamed(urllib3_workload(base, pool()), modules)
     want = "TameSSLSocket" if scheme == "https" else "TameSocket"
     assert [r[:-1] for r in tamed] == [r[:-1] for r in plain]
@@ -391,7 +393,7 @@ def test_pg8000_against_postgresql(postgres_port) -> None:
     pytest.importorskip("pg8000", reason="pg8000 is in the test extra")
     __import__("pg8000.core")
     modules = [sys.modules["pg8000.core"]]
-    plain = run_plain(pg_workload(postgres_port, "plain"), modules)
+    plain = run_plain(pg_workload(postgres_port, "plain"), modules, threads=8)
     tamed, parked = run_tamed(pg_workload(postgres_port, "tame"), modules)
     assert [r[:3] for r in tamed] == [r[:3] for r in plain]
     assert all(r[2] == 1_000_000 for r in tamed)
