@@ -671,6 +671,28 @@ def reset_accounting() -> None:
     rt.longest_slice = rt.longest_turn = 0.0
 
 
+_CALL_MISUSE = "tame.call must be awaited by a task of the loop, not driven from a tame stack"
+_START_MISUSE = "tame.start must be called from the loop, not from a tame stack"
+
+
+def _pooled_stack(rt: Runtime) -> TameGreenlet | None:
+    """A free stack of the pool, else a new one while the pool may grow, else None.
+
+    (Compare with None: an unstarted greenlet is false.)"""
+    if rt.free:
+        return rt.free.pop()
+    if rt.n_stacks < rt.max_stacks:
+        return rt._new_stack()
+    return None
+
+
+def _from_the_hub(rt: Runtime, g: TameGreenlet, misuse: str) -> None:
+    """Stacks start from the loop (the hub) only: elsewhere, give ``g`` back and raise."""
+    if getcurrent() is not rt.hub:
+        rt._release(g)
+        raise TameError(misuse)
+
+
 async def call(func: Callable[..., T], /, *args: Any, group: Any = None, **kwargs: Any) -> T:
     """Run ``func(*args, **kwargs)`` on a pooled tame stack of this loop; return its result.
 
@@ -692,17 +714,10 @@ async def call(func: Callable[..., T], /, *args: Any, group: Any = None, **kwarg
         return await _call_in_group(rt, loop, group, func, args, kwargs)  # type: ignore[no-any-return]
     now = _perf_counter()
     deferred = now > rt.half_deadline and not rt._may_run(now)
-    if rt.free:
-        g = rt.free.pop()
-    elif rt.n_stacks < rt.max_stacks:
-        g = rt._new_stack()
-    else:
+    g = _pooled_stack(rt)
+    if g is None:
         g = await rt._wait_for_stack()
-    if getcurrent() is not rt.hub:
-        rt._release(g)
-        raise TameError(
-            "tame.call must be awaited by a task of the loop, not driven from a tame stack"
-        )
+    _from_the_hub(rt, g, _CALL_MISUSE)
     rt.stats.calls += 1
     job = g.job = _Job(func, args, kwargs)
     g.gr_context = contextvars.copy_context()
@@ -772,15 +787,10 @@ def start(func: Callable[..., Any], /, *args: Any, group: Any = None) -> bool | 
     now = _perf_counter()
     if rt.ready or (now > rt.half_deadline and not rt._may_run(now)):
         return None  # the window is spent, or deferred work waits: do not overtake it
-    if rt.free:
-        g = rt.free.pop()
-    elif rt.n_stacks < rt.max_stacks:
-        g = rt._new_stack()
-    else:
+    g = _pooled_stack(rt)
+    if g is None:
         return None
-    if getcurrent() is not rt.hub:
-        rt._release(g)
-        raise TameError("tame.start must be called from the loop, not from a tame stack")
+    _from_the_hub(rt, g, _START_MISUSE)
     rt.stats.calls += 1
     job = g.job = _Job(_logged, (func, args), {})
     g.gr_context = contextvars.copy_context()
@@ -851,17 +861,10 @@ async def _call_in_group(rt: Runtime, loop: asyncio.AbstractEventLoop, group: An
                          kwargs: dict[str, Any]) -> Any:
     """tame.call in a scheduling group: the start and every resumption go through it."""
     queue = _group_queue(rt, group)
-    if rt.free:
-        g = rt.free.pop()
-    elif rt.n_stacks < rt.max_stacks:
-        g = rt._new_stack()
-    else:
+    g = _pooled_stack(rt)
+    if g is None:
         g = await rt._wait_for_stack()
-    if getcurrent() is not rt.hub:
-        rt._release(g)
-        raise TameError(
-            "tame.call must be awaited by a task of the loop, not driven from a tame stack"
-        )
+    _from_the_hub(rt, g, _CALL_MISUSE)
     fut = loop.create_future()
     job = _group_stack(rt, queue, func, args, kwargs, g)
     job.fut = fut
@@ -894,15 +897,10 @@ async def _call_in_group(rt: Runtime, loop: asyncio.AbstractEventLoop, group: An
 def _start_in_group(rt: Runtime, group: Any, func: Callable[..., Any],
                     args: tuple[Any, ...]) -> bool | None:
     queue = _group_queue(rt, group)
-    if rt.free:
-        g = rt.free.pop()
-    elif rt.n_stacks < rt.max_stacks:
-        g = rt._new_stack()
-    else:
+    g = _pooled_stack(rt)
+    if g is None:
         return None
-    if getcurrent() is not rt.hub:
-        rt._release(g)
-        raise TameError("tame.start must be called from the loop, not from a tame stack")
+    _from_the_hub(rt, g, _START_MISUSE)
     _group_stack(rt, queue, _logged, (func, args), {}, g)
     rt.stats.blocked_calls += 1
     return False
