@@ -21,8 +21,10 @@ while the loop runs socket callbacks) and after (the loop shardio makes).
 The calls leave on a 1 ms timer without waiting for each other's replies, so
 their arrival is not tied to the receiver's cycle (an awaited call would land
 in the gap after each reply, when the receiver really sleeps), and the
-receiver's flagged-asleep share is printed beside them: with an honest flag
-a message needs a doorbell about as often as it finds the receiver asleep.
+receiver's flagged-asleep share is printed beside them.  Two rows pin the
+socket client (a thread of the benchmark process) to each CPU, since on two
+CPUs where it runs decides when the receiver sleeps, and a baseline row gives
+the sender's CPU per timer tick with no call, to subtract.
 
     python bench/xshard.py [--calls 20000] [--pipelined 100000] [--busy-calls 1000]
 """
@@ -254,23 +256,32 @@ def busy_accounting() -> tuple[float, float]:
     return time.monotonic(), shardio.current_reactor().stats.asleep_seconds
 
 
-async def paced_calls(count: int, interval: float = 0.001) -> tuple[int, float]:
+async def paced_calls(count: int, send: bool = True, interval: float = 0.001
+                      ) -> tuple[int, float]:
     """``count`` calls to shard 1 on a timer; each leaves without waiting for the
-    previous one's reply. (doorbells rung, sender CPU seconds)."""
+    previous one's reply (``send=False``: the timer alone, the CPU baseline).
+    (doorbells rung, sender CPU seconds)."""
     link = shardio.current_reactor().links[1]
     rung, cpu = link.doorbells_rung, time.thread_time()
     calls = []
     for i in range(count):
-        calls.append(asyncio.ensure_future(shardio.submit_to(1, noop, i)))
+        if send:
+            calls.append(asyncio.ensure_future(shardio.submit_to(1, noop, i)))
         await asyncio.sleep(interval)
     results = await asyncio.gather(*calls)
-    if results != list(range(count)):
+    if send and results != list(range(count)):
         raise AssertionError("paced calls: wrong results")
     return link.doorbells_rung - rung, time.thread_time() - cpu
 
 
-def measure_busy_peer(calls: int, hooked: bool) -> tuple[float, float, float]:
-    """(doorbells per message, sender CPU us per message, receiver's flagged-asleep share)."""
+def measure_busy_peer(calls: int, hooked: bool, client_cpu: int | None = None,
+                      send: bool = True) -> tuple[float, float, float]:
+    """(doorbells per message, sender CPU us per message, receiver's flagged-asleep share).
+
+    The socket client is a thread of this process; ``client_cpu`` pins it.  On CPU 0,
+    the sender's, it cannot send its next line while the sender runs, so the receiver
+    sleeps exactly when calls leave; on CPU 1 it runs only when the receiver yields
+    the CPU, so the receiver always has a line waiting."""
     import socket
     import threading
 
@@ -280,6 +291,8 @@ def measure_busy_peer(calls: int, hooked: bool) -> tuple[float, float, float]:
         stop = threading.Event()
 
         def client() -> None:
+            if client_cpu is not None:
+                os.sched_setaffinity(0, {client_cpu})
             with socket.create_connection(("127.0.0.1", port)) as sock:
                 reader = sock.makefile("rb")
                 while not stop.is_set():
@@ -290,7 +303,7 @@ def measure_busy_peer(calls: int, hooked: bool) -> tuple[float, float, float]:
         thread.start()
         time.sleep(0.2)
         started, slept = group.submit(1, busy_accounting).result()
-        rung, cpu = group.submit(0, paced_calls, calls).result()
+        rung, cpu = group.submit(0, paced_calls, calls, send).result()
         ended, slept_after = group.submit(1, busy_accounting).result()
         asleep = (slept_after - slept) / (ended - started)
         stop.set()
@@ -361,11 +374,14 @@ def main() -> None:
           "calls on a 1 ms timer")
     print("| loop | doorbells per message | sender CPU us per message | receiver flagged asleep |")
     print("|---|---|---|---|")
-    for label, hooked in (("before: no wake hook (loop factory)", False),
-                          ("after: wake hook (shardio's loop)", True)):
-        rung, cpu, asleep = measure_busy_peer(options.busy_calls, hooked)
+    for label, hooked, client_cpu, send in (
+            ("before: no wake hook (loop factory)", False, None, True),
+            ("after: wake hook (shardio's loop)", True, None, True),
+            ("after, socket client on the sender's CPU 0", True, 0, True),
+            ("after, socket client on the receiver's CPU 1", True, 1, True),
+            ("baseline: the sender's 1 ms timer, no calls", True, None, False)):
+        rung, cpu, asleep = measure_busy_peer(options.busy_calls, hooked, client_cpu, send)
         print(f"| {label} | {rung:.2f} | {cpu:.1f} | {asleep:.0%} |")
-
 
 if __name__ == "__main__":
     main()
