@@ -4,6 +4,7 @@ and its sleep and busy time agree with the CPU time it used."""
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 
@@ -13,12 +14,15 @@ import shardio
 
 
 @contextlib.contextmanager
-def socket_load(port: int, connections: int = 1):
-    """Closed-loop clients on threads of this process, one line at a time each."""
+def socket_load(port: int, connections: int = 1, cpus: set[int] | None = None):
+    """Closed-loop clients on threads of this process, one line at a time each
+    (pinned to ``cpus`` if given)."""
     stop = threading.Event()
     served = [0] * connections
 
     def client(index: int) -> None:
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)
         with socket.create_connection(("127.0.0.1", port)) as sock:
             sock.settimeout(10)
             reader = sock.makefile("rb")
@@ -44,11 +48,17 @@ def test_a_shard_busy_with_sockets_is_rung_only_while_it_truly_sleeps(leak_check
     arrives, so the share of calls that ring stays near the share of time shard 1
     was blocked.  Before the wake hook every call rang (the flag stayed set while the
     loop ran socket callbacks): about 1 per call, with shard 1 blocked ~2% of the time.
+
+    The socket client runs on shard 1's CPU.  On shard 0's, it could not send its
+    next line while shard 0 runs, so shard 1 would sleep exactly when the calls
+    leave: on a 2-CPU machine 0.4 doorbells per call against 10% of the time asleep,
+    a true sleep each time but not the busy peer this test is about.
     """
     calls = 300
     with shardio.ShardGroup(2, backend="process", idle_poll_us=0) as group:
+        receiver_cpus = group.submit(1, os.sched_getaffinity, 0).result(timeout=30)
         port = group.submit(1, ff.start_echo_server, 1000).result(timeout=30)
-        with socket_load(port) as served:
+        with socket_load(port, cpus=receiver_cpus if len(receiver_cpus) == 1 else None) as served:
             before = group.submit(1, ff.sleep_accounting).result(timeout=30)
             report = group.submit(0, ff.paced_calls, 1, calls, 0.001).result(timeout=120)
             after = group.submit(1, ff.sleep_accounting).result(timeout=30)
