@@ -49,10 +49,11 @@ def test_a_shard_busy_with_sockets_is_rung_only_while_it_truly_sleeps(leak_check
     was blocked.  Before the wake hook every call rang (the flag stayed set while the
     loop ran socket callbacks): about 1 per call, with shard 1 blocked ~2% of the time.
 
-    The socket client runs on shard 1's CPU.  On shard 0's, it could not send its
-    next line while shard 0 runs, so shard 1 would sleep exactly when the calls
-    leave: on a 2-CPU machine 0.4 doorbells per call against 10% of the time asleep,
-    a true sleep each time but not the busy peer this test is about.
+    The socket client runs on shard 1's CPU (when shard 1 is pinned to one).  On
+    shard 0's, it could not send its next line while shard 0 runs, so shard 1 would
+    sleep exactly when the calls leave: on a 2-CPU machine 0.4 doorbells per call
+    against 10% of the time asleep, a true sleep each time but not the busy peer
+    this test is about.
     """
     calls = 300
     with shardio.ShardGroup(2, backend="process", idle_poll_us=0) as group:
