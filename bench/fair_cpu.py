@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 
-from process_cpu import tree_cpu
+from process_cpu import tree_cpu_split
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -46,34 +46,43 @@ def start(name: str, data: str, port: int) -> subprocess.Popen[str]:
     raise SystemExit(f"{name} did not start")
 
 
+def load_once(data: str) -> None:
+    """The data set: 5,000 objects of 4 KiB on one shard, loaded unless already there."""
+    if not os.path.exists(os.path.join(data, "osd.json")):
+        proc = start("shardio", data, 17950)
+        subprocess.run([PY, "-m", "shardio.osd", "load", "--addr", "127.0.0.1:17950",
+                        "--objects", "5000", "--size", "4096"], cwd=ROOT, check=True)  # fmt: skip
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--servers", default="shardio,gevent")
     p.add_argument("--data", default="/var/tmp/shardio-fair-cpu")
     args = p.parse_args(argv)
-    if not os.path.exists(os.path.join(args.data, "osd.json")):
-        proc = start("shardio", args.data, 17950)
-        subprocess.run([PY, "-m", "shardio.osd", "load", "--addr", "127.0.0.1:17950",
-                        "--objects", "5000", "--size", "4096"], cwd=ROOT, check=True)  # fmt: skip
-        proc.send_signal(signal.SIGINT)
-        proc.wait(30)
+    load_once(args.data)
     for name in args.servers.split(","):
         port = 17951
         proc = start(name, args.data, port)
         time.sleep(1)
-        cpu0 = tree_cpu(proc.pid)
+        user0, system0 = tree_cpu_split(proc.pid)
         out = subprocess.run(
             ["taskset", "-c", "1", PY, "-m", "shardio.osd", "bench", "--addr",
              f"127.0.0.1:{port}", "--objects", "5000", "--seconds", str(args.seconds),
              "--concurrency", "32"],
             cwd=ROOT, capture_output=True, text=True,
         ).stdout  # fmt: skip
-        cpu = tree_cpu(proc.pid) - cpu0
+        user1, system1 = tree_cpu_split(proc.pid)
+        user, system = user1 - user0, system1 - system0
         m = re.search(r"closed loop \(32\)\s+(\d+)", out)
         rate = float(m.group(1)) if m else float("nan")
+        reads = rate * args.seconds
         print(f"{name:17s} {rate:>9,.0f} reads/s  server CPU "
-              f"{1e6 * cpu / (rate * args.seconds):6.1f} us/read", flush=True)  # fmt: skip
+              f"{1e6 * (user + system) / reads:6.1f} us/read "
+              f"(user {1e6 * user / reads:5.1f}, system {1e6 * system / reads:5.1f})",
+              flush=True)  # fmt: skip
         proc.send_signal(signal.SIGINT)
         try:
             proc.wait(30)

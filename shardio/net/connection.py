@@ -138,8 +138,9 @@ class TameBatchConnection(asyncio.Protocol):
     """One client connection on the shard that accepted it; subclass it for a protocol.
 
     Override ``feed`` (decode, then ``admit_all`` the requests), ``charge``,
-    ``start``, ``execute`` and ``finish``; optionally ``feed_eof``,
-    ``details`` and ``end_of_pass``, and ``answer`` with ``inline = True``.
+    ``start``, ``execute`` and ``finish``; optionally ``serve`` (both of those in
+    one call), ``feed_eof``, ``details`` and ``end_of_pass``, and ``answer`` with
+    ``inline = True``.
     """
 
     #: replies in request order (protocols without request ids), else as they complete
@@ -202,6 +203,14 @@ class TameBatchConnection(asyncio.Protocol):
     def finish(self, entry: Entry, result: Any, error: BaseException | None) -> list[bytes]:
         """The reply to a request run here (or sent elsewhere): its encoded parts."""
         raise NotImplementedError
+
+    def serve(self, entry: Entry) -> list[bytes]:
+        """On a tame stack: ``execute`` the request, then ``finish`` it, in one call.
+
+        A protocol may override it to do both without the two calls between them
+        (the core's hot path); an exception it lets out goes to ``finish`` as the
+        request's error."""
+        return self.finish(entry, self.execute(entry.request), None)
 
     def answer(self, request: Any) -> bytes | None:
         """With ``inline = True``: ``request``'s encoded reply if it can be given now, in
@@ -484,7 +493,7 @@ class TameBatchConnection(asyncio.Protocol):
             if finished:
                 return
             parked = self._current
-            if parked is not None:  # parked inside execute (not between requests)
+            if parked is not None:  # parked inside serve (not between requests)
                 self._track(parked, STAGE_RUNNING)
             if tame.turn_spent():
                 self._schedule_settle()  # the rest after the loop has run
@@ -495,9 +504,11 @@ class TameBatchConnection(asyncio.Protocol):
         (yielding to the loop between them whenever the turn's quota is spent)."""
         local = self.local
         service = self.service
-        execute = self.execute
+        serve = self.serve
         finish = self.finish
         complete = self.complete
+        out = self._out
+        as_completed = not self.ordered
         runtime = current_runtime()  # (its deadline moves with the turns: read it each time)
         assert runtime is not None
         service.enter()
@@ -505,19 +516,36 @@ class TameBatchConnection(asyncio.Protocol):
             while local:
                 entry = self._current = local.popleft()
                 try:
-                    result = execute(entry.request)
+                    parts = serve(entry)
                 except Exception as exc:
-                    result, error = None, exc
+                    parts = finish(entry, None, exc)
+                # (self._current stays: it is read only when this stack parks, and it
+                # parks only inside serve or at the yield below, which clears it)
+                if as_completed and not self._waiting and not self.closing:
+                    # complete(entry, parts) inline, the hot path's common case; the
+                    # replies' bytes are counted once the run stops (_count_queued).
+                    self.inflight -= 1
+                    self.charged -= entry.charge
+                    out += parts
                 else:
-                    error = None
-                self._current = None
-                complete(entry, finish(entry, result, error))
+                    complete(entry, parts)
                 if local and _perf_counter() > runtime.deadline:
+                    self._current = None
+                    self._count_queued()
                     runtime.yield_now()  # the turn's quota is spent: let the loop run
         finally:
             service.leave()
+        self._count_queued()
         if not self._in_pass:
             self._schedule_settle()  # resumed outside a loop pass: flush, admit, close
+
+    def _count_queued(self) -> None:
+        """Count the replies queued so far; past the high-water mark, hand them to the
+        transport (see _queue). A run of requests stays within the connection's
+        limits, so counting once per run bounds the queue as well as per reply."""
+        size = self._out_bytes = sum(map(len, self._out))
+        if size >= self.high_water:
+            self._flush()
 
     def _waiting_for_stack(self) -> None:
         if not self._stack_wanted:
@@ -595,7 +623,7 @@ class TameBatchConnection(asyncio.Protocol):
             out.clear()
             self._out_bytes = 0
             return
-        size = self._out_bytes
+        size = sum(map(len, out))  # (exact even when a run has not counted its replies yet)
         self.stats.bytes_sent += size
         self._out_bytes = 0
         if len(out) == 1:

@@ -56,6 +56,19 @@ def _positive(kind: type) -> Any:
     return parse
 
 
+def _non_negative(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not 0 <= v < float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a finite number >= 0: {text!r}")
+        return v
+
+    return parse
+
+
 def _run(coro: Any) -> Any:
     from .demo import run_in_new_loop
 
@@ -98,6 +111,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         log_level=getattr(logging, args.log_level),
         idle_poll_us=args.idle_poll_us,
+        stall_threshold_ms=args.stall_threshold_ms or None,
+        tame_quota_ms=args.tame_quota_ms or None,
         foreground_shares=args.foreground_shares,
         background_shares=args.background_shares,
     )
@@ -435,6 +450,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="how long an idle shard polls before it sleeps (default: the group's, 200 us;"
         " 0 when the shards share their CPUs with other busy processes)",
+    )
+    s.add_argument(
+        "--tame-quota-ms",
+        type=_non_negative(float),
+        default=0.5,
+        help="how long the tame stacks may run before the loop gets a turn (default 0.5;"
+        " 0 turns preemption off; docs/tame.md)",
+    )
+    s.add_argument(
+        "--stall-threshold-ms",
+        type=_non_negative(float),
+        default=25.0,
+        help="report a shard whose loop does not come back for this long (default 25;"
+        " 0 turns the stall detector off)",
     )
     s.add_argument(
         "--max-connections",

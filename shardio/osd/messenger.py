@@ -50,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -162,7 +163,7 @@ class OSDConnection(TameBatchConnection):
         self.decoder = FrameDecoder(max_payload=limits.max_payload)
         # (op, status, started) -> requests answered since the pass began: the pass
         # records them in the shard's counters at its end, once per key.
-        self._done: dict[tuple[int, int, float], int] = {}
+        self._done: defaultdict[tuple[int, int, float], int] = defaultdict(int)
 
     # -- decoding -----------------------------------------------------------------
 
@@ -270,6 +271,14 @@ class OSDConnection(TameBatchConnection):
         op, _flags, _tid, _status, _pool, offset, length, name, payload = frame
         return self.service.run_op(op, name, offset, length, payload)
 
+    def serve(self, entry: Entry) -> list[bytes]:
+        """``execute`` and ``finish`` in one call: the connection core's hot path."""
+        frame: Frame = entry.request
+        op, _flags, tid, _status, _pool, offset, length, name, payload = frame
+        status, payload, length, flags = self.service.run_op(op, name, offset, length, payload)
+        self._done[op, status, entry.started] += 1
+        return _reply(op, tid, status, payload, length, flags)
+
     def finish(self, entry: Entry, result: Any, error: BaseException | None) -> list[bytes]:
         frame: Frame = entry.request
         op = frame[0]  # (frame.op: a descriptor call)
@@ -280,9 +289,7 @@ class OSDConnection(TameBatchConnection):
         else:
             log.error("OSD %s request tid %d failed: %r", Op(op).name, frame.tid, error)
             status, payload, length, flags = Status.EIO, b"", 0, 0
-        done = self._done
-        key = (op, status, entry.started)
-        done[key] = done.get(key, 0) + 1
+        self._done[op, status, entry.started] += 1
         return _reply(op, frame[2], status, payload, length, flags)  # (frame[2]: its tid)
 
     def end_of_pass(self) -> None:

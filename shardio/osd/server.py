@@ -85,6 +85,7 @@ _META = "osd.json"
 #: not stall a running reactor.
 _PRELOAD = ("shardio.osd.server", "shardio.io.uring", "shardio.metrics", "prometheus_client")
 _META_FORMAT = 1
+_STORING = frozenset((_PUT, _WRITE))  # the ops whose payload the store keeps
 
 
 
@@ -191,6 +192,7 @@ class ShardNode:
         self.config = config
         self.shard_id = shard_id
         self.limits = config.limits
+        self.max_list = config.limits.max_list
         self.stats = OSDStats()
         self.connections: set[OSDConnection] = set()
         self.store: ObjectStore | None = None
@@ -201,7 +203,7 @@ class ShardNode:
         self.shared_port = 0
         self.active = 0  # store operations running now (requests from any shard)
         self.waiting = WaitingRequests()
-        self._idle: asyncio.Event | None = None
+        self._idle: asyncio.Event | None = None  # while stop() waits for ``active`` to drop
         self._stopped = False
         self._complaints: asyncio.TimerHandle | None = None
         self._compactor: asyncio.Task[None] | None = None
@@ -211,8 +213,6 @@ class ShardNode:
 
     async def open(self, port: int) -> int:
         """Open the store (on a tame stack) and bind this shard's own port; return it."""
-        self._idle = asyncio.Event()
-        self._idle.set()
         cfg = self.config
         set_default_shares(cfg.foreground_shares)  # client requests run in the default group
         self.store = await tame.call(
@@ -327,9 +327,11 @@ class ShardNode:
             server.close()
         for conn in list(self.connections):
             conn.abort()
-        if self._idle is not None and self.active:
+        if self.active:
+            self._idle = asyncio.Event()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), self.config.stop_grace)
+            self._idle = None
         store, self.store = self.store, None
         if store is not None:
             try:
@@ -342,8 +344,6 @@ class ShardNode:
     def enter(self) -> None:
         """A run of store operations starts (``stop`` waits for every run to leave)."""
         self.active += 1
-        if self.active == 1 and self._idle is not None:
-            self._idle.clear()
 
     def leave(self) -> None:
         self.active -= 1
@@ -359,12 +359,9 @@ class ShardNode:
         store = self.store
         if store is None:
             return Status.ESHUTDOWN, b"", 0, 0
-        result = apply_op(store, op, name, offset, length, payload, self.limits.max_list)
-        if not result[0]:
-            if op == _READ:
-                self.stats.read_bytes += len(result[1])
-            elif op in (_PUT, _WRITE):
-                self.stats.written_bytes += len(payload)
+        result = apply_op(store, op, name, offset, length, payload, self.max_list)
+        if op in _STORING and not result[0]:  # (the store counts the bytes READ returns)
+            self.stats.written_bytes += len(payload)
         return result
 
     def run_op_on_stack(
@@ -403,6 +400,7 @@ class ShardNode:
     def snapshot(self) -> dict[str, Any]:
         """This shard's counters: OSD, object store, tame runtime and file I/O driver."""
         snap = self.stats.snapshot()
+        snap["read_bytes"] = self.store.stats.read_bytes if self.store is not None else 0
         snap["shard"] = self.shard_id
         snap["connections_open"] = len(self.connections)
         snap["ops_waiting"] = len(self.waiting.entries)
@@ -646,6 +644,7 @@ class OSDServer:
         log_level: int = logging.WARNING,
         stall_threshold_ms: float | None = 25.0,
         idle_poll_us: float | None = None,
+        tame_quota_ms: float | None = 0.5,
         complaint_seconds: float = 5.0,
         compaction_interval: float | None = 5.0,
         segment_size: int = 256 * 1024 * 1024,
@@ -680,6 +679,7 @@ class OSDServer:
         self.log_level = log_level
         self.stall_threshold_ms = stall_threshold_ms
         self.idle_poll_us = idle_poll_us
+        self.tame_quota_ms = tame_quota_ms
         self.compaction_interval = compaction_interval
         self.segment_size = segment_size
         try:
@@ -729,6 +729,7 @@ class OSDServer:
             log_level=self.log_level,
             stall_threshold_ms=self.stall_threshold_ms,
             idle_poll_us=self.idle_poll_us,
+            tame_quota_ms=self.tame_quota_ms,
             preload=_PRELOAD,
             warm_up_tame=True,
         )

@@ -97,7 +97,7 @@ class OSDStats(ConnectionCounters):
     """The counters of one shard's OSD: the connection core's, and the OSD's own."""
 
     __slots__ = (
-        "ops", "latency", "read_bytes", "written_bytes", "hops_out", "hops_in",
+        "ops", "latency", "written_bytes", "hops_out", "hops_in",
         "frame_errors", "protocol_closes",
     )  # fmt: skip
 
@@ -105,7 +105,6 @@ class OSDStats(ConnectionCounters):
         super().__init__()
         self.ops: dict[tuple[int, int], int] = {}  #: (op, status) -> count
         self.latency: dict[int, Histogram] = {}  #: op -> service time on this shard
-        self.read_bytes = 0  #: object bytes returned by READ
         self.written_bytes = 0  #: object bytes stored by PUT/WRITE
         self.hops_out = 0  #: requests this shard forwarded to the owning shard
         self.hops_in = 0  #: requests this shard served for another shard

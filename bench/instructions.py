@@ -1,0 +1,175 @@
+"""Instructions per cached read, shardio against its peers: the fair-layout A/B that
+does not depend on how busy the machine is.
+
+    python bench/instructions.py [--seconds 10] [--servers shardio,gevent,threaded]
+
+Each server runs under ``valgrind --tool=callgrind`` (which counts the user-space
+instructions a process executes, the same count for the same work whatever else the
+machine does) while ``python -m shardio.osd bench`` drives it at full speed (closed
+loop, 32 in flight, not under valgrind). The serving process's counters are dumped
+just before and just after the load; the second dump divided by the reads is the
+figure. The table splits it into zlib's ``crc32`` (the store's block and header
+checksums and the reply's payload CRC: the same code in every server) and the rest
+(the server's own code, the interpreter, the event loop), and gives both ratios to
+the first peer.
+
+What it does not count: system calls (the kernel's side of recv/send/pread, the same
+work for every server here; ``bench/fair_cpu.py`` reports user and system time).
+Valgrind runs the server about 50x slower, so shardio's two clock-driven knobs are
+scaled to match: the tame quota to 25 ms (0.5 ms at full speed) and the stall
+detector off (it would report every 25 ms of valgrind time). The data set is the
+one ``bench/fair_cpu.py`` loads (it makes it when missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import fair_cpu
+
+PY = sys.executable
+ROOT = fair_cpu.ROOT
+HERE = fair_cpu.HERE
+
+
+def _serving_pid(name: str, launcher: subprocess.Popen[str]) -> int:
+    """The process whose instructions count: the shard (shardio) or the peer itself."""
+    if name != "shardio":
+        return launcher.pid
+    # valgrind --trace-children=yes keeps the shard's pid through the exec
+    out = subprocess.run(["pgrep", "-f", "multiprocessing.spawn import spawn_main"],
+                         capture_output=True, text=True).stdout.split()  # fmt: skip
+    for pid in map(int, out):
+        if _is_descendant(pid, launcher.pid):
+            return pid
+    raise SystemExit("shardio: no shard process found under valgrind")
+
+
+def _is_descendant(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            return False
+    return False
+
+
+def _self_costs(path: str) -> dict[str, int]:
+    """Instructions per function (self cost) of one callgrind dump."""
+    names: dict[str, str] = {}
+    costs: dict[str, int] = {}
+    function = None
+    after_calls = False
+    with open(path, errors="replace") as f:
+        for line in f:
+            if line.startswith("fn="):
+                m = re.match(r"fn=\((\d+)\)(?: (.*))?", line.rstrip("\n"))
+                assert m is not None
+                if m.group(2):
+                    names[m.group(1)] = m.group(2)
+                function = names.get(m.group(1), m.group(1))
+            elif line.startswith("cfn="):
+                m = re.match(r"cfn=\((\d+)\)(?: (.*))?", line.rstrip("\n"))
+                if m and m.group(2):
+                    names[m.group(1)] = m.group(2)
+            elif line.startswith("calls="):
+                after_calls = True  # the next cost line is the call's inclusive cost
+            elif line[:1].isdigit() or line[:1] in "+-*":
+                if after_calls:
+                    after_calls = False
+                    continue
+                fields = line.split()
+                if len(fields) >= 2 and function is not None:
+                    costs[function] = costs.get(function, 0) + int(fields[1])
+    return costs
+
+
+def measure(name: str, data: str, seconds: float, port: int, out_dir: str) -> dict[str, float]:
+    if name == "shardio":
+        argv = [PY, "-m", "shardio.osd", "serve", "--shards", "1", "--data", data,
+                "--port", str(port), "--idle-poll-us", "0", "--tame-quota-ms", "25",
+                "--stall-threshold-ms", "0"]  # fmt: skip
+    else:
+        argv = [PY, os.path.join(HERE, "peers", fair_cpu.PEERS[name]), "--data", data,
+                "--port", str(port)]  # fmt: skip
+    out_file = os.path.join(out_dir, f"{name}.%p")
+    launcher = subprocess.Popen(
+        ["valgrind", "--tool=callgrind", "--trace-children=yes",
+         f"--callgrind-out-file={out_file}", *argv],
+        cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    assert launcher.stdout is not None
+    for line in launcher.stdout:
+        if "listening on" in line or "serving" in line:
+            break
+    else:
+        raise SystemExit(f"{name} did not start under valgrind")
+    time.sleep(2)
+    pid = _serving_pid(name, launcher)
+    subprocess.run(["callgrind_control", "--dump", str(pid)], check=True,
+                   capture_output=True)  # fmt: skip
+    out = subprocess.run(
+        ["taskset", "-c", "1", PY, "-m", "shardio.osd", "bench", "--addr",
+         f"127.0.0.1:{port}", "--objects", "5000", "--seconds", str(seconds),
+         "--concurrency", "32"],
+        cwd=ROOT, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    subprocess.run(["callgrind_control", "--dump", str(pid)], check=True,
+                   capture_output=True)  # fmt: skip
+    launcher.send_signal(signal.SIGINT)
+    try:
+        launcher.wait(120)
+    except subprocess.TimeoutExpired:
+        launcher.kill()
+    m = re.search(r"closed loop \(32\)\s+(\d+)", out)
+    if not m:
+        raise SystemExit(f"{name}: the load generator printed no result:\n{out}")
+    reads = float(m.group(1)) * seconds
+    dump = os.path.join(out_dir, f"{name}.{pid}.2")
+    costs = _self_costs(dump)
+    total = sum(costs.values())
+    crc = sum(v for k, v in costs.items() if k.startswith("crc32"))
+    return {"reads": reads, "total": total / reads, "crc32": crc / reads}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--servers", default="shardio,gevent,threaded")
+    p.add_argument("--data", default="/var/tmp/shardio-fair-cpu")
+    args = p.parse_args(argv)
+    for tool in ("valgrind", "callgrind_control"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is not installed (apt-get install -y valgrind)")
+    fair_cpu.load_once(args.data)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="shardio-callgrind-") as out_dir:
+        for index, name in enumerate(args.servers.split(",")):
+            rows.append((name, measure(name, args.data, args.seconds, 17970 + index, out_dir)))
+            for path in glob.glob(os.path.join(out_dir, "*")):
+                os.unlink(path)
+    base = next((r for n, r in rows if n != "shardio"), rows[0][1])
+    print("| server | reads | instructions per read | crc32 | the rest | total vs "
+          f"{next((n for n, _ in rows if n != 'shardio'), rows[0][0])} | the rest vs it |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in rows:
+        rest, base_rest = r["total"] - r["crc32"], base["total"] - base["crc32"]
+        print(f"| {name} | {r['reads']:,.0f} | {r['total']:,.0f} | {r['crc32']:,.0f} | "
+              f"{rest:,.0f} | {r['total'] / base['total']:.2f}x | {rest / base_rest:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
