@@ -41,7 +41,7 @@ ROOT = fair_cpu.ROOT
 HERE = fair_cpu.HERE
 
 
-def _serving_pid(name: str, launcher: subprocess.Popen[str]) -> int:
+def serving_pid(name: str, launcher: subprocess.Popen[str]) -> int:
     """The process whose instructions count: the shard (shardio) or the peer itself."""
     if name != "shardio":
         return launcher.pid
@@ -117,7 +117,7 @@ def measure(name: str, data: str, seconds: float, port: int, out_dir: str) -> di
     else:
         raise SystemExit(f"{name} did not start under valgrind")
     time.sleep(2)
-    pid = _serving_pid(name, launcher)
+    pid = serving_pid(name, launcher)
     subprocess.run(["callgrind_control", "--dump", str(pid)], check=True,
                    capture_output=True)  # fmt: skip
     out = subprocess.run(

@@ -180,9 +180,14 @@ def test_cpu_bound_groups_split_by_shares(loop_kind: str, kinds: tuple[str, str]
     used = _split_in_a_fresh_process(loop_kind, *kinds, 300, 100)
     _check_ratio("accounted CPU a/b", used["a"][0], used["b"][0], 3.0)
     # Work done, a check independent of the accounting. Each slice also costs the
-    # dispatcher's own work (a switch of window, two clock reads), and the group with
-    # fewer shares has shorter slices, so more of them per CPU second: hence ±15 %.
-    _check_ratio("work units a/b", used["a"][1], used["b"][1], 3.0, tolerance=0.15)
+    # dispatcher's own work (a switch of window, two clock reads, a loop iteration),
+    # and the group with fewer shares has shorter slices (a third of the quota here),
+    # so more of them per CPU second. That overhead is a fixed number of instructions
+    # against slices of fixed time, so the slower the CPU the larger its share: within
+    # ±15 % on the earlier hosts, 3.36-3.51 on the slower EPYC host of 2026-12-02
+    # (accounted CPU 3.00 there): hence ±20 %. A split by anything but the shares
+    # (1:1, 2:1) still fails.
+    _check_ratio("work units a/b", used["a"][1], used["b"][1], 3.0, tolerance=0.20)
 
 
 def test_a_stack_group_and_a_coroutine_group_split_evenly() -> None:
