@@ -85,6 +85,25 @@ def test_put_get_stat_delete_roundtrip(osd: OSDServer) -> None:
             c.get("rt-a")
 
 
+def test_read_and_written_bytes_count_object_bytes_on_every_route(osd: OSDServer) -> None:
+    """The byte counters (the store's own) count object bytes, not frames, including
+    requests that hopped from another shard, and not reads that failed."""
+    before = osd.total_stats()
+    # one name on each shard: whichever shard accepts the connection, one of them hops
+    names = names_on(osd, 0, 1, "bytes") + names_on(osd, 1, 1, "bytes")
+    with Client(*osd.address) as c:
+        for name in names:
+            assert c.put(name, b"x" * 1000) == 1000
+            assert c.write(name, b"y" * 10, 5) == 1000
+            assert c.get(name) == b"x" * 5 + b"y" * 10 + b"x" * 985
+            assert c.read(name, 100, 50) == b"x" * 50
+        with pytest.raises(ObjectNotFound):
+            c.get("bytes-never-written")
+    after = osd.total_stats()
+    assert after["written_bytes"] - before["written_bytes"] == 2 * (1000 + 10)
+    assert after["read_bytes"] - before["read_bytes"] == 2 * (1000 + 50)
+
+
 def test_missing_object_is_enoent(osd: OSDServer) -> None:
     with Client(*osd.address) as c:
         for call in (

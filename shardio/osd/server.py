@@ -85,7 +85,6 @@ _META = "osd.json"
 #: not stall a running reactor.
 _PRELOAD = ("shardio.osd.server", "shardio.io.uring", "shardio.metrics", "prometheus_client")
 _META_FORMAT = 1
-_STORING = frozenset((_PUT, _WRITE))  # the ops whose payload the store keeps
 
 
 
@@ -359,10 +358,8 @@ class ShardNode:
         store = self.store
         if store is None:
             return Status.ESHUTDOWN, b"", 0, 0
-        result = apply_op(store, op, name, offset, length, payload, self.max_list)
-        if op in _STORING and not result[0]:  # (the store counts the bytes READ returns)
-            self.stats.written_bytes += len(payload)
-        return result
+        # (the bytes READ returns and PUT/WRITE store: the store's own counters)
+        return apply_op(store, op, name, offset, length, payload, self.max_list)
 
     def run_op_on_stack(
         self, op: int, name: bytes, offset: int, length: int, payload: bytes
@@ -400,7 +397,9 @@ class ShardNode:
     def snapshot(self) -> dict[str, Any]:
         """This shard's counters: OSD, object store, tame runtime and file I/O driver."""
         snap = self.stats.snapshot()
-        snap["read_bytes"] = self.store.stats.read_bytes if self.store is not None else 0
+        if self.store is not None:
+            snap["read_bytes"] = self.store.stats.read_bytes
+            snap["written_bytes"] = self.store.stats.write_bytes
         snap["shard"] = self.shard_id
         snap["connections_open"] = len(self.connections)
         snap["ops_waiting"] = len(self.waiting.entries)

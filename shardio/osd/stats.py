@@ -97,7 +97,7 @@ class OSDStats(ConnectionCounters):
     """The counters of one shard's OSD: the connection core's, and the OSD's own."""
 
     __slots__ = (
-        "ops", "latency", "written_bytes", "hops_out", "hops_in",
+        "ops", "latency", "hops_out", "hops_in",
         "frame_errors", "protocol_closes",
     )  # fmt: skip
 
@@ -105,7 +105,6 @@ class OSDStats(ConnectionCounters):
         super().__init__()
         self.ops: dict[tuple[int, int], int] = {}  #: (op, status) -> count
         self.latency: dict[int, Histogram] = {}  #: op -> service time on this shard
-        self.written_bytes = 0  #: object bytes stored by PUT/WRITE
         self.hops_out = 0  #: requests this shard forwarded to the owning shard
         self.hops_in = 0  #: requests this shard served for another shard
         self.frame_errors: dict[str, int] = {}  #: FrameError class name -> count
@@ -236,7 +235,7 @@ def prometheus_families(snap: Mapping[str, Any]) -> list[Any]:
     )
     counter(
         "shardio_osd_written_bytes",
-        "Object bytes stored by PUT/WRITE on this shard's store.",
+        "Object bytes PUT/WRITE appended to this shard's store (counted at the append).",
         snap.get("written_bytes", 0),
     )
     counter(
