@@ -110,3 +110,23 @@ def test_ls_into_a_pipeline_ends_quietly(tmp_path) -> None:  # noqa: ANN001
         r = subprocess.run([*OSD, "ls", "--addr", addr], capture_output=True, timeout=60)
         assert r.returncode == 0 and r.stderr == b""
         assert len(r.stdout.split()) == 3000
+
+
+def test_serve_refuses_a_bad_quota_or_stall_threshold_and_serves_with_them_off(
+    tmp_path,  # noqa: ANN001
+) -> None:
+    for option, value in (("--tame-quota-ms", "-1"), ("--stall-threshold-ms", "inf"),
+                          ("--tame-quota-ms", "soon")):  # fmt: skip
+        r = subprocess.run([*OSD, "serve", "--data", str(tmp_path), option, value],
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert r.returncode == 2, r
+        assert option in r.stderr and value in r.stderr, r.stderr
+    # 0 turns each off: the shards still serve
+    off = ("--tame-quota-ms", "0", "--stall-threshold-ms", "0")
+    with serving(str(tmp_path / "off"), *off) as (host, ports):
+        c = Client(host, ports[0])
+        try:
+            assert c.put("q", b"quota off") == 9
+            assert c.get("q") == b"quota off"
+        finally:
+            c.close()
