@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
-import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -30,7 +28,6 @@ import time
 import fair_cpu
 from instructions import serving_pid
 
-PY = sys.executable
 HERE = fair_cpu.HERE
 ROOT = fair_cpu.ROOT
 
@@ -78,49 +75,25 @@ def stage_of(name: str) -> str:
 
 
 def measure(name: str, data: str, seconds: float, port: int, out_dir: str) -> dict[str, float]:
-    if name == "shardio":
-        argv = [PY, "-m", "shardio.osd", "serve", "--shards", "1", "--data", data,
-                "--port", str(port), "--idle-poll-us", "0", "--tame-quota-ms", "25",
-                "--stall-threshold-ms", "0"]  # fmt: skip
-    else:
-        argv = [PY, os.path.join(HERE, "peers", fair_cpu.PEERS[name]), "--data", data,
-                "--port", str(port)]  # fmt: skip
     counts = os.path.join(out_dir, name)
     env = dict(os.environ, SHARDIO_BYTECODES=counts, PYTHONPATH=os.pathsep.join(
         [os.path.join(HERE, "bytecode_counter"), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    argv = fair_cpu.server_argv(name, data, port, slowed=True)
     server = subprocess.Popen(["taskset", "-c", "0", *argv], cwd=ROOT, env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
-    assert server.stdout is not None
-    for line in server.stdout:
-        if "listening on" in line or "serving" in line:
-            break
-    else:
-        raise SystemExit(f"{name} did not start")
+    fair_cpu.wait_until_serving(name, server)
     time.sleep(1.5)
     path = f"{counts}.{serving_pid(name, server)}"
 
     def snapshot() -> dict[str, int]:
         time.sleep(0.7)  # the counter writes twice a second
         with open(path, "rb") as f:
-            return pickle.load(f)
+            return pickle.load(f)  # type: ignore[no-any-return]
 
     before = snapshot()
-    out = subprocess.run(
-        ["taskset", "-c", "1", PY, "-m", "shardio.osd", "bench", "--addr",
-         f"127.0.0.1:{port}", "--objects", "5000", "--seconds", str(seconds),
-         "--concurrency", "32"],
-        cwd=ROOT, capture_output=True, text=True,
-    ).stdout  # fmt: skip
+    reads = fair_cpu.closed_loop(name, port, seconds) * seconds
     after = snapshot()
-    server.send_signal(signal.SIGINT)
-    try:
-        server.wait(30)
-    except subprocess.TimeoutExpired:
-        server.kill()
-    m = re.search(r"closed loop \(32\)\s+(\d+)", out)
-    if not m:
-        raise SystemExit(f"{name}: the load generator printed no result:\n{out}")
-    reads = float(m.group(1)) * seconds
+    fair_cpu.stop(server)
     per_read = {k: (v - before.get(k, 0)) / reads for k, v in after.items()}
     return {k: v for k, v in per_read.items() if v > 0}
 

@@ -31,19 +31,55 @@ PEERS = {
 }
 
 
-def start(name: str, data: str, port: int) -> subprocess.Popen[str]:
+#: shardio's clock-driven knobs scaled to a server slowed 20-50x (valgrind, tracing)
+SLOWED = ("--tame-quota-ms", "25", "--stall-threshold-ms", "0")
+
+
+def server_argv(name: str, data: str, port: int, *, slowed: bool = False) -> list[str]:
+    """The command that serves ``data`` on ``port``: shardio with 1 shard, or a peer."""
     if name == "shardio":
-        argv = [PY, "-m", "shardio.osd", "serve", "--shards", "1", "--data", data,
-                "--port", str(port), "--idle-poll-us", "0"]  # fmt: skip
-    else:
-        argv = [PY, os.path.join(HERE, "peers", PEERS[name]), "--data", data, "--port", str(port)]
-    proc = subprocess.Popen(["taskset", "-c", "0", *argv], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+        return [PY, "-m", "shardio.osd", "serve", "--shards", "1", "--data", data,
+                "--port", str(port), "--idle-poll-us", "0",
+                *(SLOWED if slowed else ())]  # fmt: skip
+    return [PY, os.path.join(HERE, "peers", PEERS[name]), "--data", data, "--port", str(port)]
+
+
+def wait_until_serving(name: str, proc: subprocess.Popen[str]) -> None:
+    """Read the server's output until it says it listens."""
     assert proc.stdout is not None
     for line in proc.stdout:
         if "listening on" in line or "serving" in line:
-            return proc
+            return
     raise SystemExit(f"{name} did not start")
+
+
+def start(name: str, data: str, port: int) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(["taskset", "-c", "0", *server_argv(name, data, port)], cwd=ROOT,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    wait_until_serving(name, proc)
+    return proc
+
+
+def closed_loop(name: str, port: int, seconds: float) -> float:
+    """Reads/s of the load generator on CPU 1: closed loop, 32 in flight, ``seconds``."""
+    out = subprocess.run(
+        ["taskset", "-c", "1", PY, "-m", "shardio.osd", "bench", "--addr",
+         f"127.0.0.1:{port}", "--objects", "5000", "--seconds", str(seconds),
+         "--concurrency", "32"],
+        cwd=ROOT, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    m = re.search(r"closed loop \(32\)\s+(\d+)", out)
+    if not m:
+        raise SystemExit(f"{name}: the load generator printed no result:\n{out}")
+    return float(m.group(1))
+
+
+def stop(proc: subprocess.Popen[str], timeout: float = 30) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def load_once(data: str) -> None:
@@ -52,8 +88,7 @@ def load_once(data: str) -> None:
         proc = start("shardio", data, 17950)
         subprocess.run([PY, "-m", "shardio.osd", "load", "--addr", "127.0.0.1:17950",
                         "--objects", "5000", "--size", "4096"], cwd=ROOT, check=True)  # fmt: skip
-        proc.send_signal(signal.SIGINT)
-        proc.wait(30)
+        stop(proc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,26 +103,15 @@ def main(argv: list[str] | None = None) -> int:
         proc = start(name, args.data, port)
         time.sleep(1)
         user0, system0 = tree_cpu_split(proc.pid)
-        out = subprocess.run(
-            ["taskset", "-c", "1", PY, "-m", "shardio.osd", "bench", "--addr",
-             f"127.0.0.1:{port}", "--objects", "5000", "--seconds", str(args.seconds),
-             "--concurrency", "32"],
-            cwd=ROOT, capture_output=True, text=True,
-        ).stdout  # fmt: skip
+        rate = closed_loop(name, port, args.seconds)
         user1, system1 = tree_cpu_split(proc.pid)
         user, system = user1 - user0, system1 - system0
-        m = re.search(r"closed loop \(32\)\s+(\d+)", out)
-        rate = float(m.group(1)) if m else float("nan")
         reads = rate * args.seconds
         print(f"{name:17s} {rate:>9,.0f} reads/s  server CPU "
               f"{1e6 * (user + system) / reads:6.1f} us/read "
               f"(user {1e6 * user / reads:5.1f}, system {1e6 * system / reads:5.1f})",
               flush=True)  # fmt: skip
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
     return 0
 
 

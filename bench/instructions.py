@@ -28,7 +28,6 @@ import glob
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,6 @@ import time
 
 import fair_cpu
 
-PY = sys.executable
 ROOT = fair_cpu.ROOT
 HERE = fair_cpu.HERE
 
@@ -97,48 +95,22 @@ def _self_costs(path: str) -> dict[str, int]:
 
 
 def measure(name: str, data: str, seconds: float, port: int, out_dir: str) -> dict[str, float]:
-    if name == "shardio":
-        argv = [PY, "-m", "shardio.osd", "serve", "--shards", "1", "--data", data,
-                "--port", str(port), "--idle-poll-us", "0", "--tame-quota-ms", "25",
-                "--stall-threshold-ms", "0"]  # fmt: skip
-    else:
-        argv = [PY, os.path.join(HERE, "peers", fair_cpu.PEERS[name]), "--data", data,
-                "--port", str(port)]  # fmt: skip
     out_file = os.path.join(out_dir, f"{name}.%p")
     launcher = subprocess.Popen(
         ["valgrind", "--tool=callgrind", "--trace-children=yes",
-         f"--callgrind-out-file={out_file}", *argv],
+         f"--callgrind-out-file={out_file}",
+         *fair_cpu.server_argv(name, data, port, slowed=True)],
         cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
-    assert launcher.stdout is not None
-    for line in launcher.stdout:
-        if "listening on" in line or "serving" in line:
-            break
-    else:
-        raise SystemExit(f"{name} did not start under valgrind")
+    fair_cpu.wait_until_serving(name, launcher)
     time.sleep(2)
     pid = serving_pid(name, launcher)
-    subprocess.run(["callgrind_control", "--dump", str(pid)], check=True,
-                   capture_output=True)  # fmt: skip
-    out = subprocess.run(
-        ["taskset", "-c", "1", PY, "-m", "shardio.osd", "bench", "--addr",
-         f"127.0.0.1:{port}", "--objects", "5000", "--seconds", str(seconds),
-         "--concurrency", "32"],
-        cwd=ROOT, capture_output=True, text=True,
-    ).stdout  # fmt: skip
-    subprocess.run(["callgrind_control", "--dump", str(pid)], check=True,
-                   capture_output=True)  # fmt: skip
-    launcher.send_signal(signal.SIGINT)
-    try:
-        launcher.wait(120)
-    except subprocess.TimeoutExpired:
-        launcher.kill()
-    m = re.search(r"closed loop \(32\)\s+(\d+)", out)
-    if not m:
-        raise SystemExit(f"{name}: the load generator printed no result:\n{out}")
-    reads = float(m.group(1)) * seconds
-    dump = os.path.join(out_dir, f"{name}.{pid}.2")
-    costs = _self_costs(dump)
+    dump = ["callgrind_control", "--dump", str(pid)]
+    subprocess.run(dump, check=True, capture_output=True)
+    reads = fair_cpu.closed_loop(name, port, seconds) * seconds
+    subprocess.run(dump, check=True, capture_output=True)
+    fair_cpu.stop(launcher, timeout=120)
+    costs = _self_costs(os.path.join(out_dir, f"{name}.{pid}.2"))
     total = sum(costs.values())
     crc = sum(v for k, v in costs.items() if k.startswith("crc32"))
     return {"reads": reads, "total": total / reads, "crc32": crc / reads}

@@ -43,27 +43,17 @@ def _addr(text: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", p
 
 
-def _positive(kind: type) -> Any:
+def _number(kind: type, *, zero: bool = False) -> Any:
+    """An argparse type: a finite number of ``kind``, > 0 (or >= 0 with ``zero``)."""
+    want = "a finite number >= 0" if zero else "a finite number > 0"
+
     def parse(text: str) -> Any:
         try:
             v = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-        return v
-
-    return parse
-
-
-def _non_negative(kind: type) -> Any:
-    def parse(text: str) -> Any:
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not 0 <= v < float("inf"):
-            raise argparse.ArgumentTypeError(f"must be a finite number >= 0: {text!r}")
+        if not (v >= 0 if zero else v > 0) or v == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be {want}: {text!r}")
         return v
 
     return parse
@@ -391,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sp.add_argument(
             "--timeout",
-            type=_positive(float),
+            type=_number(float),
             default=10.0,
             help="per-request timeout in seconds (default 10)",
         )
@@ -399,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run an OSD until Ctrl-C")
     s.add_argument(
         "--shards",
-        type=_positive(int),
+        type=_number(int),
         default=len(os.sched_getaffinity(0)),
         help="shards (default: one per CPU)",
     )
@@ -429,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", choices=("process", "thread"), default="process")
     s.add_argument(
         "--pg-num",
-        type=_positive(int),
+        type=_number(int),
         default=64,
         help="placement groups of a new data dir (default 64)",
     )
@@ -440,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--max-inflight",
-        type=_positive(int),
+        type=_number(int),
         default=64,
         help="requests in flight per connection (default 64)",
     )
@@ -453,33 +443,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--tame-quota-ms",
-        type=_non_negative(float),
+        type=_number(float, zero=True),
         default=0.5,
         help="how long the tame stacks may run before the loop gets a turn (default 0.5;"
         " 0 turns preemption off; docs/tame.md)",
     )
     s.add_argument(
         "--stall-threshold-ms",
-        type=_non_negative(float),
+        type=_number(float, zero=True),
         default=25.0,
         help="report a shard whose loop does not come back for this long (default 25;"
         " 0 turns the stall detector off)",
     )
     s.add_argument(
         "--max-connections",
-        type=_positive(int),
+        type=_number(int),
         default=1024,
         help="connections per shard (default 1024)",
     )
     s.add_argument(
         "--foreground-shares",
-        type=_positive(float),
+        type=_number(float),
         default=1000.0,
         help="scheduling shares of client requests (default 1000; docs/scheduling.md)",
     )
     s.add_argument(
         "--background-shares",
-        type=_positive(float),
+        type=_number(float),
         default=100.0,
         help="scheduling shares of compaction (default 100)",
     )
@@ -488,10 +478,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("load", help="PUT generated, verifiable objects")
     client_opts(s)
-    s.add_argument("--objects", type=_positive(int), default=10000)
-    s.add_argument("--size", type=_positive(int), default=4096, help="bytes per object")
+    s.add_argument("--objects", type=_number(int), default=10000)
+    s.add_argument("--size", type=_number(int), default=4096, help="bytes per object")
     s.add_argument("--prefix", default="obj-", help="object name prefix (default obj-)")
-    s.add_argument("--concurrency", type=_positive(int), default=64)
+    s.add_argument("--concurrency", type=_number(int), default=64)
     s.add_argument("--verify", action="store_true", help="read everything back and compare")
     s.set_defaults(func=cmd_load)
 
@@ -523,22 +513,22 @@ def build_parser() -> argparse.ArgumentParser:
     client_opts(s)
     s.add_argument(
         "--objects",
-        type=_positive(int),
+        type=_number(int),
         default=10000,
         help="working set: names obj-00000000.. as `load` made them",
     )
     s.add_argument("--prefix", default="obj-")
-    s.add_argument("--seconds", type=_positive(float), default=10.0)
-    s.add_argument("--length", type=_positive(int), default=4096, help="bytes per read")
+    s.add_argument("--seconds", type=_number(float), default=10.0)
+    s.add_argument("--length", type=_number(int), default=4096, help="bytes per read")
     s.add_argument(
         "--concurrency",
-        type=_positive(int),
+        type=_number(int),
         default=16,
         help="closed loop: reads in flight (default 16)",
     )
     s.add_argument(
         "--rate",
-        type=_positive(float),
+        type=_number(float),
         default=None,
         help="open loop at this many reads/s (latency from intended send time)",
     )
@@ -564,16 +554,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_compact)
 
     s = sub.add_parser("demo", help="start an OSD, load, verify, measure, stop (< 1 min)")
-    s.add_argument("--shards", type=_positive(int), default=2)
-    s.add_argument("--objects", type=_positive(int), default=3000)
+    s.add_argument("--shards", type=_number(int), default=2)
+    s.add_argument("--objects", type=_number(int), default=3000)
     s.add_argument(
         "--seconds",
-        type=_positive(float),
+        type=_number(float),
         default=6.0,
         help="total length of the latency runs (default 6)",
     )
-    s.add_argument("--size", type=_positive(int), default=4096, help="bytes per object")
-    s.add_argument("--concurrency", type=_positive(int), default=16)
+    s.add_argument("--size", type=_number(int), default=4096, help="bytes per object")
+    s.add_argument("--concurrency", type=_number(int), default=16)
     s.add_argument("--backend", choices=("process", "thread"), default="process")
     s.add_argument(
         "--data", default=None, help="use (and keep) this data directory instead of a temporary one"
