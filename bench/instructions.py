@@ -36,7 +36,6 @@ import time
 import fair_cpu
 
 ROOT = fair_cpu.ROOT
-HERE = fair_cpu.HERE
 
 
 def serving_pid(name: str, launcher: subprocess.Popen[str]) -> int:
@@ -132,9 +131,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((name, measure(name, args.data, args.seconds, 17970 + index, out_dir)))
             for path in glob.glob(os.path.join(out_dir, "*")):
                 os.unlink(path)
-    base = next((r for n, r in rows if n != "shardio"), rows[0][1])
+    base_name, base = ([(n, r) for n, r in rows if n != "shardio"] or rows)[0]
     print("| server | reads | instructions per read | crc32 | the rest | total vs "
-          f"{next((n for n, _ in rows if n != 'shardio'), rows[0][0])} | the rest vs it |")
+          f"{base_name} | the rest vs it |")
     print("|---|---|---|---|---|---|---|")
     for name, r in rows:
         rest, base_rest = r["total"] - r["crc32"], base["total"] - base["crc32"]
