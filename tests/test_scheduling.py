@@ -105,11 +105,15 @@ async def _until_cpu(groups: list[shardio.SchedulingGroup], seconds: float) -> N
 
 
 def _check_ratio(
-    what: str, a: float, b: float, expected: float, tolerance: float = TOLERANCE
+    what: str, a: float, b: float, expected: float, tolerance: float = TOLERANCE,
+    above: float | None = None,
 ) -> None:
+    """a/b within ``tolerance`` of ``expected`` (above it within ``above``, if given)."""
     ratio = a / b
-    assert abs(ratio - expected) <= tolerance * expected, (
-        f"{what}: {a:.4g} / {b:.4g} = {ratio:.3f}, expected {expected} ±{tolerance:.0%}"
+    high = tolerance if above is None else above
+    assert expected * (1 - tolerance) <= ratio <= expected * (1 + high), (
+        f"{what}: {a:.4g} / {b:.4g} = {ratio:.3f}, expected {expected} "
+        f"-{tolerance:.0%}/+{high:.0%}"
     )
 
 
@@ -180,14 +184,15 @@ def test_cpu_bound_groups_split_by_shares(loop_kind: str, kinds: tuple[str, str]
     used = _split_in_a_fresh_process(loop_kind, *kinds, 300, 100)
     _check_ratio("accounted CPU a/b", used["a"][0], used["b"][0], 3.0)
     # Work done, a check independent of the accounting. Each slice also costs the
-    # dispatcher's own work (a switch of window, two clock reads, a loop iteration),
-    # and the group with fewer shares has shorter slices (a third of the quota here),
-    # so more of them per CPU second. That overhead is a fixed number of instructions
-    # against slices of fixed time, so the slower the CPU the larger its share: within
-    # ±15 % on the earlier hosts, 3.36-3.51 on the slower EPYC host of 2026-12-02
-    # (accounted CPU 3.00 there): hence ±20 %. A split by anything but the shares
-    # (1:1, 2:1) still fails.
-    _check_ratio("work units a/b", used["a"][1], used["b"][1], 3.0, tolerance=0.20)
+    # dispatcher's own work (a switch of window, two clock reads, a resumption with
+    # cold caches), and the group with fewer shares has shorter slices (a third of
+    # the quota here), so more of them per CPU second: that overhead can only *raise*
+    # a/b. It is a fixed cost against slices of fixed time, so the slower and busier
+    # the CPU, the more: within +15 % on the earlier hosts; 3.36-3.45 alone and
+    # 3.47-3.65 inside the full suite on the slower EPYC host of 2026-12-02 (about
+    # 20-40 us per slice), with the accounted CPU at 3.00. Below 3:1 nothing excuses
+    # a shortfall: -15 % catches a 2:1 split; +35 % still catches a 4.5:1 one.
+    _check_ratio("work units a/b", used["a"][1], used["b"][1], 3.0, tolerance=0.15, above=0.35)
 
 
 def test_a_stack_group_and_a_coroutine_group_split_evenly() -> None:
