@@ -26,7 +26,6 @@ import tempfile
 import time
 
 import fair_cpu
-from instructions import serving_pid
 
 HERE = fair_cpu.HERE
 ROOT = fair_cpu.ROOT
@@ -83,7 +82,7 @@ def measure(name: str, data: str, seconds: float, port: int, out_dir: str) -> di
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
     fair_cpu.wait_until_serving(name, server)
     time.sleep(1.5)
-    path = f"{counts}.{serving_pid(name, server)}"
+    path = f"{counts}.{fair_cpu.serving_pid(name, server)}"
 
     def snapshot() -> dict[str, int]:
         time.sleep(0.7)  # the counter writes twice a second

@@ -60,6 +60,31 @@ def start(name: str, data: str, port: int) -> subprocess.Popen[str]:
     return proc
 
 
+def serving_pid(name: str, launcher: subprocess.Popen[str]) -> int:
+    """The process that serves: the shard (shardio, 1 shard) or the peer itself."""
+    if name != "shardio":
+        return launcher.pid
+    # (under valgrind --trace-children=yes the shard keeps its pid through the exec)
+    out = subprocess.run(["pgrep", "-f", "multiprocessing.spawn import spawn_main"],
+                         capture_output=True, text=True).stdout.split()  # fmt: skip
+    for pid in map(int, out):
+        if _is_descendant(pid, launcher.pid):
+            return pid
+    raise SystemExit("shardio: no shard process found below the server")
+
+
+def _is_descendant(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            return False
+    return False
+
+
 def closed_loop(name: str, port: int, seconds: float) -> float:
     """Reads/s of the load generator on CPU 1: closed loop, 32 in flight, ``seconds``."""
     out = subprocess.run(

@@ -38,31 +38,6 @@ import fair_cpu
 ROOT = fair_cpu.ROOT
 
 
-def serving_pid(name: str, launcher: subprocess.Popen[str]) -> int:
-    """The process whose instructions count: the shard (shardio) or the peer itself."""
-    if name != "shardio":
-        return launcher.pid
-    # valgrind --trace-children=yes keeps the shard's pid through the exec
-    out = subprocess.run(["pgrep", "-f", "multiprocessing.spawn import spawn_main"],
-                         capture_output=True, text=True).stdout.split()  # fmt: skip
-    for pid in map(int, out):
-        if _is_descendant(pid, launcher.pid):
-            return pid
-    raise SystemExit("shardio: no shard process found under valgrind")
-
-
-def _is_descendant(pid: int, ancestor: int) -> bool:
-    while pid > 1:
-        if pid == ancestor:
-            return True
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                pid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except OSError:
-            return False
-    return False
-
-
 def _self_costs(path: str) -> dict[str, int]:
     """Instructions per function (self cost) of one callgrind dump."""
     names: dict[str, str] = {}
@@ -103,7 +78,7 @@ def measure(name: str, data: str, seconds: float, port: int, out_dir: str) -> di
     )  # fmt: skip
     fair_cpu.wait_until_serving(name, launcher)
     time.sleep(2)
-    pid = serving_pid(name, launcher)
+    pid = fair_cpu.serving_pid(name, launcher)
     dump = ["callgrind_control", "--dump", str(pid)]
     subprocess.run(dump, check=True, capture_output=True)
     reads = fair_cpu.closed_loop(name, port, seconds) * seconds

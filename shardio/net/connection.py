@@ -138,9 +138,9 @@ class TameBatchConnection(asyncio.Protocol):
     """One client connection on the shard that accepted it; subclass it for a protocol.
 
     Override ``feed`` (decode, then ``admit_all`` the requests), ``charge``,
-    ``start``, ``execute`` and ``finish``; optionally ``serve`` (both of those in
-    one call), ``feed_eof``, ``details`` and ``end_of_pass``, and ``answer`` with
-    ``inline = True``.
+    ``start``, ``finish``, and ``execute`` or ``serve`` (``execute`` and ``finish``
+    in one call); optionally ``feed_eof``, ``details`` and ``end_of_pass``, and
+    ``answer`` with ``inline = True``.
     """
 
     #: replies in request order (protocols without request ids), else as they complete
@@ -197,7 +197,8 @@ class TameBatchConnection(asyncio.Protocol):
         raise NotImplementedError
 
     def execute(self, request: Any) -> Any:
-        """On a tame stack: do the request's work (blocking code is fine)."""
+        """On a tame stack: do the request's work (blocking code is fine); called by
+        the default ``serve``."""
         raise NotImplementedError
 
     def finish(self, entry: Entry, result: Any, error: BaseException | None) -> list[bytes]:

@@ -267,10 +267,6 @@ class OSDConnection(TameBatchConnection):
             result = None if error is not None else fut.result()
         self.complete(entry, self.finish(entry, result, error))
 
-    def execute(self, frame: Frame) -> Result:
-        op, _flags, _tid, _status, _pool, offset, length, name, payload = frame
-        return self.service.run_op(op, name, offset, length, payload)
-
     def serve(self, entry: Entry) -> list[bytes]:
         """``execute`` and ``finish`` in one call: the connection core's hot path."""
         frame: Frame = entry.request

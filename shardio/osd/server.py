@@ -191,7 +191,6 @@ class ShardNode:
         self.config = config
         self.shard_id = shard_id
         self.limits = config.limits
-        self.max_list = config.limits.max_list
         self.stats = OSDStats()
         self.connections: set[OSDConnection] = set()
         self.store: ObjectStore | None = None
@@ -359,7 +358,7 @@ class ShardNode:
         if store is None:
             return Status.ESHUTDOWN, b"", 0, 0
         # (the bytes READ returns and PUT/WRITE store: the store's own counters)
-        return apply_op(store, op, name, offset, length, payload, self.max_list)
+        return apply_op(store, op, name, offset, length, payload, self.limits.max_list)
 
     def run_op_on_stack(
         self, op: int, name: bytes, offset: int, length: int, payload: bytes
