@@ -158,7 +158,8 @@ async def scenario_cold_reads_overlap(tmp: str) -> dict[str, Any]:
     path = os.path.join(tmp, "cold")
     # One 4 KiB block per spacing, past the device's readahead, so that no read brings
     # the next block in: 1 MiB where readahead is 128 KiB, 16 MiB on a disk set to 8 MiB
-    # (the 2026-12-02 EPYC host: 77 of 192 reads hit the cache at 1 MiB).
+    # (the 2026-12-02 EPYC host: 77 of 192 reads hit the cache at 1 MiB; at 16 MiB one
+    # full-suite run still saw 51, so readahead is not the only way pages come back).
     n_reads, spacing = 96, max(1 << 20, 2 * _readahead_bytes(tmp))
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:

@@ -509,6 +509,7 @@ class TameBatchConnection(asyncio.Protocol):
         finish = self.finish
         complete = self.complete
         out = self._out
+        high_water = self.high_water
         as_completed = not self.ordered
         runtime = current_runtime()  # (its deadline moves with the turns: read it each time)
         assert runtime is not None
@@ -523,30 +524,22 @@ class TameBatchConnection(asyncio.Protocol):
                 # (self._current stays: it is read only when this stack parks, and it
                 # parks only inside serve or at the yield below, which clears it)
                 if as_completed and not self._waiting and not self.closing:
-                    # complete(entry, parts) inline, the hot path's common case; the
-                    # replies' bytes are counted once the run stops (_count_queued).
+                    # complete(entry, parts) inline: the hot path's common case
                     self.inflight -= 1
                     self.charged -= entry.charge
                     out += parts
+                    self._out_bytes += sum(map(len, parts))
+                    if self._out_bytes >= high_water:
+                        self._flush()  # see _queue
                 else:
                     complete(entry, parts)
                 if local and _perf_counter() > runtime.deadline:
                     self._current = None
-                    self._count_queued()
                     runtime.yield_now()  # the turn's quota is spent: let the loop run
         finally:
             service.leave()
-        self._count_queued()
         if not self._in_pass:
             self._schedule_settle()  # resumed outside a loop pass: flush, admit, close
-
-    def _count_queued(self) -> None:
-        """Count the replies queued so far; past the high-water mark, hand them to the
-        transport (see _queue). A run of requests stays within the connection's
-        limits, so counting once per run bounds the queue as well as per reply."""
-        size = self._out_bytes = sum(map(len, self._out))
-        if size >= self.high_water:
-            self._flush()
 
     def _waiting_for_stack(self) -> None:
         if not self._stack_wanted:
@@ -624,7 +617,7 @@ class TameBatchConnection(asyncio.Protocol):
             out.clear()
             self._out_bytes = 0
             return
-        size = sum(map(len, out))  # (exact even when a run has not counted its replies yet)
+        size = self._out_bytes
         self.stats.bytes_sent += size
         self._out_bytes = 0
         if len(out) == 1:
