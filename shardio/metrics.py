@@ -274,7 +274,11 @@ _TAME_COUNTERS = (
     ("shardio_tame_waits", "waits", "Blocking operations (tame.wait) made on tame stacks."),
 )
 _URING_COUNTERS = (
-    ("read_cached", "Reads served from the page cache by preadv2(RWF_NOWAIT)."),
+    (
+        "read_cached",
+        "Reads answered by preadv2(RWF_NOWAIT): page-cached data, or a cold read the"
+        " probe itself started that finished before it looked again.",
+    ),
     ("read_uring", "Reads that went through io_uring."),
     ("read_cold_probed", "Reads sent straight to io_uring after a cache probe said cold."),
     ("read_thread", "Reads done by the thread-pool fallback."),

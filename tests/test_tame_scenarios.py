@@ -158,8 +158,7 @@ async def scenario_cold_reads_overlap(tmp: str) -> dict[str, Any]:
     path = os.path.join(tmp, "cold")
     # One 4 KiB block per spacing, past the device's readahead, so that no read brings
     # the next block in: 1 MiB where readahead is 128 KiB, 16 MiB on a disk set to 8 MiB
-    # (the 2026-12-02 EPYC host: 77 of 192 reads hit the cache at 1 MiB; at 16 MiB one
-    # full-suite run still saw 51, so readahead is not the only way pages come back).
+    # (the 2026-12-02 EPYC host: 77 of 192 reads hit the cache at 1 MiB).
     n_reads, spacing = 96, max(1 << 20, 2 * _readahead_bytes(tmp))
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -172,6 +171,7 @@ async def scenario_cold_reads_overlap(tmp: str) -> dict[str, Any]:
         from shardio.io.uring import cached_pages as cachestat
 
         file_size = os.fstat(fd).st_size
+        can_look = cachestat(fd, 0, file_size) is not None
 
         def cached_pages() -> int:
             cached = cachestat(fd, 0, file_size)  # cachestat(2) looks without starting any I/O
@@ -192,8 +192,11 @@ async def scenario_cold_reads_overlap(tmp: str) -> dict[str, Any]:
             pytest.skip(f"posix_fadvise(DONTNEED) did not evict {path} ({fs_type(tmp)})")
 
         env_reads: list[int] = []
+        cold_when_read = 0
 
         def read_one(i: int) -> None:
+            nonlocal cold_when_read
+            cold_when_read += cachestat(fd, i * spacing, 4096) == 0
             with tame.env().open(path, "rb") as f:
                 data = f.pread(4096, i * spacing)
             assert int.from_bytes(data[8:16], "little") == i
@@ -216,15 +219,17 @@ async def scenario_cold_reads_overlap(tmp: str) -> dict[str, Any]:
         after = drv.stats()
     finally:
         os.close(fd)
-    uring_reads = (
-        after.get("read_uring", 0)
-        + after.get("read_thread", 0)
-        - before.get("read_uring", 0)
-        - before.get("read_thread", 0)
-    )
-    # Kernel readahead can bring a few evicted pages back before they are read (seen
-    # in the thread-pool fallback: 76 of 576 reads hit the cache): most must be cold.
-    assert uring_reads >= 2 * n_reads * 0.75, (before, after)
+    # The premise: the pages were out of the cache when each read began (readahead from
+    # a neighbour could bring a few back; cachestat looks without starting I/O).
+    if can_look:
+        assert cold_when_read >= 2 * n_reads * 0.75, cold_when_read
+    delta = {key: after[key] - before.get(key, 0) for key in after}
+    # Every read went through the driver once: a probe hit, a ring read or a thread read.
+    assert delta["read_cached"] + delta["read_uring"] + delta["read_thread"] == 2 * n_reads, delta
+    # The thread-pool fallback's preadv2(RWF_NOWAIT) probe starts a cold read itself
+    # and returns its data when that read finishes before the probe looks again: under
+    # a loaded CPU up to 92 of 96 truly cold reads were answered so (cachestat said 0
+    # just before each), so there its read_cached/read_thread split is no measure.
     if after["fallback"] == 0:  # io_uring: the reads were in the kernel together
         assert after["inflight_peak"] >= 16, after
         assert after["read_uring"] - before["read_uring"] >= 2 * n_reads * 0.9
