@@ -48,8 +48,9 @@ import logging
 import socket
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any, ClassVar, Protocol
 
 from shardio import tame
@@ -173,9 +174,15 @@ class TameBatchConnection(asyncio.Protocol):
         self._settle_scheduled = False
         self._in_pass = False  # the loop is inside a pass: it settles (and writes) at the end
         self._stack_wanted = False  # a task waits for a tame stack to run self.local
-        self._current: Entry | None = None  # the entry a stack is running now
+        self._current: Any = None  # the entry (or lane request) a stack is running now
+        self._lane: Iterator[Any] | None = None  # requests run() takes, unadmitted
+        self._lane_started = 0.0  # when the lane's requests arrived
+        self._lane_blocked = False  # the limits stopped the lane: _settle holds the rest back
+        self._held: dict[int, Entry] = {}  # id(lane request) -> its entry, once it parked
+        self._draining = 0  # stacks inside _drain_local
         self._waiting = service.waiting.entries  # (read on every completion: empty is cheap)
         self._records_passes = type(self).end_of_pass is not TameBatchConnection.end_of_pass
+        self._has_lane = not self.ordered and type(self).run is not TameBatchConnection.run
 
     # -- the protocol: override these ---------------------------------------------
 
@@ -183,9 +190,9 @@ class TameBatchConnection(asyncio.Protocol):
         """Decode ``data``; ``admit_all`` the complete requests, in order."""
         raise NotImplementedError
 
-    def feed_eof(self) -> bool:
-        """The peer stopped sending: False if that cut a request short (then close)."""
-        return True
+    def feed_eof(self) -> None:
+        """The peer stopped sending (a request cut short: answer it as the protocol says;
+        the connection closes once every request is answered)."""
 
     def charge(self, request: Any) -> int:
         """The bytes ``request`` may hold while in flight (its reply, mostly)."""
@@ -205,13 +212,20 @@ class TameBatchConnection(asyncio.Protocol):
         """The reply to a request run here (or sent elsewhere): its encoded parts."""
         raise NotImplementedError
 
-    def serve(self, entry: Entry) -> list[bytes]:
+    def serve(self, entry: Entry) -> list[bytes] | None:
         """On a tame stack: ``execute`` the request, then ``finish`` it, in one call.
 
-        A protocol may override it to do both without the two calls between them
-        (the core's hot path); an exception it lets out goes to ``finish`` as the
-        request's error."""
+        A protocol may override it to do both without the two calls between them;
+        an exception it lets out goes to ``finish`` as the request's error. None:
+        the request was sent elsewhere with ``wait_for`` (``complete`` it later)."""
         return self.finish(entry, self.execute(entry.request), None)
+
+    def run(self, request: Any, started: float) -> list[bytes] | None:
+        """On a tame stack: route, do and encode ``request`` in one call (a protocol whose
+        replies leave as they complete may define it: the lane, see the module
+        docstring). Return its reply parts, or None once it was handed elsewhere with
+        ``hold`` (then ``complete`` that entry); an exception goes to ``finish``."""
+        raise NotImplementedError
 
     def answer(self, request: Any) -> bytes | None:
         """With ``inline = True``: ``request``'s encoded reply if it can be given now, in
@@ -262,6 +276,10 @@ class TameBatchConnection(asyncio.Protocol):
                 return
             self._out_bytes = size
         started = _perf_counter()
+        if self._has_lane and self._lane is None and not self.backlog and not self.write_paused:
+            self._lane = iter(requests)  # (checked against the limits as each is taken)
+            self._lane_started = started
+            return
         charge = self.charge
         start = self.start
         max_inflight = self.max_inflight
@@ -300,6 +318,17 @@ class TameBatchConnection(asyncio.Protocol):
     def wait_for(self, entry: Entry, stage: str) -> None:
         """``entry`` waits elsewhere (``stage`` says where) until ``complete``\\ d."""
         self._track(entry, stage)
+
+    def hold(self, request: Any, started: float, stage: str) -> Entry:
+        """From ``run``: ``request`` waits elsewhere (``stage`` says where) until its entry
+        is ``complete``\\ d; it holds its charge in flight until then."""
+        entry = self._held.pop(id(request), None)  # (it parked first: already charged)
+        if entry is None:
+            entry = Entry(request, self.charge(request), started)
+            self.inflight += 1
+            self.charged += entry.charge
+        self._track(entry, stage)
+        return entry
 
     def complete(self, entry: Entry, parts: list[bytes]) -> None:
         """``entry``'s reply: send it (now, or in order) and release what it held."""
@@ -351,6 +380,16 @@ class TameBatchConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def close_when_answered(self) -> None:
+        """Stop reading; answer every request decoded so far (running, queued or held
+        back), then close: how a protocol ends a stream it can no longer decode."""
+        if self.transport is not None and not self.reading_paused and not self.eof:
+            self.reading_paused = True
+            self.transport.pause_reading()
+        self.eof = True  # (as if the peer had stopped sending: _settle closes once idle)
+        if not self._in_pass:
+            self._schedule_settle()
+
     def abort(self) -> None:
         """Drop the connection now (shutdown, internal error)."""
         self.closing = True
@@ -399,7 +438,7 @@ class TameBatchConnection(asyncio.Protocol):
         self._out_bytes = 0
 
     def data_received(self, data: bytes) -> None:
-        if self.closing:
+        if self.closing or self.eof:
             return
         self.stats.bytes_received += len(data)
         self._in_pass = True
@@ -413,7 +452,14 @@ class TameBatchConnection(asyncio.Protocol):
         if self.closing:
             self._in_pass = False
             return
-        if self.local or self.backlog or self.reading_paused or self.write_paused or self.eof:
+        if (
+            self._lane is not None
+            or self.local
+            or self.backlog
+            or self.reading_paused
+            or self.write_paused
+            or self.eof
+        ):
             self._settle()
             return
         # (what _settle does when nothing waits: the pass's statistics, its one write)
@@ -425,14 +471,14 @@ class TameBatchConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         """The peer shut down its sending side: finish the requests in flight, then close."""
-        if not self.feed_eof():
-            return False
+        self.feed_eof()
         self.eof = True
-        if self.inflight == 0 and not self.backlog:
+        if self._idle():
             if self._out:
                 self._flush()
             return False  # the transport closes itself
-        return True  # keep it open to send the replies still due
+        self._schedule_settle()  # (_settle closes once the replies due have left)
+        return True  # keep it open to send them
 
     def pause_writing(self) -> None:
         """The write buffer is over the high-water mark: the peer does not read."""
@@ -446,6 +492,16 @@ class TameBatchConnection(asyncio.Protocol):
         self._settle()
 
     # -- admission ------------------------------------------------------------------
+
+    def _idle(self) -> bool:
+        """Nothing in flight, held back, queued or running: the connection may close."""
+        return (
+            self.inflight == 0
+            and not self.backlog
+            and self._lane is None
+            and not self.local
+            and not self._draining
+        )
 
     def _has_room(self, entry: Entry) -> bool:
         if self.inflight == 0:
@@ -472,6 +528,7 @@ class TameBatchConnection(asyncio.Protocol):
         )
 
     def _drop_backlog(self) -> None:
+        self._lane = None  # (its stacks see closing and stop)
         untrack = self.service.waiting.untrack
         for entry in self.backlog:
             untrack(id(entry))
@@ -480,10 +537,11 @@ class TameBatchConnection(asyncio.Protocol):
     # -- requests run here, on tame stacks ------------------------------------------
 
     def _run_local(self) -> None:
-        """Run the queued local requests on tame stacks, from the loop (see the module
-        docstring): when one parks its stack, carry on with the next on another."""
+        """Run the lane and the queued local requests on tame stacks, from the loop (see
+        the module docstring): when one parks its stack, carry on with the next on
+        another."""
         local = self.local
-        while local and not self.closing:
+        while (local or (self._lane is not None and not self._lane_blocked)) and not self.closing:
             finished = tame.start(self._drain_local)
             if finished is None:  # not now: the turn's quota is spent, or no stack is free
                 if tame.turn_spent():
@@ -494,52 +552,137 @@ class TameBatchConnection(asyncio.Protocol):
             if finished:
                 return
             parked = self._current
-            if parked is not None:  # parked inside serve (not between requests)
+            if parked is not None:  # parked inside serve or run (not between requests)
+                if type(parked) is not Entry:  # a lane request: admitted now, as it waits
+                    entry = Entry(parked, self.charge(parked), self._lane_started)
+                    self.inflight += 1
+                    self.charged += entry.charge
+                    self._held[id(parked)] = parked = entry
                 self._track(parked, STAGE_RUNNING)
             if tame.turn_spent():
                 self._schedule_settle()  # the rest after the loop has run
                 return
 
     def _drain_local(self) -> None:
-        """On a tame stack: run queued local requests in order until none are left
-        (yielding to the loop between them whenever the turn's quota is spent)."""
+        """On a tame stack: run the lane, then the queued local requests in order, until
+        none are left (yielding to the loop between them whenever the turn's quota is
+        spent)."""
+        self.service.enter()
+        self._draining += 1
+        try:
+            lane = self._lane
+            if lane is None or self._drain_lane(lane):
+                self._drain_entries()
+        finally:
+            self._draining -= 1
+            self.service.leave()
+            if not self._in_pass:
+                self._schedule_settle()  # resumed outside a loop pass: flush, admit, close
+
+    def _drain_lane(self, lane: Iterator[Any]) -> bool:
+        """On a tame stack: ``run`` the lane's requests (see the module docstring). True
+        when the lane is done; False when this stack stops here: it was resumed after
+        parking (the loop's next pass starts a new stack for the rest, so that each
+        park is seen) or it yielded to the loop by the quota."""
+        run = self.run
+        held = self._held
+        out = self._out
+        high_water = self.high_water
+        started = self._lane_started
+        runtime = current_runtime()  # (its deadline moves with the turns: read it each time)
+        assert runtime is not None
+        for request in lane:
+            if (self.inflight or self.write_paused or self.closing) and self._spill(
+                request, lane, started
+            ):
+                return True
+            self._current = request
+            try:
+                parts = run(request, started)
+            except Exception as exc:
+                entry = held.get(id(request)) or Entry(request, 0, started)
+                parts = self.finish(entry, None, exc)
+            if held:
+                entry = held.pop(id(request), None)  # type: ignore[assignment]
+                if entry is not None:  # it parked: this stack was resumed outside a pass
+                    self._current = None
+                    if parts is not None:
+                        self.complete(entry, parts)
+                    return False
+            if parts is not None:  # complete() without an entry: the hot path
+                out += parts
+                self._out_bytes += sum(map(len, parts))
+                if self._out_bytes >= high_water:
+                    self._flush()  # see _queue
+            if _perf_counter() > runtime.deadline:
+                self._current = None
+                runtime.yield_now()  # the turn's quota is spent: let the loop run
+                return False
+        if self._lane is lane:
+            self._lane = None
+        self._current = None
+        return True
+
+    def _spill(self, request: Any, lane: Iterator[Any], started: float) -> bool:
+        """Whether the limits stop the lane at ``request`` (True: the lane is over for
+        this stack; the loop's ``_settle`` holds the rest back, see ``_hold_lane``)."""
+        if self.closing:
+            if self._lane is lane:
+                self._lane = None
+            return True
+        if not self.write_paused and (
+            self.inflight < self.max_inflight
+            and self.charged + self.charge(request) <= self.max_bytes
+        ):
+            return False
+        if self._lane is lane:
+            self._lane = chain((request,), lane)
+            self._lane_blocked = True
+        return True
+
+    def _hold_lane(self) -> None:
+        """In the loop: the rest of a lane the limits stopped waits in the backlog."""
+        lane, started, charge = self._lane, self._lane_started, self.charge
+        self._lane = None
+        self._lane_blocked = False
+        for request in lane or ():
+            self._hold(Entry(request, charge(request), started))
+
+    def _drain_entries(self) -> None:
+        """On a tame stack: run the queued local entries in order until none are left."""
         local = self.local
-        service = self.service
         serve = self.serve
         finish = self.finish
         complete = self.complete
         out = self._out
         high_water = self.high_water
         as_completed = not self.ordered
-        runtime = current_runtime()  # (its deadline moves with the turns: read it each time)
+        runtime = current_runtime()
         assert runtime is not None
-        service.enter()
-        try:
-            while local:
-                entry = self._current = local.popleft()
-                try:
-                    parts = serve(entry)
-                except Exception as exc:
-                    parts = finish(entry, None, exc)
-                # (self._current stays: it is read only when this stack parks, and it
-                # parks only inside serve or at the yield below, which clears it)
-                if as_completed and not self._waiting and not self.closing:
-                    # complete(entry, parts) inline: the hot path's common case
-                    self.inflight -= 1
-                    self.charged -= entry.charge
-                    out += parts
-                    self._out_bytes += sum(map(len, parts))
-                    if self._out_bytes >= high_water:
-                        self._flush()  # see _queue
-                else:
-                    complete(entry, parts)
-                if local and _perf_counter() > runtime.deadline:
-                    self._current = None
-                    runtime.yield_now()  # the turn's quota is spent: let the loop run
-        finally:
-            service.leave()
-        if not self._in_pass:
-            self._schedule_settle()  # resumed outside a loop pass: flush, admit, close
+        while local:
+            entry = self._current = local.popleft()
+            try:
+                parts = serve(entry)
+            except Exception as exc:
+                parts = finish(entry, None, exc)
+            # (self._current stays: it is read only when this stack parks, and it
+            # parks only inside serve or at the yield below, which clears it)
+            if parts is None:  # handed elsewhere (run's hold): complete()d later
+                pass
+            elif as_completed and not self._waiting and not self.closing:
+                # complete(entry, parts) inline: the hot path's common case
+                self.inflight -= 1
+                self.charged -= entry.charge
+                out += parts
+                self._out_bytes += sum(map(len, parts))
+                if self._out_bytes >= high_water:
+                    self._flush()  # see _queue
+            else:
+                complete(entry, parts)
+            if local and _perf_counter() > runtime.deadline:
+                self._current = None
+                runtime.yield_now()  # the turn's quota is spent: let the loop run
+        self._current = None
 
     def _waiting_for_stack(self) -> None:
         if not self._stack_wanted:
@@ -572,8 +715,10 @@ class TameBatchConnection(asyncio.Protocol):
             backlog = self.backlog
             untrack = self.service.waiting.untrack
             while True:
-                if self.local and not self.closing:
+                if (self.local or self._lane is not None) and not self.closing:
                     self._run_local()
+                    if self._lane_blocked:
+                        self._hold_lane()
                 if not backlog or self.write_paused or self.closing:
                     break
                 entry = backlog[0]
@@ -589,7 +734,7 @@ class TameBatchConnection(asyncio.Protocol):
             self._flush()
         if not backlog and not self.write_paused and not self.closing:
             if self.eof:
-                if self.inflight == 0:
+                if self._idle():
                     self.close_after_replies()
             elif self.reading_paused:
                 self.reading_paused = False

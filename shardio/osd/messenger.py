@@ -40,8 +40,8 @@ capped by ``max_connections`` (further ones are closed at once).
 
 Bad frames follow ``FrameError``: a non-fatal one (bad body CRC, unknown
 op, bad flags) gets an error reply with its tid and the connection carries
-on; a fatal one gets an error reply when its tid is known, then the
-connection is closed. A connection that ends inside a frame is closed.
+on; a fatal one gets an error reply when its tid is known, reading stops,
+the requests before it are answered and the connection is closed. A connection that ends inside a frame is closed.
 Nothing a peer sends can raise out of the protocol callbacks.
 """
 
@@ -182,13 +182,11 @@ class OSDConnection(TameBatchConnection):
             self.admit_all(frames)
             return
 
-    def feed_eof(self) -> bool:
+    def feed_eof(self) -> None:
         try:
             self.decoder.eof()
         except Truncated as exc:
             self._bad_frame(exc)
-            return False
-        return True
 
     def _bad_frame(self, exc: FrameError) -> None:
         self.stats.frame_error(type(exc).__name__)
@@ -198,7 +196,7 @@ class OSDConnection(TameBatchConnection):
             self.reply_now(_reply(op, exc.tid, exc.status, b"", 0, 0))
         if exc.fatal:
             self.stats.protocol_closes += 1
-            self.close_after_replies()
+            self.close_when_answered()
 
     # -- requests -------------------------------------------------------------------
 
@@ -225,39 +223,51 @@ class OSDConnection(TameBatchConnection):
         }
 
     def start(self, entry: Entry) -> None:
-        frame: Frame = entry.request
-        op, flags, _tid, _status, pool, offset, length, name, payload = frame
-        node = self.service
+        # (an entry from the backlog: routed on the stack too, by serve)
+        self.local.append(entry)  # run_here
+
+    def serve(self, entry: Entry) -> list[bytes] | None:
+        """An admitted entry, on a tame stack: ``run`` it with its own entry."""
+        return self.run(entry.request, entry.started, entry)
+
+    def run(
+        self, frame: Frame, started: float, entry: Entry | None = None
+    ) -> list[bytes] | None:
+        """On a tame stack: route ``frame`` by the OSD map, run it on this shard's store
+        (or send it to the shard that owns its pg) and encode its reply: the
+        connection core's hot path, one call per request."""
+        op, flags, tid, _status, pool, offset, length, name, payload = frame
         if flags & FLAG_REPLY:
-            self._answer(entry, Status.EINVAL)
-            return
+            return self._answer(op, tid, Status.EINVAL)
+        node = self.service
         if op in _OBJECT_OPS:
             try:
                 owner = node.osdmap.shard_for(name, pool)
             except OSDMapError:  # UnknownPool
-                self._answer(entry, Status.EINVAL)
-                return
+                return self._answer(op, tid, Status.EINVAL)
         elif op == _LIST:
             try:
                 owner = node.osdmap.shard_of_pg(offset, pool)
             except OSDMapError:
-                self._answer(entry, Status.EINVAL)
-                return
+                return self._answer(op, tid, Status.EINVAL)
         elif op == _GET_MAP:
-            self._answer(entry, Status.OK, node.map_payload)
-            return
+            return self._answer(op, tid, Status.OK, node.map_payload)
         elif op == _PING:
-            self._answer(entry, Status.OK, payload)
-            return
+            return self._answer(op, tid, Status.OK, payload)
         else:  # the decoder refuses unknown ops; be safe anyway
-            self._answer(entry, Status.EOPNOTSUPP)
-            return
+            return self._answer(op, tid, Status.EOPNOTSUPP)
         if owner == node.shard_id:
-            self.local.append(entry)  # run_here
-            return
-        self.wait_for(entry, STAGE_SENT.format(shard=owner))
+            status, payload, length, flags = node.run_op(op, name, offset, length, payload)
+            self._done[op, status, started] += 1
+            return _reply(op, tid, status, payload, length, flags)
+        stage = STAGE_SENT.format(shard=owner)
+        if entry is None:
+            entry = self.hold(frame, started, stage)
+        else:
+            self.wait_for(entry, stage)
         fut = node.forward(owner, op, name, offset, length, payload, pool)
         fut.add_done_callback(lambda fut: self._hop_done(entry, fut))
+        return None
 
     def _hop_done(self, entry: Entry, fut: asyncio.Future[Result]) -> None:
         if fut.cancelled():
@@ -266,14 +276,6 @@ class OSDConnection(TameBatchConnection):
             error = fut.exception()
             result = None if error is not None else fut.result()
         self.complete(entry, self.finish(entry, result, error))
-
-    def serve(self, entry: Entry) -> list[bytes]:
-        """``execute`` and ``finish`` in one call: the connection core's hot path."""
-        frame: Frame = entry.request
-        op, _flags, tid, _status, _pool, offset, length, name, payload = frame
-        status, payload, length, flags = self.service.run_op(op, name, offset, length, payload)
-        self._done[op, status, entry.started] += 1
-        return _reply(op, tid, status, payload, length, flags)
 
     def finish(self, entry: Entry, result: Any, error: BaseException | None) -> list[bytes]:
         frame: Frame = entry.request
@@ -298,8 +300,7 @@ class OSDConnection(TameBatchConnection):
                 op_done(op, status, now - started, count)
             done.clear()
 
-    def _answer(self, entry: Entry, status: int, payload: bytes = b"") -> None:
-        """Reply to a request answered without a store op (GET_MAP, PING, refusals)."""
-        frame: Frame = entry.request
-        self.stats.op_done(frame.op, status, 0.0)
-        self.complete(entry, _reply(frame.op, frame.tid, status, payload, 0, 0))
+    def _answer(self, op: int, tid: int, status: int, payload: bytes = b"") -> list[bytes]:
+        """The reply to a request answered without a store op (GET_MAP, PING, refusals)."""
+        self.stats.op_done(op, status, 0.0)
+        return _reply(op, tid, status, payload, 0, 0)
