@@ -209,7 +209,35 @@ def test_waiting_requests_are_dumped_with_their_stage(tmp_path) -> None:  # noqa
         assert osd.dump_ops_in_flight(timeout=2) == [[], []]
 
 
-QUOTA_ALLOWANCE = 0.0025  # the request that notices the spent quota finishes first
+# The request that notices the spent quota finishes first.
+QUOTA_BOUND_NS = (tame.DEFAULT_QUOTA + 0.0025) * 1e9
+
+
+def measure_batch(
+    osd: OSDServer, request: bytes, count: int, quota: float | None
+) -> tuple[list, dict]:
+    """Send ``request`` (``count`` pipelined frames) in one write with shard 0's tame
+    quota set to ``quota``; its replies and the tame scheduler's accounting.
+
+    Time the guest kernel charges to whichever thread is running (interrupts; seen: an
+    8.4 ms turn in one CI run, never locally under two CPU hogs) can push one run past
+    the bound, so a bounded run gets up to three tries. Without the quota every
+    try's turn is the whole batch, several times the bound."""
+    group = osd.group
+    assert group is not None
+    group.submit(0, tame.configure, quota=quota, account_cpu=True).result(10)
+    try:
+        for _try in range(3 if quota is not None else 1):
+            group.submit(0, tame.reset_accounting).result(10)
+            with RawConn(osd.address) as raw:
+                raw.send(request)
+                replies = raw.recv_frames(count)
+            stats = group.submit(0, tame.stats).result(10)
+            if stats["longest_turn_ns"] <= QUOTA_BOUND_NS:
+                break
+    finally:
+        group.submit(0, tame.configure, quota=tame.DEFAULT_QUOTA, account_cpu=False).result(10)
+    return replies, stats
 
 
 @pytest.mark.parametrize("quota", [tame.DEFAULT_QUOTA, None], ids=["quota", "unbounded"])
@@ -218,8 +246,6 @@ def test_a_long_batch_yields_to_the_loop_by_the_quota(osd: OSDServer, quota: flo
     with the quota, no loop turn runs more than the quota of tame work (the
     scheduler's own accounting, in thread CPU time); without it, one turn runs
     the whole batch — the contrast that shows the test can fail."""
-    group = osd.group
-    assert group is not None
     objects = {f"quota-{i}": os.urandom(128 << 10) for i in range(16)}
     with Client(*osd.address) as c:
         for name, data in objects.items():
@@ -229,23 +255,14 @@ def test_a_long_batch_yields_to_the_loop_by_the_quota(osd: OSDServer, quota: flo
     request = b"".join(
         encode_request(Op.READ, t, names[t % 16], length=128 << 10) for t in range(256)
     )
-    group.submit(0, tame.configure, quota=quota, account_cpu=True).result(10)
-    try:
-        group.submit(0, tame.reset_accounting).result(10)
-        with RawConn(osd.address) as raw:
-            raw.send(request)
-            replies = by_tid(raw.recv_frames(256))
-        stats = group.submit(0, tame.stats).result(10)
-    finally:
-        group.submit(0, tame.configure, quota=tame.DEFAULT_QUOTA, account_cpu=False).result(10)
-    assert all(replies[t].payload == objects[names[t % 16]] for t in range(256))
+    replies, stats = measure_batch(osd, request, 256, quota)
+    assert all(by_tid(replies)[t].payload == objects[names[t % 16]] for t in range(256))
     assert stats["slice_clock"] == "thread_cpu"
-    bound_ns = (tame.DEFAULT_QUOTA + QUOTA_ALLOWANCE) * 1e9
     if quota is None:
-        assert stats["longest_turn_ns"] > 3 * bound_ns, stats
+        assert stats["longest_turn_ns"] > 3 * QUOTA_BOUND_NS, stats
     else:
         assert stats["quota_yields"] > 0, stats
-        assert stats["longest_turn_ns"] <= bound_ns, stats
+        assert stats["longest_turn_ns"] <= QUOTA_BOUND_NS, stats
 
 
 @pytest.mark.parametrize("quota", [tame.DEFAULT_QUOTA, None], ids=["quota", "unbounded"])
@@ -255,27 +272,16 @@ def test_a_long_batch_without_file_io_yields_by_the_quota(
     """4,000 pipelined STATs: no request makes a tamed call (the index is in memory),
     so only the connection core's own quota check between requests can yield;
     with the quota no loop turn runs more than it, without one turn runs them all."""
-    group = osd.group
-    assert group is not None
     with Client(*osd.address) as c:
         c.put("stat-me", b"s")
     request = b"".join(encode_request(Op.STAT, t, "stat-me") for t in range(4000))
-    group.submit(0, tame.configure, quota=quota, account_cpu=True).result(10)
-    try:
-        group.submit(0, tame.reset_accounting).result(10)
-        with RawConn(osd.address) as raw:
-            raw.send(request)
-            replies = raw.recv_frames(4000)
-        stats = group.submit(0, tame.stats).result(10)
-    finally:
-        group.submit(0, tame.configure, quota=tame.DEFAULT_QUOTA, account_cpu=False).result(10)
+    replies, stats = measure_batch(osd, request, 4000, quota)
     assert all(r.status == Status.OK for r in replies)
-    bound_ns = (tame.DEFAULT_QUOTA + QUOTA_ALLOWANCE) * 1e9
     if quota is None:
-        assert stats["longest_turn_ns"] > 3 * bound_ns, stats
+        assert stats["longest_turn_ns"] > 3 * QUOTA_BOUND_NS, stats
     else:
         assert stats["quota_yields"] > 0, stats
-        assert stats["longest_turn_ns"] <= bound_ns, stats
+        assert stats["longest_turn_ns"] <= QUOTA_BOUND_NS, stats
 
 
 def test_every_request_of_a_pass_is_counted_once_with_its_latency(osd: OSDServer) -> None:
