@@ -25,7 +25,7 @@ import fcntl
 import json
 import os
 import sys
-from importlib import metadata
+from functools import cache
 from typing import Any
 
 from .fabric._ring import HEADER_BYTES
@@ -44,7 +44,10 @@ REQUIRED_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 mapping of it can fault (SIGBUS), and no seal can be added later."""
 
 
+@cache
 def _version() -> str:
+    from importlib import metadata  # (scanning the installed distributions: on demand)
+
     try:
         return metadata.version("shardio")
     except metadata.PackageNotFoundError:

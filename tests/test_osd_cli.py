@@ -7,6 +7,7 @@ through a shell and into a pipe whose reader has already gone.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -15,7 +16,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from shardio.osd.client import Client
+from shardio.osd.client import AsyncClient, Client
 
 OSD = [sys.executable, "-m", "shardio.osd"]
 
@@ -79,9 +80,14 @@ def test_serve_listens_on_loopback_only_unless_told(tmp_path) -> None:  # noqa: 
 
 def test_ls_into_a_pipeline_ends_quietly(tmp_path) -> None:  # noqa: ANN001
     with serving(str(tmp_path)) as (host, ports):
-        with Client(host, ports[0]) as c:
-            for i in range(3000):
-                c.put(f"object-name-{i:06d}", b"")  # 3000 lines: more than a pipe buffers
+        async def put_all() -> None:  # 3000 lines: more than a pipe buffers
+            async with await AsyncClient.connect(host, ports[0]) as c:
+                for first in range(0, 3000, 100):
+                    await asyncio.gather(
+                        *(c.put(f"object-name-{i:06d}", b"") for i in range(first, first + 100))
+                    )
+
+        asyncio.run(put_all())
         addr = f"{host}:{ports[0]}"
 
         # a reader that has already gone: the write fails at once, as for `yes | true`

@@ -150,7 +150,7 @@ def test_compaction_concurrent_with_writers_and_readers(tmp_path: Any) -> None:
 
     def writer(w: int) -> None:
         try:
-            for gen in range(1, 60):
+            for gen in range(1, 25):
                 for k in keys[w::2]:
                     s.put(k, version(k, gen))
                     latest[k] = gen

@@ -25,7 +25,7 @@ from shardio.errors import SchedulingError
 from shardio.tame import stacks
 
 #: CPU seconds the groups use together in each split test (SHARDIO_SCHED_CPU to change).
-TOTAL_CPU = float(os.environ.get("SHARDIO_SCHED_CPU", "2.0"))
+TOTAL_CPU = float(os.environ.get("SHARDIO_SCHED_CPU", "1.0"))
 TOLERANCE = 0.10
 COROUTINES = 64
 

@@ -57,13 +57,15 @@ def wait_for_port(port: int, proc: subprocess.Popen[Any], what: str, timeout: fl
 
 
 @contextlib.contextmanager
-def server_process(argv: list[str], port: int, what: str, **kwargs: Any) -> Iterator[None]:
+def server_process(
+    argv: list[str], port: int, what: str, stop: signal.Signals = signal.SIGTERM, **kwargs: Any
+) -> Iterator[None]:
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kwargs)
     try:
         wait_for_port(port, proc, what)
         yield
     finally:
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(stop)
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
@@ -308,7 +310,7 @@ def postgres_port() -> Iterator[int]:
     bindir = postgres_bin()
     if bindir is None:
         pytest.skip("PostgreSQL is not installed (bash .ci/services installs it)")
-    run_as: list[str] = []
+    run_as: dict[str, Any] = {}
     datadir = tempfile.mkdtemp(prefix="shardio-pg-")
     if os.geteuid() == 0:  # postgres refuses to run as root: run it as the package's user
         import pwd
@@ -318,11 +320,11 @@ def postgres_port() -> Iterator[int]:
         except KeyError:
             pytest.skip("running as root and there is no postgres user to run PostgreSQL")
         os.chown(datadir, user.pw_uid, user.pw_gid)
-        run_as = ["runuser", "-u", "postgres", "--"]
+        # (set in the child itself, not through runuser: signals reach postgres)
+        run_as = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
     try:
         subprocess.run(
             [
-                *run_as,
                 os.path.join(bindir, "initdb"),
                 "-D",
                 datadir,
@@ -335,10 +337,10 @@ def postgres_port() -> Iterator[int]:
             check=True,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
+            **run_as,
         )
         port = free_port()
         argv = [
-            *run_as,
             os.path.join(bindir, "postgres"),
             "-D",
             datadir,
@@ -353,7 +355,8 @@ def postgres_port() -> Iterator[int]:
             "-c",
             "max_connections=100",
         ]
-        with server_process(argv, port, "postgres"):
+        # SIGINT: PostgreSQL's fast shutdown (SIGTERM's smart one waits out a checkpoint)
+        with server_process(argv, port, "postgres", signal.SIGINT, **run_as):
             yield port
     finally:
         shutil.rmtree(datadir, ignore_errors=True)
