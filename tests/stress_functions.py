@@ -58,9 +58,9 @@ async def blast(destinations: list[int], count: int, window: int, seed: int) -> 
             data = payload_for(me, sequence, sizes[sequence])
             fut = shardio.submit_to(destination, receive, me, sequence, zlib.crc32(data), data)
             in_flight.append(fut)
-            if len(in_flight) >= window:
-                if await in_flight.popleft() != sequence - window + 1:
-                    _violations.append(f"to {destination}: a reply out of order")
+            oldest = sequence - window + 1
+            if oldest >= 0 and await in_flight.popleft() != oldest:
+                _violations.append(f"to {destination}: a reply out of order")
         for f in in_flight:
             await f
         return count
