@@ -2,6 +2,7 @@
 does not depend on how busy the machine is.
 
     python bench/instructions.py [--seconds 10] [--servers shardio,gevent,threaded]
+                                 [--functions 30]
 
 Each server runs under ``valgrind --tool=callgrind`` (which counts the user-space
 instructions a process executes, the same count for the same work whatever else the
@@ -87,7 +88,25 @@ def measure(name: str, data: str, seconds: float, port: int, out_dir: str) -> di
     costs = _self_costs(os.path.join(out_dir, f"{name}.{pid}.2"))
     total = sum(costs.values())
     crc = sum(v for k, v in costs.items() if k.startswith("crc32"))
-    return {"reads": reads, "total": total / reads, "crc32": crc / reads}
+    per_read = {function: cost / reads for function, cost in costs.items()}
+    return {"reads": reads, "total": total / reads, "crc32": crc / reads, "functions": per_read}
+
+
+def print_functions(rows: list[tuple[str, dict]], base_name: str, top: int) -> None:
+    """The ``top`` functions whose self cost per read differs most from the peer's."""
+    base = dict(rows)[base_name]["functions"]
+    for name, r in rows:
+        if name == base_name:
+            continue
+        mine = r["functions"]
+        names = sorted(
+            set(mine) | set(base), key=lambda f: -abs(mine.get(f, 0.0) - base.get(f, 0.0))
+        )
+        print(f"\n| function (self cost) | {name} per read | {base_name} per read | difference |")
+        print("|---|---|---|---|")
+        for function in names[:top]:
+            a, b = mine.get(function, 0.0), base.get(function, 0.0)
+            print(f"| `{function}` | {a:,.0f} | {b:,.0f} | {a - b:+,.0f} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--servers", default="shardio,gevent,threaded")
     p.add_argument("--data", default="/var/tmp/shardio-fair-cpu")
+    p.add_argument(
+        "--functions", type=int, default=0, metavar="N",
+        help="also print the N functions whose instructions per read differ most from the peer's",
+    )  # fmt: skip
     args = p.parse_args(argv)
     for tool in ("valgrind", "callgrind_control"):
         if shutil.which(tool) is None:
@@ -114,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         rest, base_rest = r["total"] - r["crc32"], base["total"] - base["crc32"]
         print(f"| {name} | {r['reads']:,.0f} | {r['total']:,.0f} | {r['crc32']:,.0f} | "
               f"{rest:,.0f} | {r['total'] / base['total']:.2f}x | {rest / base_rest:.2f}x |")
+    if args.functions:
+        print_functions(rows, base_name, args.functions)
     return 0
 
 

@@ -96,11 +96,25 @@ def test_a_cold_read_half_way_through_a_batch_does_not_hold_up_the_rest(
         return
 
 
+@pytest.mark.parametrize("quota", [tame.DEFAULT_QUOTA, None], ids=["quota", "unbounded"])
 def test_a_client_that_pipelines_and_never_reads_is_held_by_backpressure(
-    osd: OSDServer,
+    osd: OSDServer, quota: float | None
 ) -> None:
     """1,000 pipelined 64 KiB reads whose replies are never read: the shard stops reading
-    from that client (its memory stays bounded) and keeps serving everyone else."""
+    from that client (its memory stays bounded) and keeps serving everyone else.
+    Without a quota one stack runs the whole socket read's lane, so only the limit
+    check after each flush stops it at the write pause (the bound then is not the
+    quota's)."""
+    group = osd.group
+    assert group is not None
+    group.submit(0, tame.configure, quota=quota).result(10)
+    try:
+        hold_a_client_that_never_reads(osd)
+    finally:
+        group.submit(0, tame.configure, quota=tame.DEFAULT_QUOTA).result(10)
+
+
+def hold_a_client_that_never_reads(osd: OSDServer) -> None:
     obj = os.urandom(64 << 10)
     with Client(*osd.address) as c:
         c.put("never-read", obj)
@@ -298,8 +312,10 @@ def test_every_request_of_a_pass_is_counted_once_with_its_latency(osd: OSDServer
         frames += [encode_request(Op.READ, 100 + t, f"missing-{t}") for t in range(5)]
         frames.append(encode_request(Op.PING, 200, payload=b"p"))
         with RawConn(osd.address) as raw:
+            sent = time.perf_counter()
             raw.send(b"".join(frames))
             replies = by_tid(raw.recv_frames(len(frames)))
+            round_trip = time.perf_counter() - sent
         assert all(replies[t].status == Status.OK for t in range(40))
         assert all(replies[100 + t].status == Status.ENOENT for t in range(5))
         after = shard_stats(osd)
@@ -312,4 +328,6 @@ def test_every_request_of_a_pass_is_counted_once_with_its_latency(osd: OSDServer
         hist_before = before["latency"].get("read", {"counts": [0], "sum": 0.0})
         hist_after = after["latency"]["read"]
         assert sum(hist_after["counts"]) - sum(hist_before["counts"]) == 45
-        assert hist_after["sum"] - hist_before["sum"] > 0  # elapsed times, not zeros
+        # Elapsed times, not zeros, and each within the client's round trip (a
+        # latency measured from the wrong arrival time would exceed it).
+        assert 0 < hist_after["sum"] - hist_before["sum"] <= 45 * round_trip

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import threading
 import time
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 import pytest
 from osd_helpers import RawConn, by_tid, free_port, rss_kib
 
+from shardio import tame
 from shardio.osd.client import (
     AsyncClient,
     Client,
@@ -247,6 +249,36 @@ def test_many_requests_in_flight_on_one_connection(osd: OSDServer) -> None:
         got = by_tid(raw.recv_frames(n))
     assert all(got[t].payload == data[t % 900 : t % 900 + 100] for t in range(1, n + 1))
     assert osd.stats()[0]["inflight_pauses"] > pauses
+
+
+def test_requests_that_hop_count_against_the_limit(osd: OSDServer) -> None:
+    """40 pipelined reads, in one socket read, for a shard that is stopped (SIGSTOP):
+    at most ``max_inflight`` (16) are sent to it; the rest wait "throttled" on the
+    accepting shard, and all are answered once it runs again. (No quota on the
+    accepting shard: one stack takes the whole lane, so only the limit check after
+    each hop holds the rest back.)"""
+    assert osd.osdmap is not None and osd.group is not None
+    (name,) = names_on(osd, 1, 1, "hop-limit")
+    with Client(*osd.address) as c:
+        c.put(name, b"far")
+    osd.group.submit(0, tame.configure, quota=None).result(10)
+    os.kill(osd.shard_pids[1], signal.SIGSTOP)
+    try:
+        with RawConn(osd.osdmap.addr_of(0)) as raw:
+            raw.send(b"".join(encode_request(Op.READ, t, name, length=3) for t in range(1, 41)))
+            deadline = time.monotonic() + 10
+            stages: list[str] = []
+            while len(stages) < 40 and time.monotonic() < deadline:
+                time.sleep(0.05)
+                stages = [d["stage"] for d in osd.dump_ops_in_flight(timeout=0.5)[0] or []]
+            sent = [s for s in stages if s.startswith("sent to shard 1")]
+            assert len(stages) == 40 and len(sent) == 16, stages
+            os.kill(osd.shard_pids[1], signal.SIGCONT)
+            got = by_tid(raw.recv_frames(40))
+        assert all(got[t].payload == b"far" for t in range(1, 41))
+    finally:
+        os.kill(osd.shard_pids[1], signal.SIGCONT)
+        osd.group.submit(0, tame.configure, quota=tame.DEFAULT_QUOTA).result(10)
 
 
 def test_slow_reader_does_not_grow_server_memory(osd: OSDServer) -> None:

@@ -292,6 +292,10 @@ class TameBatchConnection(asyncio.Protocol):
             self._out_bytes = size
         started = _perf_counter()
         if self._has_lane and self._lane is None and not self.backlog and not self.write_paused:
+            if self._settle_scheduled and self._records_passes:
+                # A lane finished on a stack resumed outside a pass, its settle still
+                # due: what it answered is recorded with its own arrival time first.
+                self.end_of_pass()
             self._lane = iter(requests)  # (checked against the limits as each is taken)
             self._lane_started = started
             return
@@ -604,12 +608,17 @@ class TameBatchConnection(asyncio.Protocol):
         out = self._out
         high_water = self.high_water
         started = self._lane_started
-        runtime = current_runtime()  # (its deadline moves with the turns: read it each time)
+        runtime = current_runtime()
         assert runtime is not None
+        # The deadline moves only with the loop's turns, and this loop stops at a park:
+        # once read, it can only be early (a stack resumed in a later turn), never late.
+        deadline = runtime.deadline
+        # Between two requests, only this stack's own calls change what the limits see:
+        # hold() (run handed one elsewhere) and a flush (pause_writing). Checked as each
+        # request is taken from then on.
+        limited = bool(self.inflight or self.write_paused or self.closing)
         for request in lane:
-            if (self.inflight or self.write_paused or self.closing) and self._spill(
-                request, lane, started
-            ):
+            if limited and self._spill(request, lane, started):
                 return True
             self._current = request
             try:
@@ -624,12 +633,16 @@ class TameBatchConnection(asyncio.Protocol):
                     if parts is not None:
                         self.complete(entry, parts)
                     return False
-            if parts is not None:  # complete() without an entry: the hot path
+            if parts is None:  # handed elsewhere with hold(): now in flight
+                limited = True
+            else:  # complete() without an entry: the hot path
                 out += parts
-                self._out_bytes += sum(map(len, parts))
-                if self._out_bytes >= high_water:
+                size = self._out_bytes + sum(map(len, parts))
+                self._out_bytes = size
+                if size >= high_water:
                     self._flush()  # see _queue
-            if _perf_counter() > runtime.deadline:
+                    limited = bool(self.inflight or self.write_paused or self.closing)
+            if _perf_counter() > deadline:
                 self._current = None
                 runtime.yield_now()  # the turn's quota is spent: let the loop run
                 return False
