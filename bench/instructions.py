@@ -2,7 +2,7 @@
 does not depend on how busy the machine is.
 
     python bench/instructions.py [--seconds 10] [--servers shardio,gevent,threaded]
-                                 [--functions 30]
+                                 [--batch 16] [--functions 30]
 
 Each server runs under ``valgrind --tool=callgrind`` (which counts the user-space
 instructions a process executes, the same count for the same work whatever else the
@@ -29,12 +29,16 @@ import glob
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 
 import fair_cpu
+
+from shardio.osd.loadgen import object_names
+from shardio.osd.protocol import FrameDecoder, Op, Status, encode_request
 
 ROOT = fair_cpu.ROOT
 
@@ -69,7 +73,41 @@ def _self_costs(path: str) -> dict[str, int]:
     return costs
 
 
-def measure(name: str, data: str, seconds: float, port: int, out_dir: str) -> dict[str, float]:
+def lock_step(port: int, seconds: float, batch: int) -> float:
+    """Reads/s of a deterministic load: one connection sends ``batch`` READs in one write
+    and waits for every reply before the next batch, so that every server sees passes
+    of exactly ``batch`` requests (the closed loop's pass sizes follow the server's
+    speed, and the per-pass costs then move a per-read count by a few per cent)."""
+    names = object_names(5000)
+    decoder = FrameDecoder()
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    reads = 0
+    tid = 0
+    end = time.monotonic() + seconds
+    with sock:
+        while time.monotonic() < end:
+            frames = []
+            for _ in range(batch):
+                tid += 1
+                frames.append(encode_request(Op.READ, tid, names[tid % 5000], length=4096))
+            sock.sendall(b"".join(frames))
+            got = 0
+            while got < batch:
+                data = sock.recv(1 << 20)
+                if not data:
+                    raise SystemExit("the server closed the connection")
+                for reply in decoder.feed(data):
+                    if reply.status != Status.OK or len(reply.payload) != 4096:
+                        raise SystemExit(f"a bad reply: {reply}")
+                    got += 1
+            reads += batch
+    return reads / seconds
+
+
+def measure(
+    name: str, data: str, seconds: float, port: int, out_dir: str, batch: int = 0
+) -> dict[str, float]:
     out_file = os.path.join(out_dir, f"{name}.%p")
     launcher = subprocess.Popen(
         ["valgrind", "--tool=callgrind", "--trace-children=yes",
@@ -82,7 +120,10 @@ def measure(name: str, data: str, seconds: float, port: int, out_dir: str) -> di
     pid = fair_cpu.serving_pid(name, launcher)
     dump = ["callgrind_control", "--dump", str(pid)]
     subprocess.run(dump, check=True, capture_output=True)
-    reads = fair_cpu.closed_loop(name, port, seconds) * seconds
+    if batch:
+        reads = lock_step(port, seconds, batch) * seconds
+    else:
+        reads = fair_cpu.closed_loop(name, port, seconds) * seconds
     subprocess.run(dump, check=True, capture_output=True)
     fair_cpu.stop(launcher, timeout=120)
     costs = _self_costs(os.path.join(out_dir, f"{name}.{pid}.2"))
@@ -115,6 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--servers", default="shardio,gevent,threaded")
     p.add_argument("--data", default="/var/tmp/shardio-fair-cpu")
     p.add_argument(
+        "--batch", type=int, default=0, metavar="K",
+        help="drive the server in lock step, K reads per write on one connection "
+        "(the same passes for every server), instead of the closed loop",
+    )  # fmt: skip
+    p.add_argument(
         "--functions", type=int, default=0, metavar="N",
         help="also print the N functions whose instructions per read differ most from the peer's",
     )  # fmt: skip
@@ -126,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="shardio-callgrind-") as out_dir:
         for index, name in enumerate(args.servers.split(",")):
-            rows.append((name, measure(name, args.data, args.seconds, 17970 + index, out_dir)))
+            port = 17970 + index
+            rows.append((name, measure(name, args.data, args.seconds, port, out_dir, args.batch)))
             for path in glob.glob(os.path.join(out_dir, "*")):
                 os.unlink(path)
     base_name, base = ([(n, r) for n, r in rows if n != "shardio"] or rows)[0]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
+import subprocess
 import sys
 
 import pytest
@@ -53,3 +55,31 @@ def test_peer_serves_verified_reads(key, data_dir, tmp_path):
     finally:
         server.stop()
     assert server.proc.returncode is not None
+
+
+def test_the_thread_pool_peer_serves_verified_reads(tmp_path):
+    """bench/osd.py's baseline (the store in an asyncio server's thread pool) on a
+    one-shard data directory: verified pipelined reads, a miss, a PING."""
+    directory = str(tmp_path / "one-shard")
+    names = object_names(OBJECTS)
+    with OSDServer(directory, shards=1, pg_num=64, port=0) as osd, Client(*osd.address) as c:
+        for name in names:
+            c.put(name, content(name, 4096))
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "bench", "peers", "asyncio_threadpool.py"),
+         "--data", directory, "--pg-num", "64"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("listening on "), line
+        host, port = line.split()[-1].rsplit(":", 1)
+        with Client(host, int(port)) as c:
+            assert c.read_many(names, length=4096) == [content(name, 4096) for name in names]
+            with pytest.raises(ObjectNotFound):
+                c.read("no-such-object", length=4096)
+            c.ping()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0

@@ -28,11 +28,11 @@ import sys
 import uvloop
 
 from shardio.net import Entry, WaitingRequests, listen
-from shardio.osd.messenger import Limits, OSDConnection, Result
+from shardio.osd.messenger import Limits, OSDConnection
 from shardio.osd.objectstore import ObjectStore
+from shardio.osd.operations import Result, apply_op
 from shardio.osd.osdmap import OSDMap, object_hash
-from shardio.osd.protocol import Status
-from shardio.osd.server import apply_op
+from shardio.osd.protocol import OBJECT_OPS, OP_LIST, Frame, Status
 from shardio.osd.stats import OSDStats
 from shardio.tame import posix_env
 
@@ -58,6 +58,12 @@ class ThreadPoolNode:
         self.osdmap = OSDMap.build(1, pg_num=pg_num)
         self.map_payload = self.osdmap.encode()
 
+    def enter(self) -> None:
+        """(The connection core's hooks around a run on a tame stack: nothing to track.)"""
+
+    def leave(self) -> None:
+        pass
+
     def set_address(self, host: str, port: int) -> None:
         self.osdmap = self.osdmap.with_addrs([(host, port)])
         self.map_payload = self.osdmap.encode()
@@ -76,16 +82,25 @@ class ThreadPoolNode:
 
 
 class ThreadPoolConnection(OSDConnection):
-    """The OSD protocol, each local request run in the thread pool instead of a tame stack."""
+    """The OSD protocol, each store request run in the thread pool instead of on the
+    tame stack that takes it: handed over like a hop to another shard (``hold``),
+    completed when the pool's future is done."""
 
     service: ThreadPoolNode
 
-    def run_here(self, entry: Entry) -> None:
-        frame = entry.request
+    def run(self, frame: Frame, started: float, entry: Entry | None = None) -> list[bytes] | None:
+        if frame.op not in OBJECT_OPS and frame.op != OP_LIST:
+            return super().run(frame, started, entry)  # GET_MAP, PING, refusals: inline
+        stage = "in the store's thread pool"
+        if entry is None:
+            entry = self.hold(frame, started, stage)
+        else:
+            self.wait_for(entry, stage)
         fut = self.service.run_in_pool(
             frame.op, frame.name, frame.offset, frame.length, frame.payload
         )
         fut.add_done_callback(lambda fut: self._hop_done(entry, fut))
+        return None
 
 
 async def serve(data: str, host: str, port: int, threads: int, pg_num: int, sync: bool) -> None:

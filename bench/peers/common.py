@@ -31,6 +31,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from shardio.osd.objectstore import ObjectStore
+from shardio.osd.operations import apply_op
 from shardio.osd.osdmap import OSDMap, object_hash
 from shardio.osd.protocol import (
     FLAG_REPLY,
@@ -48,7 +49,6 @@ from shardio.osd.protocol import (
     encode_frame_parts,
     encode_reply_parts,
 )
-from shardio.osd.server import apply_op
 from shardio.tame import posix_env
 
 __all__ = [

@@ -63,6 +63,8 @@ from shardio.net import (
     WaitingRequests,
 )
 
+from .objectstore import ObjectStore
+from .operations import Result, apply_op as _apply_op
 from .osdmap import OSDMap, OSDMapError
 from .protocol import (
     FLAG_REPLY,
@@ -83,12 +85,9 @@ from .protocol import (
 )
 from .stats import OSDStats
 
-__all__ = ["Limits", "Node", "OSDConnection", "Result"]
+__all__ = ["Limits", "Node", "OSDConnection"]
 
 log = logging.getLogger("shardio.osd.messenger")
-
-#: What an executed request gives back: (status, payload, reply length field, reply flags).
-Result = tuple[int, bytes, int, int]
 
 _REPLY_OVERHEAD = 128  # header + bookkeeping charged per request
 
@@ -123,6 +122,8 @@ class Node(Protocol):
     limits: Limits
     connections: set[Any]
     waiting: WaitingRequests
+    #: the shard's store while it is open (None before, and once stopped)
+    store: ObjectStore | None
 
     def enter(self) -> None:
         """A run of store operations starts on a tame stack."""
@@ -130,10 +131,6 @@ class Node(Protocol):
 
     def leave(self) -> None:
         """That run ends."""
-        ...
-
-    def run_op(self, op: int, name: bytes, offset: int, length: int, payload: bytes) -> Result:
-        """Run a request on this shard's store (the owner of its pg), on a tame stack."""
         ...
 
     def forward(
@@ -153,12 +150,15 @@ class Node(Protocol):
 class OSDConnection(TameBatchConnection):
     """One client connection on the shard that accepted it: the OSD's wire protocol."""
 
+    __slots__ = ("max_read", "max_list", "list_charge", "decoder", "_lane_done", "_done")
+
     service: Node
 
     def __init__(self, node: Node) -> None:
         super().__init__(node)
         limits = node.limits
         self.max_read = limits.max_read
+        self.max_list = limits.max_list
         self.list_charge = limits.max_list * (MAX_NAME + 2)
         self.decoder = FrameDecoder(max_payload=limits.max_payload)
         # Requests answered since the pass began, recorded in the shard's counters at
@@ -261,7 +261,15 @@ class OSDConnection(TameBatchConnection):
         else:  # the decoder refuses unknown ops; be safe anyway
             return self._answer(op, tid, Status.EOPNOTSUPP)
         if owner == node.shard_id:
-            status, payload, length, flags = node.run_op(op, name, offset, length, payload)
+            # The store call itself, with no frame between (measured: ~700 instructions
+            # per cached read; ShardNode.run_op is the same for other shards' hops).
+            store = node.store
+            if store is None:  # not open yet, or stopped
+                status, payload, length, flags = Status.ESHUTDOWN, b"", 0, 0
+            else:
+                status, payload, length, flags = _apply_op(
+                    store, op, name, offset, length, payload, self.max_list
+                )
             if started == self._lane_started:
                 self._lane_done[status << 8 | op] += 1  # (op: a u8)
             else:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -48,22 +47,11 @@ from shardio.scheduling import SchedulingGroup, set_default_shares
 from shardio.scheduling.groups import check_shares
 
 from .dirlock import DirectoryLock
-from .messenger import Limits, OSDConnection, Result
+from .messenger import Limits, OSDConnection
 from .objectstore import ObjectStore, StoreError
+from .operations import Result, apply_op
 from .osdmap import OSDMap, object_hash
-from .protocol import (
-    FLAG_MORE,
-    OP_DELETE as _DELETE,
-    OP_LIST as _LIST,
-    OP_PUT as _PUT,
-    OP_READ as _READ,
-    OP_STAT as _STAT,
-    OP_WRITE as _WRITE,
-    Op,
-    Status,
-    pack_names,
-    pack_stat,
-)
+from .protocol import Op, Status
 from .stats import OSDStats, merge, prometheus_families
 
 __all__ = [
@@ -72,7 +60,6 @@ __all__ = [
     "OSDServer",
     "OSDStartError",
     "ShardNode",
-    "apply_op",
     "node",
     "running_osd",
 ]
@@ -132,51 +119,6 @@ class _PgOf:
 
     def __call__(self, key: bytes) -> int:
         return object_hash(key) % self.pg_num
-
-
-def apply_op(
-    store: ObjectStore,
-    op: int,
-    name: bytes,
-    offset: int,
-    length: int,
-    payload: bytes,
-    max_list: int,
-) -> Result:
-    """One request against a store, as plain blocking code; failures become errno statuses.
-
-    Shards run it on a tame stack (``await tame.call(apply_op, ...)``); the
-    thread-pool baseline in ``bench/peers`` runs the very same function in
-    its threads.
-    """
-    try:
-        if op == _READ:
-            return 0, store.read(name, offset, length if length else -1), 0, 0
-        if op == _STAT:
-            st = store.stat(name)
-            return 0, pack_stat(st.size, st.version), 0, 0
-        if op == _PUT:
-            return 0, b"", store.put(name, payload).size, 0
-        if op == _WRITE:
-            return 0, b"", store.write(name, payload, offset).size, 0
-        if op == _DELETE:
-            store.delete(name)
-            return 0, b"", 0, 0
-        if op == _LIST:
-            limit = length if 0 < length < max_list else max_list
-            names = store.list(offset, start_after=payload or None, limit=limit + 1)
-            more = len(names) > limit
-            del names[limit:]
-            return 0, pack_names(names), 0, FLAG_MORE if more else 0
-        return Status.EOPNOTSUPP, b"", 0, 0
-    except StoreError as exc:
-        return exc.errno, b"", 0, 0
-    except OSError as exc:
-        log.error("%s of %r failed: %s", Op(op).name, name, exc)
-        return exc.errno or errno.EIO, b"", 0, 0
-    except Exception:  # a bug must cost one request, not the shard
-        log.exception("%s of %r failed", Op(op).name, name)
-        return Status.EIO, b"", 0, 0
 
 
 # ---------------------------------------------------------------------------
