@@ -275,3 +275,42 @@ def test_stress_many_stacks_woken_in_random_order(run: Runner, quota: float | No
     assert sent == sum(len(v) for v in received.values())
     if quota is not None:
         assert deferred > 0
+
+
+def test_call_below_calls_its_function_and_refuses_bad_sizes() -> None:
+    """_parking.call_below (where a new tame stack is first entered): the function's
+    result and exceptions come through; a size outside 1..1 MiB is refused."""
+    assert _parking.call_below(4096, lambda a, b: a + b, 1, 2) == 3
+    with pytest.raises(KeyError):
+        _parking.call_below(4096, {}.__getitem__, "missing")
+    for bad in (0, -1, (1 << 20) + 1):
+        with pytest.raises(ValueError, match="nbytes must be in 1..1048576"):
+            _parking.call_below(bad, print)
+    with pytest.raises(TypeError):
+        _parking.call_below(4096)
+
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_start_from_a_tame_stack_is_refused_and_the_pool_still_serves(loop: str) -> None:
+    """tame.start on a tame stack is misuse: TameError, and the stack it took from the
+    pool (new, since every other is busy: made on a tame stack, so not entered from
+    the loop's depth) goes back and runs the next jobs."""
+
+    async def main() -> list[int]:
+        def misuse() -> str:
+            try:
+                tame.start(print)
+            except TameError as exc:
+                return str(exc)
+            return "no error"
+
+        rt = stacks.runtime()
+        before = rt.stats.stacks_created
+        message = await tame.call(misuse)
+        assert message == "tame.start must be called from the loop, not from a tame stack"
+        assert rt.stats.stacks_created == before + 2  # the caller's and the refused one
+        return list(await asyncio.gather(*(tame.call(int, "7") for _ in range(4))))
+
+    run = uvloop.run if loop == "uvloop" else asyncio.run
+    assert run(main()) == [7, 7, 7, 7]

@@ -133,6 +133,12 @@ def job_started(job: _Job) -> bool:
     return getattr(job, "started", True)
 
 
+#: How far below the creating frame a new stack is first entered (Runtime._new_stack):
+#: deeper than the loop's callback frames reach above it (measured: ~13 KiB).
+_STACK_BASE_OFFSET = 64 << 10
+_PRIME: Any = object()  # the first switch into a new stack: no job yet
+
+
 class TameGreenlet(greenlet):
     """A pooled stack. Runs one job after another; parks in the hub between jobs."""
 
@@ -147,6 +153,8 @@ class TameGreenlet(greenlet):
     def _main(self, job: _Job) -> None:
         rt = self.rt
         hub = rt.hub
+        if job is _PRIME:  # entered by _new_stack: wait in the hub for the first job
+            job = hub.switch(_PRIME)
         while True:
             if rt.account_cpu:
                 rt._account_start()
@@ -417,6 +425,10 @@ class Runtime(RuntimeCore):
         self.stats.stacks_created += 1
         g = TameGreenlet(self)
         self.stacks.add(g)
+        if getcurrent() is self.hub:  # (else it starts where it is first switched to)
+            # First entered far below the loop's frames, so that later switches to
+            # it copy only its own stack (see call_below in _parking.c).
+            _parking.call_below(_STACK_BASE_OFFSET, g.switch, _PRIME)
         return g
 
     async def _wait_for_stack(self) -> TameGreenlet:
