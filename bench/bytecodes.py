@@ -33,7 +33,7 @@ ROOT = fair_cpu.ROOT
 #: (file, function prefix) -> stage; the first match wins, "" matches every function
 STAGES: list[tuple[str, str, str]] = [
     ("objectstore.py", "", "store (the same code in every server)"),
-    ("server.py", "apply_op", "store (the same code in every server)"),
+    ("operations.py", "apply_op", "store (the same code in every server)"),
     ("files.py", "", "pread"),
     ("uring.py", "", "pread"),
     ("posix_env.py", "", "pread"),
