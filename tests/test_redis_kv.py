@@ -344,4 +344,8 @@ def test_redis_benchmark_runs_against_the_shard_ports_in_cluster_mode(cluster) -
     assert "SET:" in out and "GET:" in out and "requests per second" in out, out + done.stderr
     after = counters(group)
     assert [a["hops"] - b["hops"] for a, b in zip(after, before, strict=True)] == [0, 0]
-    assert all(a["commands"] - b["commands"] >= 1000 for a, b in zip(after, before, strict=True))
+    served = [a["commands"] - b["commands"] for a, b in zip(after, before, strict=True)]
+    # Each shard serves its node's clients; how the 4,000 requests split between them
+    # follows the clients' speed (a CI run under load left one shard under 1,000), so
+    # only "both served, all of them" is asserted.
+    assert all(n > 0 for n in served) and sum(served) >= 4000, served

@@ -164,7 +164,7 @@ class OSDConnection(TameBatchConnection):
         # Requests answered since the pass began, recorded in the shard's counters at
         # its end, once per key: the lane's (all arrived at _lane_started) keyed by
         # ``status << 8 | op`` (an int hashes and compares for a fraction of what a
-        # tuple with a float costs: ~900 instructions per read), the others by
+        # tuple with a float costs: ~800 instructions per read), the others by
         # (op, status, started).
         self._lane_done: defaultdict[int, int] = defaultdict(int)
         self._done: defaultdict[tuple[int, int, float], int] = defaultdict(int)

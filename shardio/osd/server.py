@@ -10,11 +10,13 @@ only then starts serving::
         print(osd.address, osd.osdmap.addrs)
         ...
 
-On each shard a ``ShardNode`` is the OSD service: it executes requests for
-the pgs it owns (``execute``: every store call is ``await tame.call(store.op,
-...)``, so the store's blocking code runs on a tame stack and its file I/O
-goes through io_uring), forwards the others to their owner (``forward``:
-``submit_to``, the cross-shard hop) and counts everything in ``OSDStats``.
+On each shard a ``ShardNode`` is the OSD service: its connections
+(``messenger``) run the requests for the pgs it owns on tame stacks, each a
+call of ``operations.apply_op`` on the shard's store (the store's blocking
+code yields to the reactor, its file I/O goes through io_uring); it forwards
+the others to their owner (``forward``: ``submit_to``, the cross-shard hop),
+runs those that other shards forward to it (``run_op``) and counts
+everything in ``OSDStats``.
 
 Data directory: ``DIR/osd.json`` records the shard count and ``pg_num`` the
 directory was created with (placement depends on both, so a restart with
