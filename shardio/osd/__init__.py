@@ -8,6 +8,7 @@ fabric):
 * ``osdmap``      -- placement: pools, placement groups (pgs), pg -> shard, epochs
 * ``objectstore`` -- a log-structured object store written against the Env
   interface, so it runs on tame stacks in a shard and in plain threads alike
+* ``operations``  -- what each request op does to an object store (``apply_op``)
 * ``messenger``   -- per-shard listeners and connections: pipelining, routing,
   cross-shard hops, backpressure
 * ``server``      -- the per-shard OSD service (``ShardNode``) and the controller
