@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
+from shardio import tame
 from shardio.osd.protocol import Frame, FrameDecoder, FrameError
 
 
@@ -84,3 +87,17 @@ class RawConn:
 
 def by_tid(frames: Iterable[Frame]) -> dict[int, Frame]:
     return {f.tid: f for f in frames}
+
+
+@contextmanager
+def shard_tame_config(osd: Any, shard: int = 0, **options: Any) -> Iterator[None]:
+    """``tame.configure(**options)`` on one shard of a running OSD, for a with block;
+    then the defaults again (the quota, and CPU accounting off)."""
+    assert osd.group is not None
+    osd.group.submit(shard, tame.configure, **options).result(10)
+    try:
+        yield
+    finally:
+        osd.group.submit(
+            shard, tame.configure, quota=tame.DEFAULT_QUOTA, account_cpu=False
+        ).result(10)

@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from osd_helpers import RawConn, by_tid, rss_kib
+from osd_helpers import RawConn, by_tid, rss_kib, shard_tame_config
 
 from shardio import tame
 from shardio.osd.client import Client
@@ -105,13 +105,8 @@ def test_a_client_that_pipelines_and_never_reads_is_held_by_backpressure(
     Without a quota one stack runs the whole socket read's lane, so only the limit
     check after each flush stops it at the write pause (the bound then is not the
     quota's)."""
-    group = osd.group
-    assert group is not None
-    group.submit(0, tame.configure, quota=quota).result(10)
-    try:
+    with shard_tame_config(osd, quota=quota):
         hold_a_client_that_never_reads(osd)
-    finally:
-        group.submit(0, tame.configure, quota=tame.DEFAULT_QUOTA).result(10)
 
 
 def hold_a_client_that_never_reads(osd: OSDServer) -> None:
@@ -240,8 +235,7 @@ def measure_batch(
     try's turn is the whole batch, several times the bound."""
     group = osd.group
     assert group is not None
-    group.submit(0, tame.configure, quota=quota, account_cpu=True).result(10)
-    try:
+    with shard_tame_config(osd, quota=quota, account_cpu=True):
         for _try in range(3 if quota is not None else 1):
             group.submit(0, tame.reset_accounting).result(10)
             with RawConn(osd.address) as raw:
@@ -250,8 +244,6 @@ def measure_batch(
             stats = group.submit(0, tame.stats).result(10)
             if stats["longest_turn_ns"] <= QUOTA_BOUND_NS:
                 break
-    finally:
-        group.submit(0, tame.configure, quota=tame.DEFAULT_QUOTA, account_cpu=False).result(10)
     return replies, stats
 
 

@@ -16,9 +16,8 @@ import urllib.request
 from collections.abc import Iterator
 
 import pytest
-from osd_helpers import RawConn, by_tid, free_port, rss_kib
+from osd_helpers import RawConn, by_tid, free_port, rss_kib, shard_tame_config
 
-from shardio import tame
 from shardio.osd.client import (
     AsyncClient,
     Client,
@@ -261,10 +260,9 @@ def test_requests_that_hop_count_against_the_limit(osd: OSDServer) -> None:
     (name,) = names_on(osd, 1, 1, "hop-limit")
     with Client(*osd.address) as c:
         c.put(name, b"far")
-    osd.group.submit(0, tame.configure, quota=None).result(10)
-    os.kill(osd.shard_pids[1], signal.SIGSTOP)
-    try:
-        with RawConn(osd.osdmap.addr_of(0)) as raw:
+    with shard_tame_config(osd, quota=None), RawConn(osd.osdmap.addr_of(0)) as raw:
+        os.kill(osd.shard_pids[1], signal.SIGSTOP)
+        try:
             raw.send(b"".join(encode_request(Op.READ, t, name, length=3) for t in range(1, 41)))
             deadline = time.monotonic() + 10
             stages: list[str] = []
@@ -273,12 +271,10 @@ def test_requests_that_hop_count_against_the_limit(osd: OSDServer) -> None:
                 stages = [d["stage"] for d in osd.dump_ops_in_flight(timeout=0.5)[0] or []]
             sent = [s for s in stages if s.startswith("sent to shard 1")]
             assert len(stages) == 40 and len(sent) == 16, stages
+        finally:
             os.kill(osd.shard_pids[1], signal.SIGCONT)
-            got = by_tid(raw.recv_frames(40))
-        assert all(got[t].payload == b"far" for t in range(1, 41))
-    finally:
-        os.kill(osd.shard_pids[1], signal.SIGCONT)
-        osd.group.submit(0, tame.configure, quota=tame.DEFAULT_QUOTA).result(10)
+        got = by_tid(raw.recv_frames(40))
+    assert all(got[t].payload == b"far" for t in range(1, 41))
 
 
 def test_slow_reader_does_not_grow_server_memory(osd: OSDServer) -> None:

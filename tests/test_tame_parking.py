@@ -290,7 +290,6 @@ def test_call_below_calls_its_function_and_refuses_bad_sizes() -> None:
         _parking.call_below(4096)
 
 
-
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 def test_start_from_a_tame_stack_is_refused_and_the_pool_still_serves(loop: str) -> None:
     """tame.start on a tame stack is misuse: TameError, and the stack it took from the
